@@ -1,0 +1,261 @@
+//! The pipeline configuration: a TOML file (tables, topic, batching, rotation).
+//! Endpoints and secrets come from CLI flags and the environment instead.
+//! Unknown keys are errors, and everything is validated before anything binds.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::flags::FlagKeys;
+use crate::offline::FsyncPolicy;
+use crate::schema::{Schema, SchemaError, TableConfig};
+
+/// The configuration compiled into the binary (`config/switchyard.toml`).
+pub const EMBEDDED: &str = include_str!("../config/switchyard.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    pub route: RouteSettings,
+    pub offline: OfflineSettings,
+    pub kafka: KafkaSettings,
+    pub flags: FlagSettings,
+    pub tables: Vec<TableConfig>,
+}
+
+/// `[route]`: the sidecar's request handling.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSettings {
+    /// Salt of the account bucket hash. Changing it reshuffles every account.
+    pub salt: String,
+    /// Largest request body after decompression (413 beyond).
+    pub max_body_bytes: usize,
+    /// Requests processed at once (503 + Retry-After beyond).
+    pub max_inflight_requests: usize,
+    /// Request body bytes held at once (503 + Retry-After beyond).
+    pub max_inflight_bytes: usize,
+    /// Retry-After seconds on 503.
+    pub retry_after_secs: u64,
+    /// Time allowed to drain on SIGTERM before giving up.
+    pub grace_secs: u64,
+    /// What happens to a Kafka-only payload the broker did not acknowledge:
+    /// `offline` (kept in the offline file, counted) or `reject` (503).
+    pub kafka_fallback: KafkaFallback,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KafkaFallback {
+    Offline,
+    Reject,
+}
+
+/// `[offline]`: the offline files.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OfflineSettings {
+    pub dir: PathBuf,
+    pub prefix: String,
+    pub max_file_bytes: u64,
+    pub max_file_age_secs: u64,
+    pub fsync: FsyncPolicy,
+    pub group_commit_ms: u64,
+    pub queue_depth: usize,
+}
+
+/// `[kafka]`: topic and producer tuning. Brokers and secrets are CLI/env.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSettings {
+    pub topic: String,
+    /// none, gzip, snappy, lz4, zstd.
+    pub compression: String,
+    pub linger_ms: u64,
+    /// librdkafka `message.timeout.ms`: how long a payload may wait for an ack.
+    pub delivery_timeout_ms: u64,
+    /// After a failed delivery, skip Kafka for this long (fallback at once).
+    pub breaker_cooldown_ms: u64,
+    pub topic_check_timeout_ms: u64,
+    /// Extra librdkafka properties (non-secret; secrets via --kafka-config / env).
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+/// `[flags]`: the local flag folder.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlagSettings {
+    pub dir: PathBuf,
+    pub poll_ms: u64,
+    #[serde(default)]
+    pub keys: FlagKeys,
+}
+
+/// A configuration that cannot be used. The message names the problem.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{path}: {0}", path = .1)]
+    Schema(SchemaError, String),
+    #[error("{path}: {field}: {message}")]
+    Invalid {
+        path: String,
+        field: &'static str,
+        message: String,
+    },
+}
+
+impl PipelineConfig {
+    /// The file at `path`, or the embedded default.
+    pub fn load(path: Option<&Path>) -> Result<PipelineConfig, ConfigError> {
+        let (name, text) = match path {
+            Some(p) => (
+                p.display().to_string(),
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.display().to_string(),
+                    source,
+                })?,
+            ),
+            None => ("embedded configuration".to_string(), EMBEDDED.to_string()),
+        };
+        Self::parse(&name, &text)
+    }
+
+    pub fn parse(name: &str, text: &str) -> Result<PipelineConfig, ConfigError> {
+        let cfg: PipelineConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: name.to_string(),
+            message: e.to_string(),
+        })?;
+        cfg.validate(name)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, name: &str) -> Result<(), ConfigError> {
+        let invalid = |field: &'static str, message: &str| ConfigError::Invalid {
+            path: name.to_string(),
+            field,
+            message: message.to_string(),
+        };
+        self.schema()
+            .map_err(|e| ConfigError::Schema(e, name.to_string()))?;
+        if self.route.max_body_bytes == 0 {
+            return Err(invalid("route.max_body_bytes", "must be positive"));
+        }
+        if self.route.max_inflight_requests == 0 {
+            return Err(invalid("route.max_inflight_requests", "must be positive"));
+        }
+        if self.route.max_inflight_bytes < self.route.max_body_bytes {
+            return Err(invalid(
+                "route.max_inflight_bytes",
+                "must be at least route.max_body_bytes (one full request must fit)",
+            ));
+        }
+        if self.offline.max_file_bytes < 1024 {
+            return Err(invalid("offline.max_file_bytes", "must be at least 1024"));
+        }
+        if self.offline.max_file_age_secs == 0 {
+            return Err(invalid("offline.max_file_age_secs", "must be positive"));
+        }
+        if self.offline.prefix.is_empty()
+            || !self
+                .offline
+                .prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            return Err(invalid(
+                "offline.prefix",
+                "letters, digits and '_' only (names must sort by creation time)",
+            ));
+        }
+        if self.offline.queue_depth == 0 {
+            return Err(invalid("offline.queue_depth", "must be positive"));
+        }
+        if self.kafka.topic.is_empty() {
+            return Err(invalid("kafka.topic", "must not be empty"));
+        }
+        if !["none", "gzip", "snappy", "lz4", "zstd"].contains(&self.kafka.compression.as_str()) {
+            return Err(invalid(
+                "kafka.compression",
+                "one of none, gzip, snappy, lz4, zstd",
+            ));
+        }
+        if self.kafka.delivery_timeout_ms == 0 {
+            return Err(invalid("kafka.delivery_timeout_ms", "must be positive"));
+        }
+        if self.flags.poll_ms == 0 {
+            return Err(invalid("flags.poll_ms", "must be positive"));
+        }
+        Ok(())
+    }
+
+    pub fn schema(&self) -> Result<Schema, SchemaError> {
+        Schema::from_config(&self.tables)
+    }
+
+    pub fn grace(&self) -> Duration {
+        Duration::from_secs(self.route.grace_secs)
+    }
+}
+
+/// Parses `key=value` (for `--kafka-config`).
+pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(format!("expected key=value, got {s:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_configuration_is_valid() {
+        let cfg = PipelineConfig::load(None).unwrap();
+        assert_eq!(cfg.tables[0].name, "raw_item");
+        assert_eq!(cfg.offline.fsync, FsyncPolicy::Group);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let bad = EMBEDDED.replace("salt = ", "slat = ");
+        let e = PipelineConfig::parse("x.toml", &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("slat"), "{e}");
+        let bad = EMBEDDED.replace("compression = \"lz4\"", "compression = \"brotli\"");
+        let e = PipelineConfig::parse("x.toml", &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("kafka.compression"), "{e}");
+        let bad = EMBEDDED.replace("fsync = \"group\"", "fsync = \"sometimes\"");
+        let e = PipelineConfig::parse("x.toml", &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sometimes"), "{e}");
+        let bad = EMBEDDED.replace("key = \"uuid\"", "key = \"id\"");
+        let e = PipelineConfig::parse("x.toml", &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"id\" is not declared"), "{e}");
+    }
+
+    #[test]
+    fn key_values() {
+        assert_eq!(
+            parse_key_value("sasl.password=a=b").unwrap(),
+            ("sasl.password".into(), "a=b".into())
+        );
+        assert!(parse_key_value("novalue").is_err());
+    }
+}

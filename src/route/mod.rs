@@ -1,0 +1,555 @@
+//! `switchyard route`: the sidecar in the API's request path. It validates
+//! payloads against the declared schema, decides per account where each one
+//! goes (offline file, Kafka, or both) and answers 2xx only once every chosen
+//! sink has it durably.
+
+mod error;
+mod parse;
+
+use std::collections::HashMap;
+use std::future::IntoFuture;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use http_body_util::BodyExt;
+use prometheus::Registry;
+use serde::Serialize;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tower_http::decompression::RequestDecompressionLayer;
+
+pub use error::ApiError;
+pub use parse::{parse_body, Framing, Payload};
+
+use crate::config::{KafkaFallback, PipelineConfig};
+use crate::flags::{FlagSource, LocalFlags};
+use crate::kafka::{KafkaSink, SinkError};
+use crate::metrics::{encode, RouteMetrics};
+use crate::offline::{self, LinePrefix, OfflineWriter, WriterConfig};
+use crate::routing::{bucket, decide, threshold, Route};
+use crate::schema::Schema;
+
+/// Everything `run` needs besides its listeners.
+#[derive(Debug, Clone)]
+pub struct RouteOptions {
+    pub config: PipelineConfig,
+    /// `bootstrap.servers`.
+    pub kafka_brokers: String,
+    /// `--kafka-config` properties (may hold secrets: never logged).
+    pub kafka_extra: Vec<(String, String)>,
+}
+
+/// Why the router could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("schema: {0}")]
+    Schema(#[from] crate::schema::SchemaError),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("offline folder {dir}: {source}")]
+    Offline { dir: String, source: std::io::Error },
+    #[error("flags: {0}")]
+    Flags(#[from] crate::flags::LocalStartError),
+    #[error(transparent)]
+    Kafka(#[from] SinkError),
+    #[error("cannot serve: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Shared request state.
+struct App {
+    schema: Schema,
+    salt: String,
+    flags: Arc<dyn FlagSource>,
+    writer: OfflineWriter,
+    kafka: KafkaSink,
+    fallback: KafkaFallback,
+    metrics: RouteMetrics,
+    max_body: usize,
+    requests: Semaphore,
+    bytes_kib: Semaphore,
+    retry_after: u64,
+    draining: AtomicBool,
+    registry: Registry,
+}
+
+/// Runs the router until `shutdown`, then drains: stops accepting, lets
+/// in-flight requests finish (within the grace), flushes the producer, closes
+/// the offline file.
+pub async fn run(
+    opts: RouteOptions,
+    listener: TcpListener,
+    admin: TcpListener,
+    registry: Registry,
+    shutdown: CancellationToken,
+) -> Result<(), StartError> {
+    let cfg = &opts.config;
+    let schema = cfg.schema()?;
+    let metrics = RouteMetrics::new(&registry)?;
+
+    // Offline folder: create, close what a crash left open, start the writer.
+    let dir = cfg.offline.dir.clone();
+    let off_err = |source| StartError::Offline {
+        dir: dir.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(&dir).map_err(off_err)?;
+    let repaired = offline::repair(&dir, Some(&metrics.offline)).map_err(off_err)?;
+    if repaired.files > 0 {
+        tracing::warn!(
+            files = repaired.files,
+            torn_bytes = repaired.torn_bytes,
+            "repaired offline files left open by a previous run"
+        );
+    }
+    let (writer, writer_thread) = OfflineWriter::start(
+        WriterConfig {
+            dir: dir.clone(),
+            prefix: cfg.offline.prefix.clone(),
+            max_file_bytes: cfg.offline.max_file_bytes,
+            max_file_age: Duration::from_secs(cfg.offline.max_file_age_secs),
+            fsync: cfg.offline.fsync,
+            group_commit: Duration::from_millis(cfg.offline.group_commit_ms),
+            queue_depth: cfg.offline.queue_depth,
+        },
+        metrics.offline.clone(),
+    )
+    .map_err(off_err)?;
+
+    let flags = LocalFlags::start(
+        &cfg.flags.dir,
+        cfg.flags.keys.clone(),
+        metrics.flags.clone(),
+    )
+    .await?;
+    let flags_task = flags.watch(
+        Duration::from_millis(cfg.flags.poll_ms),
+        shutdown.child_token(),
+    );
+
+    let kafka = KafkaSink::new(
+        &opts.kafka_brokers,
+        &cfg.kafka,
+        &opts.kafka_extra,
+        metrics.kafka.clone(),
+    )?;
+    match kafka
+        .check_topic(Duration::from_millis(cfg.kafka.topic_check_timeout_ms))
+        .await
+    {
+        Ok(partitions) => tracing::info!(topic = kafka.topic(), partitions, "kafka topic found"),
+        // A broker that is down must not take the API down with it: start,
+        // and let Kafka-routed payloads fall back until it is back.
+        Err(e @ SinkError::Unreachable { .. }) => {
+            tracing::error!(error = %e, "kafka is unreachable at start; Kafka-routed payloads fall back until it answers")
+        }
+        Err(e) => return Err(e.into()),
+    }
+
+    let app = Arc::new(App {
+        schema,
+        salt: cfg.route.salt.clone(),
+        flags: flags.clone(),
+        writer: writer.clone(),
+        kafka: kafka.clone(),
+        fallback: cfg.route.kafka_fallback,
+        metrics: metrics.clone(),
+        max_body: cfg.route.max_body_bytes,
+        requests: Semaphore::new(cfg.route.max_inflight_requests),
+        bytes_kib: Semaphore::new(cfg.route.max_inflight_bytes.div_ceil(1024)),
+        retry_after: cfg.route.retry_after_secs,
+        draining: AtomicBool::new(false),
+        registry: registry.clone(),
+    });
+    metrics.ready.set(1.0);
+
+    let ingest_addr = listener.local_addr().map_err(StartError::Serve)?;
+    let admin_addr = admin.local_addr().map_err(StartError::Serve)?;
+    tracing::info!(%ingest_addr, %admin_addr, "router listening");
+
+    let admin_stop = CancellationToken::new();
+    let admin_server = {
+        let stop = admin_stop.clone();
+        let router = admin_router(app.clone());
+        tokio::spawn(async move {
+            axum::serve(admin, router)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        })
+    };
+
+    let drain_started = {
+        let app = app.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            app.draining.store(true, Ordering::SeqCst);
+            app.metrics.ready.set(0.0);
+            tracing::info!("draining: no new requests; finishing in-flight ones");
+        }
+    };
+    let server = axum::serve(listener, ingest_router(app.clone()))
+        .with_graceful_shutdown(drain_started)
+        .into_future();
+    let grace = cfg.grace();
+    let deadline = {
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(grace).await;
+        }
+    };
+    let drain_begun = Instant::now();
+    tokio::select! {
+        res = server => res.map_err(StartError::Serve)?,
+        _ = deadline => tracing::error!(grace_secs = grace.as_secs(), "grace period over with requests still in flight; they were not acknowledged"),
+    }
+    let left = grace
+        .saturating_sub(drain_begun.elapsed())
+        .max(Duration::from_secs(1));
+    if let Err(e) = kafka.flush(left).await {
+        tracing::error!(error = %e, in_flight = kafka.in_flight(), "kafka flush did not complete");
+    }
+    writer.close().await;
+    let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+    let _ = flags_task.await;
+    admin_stop.cancel();
+    let _ = admin_server.await;
+    tracing::info!("router stopped");
+    Ok(())
+}
+
+fn ingest_router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/v1/items", post(ingest))
+        .route("/v1/route/{account_id}", get(explain))
+        .layer(RequestDecompressionLayer::new())
+        .with_state(app)
+}
+
+fn admin_router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(app)
+}
+
+async fn metrics_handler(State(app): State<Arc<App>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        encode(&app.registry),
+    )
+        .into_response()
+}
+
+async fn readyz(State(app): State<Arc<App>>) -> Response {
+    let draining = app.draining.load(Ordering::SeqCst);
+    let flags = app.flags.status();
+    let body = json!({
+        "ready": !draining,
+        "draining": draining,
+        "flags": flags,
+        "kafka": {"breaker_open": app.kafka.breaker_open(), "topic": app.kafka.topic()},
+    });
+    let status = if draining {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    (status, Json(body)).into_response()
+}
+
+#[derive(Serialize)]
+struct Explanation {
+    account_id: u64,
+    salt: String,
+    bucket: u32,
+    flags: crate::routing::FlagValues,
+    thresholds: HashMap<&'static str, u32>,
+    route: Route,
+    reason: crate::routing::Reason,
+    why: &'static str,
+    flag_source: crate::flags::SourceStatus,
+}
+
+async fn explain(State(app): State<Arc<App>>, Path(account): Path<String>) -> Response {
+    let Ok(account_id) = account.parse::<u64>() else {
+        return ApiError::input(
+            400,
+            "invalid_account_id",
+            None,
+            format!("account_id must be a non-negative integer, found {account:?}"),
+        )
+        .into_response();
+    };
+    let b = bucket(&app.salt, account_id);
+    let flags = app.flags.evaluate(account_id);
+    let (route, reason) = decide(b, &flags);
+    Json(Explanation {
+        account_id,
+        salt: app.salt.clone(),
+        bucket: b,
+        flags,
+        thresholds: HashMap::from([
+            ("kafka_only", threshold(flags.kafka_only)),
+            ("dual_write", threshold(flags.dual_write)),
+        ]),
+        route,
+        reason,
+        why: reason.describe(),
+        flag_source: app.flags.status(),
+    })
+    .into_response()
+}
+
+/// What a successful request did.
+#[derive(Debug, Default, Serialize, PartialEq)]
+pub struct Accepted {
+    pub accepted: usize,
+    pub legacy: usize,
+    pub dual: usize,
+    pub kafka: usize,
+    /// Payloads whose Kafka delivery failed and that are safe in the offline file.
+    pub fallbacks: usize,
+}
+
+async fn ingest(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    let res = ingest_inner(&app, &headers, body).await;
+    let resp = match res {
+        Ok(acc) => (StatusCode::OK, Json(acc)).into_response(),
+        Err(e) => {
+            let reason = match &e {
+                ApiError::Input { .. } => "invalid",
+                ApiError::Unavailable { code, .. } => code,
+            };
+            app.metrics
+                .rejected_payloads
+                .with_label_values(&[reason])
+                .inc();
+            e.into_response()
+        }
+    };
+    app.metrics
+        .requests
+        .with_label_values(&[resp.status().as_str()])
+        .inc();
+    app.metrics
+        .request_seconds
+        .with_label_values(&["items"])
+        .observe(started.elapsed().as_secs_f64());
+    resp
+}
+
+/// Decrements a gauge on drop.
+struct GaugeGuard(prometheus::IntGauge, i64);
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.sub(self.1);
+    }
+}
+
+async fn ingest_inner(app: &App, headers: &HeaderMap, body: Body) -> Result<Accepted, ApiError> {
+    if app.draining.load(Ordering::SeqCst) {
+        return Err(ApiError::unavailable(
+            "draining",
+            "the router is shutting down",
+            app.retry_after,
+        ));
+    }
+    let Ok(_permit) = app.requests.try_acquire() else {
+        return Err(ApiError::unavailable(
+            "overloaded",
+            "too many requests in flight",
+            app.retry_after,
+        ));
+    };
+    app.metrics.inflight_requests.inc();
+    let _inflight = GaugeGuard(app.metrics.inflight_requests.clone(), 1);
+
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let Some(framing) = Framing::from_content_type(ct) else {
+        return Err(ApiError::input(
+            415,
+            "unsupported_media_type",
+            None,
+            format!("content type {ct:?} is not accepted; use application/json (one payload) or application/x-ndjson (a batch)"),
+        ));
+    };
+
+    let limited = http_body_util::Limited::new(body, app.max_body);
+    let bytes = match limited.collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(ApiError::input(
+                413,
+                "body_too_large",
+                None,
+                format!(
+                    "the body exceeds {} bytes (after decompression)",
+                    app.max_body
+                ),
+            ))
+        }
+        Err(e) => {
+            return Err(ApiError::input(
+                400,
+                "unreadable_body",
+                None,
+                format!("cannot read the body: {e}"),
+            ))
+        }
+    };
+    let kib = (bytes.len().div_ceil(1024)).max(1) as u32;
+    let Ok(_bytes_permit) = app.bytes_kib.try_acquire_many(kib) else {
+        return Err(ApiError::unavailable(
+            "overloaded",
+            "too many bytes in flight",
+            app.retry_after,
+        ));
+    };
+    app.metrics.inflight_bytes.add(bytes.len() as i64);
+    let _inflight_bytes = GaugeGuard(app.metrics.inflight_bytes.clone(), bytes.len() as i64);
+
+    let payloads = parse_body(&app.schema, &bytes, framing)?;
+    drop(bytes);
+    dispatch(app, payloads).await
+}
+
+/// Sends each payload where its account routes and waits for durability.
+async fn dispatch(app: &App, payloads: Vec<Payload>) -> Result<Accepted, ApiError> {
+    let mut routes: HashMap<u64, Route> = HashMap::new();
+    let mut acc = Accepted {
+        accepted: payloads.len(),
+        ..Accepted::default()
+    };
+    let mut file_lines = Vec::new();
+    let mut kafka_idx = Vec::new();
+    let mut per_route: Vec<Route> = Vec::with_capacity(payloads.len());
+    for (i, p) in payloads.iter().enumerate() {
+        let route = *routes.entry(p.account_id).or_insert_with(|| {
+            let flags = app.flags.evaluate(p.account_id);
+            decide(bucket(&app.salt, p.account_id), &flags).0
+        });
+        per_route.push(route);
+        match route {
+            Route::Legacy => acc.legacy += 1,
+            Route::Dual => acc.dual += 1,
+            Route::Kafka => acc.kafka += 1,
+        }
+        if route.to_file() {
+            file_lines.push(LinePrefix::new(
+                &p.table,
+                &p.row_json,
+                p.account_id,
+                route.as_str(),
+            ));
+        }
+        if route.to_kafka() {
+            kafka_idx.push(i);
+        }
+    }
+    let messages: Vec<(u64, &[u8], Route)> = kafka_idx
+        .iter()
+        .map(|&i| {
+            (
+                payloads[i].account_id,
+                payloads[i].envelope_json.as_slice(),
+                per_route[i],
+            )
+        })
+        .collect();
+
+    let file_write = async {
+        if file_lines.is_empty() {
+            Ok(())
+        } else {
+            app.writer.write(file_lines).await
+        }
+    };
+    let kafka_send = async {
+        if messages.is_empty() {
+            Vec::new()
+        } else {
+            app.kafka.deliver(&messages).await
+        }
+    };
+    let (file_res, kafka_res) = tokio::join!(file_write, kafka_send);
+    if let Err(e) = file_res {
+        return Err(ApiError::unavailable(
+            "offline_unavailable",
+            format!("the offline file cannot take the payloads: {e}"),
+            app.retry_after,
+        ));
+    }
+
+    let mut fallback_lines = Vec::new();
+    for (n, res) in kafka_res.iter().enumerate() {
+        let Err(e) = res else { continue };
+        let i = kafka_idx[n];
+        let p = &payloads[i];
+        match per_route[i] {
+            // Already in the offline file: the old pipeline has it.
+            Route::Dual => {
+                app.metrics
+                    .fallbacks
+                    .with_label_values(&["dual", e.kind])
+                    .inc();
+                acc.fallbacks += 1;
+            }
+            Route::Kafka => {
+                if app.fallback == KafkaFallback::Reject {
+                    return Err(ApiError::unavailable(
+                        "kafka_unavailable",
+                        format!("Kafka did not acknowledge the payload: {e}"),
+                        app.retry_after,
+                    ));
+                }
+                app.metrics
+                    .fallbacks
+                    .with_label_values(&["kafka", e.kind])
+                    .inc();
+                fallback_lines.push(LinePrefix::new(
+                    &p.table,
+                    &p.row_json,
+                    p.account_id,
+                    "kafka-fallback",
+                ));
+                acc.fallbacks += 1;
+            }
+            Route::Legacy => {}
+        }
+    }
+    if !fallback_lines.is_empty() {
+        if let Err(e) = app.writer.write(fallback_lines).await {
+            return Err(ApiError::unavailable(
+                "no_sink_available",
+                format!("Kafka refused the payloads and the offline file cannot take them: {e}"),
+                app.retry_after,
+            ));
+        }
+    }
+
+    for (i, p) in payloads.iter().enumerate() {
+        let r = per_route[i].as_str();
+        app.metrics.payloads.with_label_values(&[r]).inc();
+        app.metrics
+            .bytes
+            .with_label_values(&[r])
+            .inc_by(p.row_json.len() as u64);
+    }
+    Ok(acc)
+}

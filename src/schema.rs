@@ -1,0 +1,453 @@
+//! The declared schema: which tables exist, their columns and types, the unique
+//! key, the time and grouping columns. Everything the router accepts is checked
+//! against it, and it is the only place table and column names come from when
+//! SQL is written.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+/// A column's declared type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColumnType {
+    /// A JSON integer that fits in i64 or u64.
+    Int,
+    /// Any JSON number.
+    Float,
+    /// A JSON string.
+    String,
+    /// `true` or `false`.
+    Bool,
+    /// A string in the canonical 8-4-4-4-12 hexadecimal form.
+    Uuid,
+    /// Any JSON value, stored as JSON text.
+    Json,
+}
+
+impl ColumnType {
+    fn parse(s: &str) -> Option<ColumnType> {
+        Some(match s {
+            "int" => ColumnType::Int,
+            "float" => ColumnType::Float,
+            "string" => ColumnType::String,
+            "bool" => ColumnType::Bool,
+            "uuid" => ColumnType::Uuid,
+            "json" => ColumnType::Json,
+            _ => return None,
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            ColumnType::Int => "int",
+            ColumnType::Float => "float",
+            ColumnType::String => "string",
+            ColumnType::Bool => "bool",
+            ColumnType::Uuid => "uuid",
+            ColumnType::Json => "json",
+        }
+    }
+
+    fn accepts(self, v: &Value) -> bool {
+        match self {
+            ColumnType::Int => v.as_i64().is_some() || v.as_u64().is_some(),
+            ColumnType::Float => v.is_number(),
+            ColumnType::String => v.is_string(),
+            ColumnType::Bool => v.is_boolean(),
+            ColumnType::Uuid => v.as_str().is_some_and(is_uuid),
+            ColumnType::Json => true,
+        }
+    }
+}
+
+impl fmt::Display for ColumnType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+fn is_uuid(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 36
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+/// One declared column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    pub name: String,
+    pub ty: ColumnType,
+    /// May be absent or null.
+    pub nullable: bool,
+}
+
+/// One declared table.
+#[derive(Debug, Clone)]
+pub struct Table {
+    pub name: String,
+    /// Columns in declaration order.
+    pub columns: Vec<Column>,
+    /// The unique key column (idempotent inserts, parity lookups).
+    pub key: String,
+    /// The time column (parity windows).
+    pub time: String,
+    /// The grouping column (parity breakdowns).
+    pub group: String,
+    /// Largest accepted row, as compact JSON bytes.
+    pub max_row_bytes: usize,
+}
+
+impl Table {
+    pub fn column(&self, name: &str) -> Option<&Column> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+}
+
+/// The table declarations as written in the TOML configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableConfig {
+    /// Table name; letters, digits and `_`, starting with a letter or `_`.
+    pub name: String,
+    /// The unique key column.
+    pub key: String,
+    /// The time column (integer seconds since the epoch).
+    pub time: String,
+    /// The grouping column (for example a project id).
+    pub group: String,
+    /// Largest accepted row in bytes of compact JSON.
+    #[serde(default = "default_max_row_bytes")]
+    pub max_row_bytes: usize,
+    /// Column name → type: `int`, `float`, `string`, `bool`, `uuid`, `json`;
+    /// a trailing `?` makes the column nullable (it may be absent or null).
+    pub columns: BTreeMap<String, String>,
+}
+
+fn default_max_row_bytes() -> usize {
+    256 * 1024
+}
+
+/// An error in the declared schema itself (configuration, not input).
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SchemaError {
+    #[error("table {0:?}: not a valid SQL identifier (letters, digits, '_', not starting with a digit, at most 64)")]
+    BadTableName(String),
+    #[error("table {table}: column {column:?} is not a valid SQL identifier")]
+    BadColumnName { table: String, column: String },
+    #[error("table {table}: column {column}: unknown type {ty:?} (int, float, string, bool, uuid, json; '?' suffix for nullable)")]
+    BadType {
+        table: String,
+        column: String,
+        ty: String,
+    },
+    #[error("table {table}: the {role} column {column:?} is not declared")]
+    MissingRoleColumn {
+        table: String,
+        role: &'static str,
+        column: String,
+    },
+    #[error("table {table}: the key column {column:?} cannot be nullable")]
+    NullableKey { table: String, column: String },
+    #[error("table {0:?} is declared twice")]
+    Duplicate(String),
+    #[error("no table is declared")]
+    Empty,
+}
+
+fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && s.len() <= 64
+}
+
+/// The validated schema.
+#[derive(Debug, Clone)]
+pub struct Schema {
+    tables: Vec<Table>,
+}
+
+impl Schema {
+    pub fn from_config(tables: &[TableConfig]) -> Result<Schema, SchemaError> {
+        if tables.is_empty() {
+            return Err(SchemaError::Empty);
+        }
+        let mut out: Vec<Table> = Vec::with_capacity(tables.len());
+        for t in tables {
+            if !is_identifier(&t.name) {
+                return Err(SchemaError::BadTableName(t.name.clone()));
+            }
+            if out.iter().any(|o| o.name == t.name) {
+                return Err(SchemaError::Duplicate(t.name.clone()));
+            }
+            let mut columns = Vec::with_capacity(t.columns.len());
+            for (name, ty) in &t.columns {
+                if !is_identifier(name) {
+                    return Err(SchemaError::BadColumnName {
+                        table: t.name.clone(),
+                        column: name.clone(),
+                    });
+                }
+                let (base, nullable) = match ty.strip_suffix('?') {
+                    Some(b) => (b, true),
+                    None => (ty.as_str(), false),
+                };
+                let parsed = ColumnType::parse(base).ok_or_else(|| SchemaError::BadType {
+                    table: t.name.clone(),
+                    column: name.clone(),
+                    ty: ty.clone(),
+                })?;
+                columns.push(Column {
+                    name: name.clone(),
+                    ty: parsed,
+                    nullable,
+                });
+            }
+            let table = Table {
+                name: t.name.clone(),
+                columns,
+                key: t.key.clone(),
+                time: t.time.clone(),
+                group: t.group.clone(),
+                max_row_bytes: t.max_row_bytes,
+            };
+            for (role, col) in [("key", &t.key), ("time", &t.time), ("group", &t.group)] {
+                if table.column(col).is_none() {
+                    return Err(SchemaError::MissingRoleColumn {
+                        table: t.name.clone(),
+                        role,
+                        column: col.clone(),
+                    });
+                }
+            }
+            if table.column(&t.key).is_some_and(|c| c.nullable) {
+                return Err(SchemaError::NullableKey {
+                    table: t.name.clone(),
+                    column: t.key.clone(),
+                });
+            }
+            out.push(table);
+        }
+        Ok(Schema { tables: out })
+    }
+
+    pub fn table(&self, name: &str) -> Option<&Table> {
+        self.tables.iter().find(|t| t.name == name)
+    }
+
+    pub fn tables(&self) -> &[Table] {
+        &self.tables
+    }
+
+    fn table_names(&self) -> String {
+        self.tables
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Checks one row against its table. Returns the table on success.
+    pub fn check_row<'a>(
+        &'a self,
+        table: &str,
+        row: &Map<String, Value>,
+    ) -> Result<&'a Table, RowError> {
+        let t = self.table(table).ok_or_else(|| RowError::UnknownTable {
+            table: table.to_string(),
+            known: self.table_names(),
+        })?;
+        for name in row.keys() {
+            if t.column(name).is_none() {
+                return Err(RowError::UnknownColumn {
+                    table: t.name.clone(),
+                    column: name.clone(),
+                });
+            }
+        }
+        for c in &t.columns {
+            match row.get(&c.name) {
+                None | Some(Value::Null) if c.name == t.key => {
+                    return Err(RowError::MissingKey {
+                        table: t.name.clone(),
+                        column: c.name.clone(),
+                    })
+                }
+                None | Some(Value::Null) if c.nullable => {}
+                None => {
+                    return Err(RowError::MissingColumn {
+                        table: t.name.clone(),
+                        column: c.name.clone(),
+                    })
+                }
+                Some(v) => {
+                    if !(c.ty.accepts(v) || (v.is_null() && c.nullable)) {
+                        return Err(RowError::WrongType {
+                            table: t.name.clone(),
+                            column: c.name.clone(),
+                            expected: c.ty,
+                            found: describe(v),
+                        });
+                    }
+                    if c.name == t.key && v.as_str().is_some_and(str::is_empty) {
+                        return Err(RowError::MissingKey {
+                            table: t.name.clone(),
+                            column: c.name.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(t)
+    }
+}
+
+fn describe(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(n) if n.is_f64() => "a fractional number",
+        Value::Number(_) => "an integer",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Why a row does not fit the declared schema. The text is shown to clients.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum RowError {
+    #[error("unknown table {table:?} (declared: {known})")]
+    UnknownTable { table: String, known: String },
+    #[error("table {table}: unknown column {column:?}")]
+    UnknownColumn { table: String, column: String },
+    #[error("table {table}: missing column {column:?}")]
+    MissingColumn { table: String, column: String },
+    #[error("table {table}: missing unique key {column:?}")]
+    MissingKey { table: String, column: String },
+    #[error("table {table}: column {column:?} must be {expected}, found {found}")]
+    WrongType {
+        table: String,
+        column: String,
+        expected: ColumnType,
+        found: &'static str,
+    },
+}
+
+impl RowError {
+    /// A stable machine-readable code for the error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            RowError::UnknownTable { .. } => "unknown_table",
+            RowError::UnknownColumn { .. } => "unknown_column",
+            RowError::MissingColumn { .. } => "missing_column",
+            RowError::MissingKey { .. } => "missing_key",
+            RowError::WrongType { .. } => "wrong_type",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn schema() -> Schema {
+        let cfg: TableConfig = toml::from_str(
+            r#"
+            name = "raw_item"
+            key = "uuid"
+            time = "timestamp"
+            group = "project_id"
+            [columns]
+            project_id = "int"
+            timestamp = "int"
+            body = "string?"
+            uuid = "uuid"
+            "#,
+        )
+        .unwrap();
+        Schema::from_config(&[cfg]).unwrap()
+    }
+
+    fn row(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn accepts_a_good_row_and_a_missing_nullable() {
+        let s = schema();
+        let r = row(
+            json!({"project_id":1,"timestamp":2,"body":"x","uuid":"bad3a155-585f-47cb-bc3e-51767d52c2a2"}),
+        );
+        assert!(s.check_row("raw_item", &r).is_ok());
+        let r = row(
+            json!({"project_id":1,"timestamp":2,"uuid":"bad3a155-585f-47cb-bc3e-51767d52c2a2"}),
+        );
+        assert!(s.check_row("raw_item", &r).is_ok());
+    }
+
+    #[test]
+    fn names_what_is_wrong() {
+        let s = schema();
+        let e = s.check_row("nope", &Map::new()).unwrap_err();
+        assert_eq!(e.code(), "unknown_table");
+        let e = s
+            .check_row(
+                "raw_item",
+                &row(json!({"project_id":"1","timestamp":2,"uuid":"bad3a155-585f-47cb-bc3e-51767d52c2a2"})),
+            )
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "table raw_item: column \"project_id\" must be int, found a string"
+        );
+        let e = s
+            .check_row("raw_item", &row(json!({"project_id":1,"timestamp":2})))
+            .unwrap_err();
+        assert_eq!(e.code(), "missing_key");
+        let e = s
+            .check_row(
+                "raw_item",
+                &row(json!({"project_id":1,"timestamp":2,"uuid":"not-a-uuid"})),
+            )
+            .unwrap_err();
+        assert_eq!(e.code(), "wrong_type");
+    }
+
+    #[test]
+    fn rejects_bad_declarations() {
+        let mut cfg: TableConfig = toml::from_str(
+            r#"
+            name = "raw item"
+            key = "k"
+            time = "k"
+            group = "k"
+            [columns]
+            k = "int"
+            "#,
+        )
+        .unwrap();
+        assert!(matches!(
+            Schema::from_config(&[cfg.clone()]),
+            Err(SchemaError::BadTableName(_))
+        ));
+        cfg.name = "t".into();
+        cfg.columns.insert("x".into(), "integer".into());
+        assert!(matches!(
+            Schema::from_config(&[cfg.clone()]),
+            Err(SchemaError::BadType { .. })
+        ));
+        cfg.columns.remove("x");
+        cfg.key = "missing".into();
+        assert!(matches!(
+            Schema::from_config(&[cfg]),
+            Err(SchemaError::MissingRoleColumn { .. })
+        ));
+    }
+}
