@@ -96,6 +96,25 @@ pub async fn run(
     let schema = cfg.schema()?;
     let metrics = RouteMetrics::new(&registry)?;
 
+    let kafka = KafkaSink::new(
+        &opts.kafka_brokers,
+        &cfg.kafka,
+        &opts.kafka_extra,
+        metrics.kafka.clone(),
+    )?;
+    match kafka
+        .check_topic(Duration::from_millis(cfg.kafka.topic_check_timeout_ms))
+        .await
+    {
+        Ok(partitions) => tracing::info!(topic = kafka.topic(), partitions, "kafka topic found"),
+        // A broker that is down must not take the API down with it: start,
+        // and let Kafka-routed payloads fall back until it is back.
+        Err(e @ SinkError::Unreachable { .. }) => {
+            tracing::error!(error = %e, "kafka is unreachable at start; Kafka-routed payloads fall back until it answers")
+        }
+        Err(e) => return Err(e.into()),
+    }
+
     // Offline folder: create, close what a crash left open, start the writer.
     let dir = cfg.offline.dir.clone();
     let off_err = |source| StartError::Offline {
@@ -135,25 +154,6 @@ pub async fn run(
         Duration::from_millis(cfg.flags.poll_ms),
         shutdown.child_token(),
     );
-
-    let kafka = KafkaSink::new(
-        &opts.kafka_brokers,
-        &cfg.kafka,
-        &opts.kafka_extra,
-        metrics.kafka.clone(),
-    )?;
-    match kafka
-        .check_topic(Duration::from_millis(cfg.kafka.topic_check_timeout_ms))
-        .await
-    {
-        Ok(partitions) => tracing::info!(topic = kafka.topic(), partitions, "kafka topic found"),
-        // A broker that is down must not take the API down with it: start,
-        // and let Kafka-routed payloads fall back until it is back.
-        Err(e @ SinkError::Unreachable { .. }) => {
-            tracing::error!(error = %e, "kafka is unreachable at start; Kafka-routed payloads fall back until it answers")
-        }
-        Err(e) => return Err(e.into()),
-    }
 
     let app = Arc::new(App {
         schema,

@@ -1,0 +1,504 @@
+//! Shared helpers for integration tests: a real tansu broker per test, topics,
+//! a consumer that reads a topic back, and the router started in-process on
+//! port 0 or as a child process (for kill -9 and SIGTERM).
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use tokio_util::sync::CancellationToken;
+
+use switchyard::config::PipelineConfig;
+use switchyard::route::{self, RouteOptions};
+
+/// The tansu binary: `$SWITCHYARD_TANSU`, else `tansu` on PATH or in ~/.cargo/bin.
+/// Missing is a failure, never a skip: `scripts/services` installs it.
+pub fn tansu_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("SWITCHYARD_TANSU") {
+        return PathBuf::from(p);
+    }
+    if let Ok(path) = std::env::var("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let c = dir.join("tansu");
+            if c.is_file() {
+                return c;
+            }
+        }
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    let c = Path::new(&home).join(".cargo/bin/tansu");
+    assert!(
+        c.is_file(),
+        "tansu is not installed: run scripts/services (it installs the broker the tests use)"
+    );
+    c
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+pub fn wait_for_port(port: u16, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// A tansu broker on a loopback port, killed on drop.
+pub struct Broker {
+    pub port: u16,
+    child: Option<Child>,
+    storage: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Broker {
+    /// In-memory storage.
+    pub fn start() -> Broker {
+        Self::start_with("memory://tansu/".to_string(), None)
+    }
+
+    /// SQLite storage: data survives a stop and start.
+    pub fn start_persistent() -> Broker {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = format!("sqlite://{}/tansu.db", dir.path().display());
+        Self::start_with(storage, Some(dir))
+    }
+
+    fn start_with(storage: String, dir: Option<tempfile::TempDir>) -> Broker {
+        let dir = dir.unwrap_or_else(|| tempfile::tempdir().expect("tempdir"));
+        let mut b = Broker {
+            port: free_port(),
+            child: None,
+            storage,
+            _dir: dir,
+        };
+        b.resume();
+        b
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the broker (SIGKILL).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port and storage.
+    pub fn resume(&mut self) {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let log = std::fs::File::create(self._dir.path().join("tansu.log")).expect("log file");
+        let child = Command::new(tansu_bin())
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                &self.storage,
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn tansu");
+        self.child = Some(child);
+        assert!(
+            wait_for_port(self.port, Duration::from_secs(20)),
+            "tansu did not listen on {}",
+            self.port
+        );
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{prefix}-{}-{nanos}", std::process::id())
+}
+
+pub async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("admin client");
+    let res = admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .expect("create topic");
+    for r in res {
+        r.expect("topic created");
+    }
+}
+
+/// One message read back from the topic.
+#[derive(Debug, Clone)]
+pub struct Consumed {
+    pub key: String,
+    pub value: serde_json::Value,
+    pub route: String,
+    pub partition: i32,
+}
+
+/// Reads the topic from the start with a fresh group until `expected`
+/// messages arrived or nothing new came for `idle`.
+pub fn consume_all(brokers: &str, topic: &str, expected: usize, idle: Duration) -> Vec<Consumed> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("readback"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let mut out = Vec::new();
+    let mut last = Instant::now();
+    while out.len() < expected || last.elapsed() < Duration::from_millis(300) {
+        if last.elapsed() > idle {
+            break;
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                last = Instant::now();
+                let key = m
+                    .key()
+                    .map(|k| String::from_utf8_lossy(k).into_owned())
+                    .unwrap_or_default();
+                let value = serde_json::from_slice(m.payload().unwrap_or(b"null"))
+                    .expect("message value is JSON");
+                let route = m
+                    .headers()
+                    .and_then(|h| {
+                        h.iter()
+                            .find(|h| h.key == "switchyard-route")
+                            .and_then(|h| h.value)
+                            .map(|v| String::from_utf8_lossy(v).into_owned())
+                    })
+                    .unwrap_or_default();
+                out.push(Consumed {
+                    key,
+                    value,
+                    route,
+                    partition: m.partition(),
+                });
+            }
+            Some(Err(e)) => panic!("consume error: {e}"),
+            None => {}
+        }
+    }
+    out
+}
+
+/// All lines of every closed offline file, in order.
+pub fn offline_lines(dir: &Path) -> Vec<switchyard::offline::OfflineLine> {
+    switchyard::offline::closed_files(dir)
+        .expect("list offline files")
+        .iter()
+        .flat_map(|f| switchyard::offline::read_lines(f).expect("read offline file"))
+        .collect()
+}
+
+/// A 2.5 KB-ish raw_item envelope.
+pub fn envelope(account: u64, seq: u64, body_len: usize) -> serde_json::Value {
+    serde_json::json!({
+        "account_id": account,
+        "table": "raw_item",
+        "row": {
+            "project_id": account % 97,
+            "timestamp": 1_574_948_156u64 + seq,
+            "body": "x".repeat(body_len),
+            "version": 2,
+            "billable": 1,
+            "uuid": uuid_for(account, seq),
+        }
+    })
+}
+
+/// A deterministic, unique UUID-shaped key per (account, seq).
+pub fn uuid_for(account: u64, seq: u64) -> String {
+    let a = format!("{account:016x}");
+    let s = format!("{seq:016x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &a[..8],
+        &a[8..12],
+        &a[12..16],
+        &s[..4],
+        &s[4..16]
+    )
+}
+
+/// A flag file in LaunchDarkly's format, with optional per-account targets.
+pub fn flag_json(
+    key: &str,
+    value: serde_json::Value,
+    targets: &[(&str, serde_json::Value)],
+) -> String {
+    let mut variations = vec![value];
+    let mut context_targets = Vec::new();
+    for (i, (account, v)) in targets.iter().enumerate() {
+        variations.push(v.clone());
+        context_targets.push(serde_json::json!({
+            "contextKind": "account", "values": [account], "variation": i + 1
+        }));
+    }
+    serde_json::json!({
+        "key": key, "version": 1, "on": true, "targets": [], "contextTargets": context_targets,
+        "rules": [], "prerequisites": [], "fallthrough": {"variation": 0}, "offVariation": 0,
+        "variations": variations, "salt": key,
+    })
+    .to_string()
+}
+
+/// Writes a flag file atomically (write then rename), as an operator's tool would.
+pub fn set_flag(dir: &Path, key: &str, value: serde_json::Value) {
+    let tmp = dir.join(format!(".{key}.tmp"));
+    std::fs::write(&tmp, flag_json(key, value, &[])).expect("write flag");
+    std::fs::rename(&tmp, dir.join(format!("{key}.json"))).expect("rename flag");
+}
+
+/// Folders for one router.
+pub struct Dirs {
+    pub root: tempfile::TempDir,
+    pub offline: PathBuf,
+    pub flags: PathBuf,
+}
+
+impl Dirs {
+    pub fn new() -> Dirs {
+        let root = tempfile::tempdir().expect("tempdir");
+        let offline = root.path().join("offline");
+        let flags = root.path().join("flags");
+        std::fs::create_dir_all(&offline).expect("mkdir");
+        std::fs::create_dir_all(&flags).expect("mkdir");
+        Dirs {
+            root,
+            offline,
+            flags,
+        }
+    }
+}
+
+pub fn config(dirs: &Dirs, topic: &str) -> PipelineConfig {
+    let mut cfg = PipelineConfig::load(None).expect("embedded config");
+    cfg.offline.dir = dirs.offline.clone();
+    cfg.flags.dir = dirs.flags.clone();
+    cfg.flags.poll_ms = 20;
+    cfg.kafka.topic = topic.to_string();
+    cfg.kafka.delivery_timeout_ms = 3000;
+    cfg.kafka.topic_check_timeout_ms = 5000;
+    cfg.route.grace_secs = 10;
+    cfg
+}
+
+/// The router running in this process.
+pub struct InProcess {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub handle: tokio::task::JoinHandle<Result<(), route::StartError>>,
+    pub registry: prometheus::Registry,
+}
+
+impl InProcess {
+    pub async fn start(cfg: PipelineConfig, brokers: &str) -> InProcess {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let admin_addr = admin.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let registry = prometheus::Registry::new();
+        let opts = RouteOptions {
+            config: cfg,
+            kafka_brokers: brokers.to_string(),
+            kafka_extra: vec![],
+        };
+        let handle = tokio::spawn(route::run(
+            opts,
+            listener,
+            admin,
+            registry.clone(),
+            shutdown.clone(),
+        ));
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            assert!(!handle.is_finished(), "router exited at start");
+            if let Ok(r) = client
+                .get(format!("http://{admin_addr}/readyz"))
+                .send()
+                .await
+            {
+                if r.status().is_success() {
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "router not ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        InProcess {
+            addr,
+            admin: admin_addr,
+            shutdown,
+            handle,
+            registry,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/v1/items", self.addr)
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.handle
+            .await
+            .expect("router task")
+            .expect("router stopped cleanly");
+    }
+
+    pub fn counter(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_value(&self.registry, name, labels)
+    }
+}
+
+pub fn metric_value(reg: &prometheus::Registry, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut total = 0.0;
+    for fam in reg.gather() {
+        if fam.name() != name {
+            continue;
+        }
+        for m in fam.get_metric() {
+            let pairs: HashMap<&str, &str> = m
+                .get_label()
+                .iter()
+                .map(|l| (l.name(), l.value()))
+                .collect();
+            if labels.iter().all(|(k, v)| pairs.get(k) == Some(v)) {
+                // Absent kinds read as zero.
+                total += m.get_counter().get_value() + m.get_gauge().get_value();
+            }
+        }
+    }
+    total
+}
+
+/// The router as a child process (for signals).
+pub struct Process {
+    pub child: Child,
+    pub port: u16,
+    pub admin_port: u16,
+}
+
+impl Process {
+    pub fn spawn(config_path: &Path, brokers: &str) -> Process {
+        let port = free_port();
+        let admin_port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args([
+                "route",
+                "--config",
+                &config_path.display().to_string(),
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--admin-listen",
+                &format!("127.0.0.1:{admin_port}"),
+                "--kafka-brokers",
+                brokers,
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn switchyard");
+        let p = Process {
+            child,
+            port,
+            admin_port,
+        };
+        assert!(
+            wait_for_port(admin_port, Duration::from_secs(20)),
+            "router admin port"
+        );
+        assert!(wait_for_port(port, Duration::from_secs(20)), "router port");
+        p
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/v1/items", self.port)
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes a configuration file for a child process.
+pub fn write_config(cfg_text: &str, dirs: &Dirs, topic: &str) -> PathBuf {
+    let text = cfg_text
+        .replace(
+            "dir = \"data/offline\"",
+            &format!("dir = {:?}", dirs.offline.display().to_string()),
+        )
+        .replace(
+            "dir = \"flags\"",
+            &format!("dir = {:?}", dirs.flags.display().to_string()),
+        )
+        .replace(
+            "topic = \"switchyard.items\"",
+            &format!("topic = {topic:?}"),
+        )
+        .replace("poll_ms = 100", "poll_ms = 20")
+        .replace("delivery_timeout_ms = 5000", "delivery_timeout_ms = 3000");
+    let p = dirs.root.path().join("switchyard.toml");
+    std::fs::write(&p, text).expect("write config");
+    p
+}
