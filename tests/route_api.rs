@@ -40,14 +40,7 @@ async fn each_route_lands_where_it_should() {
 
     // Routes are explained.
     for (account, route) in [(1, "kafka"), (2, "dual"), (3, "legacy")] {
-        let r: Value = client
-            .get(format!("http://{}/v1/route/{account}", router.addr))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let r = router.explain(account).await;
         assert_eq!(r["route"], route, "{r}");
         assert!(r["bucket"].as_u64().unwrap() < 10_000);
         assert!(r["why"].as_str().unwrap().len() > 10);
@@ -332,7 +325,6 @@ async fn flags_flip_during_traffic_and_no_request_fails() {
             }
         }));
     }
-    let client = reqwest::Client::new();
     // Account 7's route, checked after each flip; latency from the file
     // rename to the first request routed the new way.
     let route_of = |v: Value| v["route"].as_str().unwrap_or_default().to_string();
@@ -350,14 +342,7 @@ async fn flags_flip_during_traffic_and_no_request_fails() {
             let t0 = Instant::now();
             set_flag(&dirs.flags, key, value.clone());
             loop {
-                let v: Value = client
-                    .get(format!("http://{}/v1/route/7", router.addr))
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
+                let v = router.explain(7).await;
                 if route_of(v) == *want {
                     break;
                 }
@@ -415,12 +400,7 @@ async fn a_broken_flag_file_keeps_the_last_good_values() {
     )
     .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let v: Value = reqwest::get(format!("http://{}/v1/route/7", router.addr))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = router.explain(7).await;
     assert_eq!(v["route"], "dual");
     assert!(v["flag_source"]["last_error"]
         .as_str()

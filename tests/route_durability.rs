@@ -197,9 +197,8 @@ async fn kill_9_mid_load_loses_no_acknowledged_payload() {
 
     // Restart: the file is repaired and closed; then stop cleanly.
     let restarted = Process::spawn(&cfg, &broker.brokers());
-    assert!(switchyard::offline::open_files(&dirs.offline)
-        .unwrap()
-        .is_empty());
+    let still_open = switchyard::offline::open_files(&dirs.offline).unwrap();
+    assert!(still_open.is_empty(), "not repaired: {still_open:?}");
     let torn: Vec<_> = std::fs::read_dir(&dirs.offline)
         .unwrap()
         .filter_map(|e| e.ok())

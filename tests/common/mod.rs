@@ -76,9 +76,10 @@ impl Broker {
 
     /// SQLite storage: data survives a stop and start.
     pub fn start_persistent() -> Broker {
+        // tansu resolves the path against its working directory, which is
+        // set to this folder.
         let dir = tempfile::tempdir().expect("tempdir");
-        let storage = format!("sqlite://{}/tansu.db", dir.path().display());
-        Self::start_with(storage, Some(dir))
+        Self::start_with("sqlite://tansu.db".to_string(), Some(dir))
     }
 
     fn start_with(storage: String, dir: Option<tempfile::TempDir>) -> Broker {
@@ -120,6 +121,7 @@ impl Broker {
                 &self.storage,
             ])
             .env("RUST_LOG", "warn")
+            .current_dir(self._dir.path())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -386,6 +388,16 @@ impl InProcess {
         format!("http://{}/v1/items", self.addr)
     }
 
+    /// `GET /v1/route/{account}`.
+    pub async fn explain(&self, account: u64) -> serde_json::Value {
+        reqwest::get(format!("http://{}/v1/route/{account}", self.addr))
+            .await
+            .expect("explain request")
+            .json()
+            .await
+            .expect("explain JSON")
+    }
+
     pub async fn stop(self) {
         self.shutdown.cancel();
         self.handle
@@ -448,7 +460,7 @@ impl Process {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn switchyard");
-        let p = Process {
+        let mut p = Process {
             child,
             port,
             admin_port,
@@ -458,6 +470,15 @@ impl Process {
             "router admin port"
         );
         assert!(wait_for_port(port, Duration::from_secs(20)), "router port");
+        // The ports are bound before start-up work (repair, topic check): wait for /readyz.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !http_get_ok(admin_port, "/readyz") {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                panic!("the router exited at start: {status}");
+            }
+            assert!(Instant::now() < deadline, "router never became ready");
+            std::thread::sleep(Duration::from_millis(50));
+        }
         p
     }
 
@@ -479,6 +500,22 @@ impl Drop for Process {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A blocking `GET` on loopback; true on a 200.
+pub fn http_get_ok(port: u16, path: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = [0u8; 16];
+    matches!(s.read(&mut buf), Ok(n) if n >= 12 && &buf[9..12] == b"200")
 }
 
 /// Writes a configuration file for a child process.
