@@ -295,3 +295,65 @@ async fn broker_stopped_mid_load_falls_back_and_loses_nothing() {
     assert!(fallbacks >= fb as f64);
     assert!(t > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_the_in_flight_bound_requests_get_503_with_retry_after() {
+    let mut broker = Broker::start();
+    let topic = unique("pressure");
+    create_topic(&broker.brokers(), &topic, 1).await;
+    let dirs = Dirs::new();
+    set_flag(&dirs.flags, KAFKA, json!(100));
+    let mut cfg = config(&dirs, &topic);
+    cfg.route.max_inflight_requests = 2;
+    cfg.kafka.delivery_timeout_ms = 1500;
+    // No breaker: every request waits out the delivery timeout, holding its slot.
+    cfg.kafka.breaker_cooldown_ms = 0;
+    let router = InProcess::start(cfg, &broker.brokers()).await;
+    broker.stop();
+    let mut handles = Vec::new();
+    for i in 0..8u64 {
+        let url = router.url();
+        handles.push(tokio::spawn(async move {
+            let r = reqwest::Client::new()
+                .post(url)
+                .header("content-type", "application/json")
+                .body(envelope(i, i, 100).to_string())
+                .send()
+                .await
+                .unwrap();
+            let retry_after = r
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_string());
+            let status = r.status().as_u16();
+            let body: serde_json::Value = r.json().await.unwrap();
+            (status, retry_after, body)
+        }));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (mut ok, mut refused) = (0, 0);
+    for h in handles {
+        let (status, retry_after, body) = h.await.unwrap();
+        match status {
+            200 => {
+                assert_eq!(body["fallbacks"], 1, "{body}");
+                ok += 1;
+            }
+            503 => {
+                assert_eq!(retry_after.as_deref(), Some("1"));
+                assert_eq!(body["error"]["code"], "overloaded", "{body}");
+                refused += 1;
+            }
+            other => panic!("status {other}: {body}"),
+        }
+    }
+    assert_eq!(ok, 2, "only the bound's worth of requests is taken");
+    assert_eq!(refused, 6);
+    router.stop().await;
+    // The two accepted payloads are in the offline file as Kafka fallbacks.
+    let lines = offline_lines(&dirs.offline);
+    assert_eq!(lines.len(), 2);
+    assert!(lines
+        .iter()
+        .all(|l| l.route.as_deref() == Some("kafka-fallback")));
+}
