@@ -5,7 +5,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
+use std::sync::Mutex;
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -22,6 +25,59 @@ pub const ROUTE_HEADER: &str = "switchyard-route";
 fn is_secret(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
     k.contains("password") || k.contains("secret") || k.contains("key") && !k.ends_with(".location")
+}
+
+/// librdkafka reports a down broker many times a second; an operator needs it
+/// once, with a count. Errors and logs are let through at most every 10 s.
+#[derive(Default)]
+pub struct QuietContext {
+    last: Mutex<Option<(Instant, u64)>>,
+}
+
+impl QuietContext {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    /// Returns the number suppressed since the last report, or None to stay quiet.
+    fn should_report(&self) -> Option<u64> {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        match *last {
+            Some((at, ref mut suppressed)) if at.elapsed() < Self::EVERY => {
+                *suppressed += 1;
+                None
+            }
+            Some((_, suppressed)) => {
+                *last = Some((Instant::now(), 0));
+                Some(suppressed)
+            }
+            None => {
+                *last = Some((Instant::now(), 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+impl ClientContext for QuietContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error
+            | RDKafkaLogLevel::Warning => {
+                if let Some(suppressed) = self.should_report() {
+                    tracing::warn!(facility = fac, suppressed, "librdkafka: {log_message}");
+                }
+            }
+            _ => tracing::debug!(facility = fac, "librdkafka: {log_message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if let Some(suppressed) = self.should_report() {
+            tracing::error!(%error, suppressed, "librdkafka: {reason}");
+        }
+    }
 }
 
 /// Why the sink could not start.
@@ -54,7 +110,7 @@ pub struct DeliveryError {
 /// failure so requests do not each wait a full delivery timeout.
 #[derive(Clone)]
 pub struct KafkaSink {
-    producer: FutureProducer,
+    producer: FutureProducer<QuietContext>,
     topic: Arc<str>,
     brokers: Arc<str>,
     metrics: KafkaMetrics,
@@ -105,7 +161,9 @@ impl KafkaSink {
             })
             .collect();
         tracing::info!(brokers, topic = %settings.topic, properties = ?shown, "kafka producer configured");
-        let producer: FutureProducer = cfg.create().map_err(SinkError::Config)?;
+        let producer: FutureProducer<QuietContext> = cfg
+            .create_with_context(QuietContext::default())
+            .map_err(SinkError::Config)?;
         Ok(KafkaSink {
             producer,
             topic: settings.topic.as_str().into(),
