@@ -441,3 +441,33 @@ async fn a_missing_topic_is_named_at_start() {
         "{msg}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_router_on_the_same_folder_is_refused() {
+    let broker = Broker::start();
+    let topic = unique("lock");
+    create_topic(&broker.brokers(), &topic, 1).await;
+    let dirs = Dirs::new();
+    let first = InProcess::start(config(&dirs, &topic), &broker.brokers()).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = switchyard::route::run(
+        switchyard::route::RouteOptions {
+            config: config(&dirs, &topic),
+            kafka_brokers: broker.brokers(),
+            kafka_extra: vec![],
+        },
+        listener,
+        admin,
+        prometheus::Registry::new(),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("another router is writing to this folder"),
+        "{err}"
+    );
+    first.stop().await;
+}

@@ -38,6 +38,9 @@ use crate::offline::{self, LinePrefix, OfflineWriter, WriterConfig};
 use crate::routing::{bucket, decide, threshold, Route};
 use crate::schema::Schema;
 
+/// Held (flock) by the router writing a folder.
+pub const LOCK_FILE: &str = ".route.lock";
+
 /// Everything `run` needs besides its listeners.
 #[derive(Debug, Clone)]
 pub struct RouteOptions {
@@ -122,6 +125,20 @@ pub async fn run(
         source,
     };
     std::fs::create_dir_all(&dir).map_err(off_err)?;
+    // One router per folder: an OS lock, released when the process dies, so a
+    // crash never leaves a stale lock behind.
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(LOCK_FILE))
+        .map_err(off_err)?;
+    lock.try_lock().map_err(|e| match e {
+        std::fs::TryLockError::WouldBlock => off_err(std::io::Error::other(format!(
+            "another router is writing to this folder (it holds {LOCK_FILE})"
+        ))),
+        std::fs::TryLockError::Error(e) => off_err(e),
+    })?;
     let repaired = offline::repair(&dir, Some(&metrics.offline)).map_err(off_err)?;
     if repaired.files > 0 {
         tracing::warn!(
@@ -224,6 +241,7 @@ pub async fn run(
     let _ = flags_task.await;
     admin_stop.cancel();
     let _ = admin_server.await;
+    drop(lock);
     tracing::info!("router stopped");
     Ok(())
 }
