@@ -95,7 +95,7 @@ fn verify(
         .filter(|(_, a)| route_of(*a, flags).to_kafka())
         .count();
     let mut in_topic: HashMap<String, usize> = HashMap::new();
-    for m in consume_all(brokers, topic, expected_topic, Duration::from_secs(30)) {
+    for m in consume_all(brokers, topic, expected_topic, Duration::from_secs(10)) {
         *in_topic
             .entry(m.value["row"]["uuid"].as_str().unwrap().to_string())
             .or_default() += 1;
