@@ -420,21 +420,7 @@ async fn a_missing_topic_is_named_at_start() {
     let broker = Broker::start();
     let dirs = Dirs::new();
     let cfg = config(&dirs, "no-such-topic");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let err = switchyard::route::run(
-        switchyard::route::RouteOptions {
-            config: cfg,
-            kafka_brokers: broker.brokers(),
-            kafka_extra: vec![],
-        },
-        listener,
-        admin,
-        prometheus::Registry::new(),
-        tokio_util::sync::CancellationToken::new(),
-    )
-    .await
-    .unwrap_err();
+    let err = start_error(cfg, &broker.brokers()).await;
     let msg = err.to_string();
     assert!(
         msg.contains("topic \"no-such-topic\" does not exist"),
@@ -449,21 +435,7 @@ async fn a_second_router_on_the_same_folder_is_refused() {
     create_topic(&broker.brokers(), &topic, 1).await;
     let dirs = Dirs::new();
     let first = InProcess::start(config(&dirs, &topic), &broker.brokers()).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let err = switchyard::route::run(
-        switchyard::route::RouteOptions {
-            config: config(&dirs, &topic),
-            kafka_brokers: broker.brokers(),
-            kafka_extra: vec![],
-        },
-        listener,
-        admin,
-        prometheus::Registry::new(),
-        tokio_util::sync::CancellationToken::new(),
-    )
-    .await
-    .unwrap_err();
+    let err = start_error(config(&dirs, &topic), &broker.brokers()).await;
     assert!(
         err.to_string()
             .contains("another router is writing to this folder"),

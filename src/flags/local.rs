@@ -241,7 +241,6 @@ impl LocalFlags {
     fn publish_values(&self) {
         // The values an account without individual targeting gets.
         let v = self.evaluator.evaluate(u64::MAX);
-        let keys = self.evaluator.keys();
         self.metrics
             .values
             .with_label_values(&["kill_switch"])
@@ -254,7 +253,6 @@ impl LocalFlags {
             .values
             .with_label_values(&["dual_write"])
             .set(v.dual_write);
-        tracing::debug!(kill_switch = %keys.kill_switch, values = ?v, "flag values published");
     }
 }
 

@@ -561,13 +561,27 @@ async fn dispatch(app: &App, payloads: Vec<Payload>) -> Result<Accepted, ApiErro
         }
     }
 
-    for (i, p) in payloads.iter().enumerate() {
-        let r = per_route[i].as_str();
-        app.metrics.payloads.with_label_values(&[r]).inc();
-        app.metrics
-            .bytes
-            .with_label_values(&[r])
-            .inc_by(p.row_json.len() as u64);
+    // One labelled-metric lookup per route, not per payload.
+    let mut bytes = [0u64; 3];
+    for (p, r) in payloads.iter().zip(&per_route) {
+        bytes[usize::from(r.rank())] += p.row_json.len() as u64;
+    }
+    for (route, count) in [
+        (Route::Legacy, acc.legacy),
+        (Route::Dual, acc.dual),
+        (Route::Kafka, acc.kafka),
+    ] {
+        if count > 0 {
+            let label = [route.as_str()];
+            app.metrics
+                .payloads
+                .with_label_values(&label)
+                .inc_by(count as u64);
+            app.metrics
+                .bytes
+                .with_label_values(&label)
+                .inc_by(bytes[usize::from(route.rank())]);
+        }
     }
     Ok(acc)
 }

@@ -331,6 +331,36 @@ pub fn config(dirs: &Dirs, topic: &str) -> PipelineConfig {
     cfg
 }
 
+pub fn options(cfg: PipelineConfig, brokers: &str) -> RouteOptions {
+    RouteOptions {
+        config: cfg,
+        kafka_brokers: brokers.to_string(),
+        kafka_extra: vec![],
+    }
+}
+
+/// Runs the router expecting it to refuse to start; returns why.
+pub async fn start_error(cfg: PipelineConfig, brokers: &str) -> route::StartError {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    match route::run(
+        options(cfg, brokers),
+        listener,
+        admin,
+        prometheus::Registry::new(),
+        CancellationToken::new(),
+    )
+    .await
+    {
+        Ok(()) => panic!("the router started"),
+        Err(e) => e,
+    }
+}
+
 /// The router running in this process.
 pub struct InProcess {
     pub addr: SocketAddr,
@@ -352,13 +382,8 @@ impl InProcess {
         let admin_addr = admin.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
         let registry = prometheus::Registry::new();
-        let opts = RouteOptions {
-            config: cfg,
-            kafka_brokers: brokers.to_string(),
-            kafka_extra: vec![],
-        };
         let handle = tokio::spawn(route::run(
-            opts,
+            options(cfg, brokers),
             listener,
             admin,
             registry.clone(),
