@@ -1,9 +1,13 @@
 //! switchyard: move an ingestion pipeline from offline files to Kafka with no
 //! downtime and no lost row. One module per role, plus the shared parts they use.
 
+pub mod admin;
 pub mod config;
+pub mod db;
 pub mod flags;
+pub mod ingest;
 pub mod kafka;
+pub mod load;
 pub mod metrics;
 pub mod offline;
 pub mod route;

@@ -8,7 +8,12 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use switchyard::admin::{self, Health};
 use switchyard::config::{parse_key_value, PipelineConfig};
+use switchyard::db::{self, Db, Engine};
+use switchyard::ingest::{self, IngestOptions};
+use switchyard::load::{self, LoadOptions, Replay};
+use switchyard::metrics::{IngestMetrics, LoadMetrics};
 use switchyard::route::{self, RouteOptions, StartError};
 
 /// Move an ingestion pipeline from offline files to Kafka with no downtime
@@ -27,8 +32,165 @@ struct Cli {
 enum Command {
     /// The sidecar: HTTP ingest API, routing, offline-file writer, Kafka producer.
     Route(Box<RouteArgs>),
+    /// Legacy offline loader: closed offline files, oldest first, into the OLD database.
+    Load(Box<LoadArgs>),
+    /// Kafka ingestion consumer: the topic, in batches, into the NEW database.
+    Ingest(Box<IngestArgs>),
+    /// Database set-up.
+    Db {
+        #[command(subcommand)]
+        command: DbCommand,
+    },
     /// Print the embedded default configuration.
     DefaultConfig,
+}
+
+#[derive(Subcommand)]
+enum DbCommand {
+    /// Create the declared tables (unique key, time index) and the pipeline's
+    /// bookkeeping tables. Safe to run again.
+    Init {
+        /// Pipeline configuration (TOML); the embedded default when absent.
+        #[arg(long, env = "SWITCHYARD_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+}
+
+/// Where the database is: a URL, or the seed's separate flags.
+#[derive(Args, Clone)]
+struct DbArgs {
+    /// Database URL: postgres://…, mysql://… (or mariadb://…), sqlite:FILE.
+    #[arg(long, env = "SWITCHYARD_DB_URL", hide_env_values = true)]
+    db_url: Option<String>,
+    /// Engine for --db-host/--db-name: postgres, mysql or sqlite.
+    #[arg(long, env = "SWITCHYARD_DB_ENGINE")]
+    db_engine: Option<String>,
+    /// Database host (instead of --db-url).
+    #[arg(long, env = "SWITCHYARD_DB_HOST")]
+    db_host: Option<String>,
+    /// Database port (the engine's default when absent).
+    #[arg(long, env = "SWITCHYARD_DB_PORT")]
+    db_port: Option<u16>,
+    /// Database user.
+    #[arg(long, env = "SWITCHYARD_DB_USER")]
+    db_user: Option<String>,
+    /// Database password: prefer the environment variable (never logged).
+    #[arg(long, env = "SWITCHYARD_DB_PASSWORD", hide_env_values = true)]
+    db_password: Option<String>,
+    /// Database name (with sqlite: the file).
+    #[arg(long, env = "SWITCHYARD_DB_NAME")]
+    db_name: Option<String>,
+    /// Connections in the pool.
+    #[arg(long, env = "SWITCHYARD_DB_POOL", default_value_t = 4)]
+    db_pool: u32,
+}
+
+impl DbArgs {
+    /// The URL, or a usage error that says what is missing.
+    fn url(&self, default_engine: Engine) -> Result<String, String> {
+        if let Some(u) = &self.db_url {
+            return Ok(u.clone());
+        }
+        let engine = match self.db_engine.as_deref() {
+            None => default_engine,
+            Some(e) => Engine::of_url(&format!("{e}:")).ok_or_else(|| {
+                format!("--db-engine {e:?}: use postgres, mysql or sqlite")
+            })?,
+        };
+        let name = self
+            .db_name
+            .as_deref()
+            .ok_or("give --db-url, or --db-host and --db-name")?;
+        let host = self.db_host.as_deref().unwrap_or("127.0.0.1");
+        Ok(db::url_from_parts(
+            engine,
+            host,
+            self.db_port,
+            self.db_user.as_deref(),
+            self.db_password.as_deref(),
+            name,
+        ))
+    }
+}
+
+#[derive(Args)]
+struct LoadArgs {
+    /// Pipeline configuration (TOML); the embedded default when absent.
+    #[arg(long, env = "SWITCHYARD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Offline file folder (overrides offline.dir).
+    #[arg(long, env = "SWITCHYARD_OFFLINE_DIR")]
+    offline_dir: Option<PathBuf>,
+    #[command(flatten)]
+    db: DbArgs,
+    /// Lines per transaction.
+    #[arg(long, env = "SWITCHYARD_LOAD_BATCH_SIZE", default_value_t = 2000)]
+    batch_size: usize,
+    /// Move loaded files here instead of deleting them.
+    #[arg(long, env = "SWITCHYARD_LOAD_ARCHIVE_DIR")]
+    archive_dir: Option<PathBuf>,
+    /// Where unloadable lines go, with the reason (default: OFFLINE_DIR/dead-letter).
+    #[arg(long, env = "SWITCHYARD_LOAD_DEAD_LETTER_DIR")]
+    dead_letter_dir: Option<PathBuf>,
+    /// How often an idle loader looks for new files, in milliseconds.
+    #[arg(long, env = "SWITCHYARD_LOAD_POLL_MS", default_value_t = 500)]
+    poll_ms: u64,
+    /// Exit once no closed file is left.
+    #[arg(long)]
+    once: bool,
+    /// Load Kafka-fallback lines into the OLD database instead of replaying them to Kafka.
+    #[arg(long)]
+    no_replay: bool,
+    /// Kafka bootstrap servers (for replaying Kafka-fallback lines).
+    #[arg(long, env = "SWITCHYARD_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    kafka_brokers: String,
+    /// Kafka topic (overrides kafka.topic).
+    #[arg(long, env = "SWITCHYARD_KAFKA_TOPIC")]
+    kafka_topic: Option<String>,
+    /// Any librdkafka property, key=value (secrets never logged).
+    #[arg(long = "kafka-config", env = "SWITCHYARD_KAFKA_CONFIG", value_delimiter = ',', value_parser = parse_key_value)]
+    kafka_config: Vec<(String, String)>,
+    /// Admin address: /metrics, /healthz, /readyz.
+    #[arg(long, env = "SWITCHYARD_ADMIN_LISTEN", default_value = "127.0.0.1:9095")]
+    admin_listen: SocketAddr,
+    /// Progress line on stderr: auto (when a terminal), always, never.
+    #[arg(long, default_value = "auto")]
+    progress: String,
+}
+
+#[derive(Args)]
+struct IngestArgs {
+    /// Pipeline configuration (TOML); the embedded default when absent.
+    #[arg(long, env = "SWITCHYARD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "SWITCHYARD_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    kafka_brokers: String,
+    /// Topics to consume, comma-separated (default: kafka.topic).
+    #[arg(long, env = "SWITCHYARD_KAFKA_TOPICS", value_delimiter = ',')]
+    kafka_topics: Vec<String>,
+    /// Consumer group.
+    #[arg(long, env = "SWITCHYARD_KAFKA_GROUP", default_value = "switchyard-ingest")]
+    kafka_group: String,
+    /// Any librdkafka consumer property, key=value (secrets never logged).
+    #[arg(long = "kafka-config", env = "SWITCHYARD_KAFKA_CONFIG", value_delimiter = ',', value_parser = parse_key_value)]
+    kafka_config: Vec<(String, String)>,
+    #[command(flatten)]
+    db: DbArgs,
+    /// The longest a partial batch waits for more messages, in seconds (e.g. 0.15).
+    #[arg(long, env = "SWITCHYARD_CONSUMER_TIMEOUT", default_value_t = 0.15)]
+    consumer_timeout: f64,
+    /// Messages per transaction.
+    #[arg(long, env = "SWITCHYARD_INGEST_BATCH_SIZE", default_value_t = 2000)]
+    batch_size: usize,
+    /// Exit once caught up and idle this many seconds (backfills, benchmarks).
+    #[arg(long)]
+    idle_exit: Option<f64>,
+    /// Admin address: /metrics, /healthz, /readyz.
+    #[arg(long, env = "SWITCHYARD_ADMIN_LISTEN", default_value = "127.0.0.1:9091")]
+    admin_listen: SocketAddr,
 }
 
 #[derive(Args)]
@@ -77,6 +239,11 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Route(args) => run_route(*args),
+        Command::Load(args) => run_load(*args),
+        Command::Ingest(args) => run_ingest(*args),
+        Command::Db {
+            command: DbCommand::Init { config, db },
+        } => run_db_init(config, db),
     }
 }
 
@@ -157,5 +324,254 @@ fn run_route(args: RouteArgs) -> ExitCode {
                 }
             }
         }
+    })
+}
+
+/// Configuration, schema and database pool, or the exit code of a usage error.
+fn prepare(
+    config: Option<&std::path::Path>,
+    db: &DbArgs,
+    default_engine: Engine,
+) -> Result<(PipelineConfig, switchyard::schema::Schema, String, Db), ExitCode> {
+    let usage = |m: String| {
+        eprintln!("switchyard: {m}");
+        ExitCode::from(2)
+    };
+    let cfg = PipelineConfig::load(config).map_err(|e| usage(format!("configuration: {e}")))?;
+    let schema = cfg.schema().map_err(|e| usage(format!("schema: {e}")))?;
+    let url = db.url(default_engine).map_err(usage)?;
+    if db.db_pool == 0 {
+        return Err(usage("--db-pool must be at least 1".into()));
+    }
+    let pool = Db::connect(&url, db.db_pool).map_err(|e| usage(e.to_string()))?;
+    Ok((cfg, schema, url, pool))
+}
+
+async fn bind_admin(addr: SocketAddr) -> Result<tokio::net::TcpListener, ExitCode> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        eprintln!("switchyard: cannot listen on {addr}: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+fn run_db_init(config: Option<PathBuf>, args: DbArgs) -> ExitCode {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    // The pool's maintenance task needs the runtime.
+    let _enter = rt.enter();
+    let (_, schema, url, pool) = match prepare(config.as_deref(), &args, Engine::Postgres) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    rt.block_on(async move {
+        match pool.init(&schema).await {
+            Ok(()) => {
+                let tables: Vec<&str> = schema.tables().iter().map(|t| t.name.as_str()).collect();
+                println!(
+                    "initialised {} ({}): {} and the bookkeeping tables",
+                    db::redact_url(&url),
+                    pool.engine(),
+                    tables.join(", ")
+                );
+                pool.close().await;
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("switchyard: db init {}: {e}", db::redact_url(&url));
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn run_load(args: LoadArgs) -> ExitCode {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    // The pool's maintenance task needs the runtime.
+    let _enter = rt.enter();
+    let (mut cfg, schema, url, pool) =
+        match prepare(args.config.as_deref(), &args.db, Engine::MySql) {
+            Ok(p) => p,
+            Err(code) => return code,
+        };
+    if let Some(d) = &args.offline_dir {
+        cfg.offline.dir = d.clone();
+    }
+    if let Some(t) = &args.kafka_topic {
+        cfg.kafka.topic = t.clone();
+    }
+    if args.batch_size == 0 {
+        eprintln!("switchyard: --batch-size must be at least 1");
+        return ExitCode::from(2);
+    }
+    let progress = match args.progress.as_str() {
+        "auto" => std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        "always" => true,
+        "never" => false,
+        other => {
+            eprintln!("switchyard: --progress {other:?}: use auto, always or never");
+            return ExitCode::from(2);
+        }
+    };
+    let opts = LoadOptions {
+        dead_letter_dir: args
+            .dead_letter_dir
+            .clone()
+            .unwrap_or_else(|| cfg.offline.dir.join("dead-letter")),
+        dir: cfg.offline.dir.clone(),
+        batch_size: args.batch_size,
+        archive_dir: args.archive_dir.clone(),
+        poll: std::time::Duration::from_millis(args.poll_ms.max(10)),
+        once: args.once,
+        progress,
+    };
+    rt.block_on(async move {
+        let registry = prometheus::Registry::new();
+        let metrics = match LoadMetrics::new(&registry) {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("switchyard: metrics: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let replay = if args.no_replay {
+            None
+        } else {
+            match Replay::new(&args.kafka_brokers, &cfg.kafka, &args.kafka_config, &metrics) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    eprintln!("switchyard: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        };
+        let admin_listener = match bind_admin(args.admin_listen).await {
+            Ok(l) => l,
+            Err(code) => return code,
+        };
+        let shutdown = CancellationToken::new();
+        switchyard::shutdown::cancel_on_signal(shutdown.clone());
+        let health = Health::starting("waiting for the database");
+        let admin_stop = CancellationToken::new();
+        let admin_task = admin::spawn(
+            admin_listener,
+            admin::router(registry.clone(), health.clone()),
+            admin_stop.clone(),
+        );
+        let code = match db::wait_ready(&pool, &schema, &url, &shutdown).await {
+            Err(e) => {
+                eprintln!("switchyard: {e}");
+                ExitCode::from(2)
+            }
+            Ok(false) => ExitCode::SUCCESS,
+            Ok(true) => {
+                health.ready();
+                tracing::info!(dir = %opts.dir.display(), db = %db::redact_url(&url), batch_size = opts.batch_size, "loader started");
+                match load::run(opts, &schema, &pool, replay, metrics, shutdown).await {
+                    Ok(s) => {
+                        tracing::info!(files = s.files, lines = s.lines, inserted = s.inserted, duplicates = s.duplicates, replayed = s.replayed, dead_letters = s.dead_letters, "loader stopped");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("switchyard: load: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+        };
+        admin_stop.cancel();
+        let _ = admin_task.await;
+        pool.close().await;
+        code
+    })
+}
+
+fn run_ingest(args: IngestArgs) -> ExitCode {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    // The pool's maintenance task needs the runtime.
+    let _enter = rt.enter();
+    let (cfg, schema, url, pool) =
+        match prepare(args.config.as_deref(), &args.db, Engine::Postgres) {
+            Ok(p) => p,
+            Err(code) => return code,
+        };
+    if !(args.consumer_timeout > 0.0 && args.consumer_timeout <= 3600.0) {
+        eprintln!("switchyard: --consumer-timeout must be between 0 and 3600 seconds");
+        return ExitCode::from(2);
+    }
+    if args.batch_size == 0 {
+        eprintln!("switchyard: --batch-size must be at least 1");
+        return ExitCode::from(2);
+    }
+    let topics = if args.kafka_topics.is_empty() {
+        vec![cfg.kafka.topic.clone()]
+    } else {
+        args.kafka_topics.clone()
+    };
+    let opts = IngestOptions {
+        brokers: args.kafka_brokers.clone(),
+        topics,
+        group: args.kafka_group.clone(),
+        batch_size: args.batch_size,
+        consumer_timeout: std::time::Duration::from_secs_f64(args.consumer_timeout),
+        extra: args.kafka_config.clone(),
+        idle_exit: args
+            .idle_exit
+            .map(|s| std::time::Duration::from_secs_f64(s.max(0.0))),
+    };
+    rt.block_on(async move {
+        let registry = prometheus::Registry::new();
+        let metrics = match IngestMetrics::new(&registry) {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("switchyard: metrics: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let admin_listener = match bind_admin(args.admin_listen).await {
+            Ok(l) => l,
+            Err(code) => return code,
+        };
+        let shutdown = CancellationToken::new();
+        switchyard::shutdown::cancel_on_signal(shutdown.clone());
+        let health = Health::starting("waiting for the database");
+        let admin_stop = CancellationToken::new();
+        let admin_task = admin::spawn(
+            admin_listener,
+            admin::router(registry.clone(), health.clone()),
+            admin_stop.clone(),
+        );
+        let code = match db::wait_ready(&pool, &schema, &url, &shutdown).await {
+            Err(e) => {
+                eprintln!("switchyard: {e}");
+                ExitCode::from(2)
+            }
+            Ok(false) => ExitCode::SUCCESS,
+            Ok(true) => match ingest::run(opts, &schema, &pool, metrics, health, shutdown).await {
+                Ok(s) => {
+                    tracing::info!(messages = s.messages, inserted = s.inserted, duplicates = s.duplicates, dead_letters = s.dead_letters, batches = s.batches, "ingest consumer stopped");
+                    ExitCode::SUCCESS
+                }
+                Err(e @ (ingest::IngestError::TopicMissing { .. } | ingest::IngestError::Config(_))) => {
+                    eprintln!("switchyard: ingest: {e}");
+                    ExitCode::from(2)
+                }
+                Err(e) => {
+                    eprintln!("switchyard: ingest: {e}");
+                    ExitCode::FAILURE
+                }
+            },
+        };
+        admin_stop.cancel();
+        let _ = admin_task.await;
+        pool.close().await;
+        code
     })
 }

@@ -4,7 +4,7 @@
 
 use prometheus::{
     Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    Opts, Registry,
+    IntGaugeVec, Opts, Registry,
 };
 
 /// Latency buckets from 50 µs to 10 s.
@@ -13,13 +13,13 @@ const LATENCY_BUCKETS: &[f64] = &[
     2.5, 5.0, 10.0,
 ];
 
-fn counter(reg: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
+pub(crate) fn counter(reg: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
     let c = IntCounter::new(name, help)?;
     reg.register(Box::new(c.clone()))?;
     Ok(c)
 }
 
-fn counter_vec(
+pub(crate) fn counter_vec(
     reg: &Registry,
     name: &str,
     help: &str,
@@ -30,13 +30,13 @@ fn counter_vec(
     Ok(c)
 }
 
-fn histogram(reg: &Registry, name: &str, help: &str) -> prometheus::Result<Histogram> {
+pub(crate) fn histogram(reg: &Registry, name: &str, help: &str) -> prometheus::Result<Histogram> {
     let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()))?;
     reg.register(Box::new(h.clone()))?;
     Ok(h)
 }
 
-fn int_gauge(reg: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
+pub(crate) fn int_gauge(reg: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
     let g = IntGauge::new(name, help)?;
     reg.register(Box::new(g.clone()))?;
     Ok(g)
@@ -211,24 +211,236 @@ impl RouteMetrics {
                     "Size of the offline file being written",
                 )?,
             },
-            kafka: KafkaMetrics {
-                delivery_seconds: histogram(
-                    reg,
-                    "switchyard_route_kafka_delivery_duration_seconds",
-                    "Time from produce to broker acknowledgement",
-                )?,
-                delivery_errors: counter_vec(
-                    reg,
-                    "switchyard_route_kafka_delivery_errors_total",
-                    "Kafka deliveries that failed, by kind",
-                    &["kind"],
-                )?,
-                breaker_open: int_gauge(
-                    reg,
-                    "switchyard_route_kafka_breaker_open",
-                    "1 while Kafka deliveries are skipped after failures",
-                )?,
-            },
+            kafka: KafkaMetrics::new(reg, "route")?,
+        })
+    }
+}
+
+impl KafkaMetrics {
+    /// `switchyard_<role>_kafka_*`: the router produces, the loader replays.
+    pub fn new(reg: &Registry, role: &str) -> prometheus::Result<KafkaMetrics> {
+        Ok(KafkaMetrics {
+            delivery_seconds: histogram(
+                reg,
+                &format!("switchyard_{role}_kafka_delivery_duration_seconds"),
+                "Time from produce to broker acknowledgement",
+            )?,
+            delivery_errors: counter_vec(
+                reg,
+                &format!("switchyard_{role}_kafka_delivery_errors_total"),
+                "Kafka deliveries that failed, by kind",
+                &["kind"],
+            )?,
+            breaker_open: int_gauge(
+                reg,
+                &format!("switchyard_{role}_kafka_breaker_open"),
+                "1 while Kafka deliveries are skipped after failures",
+            )?,
+        })
+    }
+}
+
+/// Rows per batch: 1 to 10,000.
+const BATCH_BUCKETS: &[f64] = &[
+    1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 3000.0, 5000.0, 10000.0,
+];
+
+pub(crate) fn gauge(reg: &Registry, name: &str, help: &str) -> prometheus::Result<Gauge> {
+    let g = Gauge::new(name, help)?;
+    reg.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+/// What every database-writing role reports: `switchyard_<role>_*`.
+#[derive(Clone)]
+pub struct SinkMetrics {
+    /// Rows by table and outcome (`inserted`, `duplicate`).
+    pub rows: IntCounterVec,
+    pub batches: IntCounter,
+    pub batch_rows: Histogram,
+    pub insert_seconds: Histogram,
+    /// Retries by reason (`database`, `kafka`).
+    pub retries: IntCounterVec,
+    /// Dead-lettered inputs by reason (`parse`, `schema`, `rejected`).
+    pub dead_letters: IntCounterVec,
+    /// Unix time of the last database commit.
+    pub last_commit: Gauge,
+}
+
+impl SinkMetrics {
+    pub fn new(reg: &Registry, role: &str) -> prometheus::Result<SinkMetrics> {
+        let batch_rows = Histogram::with_opts(
+            HistogramOpts::new(
+                format!("switchyard_{role}_batch_rows"),
+                "Rows per committed batch",
+            )
+            .buckets(BATCH_BUCKETS.to_vec()),
+        )?;
+        reg.register(Box::new(batch_rows.clone()))?;
+        Ok(SinkMetrics {
+            rows: counter_vec(
+                reg,
+                &format!("switchyard_{role}_rows_total"),
+                "Rows written, by table and outcome (inserted, duplicate: key already present)",
+                &["table", "outcome"],
+            )?,
+            batches: counter(
+                reg,
+                &format!("switchyard_{role}_batches_total"),
+                "Batches committed",
+            )?,
+            batch_rows,
+            insert_seconds: histogram(
+                reg,
+                &format!("switchyard_{role}_insert_duration_seconds"),
+                "Time to write and commit one batch",
+            )?,
+            retries: counter_vec(
+                reg,
+                &format!("switchyard_{role}_retries_total"),
+                "Batches retried after a transient failure, by what failed",
+                &["reason"],
+            )?,
+            dead_letters: counter_vec(
+                reg,
+                &format!("switchyard_{role}_dead_letters_total"),
+                "Inputs sent to the dead letter, by reason (parse, schema, rejected)",
+                &["reason"],
+            )?,
+            last_commit: gauge(
+                reg,
+                &format!("switchyard_{role}_last_commit_timestamp_seconds"),
+                "Unix time of the last successful database commit",
+            )?,
+        })
+    }
+
+    pub fn committed(&self) {
+        self.batches.inc();
+        self.last_commit.set(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
+        );
+    }
+}
+
+/// The legacy loader.
+#[derive(Clone)]
+pub struct LoadMetrics {
+    pub sink: SinkMetrics,
+    pub files_pending: IntGauge,
+    pub bytes_pending: IntGauge,
+    pub files_loaded: IntCounter,
+    pub bytes_loaded: IntCounter,
+    pub rows_per_second: Gauge,
+    pub eta_seconds: Gauge,
+    /// Fallback lines produced to Kafka, by original route (`kafka`, `dual`).
+    pub replayed: IntCounterVec,
+    pub kafka: KafkaMetrics,
+}
+
+impl LoadMetrics {
+    pub fn new(reg: &Registry) -> prometheus::Result<LoadMetrics> {
+        Ok(LoadMetrics {
+            sink: SinkMetrics::new(reg, "load")?,
+            files_pending: int_gauge(
+                reg,
+                "switchyard_load_files_pending",
+                "Closed offline files not yet fully loaded",
+            )?,
+            bytes_pending: int_gauge(
+                reg,
+                "switchyard_load_bytes_pending",
+                "Bytes of offline files not yet loaded",
+            )?,
+            files_loaded: counter(
+                reg,
+                "switchyard_load_files_total",
+                "Offline files fully loaded (then deleted or archived)",
+            )?,
+            bytes_loaded: counter(
+                reg,
+                "switchyard_load_bytes_total",
+                "Bytes of offline files loaded",
+            )?,
+            rows_per_second: gauge(
+                reg,
+                "switchyard_load_rows_per_second",
+                "Lines loaded per second over the last 10 s",
+            )?,
+            eta_seconds: gauge(
+                reg,
+                "switchyard_load_eta_seconds",
+                "Estimated time to load the backlog at the current rate (-1: unknown)",
+            )?,
+            replayed: counter_vec(
+                reg,
+                "switchyard_load_replayed_total",
+                "Kafka fallback lines produced to Kafka, by the payload's route",
+                &["route"],
+            )?,
+            kafka: KafkaMetrics::new(reg, "load")?,
+        })
+    }
+}
+
+/// The Kafka ingestion consumer.
+#[derive(Clone)]
+pub struct IngestMetrics {
+    pub sink: SinkMetrics,
+    pub messages: IntCounter,
+    pub lag_messages: IntGaugeVec,
+    pub lag_seconds: GaugeVec,
+    pub rebalances: IntCounterVec,
+    pub commit_errors: IntCounter,
+    pub dropped_revoked: IntCounter,
+}
+
+impl IngestMetrics {
+    pub fn new(reg: &Registry) -> prometheus::Result<IngestMetrics> {
+        let lag_messages = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_ingest_lag_messages",
+                "Messages between the committed offset and the end of the partition",
+            ),
+            &["topic", "partition"],
+        )?;
+        reg.register(Box::new(lag_messages.clone()))?;
+        let lag_seconds = GaugeVec::new(
+            Opts::new(
+                "switchyard_ingest_lag_seconds",
+                "Age of the oldest message not yet committed (0 when caught up)",
+            ),
+            &["topic", "partition"],
+        )?;
+        reg.register(Box::new(lag_seconds.clone()))?;
+        Ok(IngestMetrics {
+            sink: SinkMetrics::new(reg, "ingest")?,
+            messages: counter(
+                reg,
+                "switchyard_ingest_messages_total",
+                "Messages consumed",
+            )?,
+            lag_messages,
+            lag_seconds,
+            rebalances: counter_vec(
+                reg,
+                "switchyard_ingest_rebalances_total",
+                "Partition assignments and revocations",
+                &["kind"],
+            )?,
+            commit_errors: counter(
+                reg,
+                "switchyard_ingest_offset_commit_errors_total",
+                "Offset commits that failed after the database commit (rows are redelivered and skipped as duplicates)",
+            )?,
+            dropped_revoked: counter(
+                reg,
+                "switchyard_ingest_revoked_dropped_total",
+                "Messages dropped uncommitted from a batch because their partition was revoked",
+            )?,
         })
     }
 }

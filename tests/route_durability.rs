@@ -112,13 +112,20 @@ fn verify(
                 f += 1;
             }
             Route::Dual => {
-                assert_eq!(file_routes, vec!["dual"], "{uuid} (dual) in files");
+                let replays = file_routes.iter().filter(|r| *r == "dual-fallback").count();
+                assert_eq!(
+                    file_routes.iter().filter(|r| *r == "dual").count(),
+                    1,
+                    "{uuid} (dual) in files: {file_routes:?}"
+                );
+                assert_eq!(file_routes.len(), 1 + replays, "{uuid}: {file_routes:?}");
                 assert!(
-                    topic_count <= 1,
-                    "{uuid} (dual) {topic_count} times in the topic"
+                    topic_count <= 1 && replays <= 1 && topic_count + replays >= 1,
+                    "{uuid} (dual): {topic_count} times in the topic, {replays} replay markers"
                 );
                 f += 1;
                 t += topic_count;
+                fb += replays;
             }
             Route::Kafka => {
                 let fallbacks = file_routes

@@ -23,6 +23,19 @@ pub const CLOSED_SUFFIX: &str = ".ndjson";
 /// Suffix of the torn tail cut from a file left open by a crash (kept for inspection).
 pub const TORN_SUFFIX: &str = ".torn";
 
+/// The `route` field of a line: what the loader does with it.
+pub mod line_route {
+    /// Legacy-routed: load into the old database.
+    pub const LEGACY: &str = "legacy";
+    /// Dual-routed: load into the old database (Kafka has its own copy).
+    pub const DUAL: &str = "dual";
+    /// A Kafka-only payload Kafka did not acknowledge: replay it to Kafka.
+    pub const KAFKA_FALLBACK: &str = "kafka-fallback";
+    /// The Kafka leg of a dual payload that Kafka did not acknowledge (its
+    /// `dual` line is also in the file): replay it to Kafka only.
+    pub const DUAL_FALLBACK: &str = "dual-fallback";
+}
+
 /// One line as written in an offline file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct OfflineLine {
@@ -30,7 +43,7 @@ pub struct OfflineLine {
     pub row: serde_json::Map<String, serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub account_id: Option<u64>,
-    /// `legacy`, `dual` or `kafka-fallback` (Kafka refused it; kept here).
+    /// One of [`line_route`]; absent in lines written by other tools (legacy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub route: Option<String>,
     pub counter: u64,

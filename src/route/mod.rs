@@ -34,7 +34,7 @@ use crate::config::{KafkaFallback, PipelineConfig};
 use crate::flags::{FlagSource, LocalFlags};
 use crate::kafka::{KafkaSink, SinkError};
 use crate::metrics::{encode, RouteMetrics};
-use crate::offline::{self, LinePrefix, OfflineWriter, WriterConfig};
+use crate::offline::{self, line_route, LinePrefix, OfflineWriter, WriterConfig};
 use crate::routing::{bucket, decide, threshold, Route};
 use crate::schema::Schema;
 
@@ -520,12 +520,19 @@ async fn dispatch(app: &App, payloads: Vec<Payload>) -> Result<Accepted, ApiErro
         let i = kafka_idx[n];
         let p = &payloads[i];
         match per_route[i] {
-            // Already in the offline file: the old pipeline has it.
+            // The old pipeline has it from its `dual` line; this marker lets
+            // the loader replay the missing Kafka leg.
             Route::Dual => {
                 app.metrics
                     .fallbacks
                     .with_label_values(&["dual", e.kind])
                     .inc();
+                fallback_lines.push(LinePrefix::new(
+                    &p.table,
+                    &p.row_json,
+                    p.account_id,
+                    line_route::DUAL_FALLBACK,
+                ));
                 acc.fallbacks += 1;
             }
             Route::Kafka => {
@@ -544,7 +551,7 @@ async fn dispatch(app: &App, payloads: Vec<Payload>) -> Result<Accepted, ApiErro
                     &p.table,
                     &p.row_json,
                     p.account_id,
-                    "kafka-fallback",
+                    line_route::KAFKA_FALLBACK,
                 ));
                 acc.fallbacks += 1;
             }

@@ -1,0 +1,653 @@
+//! The databases both pipelines write to. One `Db` over PostgreSQL, MySQL /
+//! MariaDB or SQLite, chosen by the URL scheme. Every statement is built from
+//! the declared schema (names never come from input), every insert is
+//! idempotent on the table's unique key, and a batch is written in one
+//! transaction together with its bookkeeping (a file checkpoint or dead
+//! letters), so a crash at any point neither loses nor duplicates a row.
+
+mod sql;
+mod value;
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::Row;
+
+use crate::schema::{Schema, Table};
+
+pub use sql::{CHECKPOINT_TABLE, DEAD_LETTER_TABLE};
+pub use value::{row_values, Bound, ValueError};
+
+/// Which SQL dialect a URL speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Postgres,
+    MySql,
+    Sqlite,
+}
+
+impl Engine {
+    /// From a URL's scheme: `postgres://`, `postgresql://`, `mysql://`,
+    /// `mariadb://`, `sqlite:`.
+    pub fn of_url(url: &str) -> Option<Engine> {
+        let scheme = url.split(':').next()?.to_ascii_lowercase();
+        match scheme.as_str() {
+            "postgres" | "postgresql" => Some(Engine::Postgres),
+            "mysql" | "mariadb" => Some(Engine::MySql),
+            "sqlite" => Some(Engine::Sqlite),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Postgres => "postgres",
+            Engine::MySql => "mysql",
+            Engine::Sqlite => "sqlite",
+        }
+    }
+}
+
+impl fmt::Display for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A URL with its password hidden, for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    let Some(start) = url.find("://").map(|i| i + 3) else {
+        return url.to_string();
+    };
+    let rest = &url[start..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_string();
+    };
+    match rest[..at].find(':') {
+        Some(colon) => format!(
+            "{}{}:***{}",
+            &url[..start],
+            &rest[..colon],
+            &rest[at..]
+        ),
+        None => url.to_string(),
+    }
+}
+
+/// Why a database call failed, as the caller must branch on it.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The URL or options are wrong: a configuration error, not worth retrying.
+    #[error("database {url}: {message}")]
+    Config { url: String, message: String },
+    /// The database refused the data (a type, range or constraint error):
+    /// retrying cannot help; the rows go to the dead letter.
+    #[error("the database rejected the row: {0}")]
+    Rejected(String),
+    /// Another loader advanced this file's checkpoint first.
+    #[error("the checkpoint of {0} was advanced by another loader")]
+    Conflict(String),
+    /// The database is down, unreachable or busy: retry later.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// A declared table is missing: `switchyard db init` has not run.
+    #[error("table {table} does not exist in {url}; run `switchyard db init --db-url …` first")]
+    MissingTable { table: String, url: String },
+}
+
+impl DbError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, DbError::Unavailable(_))
+    }
+
+    /// A bounded label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DbError::Config { .. } => "config",
+            DbError::Rejected(_) => "rejected",
+            DbError::Conflict(_) => "conflict",
+            DbError::Unavailable(_) => "unavailable",
+            DbError::MissingTable { .. } => "missing_table",
+        }
+    }
+}
+
+/// Sorts a driver error into "the data is bad" and "try again later".
+fn classify(engine: Engine, e: sqlx::Error) -> DbError {
+    let sqlx::Error::Database(db) = &e else {
+        return DbError::Unavailable(e.to_string());
+    };
+    let message = db.message().to_string();
+    let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+    let rejected = match engine {
+        // SQLSTATE classes 22 (data exception), 23 (integrity constraint)
+        // and 44 (check option) are about the row, not the server.
+        Engine::Postgres => ["22", "23", "44"].iter().any(|c| code.starts_with(c)),
+        Engine::MySql => {
+            let number = db
+                .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+                .map(|m| m.number())
+                .unwrap_or(0);
+            ["22", "23", "44"].iter().any(|c| code.starts_with(c))
+                // HY000 data errors: incorrect value, truncated value,
+                // invalid JSON, check constraint failed.
+                || matches!(number, 1292 | 1366 | 1411 | 3140 | 3819 | 4025)
+        }
+        Engine::Sqlite => code
+            .parse::<i64>()
+            // Primary codes: 18 too big, 19 constraint, 20 type mismatch.
+            .map(|c| matches!(c & 0xff, 18..=20))
+            .unwrap_or(false),
+    };
+    if rejected {
+        DbError::Rejected(message)
+    } else {
+        DbError::Unavailable(format!("{message} (code {code})"))
+    }
+}
+
+/// One dead-lettered input: where it came from, why, and the bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    /// Unique per input, so a redelivered poison message is recorded once:
+    /// `topic/partition/offset` or `file:byte-offset`.
+    pub source: String,
+    pub reason: String,
+    pub payload: String,
+}
+
+/// A file checkpoint to advance in the same transaction as its rows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckpointUpdate {
+    pub file: String,
+    /// The offset this loader read from; None for a file not yet started.
+    pub from: Option<u64>,
+    pub to: u64,
+    pub lines: u64,
+    pub done: bool,
+}
+
+/// A file's checkpoint as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub offset: u64,
+    pub lines: u64,
+    pub done: bool,
+}
+
+/// Rows of one table, each already converted to bindable values.
+#[derive(Debug, Default, Clone)]
+pub struct TableRows {
+    pub rows: Vec<Vec<Bound>>,
+    /// Row data bytes (bounds statement size).
+    pub bytes: usize,
+}
+
+/// What a transaction did to one table.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    pub inserted: u64,
+    /// Rows already present (a replay or a redelivery): skipped.
+    pub duplicates: u64,
+}
+
+/// A connection pool to one database.
+#[derive(Clone)]
+pub enum Db {
+    Postgres(PgPool),
+    MySql(MySqlPool),
+    Sqlite(SqlitePool),
+}
+
+/// Runs `$body` with `$pool` bound to the concrete pool and `DB` to its driver.
+macro_rules! with_pool {
+    ($db:expr, $pool:ident, $DB:ident => $body:expr) => {
+        match $db {
+            Db::Postgres($pool) => {
+                #[allow(dead_code)]
+                type $DB = sqlx::Postgres;
+                $body
+            }
+            Db::MySql($pool) => {
+                #[allow(dead_code)]
+                type $DB = sqlx::MySql;
+                $body
+            }
+            Db::Sqlite($pool) => {
+                #[allow(dead_code)]
+                type $DB = sqlx::Sqlite;
+                $body
+            }
+        }
+    };
+}
+
+impl Db {
+    /// A lazy pool: a database that is down now is retried by the callers,
+    /// a malformed URL is an error now.
+    pub fn connect(url: &str, max_connections: u32) -> Result<Db, DbError> {
+        let config = |message: String| DbError::Config {
+            url: redact_url(url),
+            message,
+        };
+        let engine = Engine::of_url(url).ok_or_else(|| {
+            config("unknown scheme: use postgres://, mysql://, mariadb:// or sqlite:".into())
+        })?;
+        let acquire = Duration::from_secs(5);
+        Ok(match engine {
+            Engine::Postgres => {
+                let opts = PgConnectOptions::from_str(url).map_err(|e| config(e.to_string()))?;
+                Db::Postgres(
+                    PgPoolOptions::new()
+                        .max_connections(max_connections)
+                        .acquire_timeout(acquire)
+                        .connect_lazy_with(opts),
+                )
+            }
+            Engine::MySql => {
+                let url = url.replacen("mariadb:", "mysql:", 1);
+                let opts =
+                    MySqlConnectOptions::from_str(&url).map_err(|e| config(e.to_string()))?;
+                Db::MySql(
+                    MySqlPoolOptions::new()
+                        .max_connections(max_connections)
+                        .acquire_timeout(acquire)
+                        .connect_lazy_with(opts),
+                )
+            }
+            Engine::Sqlite => {
+                let opts = SqliteConnectOptions::from_str(url)
+                    .map_err(|e| config(e.to_string()))?
+                    .create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .busy_timeout(Duration::from_secs(10));
+                Db::Sqlite(
+                    SqlitePoolOptions::new()
+                        .max_connections(max_connections)
+                        .acquire_timeout(acquire)
+                        .connect_lazy_with(opts),
+                )
+            }
+        })
+    }
+
+    pub fn engine(&self) -> Engine {
+        match self {
+            Db::Postgres(_) => Engine::Postgres,
+            Db::MySql(_) => Engine::MySql,
+            Db::Sqlite(_) => Engine::Sqlite,
+        }
+    }
+
+    pub async fn close(&self) {
+        with_pool!(self, pool, DB => pool.close().await)
+    }
+
+    /// Creates the declared tables, their key and time indexes, and the
+    /// bookkeeping tables. Safe to run again.
+    pub async fn init(&self, schema: &Schema) -> Result<(), DbError> {
+        let engine = self.engine();
+        let statements = sql::init_statements(engine, schema);
+        with_pool!(self, pool, DB => {
+            for s in &statements {
+                sqlx::query(s)
+                    .execute(pool)
+                    .await
+                    .map_err(|e| classify(engine, e))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Checks that every declared table and the bookkeeping tables exist.
+    pub async fn check_tables(&self, schema: &Schema, url: &str) -> Result<(), DbError> {
+        let engine = self.engine();
+        let names = schema
+            .tables()
+            .iter()
+            .map(|t| t.name.as_str())
+            .chain([CHECKPOINT_TABLE, DEAD_LETTER_TABLE]);
+        for name in names {
+            let probe = format!("SELECT 1 FROM {} WHERE 1 = 0", sql::quote(engine, name));
+            let res = with_pool!(self, pool, DB => sqlx::query(&probe).execute(pool).await.map(|_| ()));
+            match res {
+                Ok(()) => {}
+                Err(sqlx::Error::Database(e))
+                    if matches!(e.code().as_deref(), Some("42P01") | Some("42S02"))
+                        || e.message().contains("no such table") =>
+                {
+                    return Err(DbError::MissingTable {
+                        table: name.to_string(),
+                        url: redact_url(url),
+                    })
+                }
+                Err(e) => return Err(classify(engine, e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Inserts `rows` into their tables, records `dead` and advances
+    /// `checkpoint`, all in one transaction.
+    pub async fn write_batch(
+        &self,
+        rows: &[(&Table, &TableRows)],
+        dead: &[DeadLetter],
+        checkpoint: Option<&CheckpointUpdate>,
+    ) -> Result<Vec<Written>, DbError> {
+        let engine = self.engine();
+        let now = now_micros();
+        with_pool!(self, pool, DB => {
+            let mut tx = pool.begin().await.map_err(|e| classify(engine, e))?;
+            let mut all = Vec::with_capacity(rows.len());
+            for (table, data) in rows {
+                let mut written = Written::default();
+                for chunk in sql::chunks(engine, table, data) {
+                    let mut qb = sql::insert::<DB>(engine, table, chunk);
+                    let done = qb
+                        .build()
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(|e| classify(engine, e))?;
+                    written.inserted += done.rows_affected();
+                    written.duplicates += chunk.len() as u64 - done.rows_affected().min(chunk.len() as u64);
+                }
+                all.push(written);
+            }
+            for d in dead {
+                sqlx::query(&sql::dead_letter_insert(engine))
+                    .bind(&d.source)
+                    .bind(&d.reason)
+                    .bind(&d.payload)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| classify(engine, e))?;
+            }
+            if let Some(c) = checkpoint {
+                let affected = match c.from {
+                    None => sqlx::query(&sql::checkpoint_insert(engine))
+                        .bind(&c.file)
+                        .bind(c.to as i64)
+                        .bind(c.lines as i64)
+                        .bind(c.done)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await,
+                    Some(from) => sqlx::query(&sql::checkpoint_advance(engine))
+                        .bind(c.to as i64)
+                        .bind(c.lines as i64)
+                        .bind(c.done)
+                        .bind(now)
+                        .bind(&c.file)
+                        .bind(from as i64)
+                        .execute(&mut *tx)
+                        .await,
+                };
+                match affected {
+                    Ok(r) if r.rows_affected() == 1 => {}
+                    Ok(_) => return Err(DbError::Conflict(c.file.clone())),
+                    Err(sqlx::Error::Database(e))
+                        if e.kind() == sqlx::error::ErrorKind::UniqueViolation =>
+                    {
+                        return Err(DbError::Conflict(c.file.clone()))
+                    }
+                    Err(e) => return Err(classify(engine, e)),
+                }
+            }
+            tx.commit().await.map_err(|e| classify(engine, e))?;
+            Ok(all)
+        })
+    }
+
+    /// Tries `rows` in a transaction that is always rolled back: Ok if the
+    /// database would take them, `Rejected` with its reason if not.
+    pub async fn probe(&self, table: &Table, rows: &TableRows) -> Result<(), DbError> {
+        let engine = self.engine();
+        with_pool!(self, pool, DB => {
+            let mut tx = pool.begin().await.map_err(|e| classify(engine, e))?;
+            for chunk in sql::chunks(engine, table, rows) {
+                let mut qb = sql::insert::<DB>(engine, table, chunk);
+                qb.build()
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| classify(engine, e))?;
+            }
+            tx.rollback().await.map_err(|e| classify(engine, e))?;
+            Ok(())
+        })
+    }
+
+    /// The stored checkpoint of an offline file.
+    pub async fn checkpoint(&self, file: &str) -> Result<Option<Checkpoint>, DbError> {
+        let engine = self.engine();
+        let q = sql::checkpoint_select(engine);
+        let row: Option<(i64, i64, bool)> = with_pool!(self, pool, DB => {
+            let r = sqlx::query(&q)
+                .bind(file)
+                .fetch_optional(pool)
+                .await
+                .map_err(|e| classify(engine, e))?;
+            match r {
+                None => None,
+                Some(r) => Some((
+                    r.try_get::<i64, _>(0).map_err(|e| classify(engine, e))?,
+                    r.try_get::<i64, _>(1).map_err(|e| classify(engine, e))?,
+                    r.try_get::<bool, _>(2).map_err(|e| classify(engine, e))?,
+                )),
+            }
+        });
+        Ok(row.map(|(offset, lines, done)| Checkpoint {
+            offset: offset.max(0) as u64,
+            lines: lines.max(0) as u64,
+            done,
+        }))
+    }
+
+    /// Forgets a file's checkpoint once the file itself is gone.
+    pub async fn forget_checkpoint(&self, file: &str) -> Result<(), DbError> {
+        let engine = self.engine();
+        let q = sql::checkpoint_delete(engine);
+        with_pool!(self, pool, DB => {
+            sqlx::query(&q)
+                .bind(file)
+                .execute(pool)
+                .await
+                .map_err(|e| classify(engine, e))?;
+            Ok(())
+        })
+    }
+
+    /// Rows in a table (tests, progress reports).
+    pub async fn count(&self, table: &str) -> Result<i64, DbError> {
+        let engine = self.engine();
+        let q = format!("SELECT COUNT(*) FROM {}", sql::quote(engine, table));
+        with_pool!(self, pool, DB => {
+            let r = sqlx::query(&q).fetch_one(pool).await.map_err(|e| classify(engine, e))?;
+            r.try_get::<i64, _>(0).map_err(|e| classify(engine, e))
+        })
+    }
+
+    /// Dead letters recorded in the database: (source, reason), oldest first.
+    pub async fn dead_letters(&self) -> Result<Vec<(String, String)>, DbError> {
+        let engine = self.engine();
+        let q = format!(
+            "SELECT source, reason FROM {} ORDER BY created_at, source",
+            sql::quote(engine, DEAD_LETTER_TABLE)
+        );
+        with_pool!(self, pool, DB => {
+            let rows = sqlx::query(&q).fetch_all(pool).await.map_err(|e| classify(engine, e))?;
+            rows.iter()
+                .map(|r| {
+                    Ok((
+                        r.try_get::<String, _>(0).map_err(|e| classify(engine, e))?,
+                        r.try_get::<String, _>(1).map_err(|e| classify(engine, e))?,
+                    ))
+                })
+                .collect()
+        })
+    }
+}
+
+/// Waits until the database answers and holds every table. False if
+/// cancelled first; an error for a missing table (configuration, not outage).
+pub async fn wait_ready(
+    db: &Db,
+    schema: &Schema,
+    url: &str,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Result<bool, DbError> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match db.check_tables(schema, url).await {
+            Ok(()) => return Ok(true),
+            Err(e) if e.is_transient() => {
+                tracing::warn!(db = %redact_url(url), error = %e, "database not reachable yet; waiting");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(false),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A URL from separate parts (the seed's `--db-host --db-user …` flags). The
+/// user and password are percent-encoded.
+pub fn url_from_parts(
+    engine: Engine,
+    host: &str,
+    port: Option<u16>,
+    user: Option<&str>,
+    password: Option<&str>,
+    name: &str,
+) -> String {
+    fn enc(s: &str) -> String {
+        s.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    }
+    if engine == Engine::Sqlite {
+        return format!("sqlite:{name}");
+    }
+    let auth = match (user, password) {
+        (Some(u), Some(p)) => format!("{}:{}@", enc(u), enc(p)),
+        (Some(u), None) => format!("{}@", enc(u)),
+        _ => String::new(),
+    };
+    let port = port.map(|p| format!(":{p}")).unwrap_or_default();
+    format!("{}://{auth}{host}{port}/{}", engine.name(), enc(name))
+}
+
+fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// Why one input did not make it into the database: the pipeline dead-letters
+/// it and moves on.
+pub fn reject_reason(e: &DbError) -> Option<String> {
+    match e {
+        DbError::Rejected(m) => Some(m.clone()),
+        _ => None,
+    }
+}
+
+/// Finds the rows of `rows` the database rejects, by halving: `probe` is
+/// called O(k log n) times for k bad rows. Returns (index, reason) of each bad
+/// row; a transient error stops the search and is returned.
+pub async fn find_rejected(
+    db: &Db,
+    table: &Table,
+    rows: &TableRows,
+) -> Result<Vec<(usize, String)>, DbError> {
+    let mut bad = Vec::new();
+    let mut stack = vec![(0usize, rows.rows.len())];
+    while let Some((lo, hi)) = stack.pop() {
+        if lo >= hi {
+            continue;
+        }
+        let part = TableRows {
+            rows: rows.rows[lo..hi].to_vec(),
+            bytes: 0,
+        };
+        match db.probe(table, &part).await {
+            Ok(()) => {}
+            Err(DbError::Rejected(reason)) => {
+                if hi - lo == 1 {
+                    bad.push((lo, reason));
+                } else {
+                    let mid = lo + (hi - lo) / 2;
+                    stack.push((mid, hi));
+                    stack.push((lo, mid));
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    bad.sort_by_key(|(i, _)| *i);
+    Ok(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engines_by_scheme() {
+        assert_eq!(Engine::of_url("postgres://h/db"), Some(Engine::Postgres));
+        assert_eq!(Engine::of_url("postgresql://h/db"), Some(Engine::Postgres));
+        assert_eq!(Engine::of_url("mariadb://root@h/db"), Some(Engine::MySql));
+        assert_eq!(Engine::of_url("mysql://root@h/db"), Some(Engine::MySql));
+        assert_eq!(Engine::of_url("sqlite:data/x.db"), Some(Engine::Sqlite));
+        assert_eq!(Engine::of_url("oracle://h"), None);
+    }
+
+    #[test]
+    fn passwords_never_show() {
+        assert_eq!(
+            redact_url("postgres://ingest:s3cret@db:5432/raw"),
+            "postgres://ingest:***@db:5432/raw"
+        );
+        assert_eq!(redact_url("mysql://root@db/raw"), "mysql://root@db/raw");
+        assert_eq!(redact_url("sqlite:x.db"), "sqlite:x.db");
+        assert_eq!(
+            redact_url("postgres://u:p@ss@h/db"),
+            "postgres://u:***@h/db"
+        );
+    }
+
+    #[test]
+    fn urls_from_parts() {
+        assert_eq!(
+            url_from_parts(Engine::Postgres, "db", Some(5433), Some("ingest"), Some("p@ss/w"), "mox_raw"),
+            "postgres://ingest:p%40ss%2Fw@db:5433/mox_raw"
+        );
+        assert_eq!(
+            url_from_parts(Engine::MySql, "127.0.0.1", None, Some("root"), None, "test"),
+            "mysql://root@127.0.0.1/test"
+        );
+    }
+
+    #[test]
+    fn bad_url_is_a_config_error() {
+        assert!(matches!(
+            Db::connect("ftp://x", 1),
+            Err(DbError::Config { .. })
+        ));
+    }
+}

@@ -1,0 +1,303 @@
+//! SQL text per engine. Table and column names come only from the declared
+//! schema (validated identifiers), and are quoted anyway.
+
+use sqlx::{Database, Encode, QueryBuilder, Type};
+
+use super::{Bound, Engine, TableRows};
+use crate::schema::{Column, ColumnType, Schema, Table};
+
+/// Offline-file checkpoints of the loader.
+pub const CHECKPOINT_TABLE: &str = "switchyard_checkpoint";
+/// Inputs that could not be inserted, with the reason.
+pub const DEAD_LETTER_TABLE: &str = "switchyard_dead_letter";
+
+/// Bind parameters per statement: PostgreSQL and MySQL allow 65,535, SQLite 32,766.
+fn max_params(engine: Engine) -> usize {
+    match engine {
+        Engine::Postgres | Engine::MySql => 65_535,
+        Engine::Sqlite => 32_766,
+    }
+}
+
+/// Keeps one statement well under MySQL's default max_allowed_packet (16 MiB).
+const MAX_STATEMENT_BYTES: usize = 4 << 20;
+
+pub fn quote(engine: Engine, ident: &str) -> String {
+    match engine {
+        Engine::MySql => format!("`{ident}`"),
+        Engine::Postgres | Engine::Sqlite => format!("\"{ident}\""),
+    }
+}
+
+fn placeholder(engine: Engine, n: usize) -> String {
+    match engine {
+        Engine::Postgres => format!("${n}"),
+        Engine::MySql | Engine::Sqlite => "?".to_string(),
+    }
+}
+
+fn column_type(engine: Engine, col: &Column, is_key: bool) -> &'static str {
+    use ColumnType as T;
+    match (engine, col.ty) {
+        (Engine::Postgres, T::Int) | (Engine::MySql, T::Int) => "BIGINT",
+        (Engine::Sqlite, T::Int) => "INTEGER",
+        (Engine::Postgres, T::Float) => "DOUBLE PRECISION",
+        (Engine::MySql, T::Float) => "DOUBLE",
+        (Engine::Sqlite, T::Float) => "REAL",
+        (Engine::Postgres, T::String) | (Engine::Sqlite, T::String) => "TEXT",
+        // A unique index on MySQL needs a bounded length.
+        (Engine::MySql, T::String) if is_key => "VARCHAR(255)",
+        (Engine::MySql, T::String) => "LONGTEXT",
+        (Engine::Postgres, T::Bool) | (Engine::MySql, T::Bool) => "BOOLEAN",
+        (Engine::Sqlite, T::Bool) => "INTEGER",
+        (Engine::Postgres, T::Uuid) => "UUID",
+        (Engine::MySql, T::Uuid) => "CHAR(36)",
+        (Engine::Sqlite, T::Uuid) => "TEXT",
+        (Engine::Postgres, T::Json) => "JSONB",
+        (Engine::MySql, T::Json) => "JSON",
+        (Engine::Sqlite, T::Json) => "TEXT",
+    }
+}
+
+/// An index name within every engine's 63-character limit.
+fn index_name(table: &str, column: &str, suffix: &str) -> String {
+    let name = format!("{table}_{column}_{suffix}");
+    if name.len() <= 60 {
+        name
+    } else {
+        format!("sy_{:08x}_{suffix}", crc32fast::hash(name.as_bytes()))
+    }
+}
+
+pub fn init_statements(engine: Engine, schema: &Schema) -> Vec<String> {
+    let mut out = Vec::new();
+    let q = |s: &str| quote(engine, s);
+    for t in schema.tables() {
+        let mut cols: Vec<String> = t
+            .columns
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} {}{}",
+                    q(&c.name),
+                    column_type(engine, c, c.name == t.key),
+                    if c.nullable { "" } else { " NOT NULL" }
+                )
+            })
+            .collect();
+        cols.push(format!(
+            "CONSTRAINT {} UNIQUE ({})",
+            q(&index_name(&t.name, &t.key, "key")),
+            q(&t.key)
+        ));
+        let time_index = index_name(&t.name, &t.time, "idx");
+        if engine == Engine::MySql {
+            cols.push(format!("KEY {} ({})", q(&time_index), q(&t.time)));
+        }
+        out.push(format!(
+            "CREATE TABLE IF NOT EXISTS {} ({}){}",
+            q(&t.name),
+            cols.join(", "),
+            if engine == Engine::MySql {
+                " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"
+            } else {
+                ""
+            }
+        ));
+        if engine != Engine::MySql {
+            out.push(format!(
+                "CREATE INDEX IF NOT EXISTS {} ON {} ({})",
+                q(&time_index),
+                q(&t.name),
+                q(&t.time)
+            ));
+        }
+    }
+    let (bigint, boolean, text, key) = match engine {
+        Engine::Postgres => ("BIGINT", "BOOLEAN", "TEXT", "TEXT"),
+        Engine::MySql => ("BIGINT", "BOOLEAN", "LONGTEXT", "VARCHAR(255)"),
+        Engine::Sqlite => ("INTEGER", "INTEGER", "TEXT", "TEXT"),
+    };
+    let charset = if engine == Engine::MySql {
+        " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"
+    } else {
+        ""
+    };
+    out.push(format!(
+        "CREATE TABLE IF NOT EXISTS {} (file {key} NOT NULL PRIMARY KEY, byte_offset {bigint} NOT NULL, \
+         line_count {bigint} NOT NULL, done {boolean} NOT NULL, updated_at {bigint} NOT NULL){charset}",
+        q(CHECKPOINT_TABLE)
+    ));
+    out.push(format!(
+        "CREATE TABLE IF NOT EXISTS {} (source {key} NOT NULL PRIMARY KEY, reason {text} NOT NULL, \
+         payload {text} NOT NULL, created_at {bigint} NOT NULL){charset}",
+        q(DEAD_LETTER_TABLE)
+    ));
+    out
+}
+
+/// Slices of `rows` that each fit one statement.
+pub fn chunks<'a>(
+    engine: Engine,
+    table: &Table,
+    rows: &'a TableRows,
+) -> impl Iterator<Item = &'a [Vec<Bound>]> {
+    let by_params = (max_params(engine) / table.columns.len().max(1)).max(1);
+    let avg = rows.bytes / rows.rows.len().max(1);
+    let by_bytes = (MAX_STATEMENT_BYTES / avg.max(1)).max(1);
+    rows.rows.chunks(by_params.min(by_bytes))
+}
+
+/// `INSERT … VALUES (…), (…)` that skips rows whose key is already present.
+pub fn insert<'a, DB>(engine: Engine, table: &Table, rows: &'a [Vec<Bound>]) -> QueryBuilder<'a, DB>
+where
+    DB: Database,
+    Option<i64>: Encode<'a, DB> + Type<DB>,
+    Option<f64>: Encode<'a, DB> + Type<DB>,
+    Option<&'a str>: Encode<'a, DB> + Type<DB>,
+    Option<bool>: Encode<'a, DB> + Type<DB>,
+{
+    let q = |s: &str| quote(engine, s);
+    let columns: Vec<String> = table.columns.iter().map(|c| q(&c.name)).collect();
+    let mut qb = QueryBuilder::new(format!(
+        "INSERT INTO {} ({}) ",
+        q(&table.name),
+        columns.join(", ")
+    ));
+    let casts: Vec<Option<&'static str>> = table
+        .columns
+        .iter()
+        .map(|c| match (engine, c.ty) {
+            (Engine::Postgres, ColumnType::Uuid) => Some("::uuid"),
+            (Engine::Postgres, ColumnType::Json) => Some("::jsonb"),
+            _ => None,
+        })
+        .collect();
+    qb.push_values(rows, |mut b, row| {
+        for (v, cast) in row.iter().zip(&casts) {
+            match v {
+                Bound::Int(x) => b.push_bind(*x),
+                Bound::Float(x) => b.push_bind(*x),
+                Bound::Text(x) => b.push_bind(x.as_deref()),
+                Bound::Bool(x) => b.push_bind(*x),
+            };
+            if let Some(c) = cast {
+                b.push_unseparated(c);
+            }
+        }
+    });
+    match engine {
+        Engine::MySql => qb.push(format!(
+            " ON DUPLICATE KEY UPDATE {k} = {k}",
+            k = q(&table.key)
+        )),
+        Engine::Postgres | Engine::Sqlite => {
+            qb.push(format!(" ON CONFLICT ({}) DO NOTHING", q(&table.key)))
+        }
+    };
+    qb
+}
+
+pub fn dead_letter_insert(engine: Engine) -> String {
+    let p = |n| placeholder(engine, n);
+    let head = format!(
+        "INTO {} (source, reason, payload, created_at) VALUES ({}, {}, {}, {})",
+        quote(engine, DEAD_LETTER_TABLE),
+        p(1),
+        p(2),
+        p(3),
+        p(4)
+    );
+    // A redelivered poison message is recorded once.
+    match engine {
+        Engine::MySql => format!("INSERT IGNORE {head}"),
+        Engine::Postgres | Engine::Sqlite => format!("INSERT {head} ON CONFLICT (source) DO NOTHING"),
+    }
+}
+
+pub fn checkpoint_insert(engine: Engine) -> String {
+    let p = |n| placeholder(engine, n);
+    format!(
+        "INSERT INTO {} (file, byte_offset, line_count, done, updated_at) VALUES ({}, {}, {}, {}, {})",
+        quote(engine, CHECKPOINT_TABLE),
+        p(1),
+        p(2),
+        p(3),
+        p(4),
+        p(5)
+    )
+}
+
+/// Advances only from the offset this loader read: a second loader on the same
+/// file finds zero rows updated and backs off.
+pub fn checkpoint_advance(engine: Engine) -> String {
+    let p = |n| placeholder(engine, n);
+    format!(
+        "UPDATE {} SET byte_offset = {}, line_count = {}, done = {}, updated_at = {} \
+         WHERE file = {} AND byte_offset = {} AND done = {}",
+        quote(engine, CHECKPOINT_TABLE),
+        p(1),
+        p(2),
+        p(3),
+        p(4),
+        p(5),
+        p(6),
+        if engine == Engine::Postgres { "false" } else { "0" }
+    )
+}
+
+pub fn checkpoint_select(engine: Engine) -> String {
+    format!(
+        "SELECT byte_offset, line_count, done FROM {} WHERE file = {}",
+        quote(engine, CHECKPOINT_TABLE),
+        placeholder(engine, 1)
+    )
+}
+
+pub fn checkpoint_delete(engine: Engine) -> String {
+    format!(
+        "DELETE FROM {} WHERE file = {}",
+        quote(engine, CHECKPOINT_TABLE),
+        placeholder(engine, 1)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PipelineConfig;
+
+    #[test]
+    fn ddl_per_engine() {
+        let schema = PipelineConfig::load(None).unwrap().schema().unwrap();
+        let pg = init_statements(Engine::Postgres, &schema).join(";\n");
+        assert!(pg.contains("\"uuid\" UUID NOT NULL"), "{pg}");
+        assert!(pg.contains("CONSTRAINT \"raw_item_uuid_key\" UNIQUE (\"uuid\")"), "{pg}");
+        assert!(pg.contains("CREATE INDEX IF NOT EXISTS \"raw_item_timestamp_idx\""), "{pg}");
+        let my = init_statements(Engine::MySql, &schema).join(";\n");
+        assert!(my.contains("`body` LONGTEXT NOT NULL"), "{my}");
+        assert!(my.contains("KEY `raw_item_timestamp_idx` (`timestamp`)"), "{my}");
+        let lite = init_statements(Engine::Sqlite, &schema).join(";\n");
+        assert!(lite.contains("\"project_id\" INTEGER NOT NULL"), "{lite}");
+    }
+
+    #[test]
+    fn long_names_get_short_indexes() {
+        let long = "t".repeat(64);
+        assert!(index_name(&long, "c", "idx").len() <= 63);
+        assert_eq!(index_name("a", "b", "key"), "a_b_key");
+    }
+
+    #[test]
+    fn statements_fit_the_limits() {
+        let schema = PipelineConfig::load(None).unwrap().schema().unwrap();
+        let t = &schema.tables()[0];
+        let rows = TableRows {
+            rows: vec![vec![Bound::Int(Some(1)); t.columns.len()]; 20_000],
+            bytes: 20_000 * 2_500,
+        };
+        let sizes: Vec<usize> = chunks(Engine::Sqlite, t, &rows).map(|c| c.len()).collect();
+        assert!(sizes.iter().all(|&n| n * t.columns.len() <= 32_766 && n * 2_500 <= MAX_STATEMENT_BYTES));
+        assert_eq!(sizes.iter().sum::<usize>(), 20_000);
+    }
+}

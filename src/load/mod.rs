@@ -1,0 +1,631 @@
+//! `switchyard load`: the legacy offline loader. Closed offline files, oldest
+//! first, in batches, into the OLD database. Each batch is inserted in one
+//! transaction together with the file's checkpoint (byte offset), so a crash
+//! at any point neither loses nor duplicates a row. Several loaders may share
+//! a folder: a file is claimed with an OS lock, and the checkpoint only
+//! advances from the offset its loader read, so a file is never loaded twice
+//! even where locks are not shared (network filesystems).
+
+mod progress;
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::KafkaSettings;
+use crate::db::{self, row_values, Checkpoint, CheckpointUpdate, Db, DbError, TableRows};
+use crate::kafka::KafkaSink;
+use crate::metrics::LoadMetrics;
+use crate::offline::{self, line_route};
+use crate::routing::Route;
+use crate::schema::{Schema, Table};
+
+pub use progress::Progress;
+
+/// How the loader runs.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// The offline folder the router writes.
+    pub dir: PathBuf,
+    /// Lines per transaction.
+    pub batch_size: usize,
+    /// Loaded files are moved here; deleted when None.
+    pub archive_dir: Option<PathBuf>,
+    /// Where lines that cannot be loaded are appended, with the reason.
+    pub dead_letter_dir: PathBuf,
+    /// How often an idle loader looks for new files.
+    pub poll: Duration,
+    /// Exit when no closed file is left (backfills, benchmarks).
+    pub once: bool,
+    /// Show a progress line on the terminal.
+    pub progress: bool,
+}
+
+/// Where Kafka-fallback lines are replayed. Without it they are loaded into
+/// the old database like any other line.
+#[derive(Clone)]
+pub struct Replay {
+    pub sink: KafkaSink,
+}
+
+impl Replay {
+    pub fn new(
+        brokers: &str,
+        settings: &KafkaSettings,
+        extra: &[(String, String)],
+        metrics: &LoadMetrics,
+    ) -> Result<Replay, crate::kafka::SinkError> {
+        Ok(Replay {
+            sink: KafkaSink::new(brokers, settings, extra, metrics.kafka.clone())?,
+        })
+    }
+}
+
+/// Why the loader stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("offline folder {path}: {source}")]
+    Folder { path: String, source: io::Error },
+    #[error("dead-letter file {path}: {source}")]
+    DeadLetter { path: String, source: io::Error },
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+/// What a run did (returned when it stops).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LoadSummary {
+    pub files: u64,
+    pub lines: u64,
+    pub inserted: u64,
+    pub duplicates: u64,
+    pub replayed: u64,
+    pub dead_letters: u64,
+}
+
+/// The name of the dead-letter file inside `dead_letter_dir`.
+pub const DEAD_LETTER_FILE: &str = "dead-letter.ndjson";
+
+/// One dead-lettered line as recorded: enough to find it and to re-feed it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct DeadLine {
+    pub file: String,
+    pub offset: u64,
+    pub reason: String,
+    pub line: String,
+}
+
+struct Loader<'a> {
+    opts: &'a LoadOptions,
+    schema: &'a Schema,
+    db: &'a Db,
+    replay: Option<&'a Replay>,
+    metrics: &'a LoadMetrics,
+    shutdown: &'a CancellationToken,
+    progress: Arc<Progress>,
+    summary: LoadSummary,
+    dead: Option<File>,
+}
+
+/// Loads until `shutdown` is cancelled (or, with `once`, until the folder is empty).
+pub async fn run(
+    opts: LoadOptions,
+    schema: &Schema,
+    db: &Db,
+    replay: Option<Replay>,
+    metrics: LoadMetrics,
+    shutdown: CancellationToken,
+) -> Result<LoadSummary, LoadError> {
+    let folder = |source| LoadError::Folder {
+        path: opts.dir.display().to_string(),
+        source,
+    };
+    if !opts.dir.is_dir() {
+        return Err(folder(io::Error::new(
+            io::ErrorKind::NotFound,
+            "not a folder (the router creates it on its first start)",
+        )));
+    }
+    if let Some(a) = &opts.archive_dir {
+        fs::create_dir_all(a).map_err(|source| LoadError::Folder {
+            path: a.display().to_string(),
+            source,
+        })?;
+    }
+    let progress = Arc::new(Progress::new(metrics.clone()));
+    let display = opts.progress.then(|| progress.spawn_display(shutdown.clone()));
+    let mut loader = Loader {
+        opts: &opts,
+        schema,
+        db,
+        replay: replay.as_ref(),
+        metrics: &metrics,
+        shutdown: &shutdown,
+        progress,
+        summary: LoadSummary::default(),
+        dead: None,
+    };
+    let res = loader.run().await;
+    if let Some(d) = display {
+        d.abort();
+        let _ = d.await;
+        eprintln!();
+    }
+    if let Some(r) = &replay {
+        if let Err(e) = r.sink.flush(Duration::from_secs(5)).await {
+            tracing::warn!(error = %e, "replay producer flush");
+        }
+    }
+    res.map(|()| loader.summary)
+}
+
+impl Loader<'_> {
+    async fn run(&mut self) -> Result<(), LoadError> {
+        loop {
+            if self.shutdown.is_cancelled() {
+                return Ok(());
+            }
+            let files = offline::closed_files(&self.opts.dir).map_err(|source| LoadError::Folder {
+                path: self.opts.dir.display().to_string(),
+                source,
+            })?;
+            self.progress.scanned(&files);
+            if files.is_empty() {
+                if self.opts.once {
+                    return Ok(());
+                }
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(self.opts.poll) => {}
+                }
+                continue;
+            }
+            let mut progressed = false;
+            for path in &files {
+                if self.shutdown.is_cancelled() {
+                    return Ok(());
+                }
+                progressed |= self.load_file(path).await?;
+            }
+            if !progressed {
+                // Every file is claimed by another loader: wait, do not spin.
+                if self.opts.once {
+                    return Ok(());
+                }
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(self.opts.poll) => {}
+                }
+            }
+        }
+    }
+
+    /// Loads one file to its end. Returns false when another loader has it.
+    async fn load_file(&mut self, path: &Path) -> Result<bool, LoadError> {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let file = match File::open(path) {
+            Ok(f) => f,
+            // Finished and removed by another loader since the listing.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(source) => {
+                return Err(LoadError::Folder {
+                    path: path.display().to_string(),
+                    source,
+                })
+            }
+        };
+        if file.try_lock().is_err() {
+            return Ok(false);
+        }
+        let Some(ckpt) = self.checkpoint(&name).await? else {
+            return Ok(true);
+        };
+        let Some(ckpt) = ckpt else {
+            return self.load_from(path, &name, file, None).await;
+        };
+        if ckpt.done {
+            self.finish(path, &name).await?;
+            return Ok(true);
+        }
+        self.load_from(path, &name, file, Some((ckpt.offset, ckpt.lines)))
+            .await
+    }
+
+    async fn load_from(
+        &mut self,
+        path: &Path,
+        name: &str,
+        mut file: File,
+        from: Option<(u64, u64)>,
+    ) -> Result<bool, LoadError> {
+        let io_err = |source| LoadError::Folder {
+            path: path.display().to_string(),
+            source,
+        };
+        let (mut offset, mut lines_done) = from.unwrap_or((0, 0));
+        let mut started = from.is_some();
+        file.seek(SeekFrom::Start(offset)).map_err(io_err)?;
+        let mut reader = BufReader::with_capacity(1 << 20, file);
+        tracing::debug!(file = name, offset, "loading");
+        loop {
+            if self.shutdown.is_cancelled() {
+                return Ok(true);
+            }
+            let mut raw: Vec<(u64, Vec<u8>)> = Vec::with_capacity(self.opts.batch_size);
+            let mut pos = offset;
+            while raw.len() < self.opts.batch_size {
+                let mut line = Vec::new();
+                let n = reader.read_until(b'\n', &mut line).map_err(io_err)?;
+                if n == 0 {
+                    break;
+                }
+                let at = pos;
+                pos += n as u64;
+                if line.last() == Some(&b'\n') {
+                    line.pop();
+                }
+                if !line.is_empty() {
+                    raw.push((at, line));
+                }
+            }
+            let at_end = reader.fill_buf().map_err(io_err)?.is_empty();
+            let update = CheckpointUpdate {
+                file: name.to_string(),
+                from: started.then_some(offset),
+                to: pos,
+                lines: lines_done + raw.len() as u64,
+                done: at_end,
+            };
+            match self.load_batch(name, raw, &update, pos - offset).await? {
+                BatchEnd::Committed => {}
+                BatchEnd::Cancelled => return Ok(true),
+                BatchEnd::Conflict => {
+                    tracing::warn!(file = name, "another loader advanced this file; leaving it");
+                    return Ok(true);
+                }
+            }
+            started = true;
+            lines_done = update.lines;
+            offset = pos;
+            if at_end {
+                self.finish(path, name).await?;
+                return Ok(true);
+            }
+        }
+    }
+
+    /// Parses, replays, dead-letters and inserts one batch with its checkpoint.
+    async fn load_batch(
+        &mut self,
+        name: &str,
+        raw: Vec<(u64, Vec<u8>)>,
+        update: &CheckpointUpdate,
+        bytes: u64,
+    ) -> Result<BatchEnd, LoadError> {
+        let n_lines = raw.len() as u64;
+        let mut rows: BTreeMap<usize, (TableRows, Vec<u64>, Vec<usize>)> = BTreeMap::new();
+        let mut replays: Vec<(u64, Vec<u8>, Route)> = Vec::new();
+        let mut dead: Vec<DeadLine> = Vec::new();
+        for (i, (at, line)) in raw.iter().enumerate() {
+            match self.classify(line) {
+                Ok(LineAction::Insert { table, values }) => {
+                    let entry = rows.entry(table).or_default();
+                    entry.0.rows.push(values);
+                    entry.0.bytes += line.len();
+                    entry.1.push(*at);
+                    entry.2.push(i);
+                }
+                Ok(LineAction::Replay {
+                    account,
+                    envelope,
+                    route,
+                }) => replays.push((account, envelope, route)),
+                Ok(LineAction::Skip) => {}
+                Err((reason, why)) => {
+                    self.metrics.sink.dead_letters.with_label_values(&[reason]).inc();
+                    dead.push(DeadLine {
+                        file: name.to_string(),
+                        offset: *at,
+                        reason: why,
+                        line: String::from_utf8_lossy(line).into_owned(),
+                    });
+                }
+            }
+        }
+        if !replays.is_empty() && !self.replay_all(&replays).await {
+            return Ok(BatchEnd::Cancelled);
+        }
+        self.write_dead(&dead)?;
+        let mut backoff = Backoff::new();
+        loop {
+            let tables: Vec<(&Table, &TableRows)> = rows
+                .iter()
+                .map(|(t, (r, _, _))| (&self.schema.tables()[*t], r))
+                .collect();
+            let started = Instant::now();
+            match self.db.write_batch(&tables, &[], Some(update)).await {
+                Ok(written) => {
+                    let m = &self.metrics.sink;
+                    m.insert_seconds.observe(started.elapsed().as_secs_f64());
+                    m.batch_rows.observe(n_lines as f64);
+                    m.committed();
+                    for ((t, _), w) in rows.iter().zip(&written) {
+                        let table = self.schema.tables()[*t].name.as_str();
+                        m.rows.with_label_values(&[table, "inserted"]).inc_by(w.inserted);
+                        m.rows.with_label_values(&[table, "duplicate"]).inc_by(w.duplicates);
+                        self.summary.inserted += w.inserted;
+                        self.summary.duplicates += w.duplicates;
+                    }
+                    self.summary.lines += n_lines;
+                    self.summary.replayed += replays.len() as u64;
+                    self.summary.dead_letters += dead.len() as u64;
+                    self.progress.loaded(n_lines, bytes);
+                    return Ok(BatchEnd::Committed);
+                }
+                Err(DbError::Conflict(_)) => return Ok(BatchEnd::Conflict),
+                Err(DbError::Rejected(reason)) => {
+                    tracing::warn!(file = name, %reason, "the database rejected a row; finding which");
+                    let mut rejected = Vec::new();
+                    for (t, (r, offsets, _)) in rows.iter_mut() {
+                        let table = &self.schema.tables()[*t];
+                        let bad = match db::find_rejected(self.db, table, r).await {
+                            Ok(b) => b,
+                            Err(e) if e.is_transient() => {
+                                if !self.wait(&mut backoff, "database", &e).await {
+                                    return Ok(BatchEnd::Cancelled);
+                                }
+                                break;
+                            }
+                            Err(e) => return Err(e.into()),
+                        };
+                        for (i, why) in bad.into_iter().rev() {
+                            r.rows.remove(i);
+                            let at = offsets.remove(i);
+                            rejected.push(DeadLine {
+                                file: name.to_string(),
+                                offset: at,
+                                reason: format!("rejected by the database: {why}"),
+                                line: line_at(&raw, at),
+                            });
+                        }
+                    }
+                    self.metrics
+                        .sink
+                        .dead_letters
+                        .with_label_values(&["rejected"])
+                        .inc_by(rejected.len() as u64);
+                    self.summary.dead_letters += rejected.len() as u64;
+                    self.write_dead(&rejected)?;
+                }
+                Err(e) if e.is_transient() => {
+                    if !self.wait(&mut backoff, "database", &e).await {
+                        return Ok(BatchEnd::Cancelled);
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn classify(&self, line: &[u8]) -> Result<LineAction, (&'static str, String)> {
+        let parsed: OfflineRecord = serde_json::from_slice(line)
+            .map_err(|e| ("parse", format!("not an offline line: {e}")))?;
+        let Some(t) = self.schema.tables().iter().position(|t| t.name == parsed.table) else {
+            return Err(("schema", format!("unknown table {:?}", parsed.table)));
+        };
+        let table = &self.schema.tables()[t];
+        let values = row_values(table, &parsed.row).map_err(|e| ("schema", e.to_string()))?;
+        let replay_route = match parsed.route.as_deref() {
+            Some(line_route::KAFKA_FALLBACK) => Some(Route::Kafka),
+            Some(line_route::DUAL_FALLBACK) => Some(Route::Dual),
+            _ => None,
+        };
+        match (replay_route, self.replay) {
+            (Some(route), Some(_)) => {
+                let Some(account) = parsed.account_id else {
+                    return Err(("schema", "a Kafka fallback line without account_id".into()));
+                };
+                let envelope = serde_json::to_vec(&serde_json::json!({
+                    "account_id": account,
+                    "table": parsed.table,
+                    "row": parsed.row,
+                }))
+                .map_err(|e| ("parse", e.to_string()))?;
+                Ok(LineAction::Replay {
+                    account,
+                    envelope,
+                    route,
+                })
+            }
+            // Without replay, the dual line of the same payload loads it.
+            (Some(Route::Dual), None) => Ok(LineAction::Skip),
+            _ => Ok(LineAction::Insert { table: t, values }),
+        }
+    }
+
+    /// Produces every replay until all are acknowledged. False if cancelled.
+    async fn replay_all(&mut self, replays: &[(u64, Vec<u8>, Route)]) -> bool {
+        let Some(replay) = self.replay else {
+            return true;
+        };
+        let mut todo: Vec<&(u64, Vec<u8>, Route)> = replays.iter().collect();
+        let mut backoff = Backoff::new();
+        while !todo.is_empty() {
+            let msgs: Vec<(u64, &[u8], Route)> =
+                todo.iter().map(|(a, e, r)| (*a, e.as_slice(), *r)).collect();
+            let results = replay.sink.deliver(&msgs).await;
+            let mut failed = Vec::new();
+            let mut first_error = None;
+            for (r, res) in todo.iter().zip(results) {
+                match res {
+                    Ok(()) => self
+                        .metrics
+                        .replayed
+                        .with_label_values(&[r.2.as_str()])
+                        .inc(),
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                        failed.push(*r);
+                    }
+                }
+            }
+            todo = failed;
+            if let Some(e) = first_error {
+                if !self.wait(&mut backoff, "kafka", &e).await {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    fn write_dead(&mut self, dead: &[DeadLine]) -> Result<(), LoadError> {
+        if dead.is_empty() {
+            return Ok(());
+        }
+        let path = self.opts.dead_letter_dir.join(DEAD_LETTER_FILE);
+        let err = |source| LoadError::DeadLetter {
+            path: path.display().to_string(),
+            source,
+        };
+        if self.dead.is_none() {
+            fs::create_dir_all(&self.opts.dead_letter_dir).map_err(err)?;
+            self.dead = Some(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .map_err(err)?,
+            );
+        }
+        let mut buf = Vec::new();
+        for d in dead {
+            tracing::warn!(file = %d.file, offset = d.offset, reason = %d.reason, "dead-lettered a line");
+            serde_json::to_writer(&mut buf, d)
+                .map_err(|e| err(io::Error::new(io::ErrorKind::InvalidData, e)))?;
+            buf.push(b'\n');
+        }
+        if let Some(f) = self.dead.as_mut() {
+            f.write_all(&buf).map_err(err)?;
+            // Durable before the checkpoint passes these lines.
+            f.sync_data().map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes or archives a fully loaded file, then forgets its checkpoint.
+    async fn finish(&mut self, path: &Path, name: &str) -> Result<(), LoadError> {
+        let res = match &self.opts.archive_dir {
+            Some(a) => fs::rename(path, a.join(name)),
+            None => fs::remove_file(path),
+        };
+        match res {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(LoadError::Folder {
+                    path: path.display().to_string(),
+                    source,
+                })
+            }
+        }
+        if let Err(e) = offline::sync_dir(&self.opts.dir) {
+            tracing::warn!(error = %e, "cannot sync the offline folder");
+        }
+        // A leftover row only costs a little space: never fatal.
+        if let Err(e) = self.db.forget_checkpoint(name).await {
+            tracing::warn!(file = name, error = %e, "cannot forget a finished checkpoint");
+        }
+        self.metrics.files_loaded.inc();
+        self.summary.files += 1;
+        tracing::info!(file = name, archived = self.opts.archive_dir.is_some(), "offline file loaded");
+        Ok(())
+    }
+
+    /// A file's checkpoint, waiting out a database outage. None if cancelled.
+    async fn checkpoint(&self, name: &str) -> Result<Option<Option<Checkpoint>>, LoadError> {
+        let mut backoff = Backoff::new();
+        loop {
+            match self.db.checkpoint(name).await {
+                Ok(c) => return Ok(Some(c)),
+                Err(e) if e.is_transient() => {
+                    if !self.wait(&mut backoff, "database", &e).await {
+                        return Ok(None);
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Sleeps the next backoff step. False if cancelled meanwhile.
+    async fn wait(&self, backoff: &mut Backoff, what: &'static str, e: &dyn std::fmt::Display) -> bool {
+        let d = backoff.next();
+        self.metrics.sink.retries.with_label_values(&[what]).inc();
+        tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "{what} unavailable; retrying");
+        tokio::select! {
+            _ = self.shutdown.cancelled() => false,
+            _ = tokio::time::sleep(d) => true,
+        }
+    }
+}
+
+enum LineAction {
+    Insert { table: usize, values: Vec<db::Bound> },
+    Replay {
+        account: u64,
+        envelope: Vec<u8>,
+        route: Route,
+    },
+    /// A dual payload's Kafka leg, when replay is off: its dual line loads it.
+    Skip,
+}
+
+enum BatchEnd {
+    Committed,
+    Cancelled,
+    Conflict,
+}
+
+/// An offline line as the loader reads it (extra fields are ignored; the
+/// counter is optional, as in files written by other tools).
+#[derive(serde::Deserialize)]
+struct OfflineRecord {
+    table: String,
+    row: Map<String, Value>,
+    #[serde(default)]
+    account_id: Option<u64>,
+    #[serde(default)]
+    route: Option<String>,
+}
+
+fn line_at(raw: &[(u64, Vec<u8>)], at: u64) -> String {
+    raw.iter()
+        .find(|(o, _)| *o == at)
+        .map(|(_, l)| String::from_utf8_lossy(l).into_owned())
+        .unwrap_or_default()
+}
+
+/// 100 ms doubling to 10 s.
+pub(crate) struct Backoff(Duration);
+
+impl Backoff {
+    pub(crate) fn new() -> Backoff {
+        Backoff(Duration::from_millis(100))
+    }
+
+    pub(crate) fn next(&mut self) -> Duration {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(10));
+        d
+    }
+}
