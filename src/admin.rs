@@ -60,12 +60,20 @@ async fn metrics(State(s): State<AdminState>) -> Response {
 async fn readyz(State(s): State<AdminState>) -> Response {
     match s.health.reason() {
         None => (StatusCode::OK, "ready\n").into_response(),
-        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")).into_response(),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        )
+            .into_response(),
     }
 }
 
 /// Serves until `stop` is cancelled.
-pub fn spawn(listener: TcpListener, router: Router, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+pub fn spawn(
+    listener: TcpListener,
+    router: Router,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let res = axum::serve(listener, router)
             .with_graceful_shutdown(async move { stop.cancelled().await })

@@ -95,9 +95,8 @@ impl DbArgs {
         }
         let engine = match self.db_engine.as_deref() {
             None => default_engine,
-            Some(e) => Engine::of_url(&format!("{e}:")).ok_or_else(|| {
-                format!("--db-engine {e:?}: use postgres, mysql or sqlite")
-            })?,
+            Some(e) => Engine::of_url(&format!("{e}:"))
+                .ok_or_else(|| format!("--db-engine {e:?}: use postgres, mysql or sqlite"))?,
         };
         let name = self
             .db_name
@@ -144,7 +143,11 @@ struct LoadArgs {
     #[arg(long)]
     no_replay: bool,
     /// Kafka bootstrap servers (for replaying Kafka-fallback lines).
-    #[arg(long, env = "SWITCHYARD_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    #[arg(
+        long,
+        env = "SWITCHYARD_KAFKA_BROKERS",
+        default_value = "127.0.0.1:9092"
+    )]
     kafka_brokers: String,
     /// Kafka topic (overrides kafka.topic).
     #[arg(long, env = "SWITCHYARD_KAFKA_TOPIC")]
@@ -153,7 +156,11 @@ struct LoadArgs {
     #[arg(long = "kafka-config", env = "SWITCHYARD_KAFKA_CONFIG", value_delimiter = ',', value_parser = parse_key_value)]
     kafka_config: Vec<(String, String)>,
     /// Admin address: /metrics, /healthz, /readyz.
-    #[arg(long, env = "SWITCHYARD_ADMIN_LISTEN", default_value = "127.0.0.1:9095")]
+    #[arg(
+        long,
+        env = "SWITCHYARD_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9095"
+    )]
     admin_listen: SocketAddr,
     /// Progress line on stderr: auto (when a terminal), always, never.
     #[arg(long, default_value = "auto")]
@@ -166,13 +173,21 @@ struct IngestArgs {
     #[arg(long, env = "SWITCHYARD_CONFIG")]
     config: Option<PathBuf>,
     /// Kafka bootstrap servers.
-    #[arg(long, env = "SWITCHYARD_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    #[arg(
+        long,
+        env = "SWITCHYARD_KAFKA_BROKERS",
+        default_value = "127.0.0.1:9092"
+    )]
     kafka_brokers: String,
     /// Topics to consume, comma-separated (default: kafka.topic).
     #[arg(long, env = "SWITCHYARD_KAFKA_TOPICS", value_delimiter = ',')]
     kafka_topics: Vec<String>,
     /// Consumer group.
-    #[arg(long, env = "SWITCHYARD_KAFKA_GROUP", default_value = "switchyard-ingest")]
+    #[arg(
+        long,
+        env = "SWITCHYARD_KAFKA_GROUP",
+        default_value = "switchyard-ingest"
+    )]
     kafka_group: String,
     /// Any librdkafka consumer property, key=value (secrets never logged).
     #[arg(long = "kafka-config", env = "SWITCHYARD_KAFKA_CONFIG", value_delimiter = ',', value_parser = parse_key_value)]
@@ -189,7 +204,11 @@ struct IngestArgs {
     #[arg(long)]
     idle_exit: Option<f64>,
     /// Admin address: /metrics, /healthz, /readyz.
-    #[arg(long, env = "SWITCHYARD_ADMIN_LISTEN", default_value = "127.0.0.1:9091")]
+    #[arg(
+        long,
+        env = "SWITCHYARD_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9091"
+    )]
     admin_listen: SocketAddr,
 }
 
@@ -497,11 +516,11 @@ fn run_ingest(args: IngestArgs) -> ExitCode {
     };
     // The pool's maintenance task needs the runtime.
     let _enter = rt.enter();
-    let (cfg, schema, url, pool) =
-        match prepare(args.config.as_deref(), &args.db, Engine::Postgres) {
-            Ok(p) => p,
-            Err(code) => return code,
-        };
+    let (cfg, schema, url, pool) = match prepare(args.config.as_deref(), &args.db, Engine::Postgres)
+    {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
     if !(args.consumer_timeout > 0.0 && args.consumer_timeout <= 3600.0) {
         eprintln!("switchyard: --consumer-timeout must be between 0 and 3600 seconds");
         return ExitCode::from(2);
@@ -556,10 +575,19 @@ fn run_ingest(args: IngestArgs) -> ExitCode {
             Ok(false) => ExitCode::SUCCESS,
             Ok(true) => match ingest::run(opts, &schema, &pool, metrics, health, shutdown).await {
                 Ok(s) => {
-                    tracing::info!(messages = s.messages, inserted = s.inserted, duplicates = s.duplicates, dead_letters = s.dead_letters, batches = s.batches, "ingest consumer stopped");
+                    tracing::info!(
+                        messages = s.messages,
+                        inserted = s.inserted,
+                        duplicates = s.duplicates,
+                        dead_letters = s.dead_letters,
+                        batches = s.batches,
+                        "ingest consumer stopped"
+                    );
                     ExitCode::SUCCESS
                 }
-                Err(e @ (ingest::IngestError::TopicMissing { .. } | ingest::IngestError::Config(_))) => {
+                Err(
+                    e @ (ingest::IngestError::TopicMissing { .. } | ingest::IngestError::Config(_)),
+                ) => {
                     eprintln!("switchyard: ingest: {e}");
                     ExitCode::from(2)
                 }

@@ -69,12 +69,7 @@ pub fn redact_url(url: &str) -> String {
         return url.to_string();
     };
     match rest[..at].find(':') {
-        Some(colon) => format!(
-            "{}{}:***{}",
-            &url[..start],
-            &rest[..colon],
-            &rest[at..]
-        ),
+        Some(colon) => format!("{}{}:***{}", &url[..start], &rest[..colon], &rest[at..]),
         None => url.to_string(),
     }
 }
@@ -314,7 +309,8 @@ impl Db {
             .chain([CHECKPOINT_TABLE, DEAD_LETTER_TABLE]);
         for name in names {
             let probe = format!("SELECT 1 FROM {} WHERE 1 = 0", sql::quote(engine, name));
-            let res = with_pool!(self, pool, DB => sqlx::query(&probe).execute(pool).await.map(|_| ()));
+            let res =
+                with_pool!(self, pool, DB => sqlx::query(&probe).execute(pool).await.map(|_| ()));
             match res {
                 Ok(()) => {}
                 Err(sqlx::Error::Database(e))
@@ -634,7 +630,14 @@ mod tests {
     #[test]
     fn urls_from_parts() {
         assert_eq!(
-            url_from_parts(Engine::Postgres, "db", Some(5433), Some("ingest"), Some("p@ss/w"), "mox_raw"),
+            url_from_parts(
+                Engine::Postgres,
+                "db",
+                Some(5433),
+                Some("ingest"),
+                Some("p@ss/w"),
+                "mox_raw"
+            ),
             "postgres://ingest:p%40ss%2Fw@db:5433/mox_raw"
         );
         assert_eq!(

@@ -211,7 +211,9 @@ pub fn dead_letter_insert(engine: Engine) -> String {
     // A redelivered poison message is recorded once.
     match engine {
         Engine::MySql => format!("INSERT IGNORE {head}"),
-        Engine::Postgres | Engine::Sqlite => format!("INSERT {head} ON CONFLICT (source) DO NOTHING"),
+        Engine::Postgres | Engine::Sqlite => {
+            format!("INSERT {head} ON CONFLICT (source) DO NOTHING")
+        }
     }
 }
 
@@ -242,7 +244,11 @@ pub fn checkpoint_advance(engine: Engine) -> String {
         p(4),
         p(5),
         p(6),
-        if engine == Engine::Postgres { "false" } else { "0" }
+        if engine == Engine::Postgres {
+            "false"
+        } else {
+            "0"
+        }
     )
 }
 
@@ -272,11 +278,20 @@ mod tests {
         let schema = PipelineConfig::load(None).unwrap().schema().unwrap();
         let pg = init_statements(Engine::Postgres, &schema).join(";\n");
         assert!(pg.contains("\"uuid\" UUID NOT NULL"), "{pg}");
-        assert!(pg.contains("CONSTRAINT \"raw_item_uuid_key\" UNIQUE (\"uuid\")"), "{pg}");
-        assert!(pg.contains("CREATE INDEX IF NOT EXISTS \"raw_item_timestamp_idx\""), "{pg}");
+        assert!(
+            pg.contains("CONSTRAINT \"raw_item_uuid_key\" UNIQUE (\"uuid\")"),
+            "{pg}"
+        );
+        assert!(
+            pg.contains("CREATE INDEX IF NOT EXISTS \"raw_item_timestamp_idx\""),
+            "{pg}"
+        );
         let my = init_statements(Engine::MySql, &schema).join(";\n");
         assert!(my.contains("`body` LONGTEXT NOT NULL"), "{my}");
-        assert!(my.contains("KEY `raw_item_timestamp_idx` (`timestamp`)"), "{my}");
+        assert!(
+            my.contains("KEY `raw_item_timestamp_idx` (`timestamp`)"),
+            "{my}"
+        );
         let lite = init_statements(Engine::Sqlite, &schema).join(";\n");
         assert!(lite.contains("\"project_id\" INTEGER NOT NULL"), "{lite}");
     }
@@ -297,7 +312,9 @@ mod tests {
             bytes: 20_000 * 2_500,
         };
         let sizes: Vec<usize> = chunks(Engine::Sqlite, t, &rows).map(|c| c.len()).collect();
-        assert!(sizes.iter().all(|&n| n * t.columns.len() <= 32_766 && n * 2_500 <= MAX_STATEMENT_BYTES));
+        assert!(sizes
+            .iter()
+            .all(|&n| n * t.columns.len() <= 32_766 && n * 2_500 <= MAX_STATEMENT_BYTES));
         assert_eq!(sizes.iter().sum::<usize>(), 20_000);
     }
 }

@@ -118,8 +118,10 @@ mod tests {
         let names: Vec<&str> = t.columns.iter().map(|c| c.name.as_str()).collect();
         let v = row_values(
             &t,
-            &row(json!({"id": "AAAAAAAA-0000-0000-0000-000000000001", "ts": 5, "g": -1,
-                        "extra": {"a": [1, 2]}, "ok": null})),
+            &row(
+                json!({"id": "AAAAAAAA-0000-0000-0000-000000000001", "ts": 5, "g": -1,
+                        "extra": {"a": [1, 2]}, "ok": null}),
+            ),
         )
         .unwrap();
         let by_name: std::collections::HashMap<_, _> = names.into_iter().zip(v).collect();

@@ -143,8 +143,14 @@ impl ClientContext for IngestContext {
                         .unwrap_or(0.0)
                 };
                 let labels = [topic.as_str(), &pid.to_string()];
-                self.metrics.lag_messages.with_label_values(&labels).set(lag);
-                self.metrics.lag_seconds.with_label_values(&labels).set(secs);
+                self.metrics
+                    .lag_messages
+                    .with_label_values(&labels)
+                    .set(lag);
+                self.metrics
+                    .lag_seconds
+                    .with_label_values(&labels)
+                    .set(secs);
             }
         }
     }
@@ -157,7 +163,9 @@ impl ConsumerContext for IngestContext {
                 let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
                 let mut parts = self.parts();
                 for e in tpl.elements() {
-                    let p = parts.entry((e.topic().to_string(), e.partition())).or_default();
+                    let p = parts
+                        .entry((e.topic().to_string(), e.partition()))
+                        .or_default();
                     p.revoked_at = epoch;
                     p.lag = None;
                     p.first_pending_ts = None;

@@ -19,7 +19,7 @@ use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::Health;
-use crate::db::{self, row_values, DbError, DeadLetter, Db, TableRows};
+use crate::db::{self, row_values, Db, DbError, DeadLetter, TableRows};
 use crate::load::Backoff;
 use crate::metrics::IngestMetrics;
 use crate::schema::{Schema, Table};
@@ -101,10 +101,8 @@ pub async fn run(
     for (k, v) in &opts.extra {
         cfg.set(k, v);
     }
-    let consumer: Arc<StreamConsumer<IngestContext>> = Arc::new(
-        cfg.create_with_context(ctx)
-            .map_err(IngestError::Config)?,
-    );
+    let consumer: Arc<StreamConsumer<IngestContext>> =
+        Arc::new(cfg.create_with_context(ctx).map_err(IngestError::Config)?);
     check_topics(&consumer, &opts).await?;
     let topics: Vec<&str> = opts.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics).map_err(IngestError::Config)?;
@@ -144,7 +142,9 @@ pub async fn run(
                     payload: m.payload().unwrap_or_default().to_vec(),
                     epoch: consumer.context().epoch(),
                 };
-                consumer.context().seen(&msg.topic, msg.partition, msg.timestamp_ms);
+                consumer
+                    .context()
+                    .seen(&msg.topic, msg.partition, msg.timestamp_ms);
                 batch.push(msg);
                 deadline.get_or_insert_with(|| Instant::now() + opts.consumer_timeout);
             }
@@ -192,10 +192,9 @@ async fn check_topics(
     match md {
         Ok(Ok(md)) => {
             for t in &opts.topics {
-                let found = md
-                    .topics()
-                    .iter()
-                    .any(|mt| mt.name() == t && mt.error().is_none() && !mt.partitions().is_empty());
+                let found = md.topics().iter().any(|mt| {
+                    mt.name() == t && mt.error().is_none() && !mt.partitions().is_empty()
+                });
                 if !found {
                     return Err(IngestError::TopicMissing {
                         topic: t.clone(),
@@ -235,7 +234,10 @@ impl Ingest<'_> {
         let dropped = before - batch.len();
         if dropped > 0 {
             self.metrics.dropped_revoked.inc_by(dropped as u64);
-            tracing::info!(dropped, "dropped messages of revoked partitions (their new owner reads them)");
+            tracing::info!(
+                dropped,
+                "dropped messages of revoked partitions (their new owner reads them)"
+            );
         }
         if batch.is_empty() {
             return Ok(true);
@@ -252,7 +254,11 @@ impl Ingest<'_> {
                     e.1.push(i);
                 }
                 Err((reason, why)) => {
-                    self.metrics.sink.dead_letters.with_label_values(&[reason]).inc();
+                    self.metrics
+                        .sink
+                        .dead_letters
+                        .with_label_values(&[reason])
+                        .inc();
                     dead.push(poison(m, why));
                 }
             }
@@ -272,8 +278,12 @@ impl Ingest<'_> {
                     m.committed();
                     for ((t, _), w) in rows.iter().zip(&written) {
                         let table = self.schema.tables()[*t].name.as_str();
-                        m.rows.with_label_values(&[table, "inserted"]).inc_by(w.inserted);
-                        m.rows.with_label_values(&[table, "duplicate"]).inc_by(w.duplicates);
+                        m.rows
+                            .with_label_values(&[table, "inserted"])
+                            .inc_by(w.inserted);
+                        m.rows
+                            .with_label_values(&[table, "duplicate"])
+                            .inc_by(w.duplicates);
                         self.summary.inserted += w.inserted;
                         self.summary.duplicates += w.duplicates;
                     }
@@ -323,11 +333,16 @@ impl Ingest<'_> {
     fn classify(&self, payload: &[u8]) -> Result<(usize, Vec<db::Bound>), (&'static str, String)> {
         let env: Envelope = serde_json::from_slice(payload)
             .map_err(|e| ("parse", format!("not a switchyard envelope: {e}")))?;
-        let Some(t) = self.schema.tables().iter().position(|t| t.name == env.table) else {
+        let Some(t) = self
+            .schema
+            .tables()
+            .iter()
+            .position(|t| t.name == env.table)
+        else {
             return Err(("schema", format!("unknown table {:?}", env.table)));
         };
-        let values =
-            row_values(&self.schema.tables()[t], &env.row).map_err(|e| ("schema", e.to_string()))?;
+        let values = row_values(&self.schema.tables()[t], &env.row)
+            .map_err(|e| ("schema", e.to_string()))?;
         Ok((t, values))
     }
 
@@ -337,7 +352,9 @@ impl Ingest<'_> {
     async fn commit_offsets(&self, batch: &[Msg]) {
         let mut next: HashMap<(&str, i32), i64> = HashMap::new();
         for m in batch {
-            let e = next.entry((m.topic.as_str(), m.partition)).or_insert(m.offset + 1);
+            let e = next
+                .entry((m.topic.as_str(), m.partition))
+                .or_insert(m.offset + 1);
             *e = (*e).max(m.offset + 1);
         }
         let mut tpl = TopicPartitionList::new();
@@ -352,7 +369,9 @@ impl Ingest<'_> {
         match res {
             Ok(Ok(())) => {
                 for m in batch {
-                    self.consumer.context().committed(&m.topic, m.partition, m.timestamp_ms);
+                    self.consumer
+                        .context()
+                        .committed(&m.topic, m.partition, m.timestamp_ms);
                 }
             }
             Ok(Err(e)) => {
@@ -368,7 +387,11 @@ impl Ingest<'_> {
 
     async fn wait(&self, backoff: &mut Backoff, e: &dyn std::fmt::Display) -> bool {
         let d = backoff.next();
-        self.metrics.sink.retries.with_label_values(&["database"]).inc();
+        self.metrics
+            .sink
+            .retries
+            .with_label_values(&["database"])
+            .inc();
         tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "database unavailable; retrying the batch (offsets not committed)");
         tokio::select! {
             _ = self.shutdown.cancelled() => false,

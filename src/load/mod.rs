@@ -139,7 +139,9 @@ pub async fn run(
         })?;
     }
     let progress = Arc::new(Progress::new(metrics.clone()));
-    let display = opts.progress.then(|| progress.spawn_display(shutdown.clone()));
+    let display = opts
+        .progress
+        .then(|| progress.spawn_display(shutdown.clone()));
     let mut loader = Loader {
         opts: &opts,
         schema,
@@ -171,10 +173,11 @@ impl Loader<'_> {
             if self.shutdown.is_cancelled() {
                 return Ok(());
             }
-            let files = offline::closed_files(&self.opts.dir).map_err(|source| LoadError::Folder {
-                path: self.opts.dir.display().to_string(),
-                source,
-            })?;
+            let files =
+                offline::closed_files(&self.opts.dir).map_err(|source| LoadError::Folder {
+                    path: self.opts.dir.display().to_string(),
+                    source,
+                })?;
             self.progress.scanned(&files);
             if files.is_empty() {
                 if self.opts.once {
@@ -331,7 +334,11 @@ impl Loader<'_> {
                 }) => replays.push((account, envelope, route)),
                 Ok(LineAction::Skip) => {}
                 Err((reason, why)) => {
-                    self.metrics.sink.dead_letters.with_label_values(&[reason]).inc();
+                    self.metrics
+                        .sink
+                        .dead_letters
+                        .with_label_values(&[reason])
+                        .inc();
                     dead.push(DeadLine {
                         file: name.to_string(),
                         offset: *at,
@@ -360,8 +367,12 @@ impl Loader<'_> {
                     m.committed();
                     for ((t, _), w) in rows.iter().zip(&written) {
                         let table = self.schema.tables()[*t].name.as_str();
-                        m.rows.with_label_values(&[table, "inserted"]).inc_by(w.inserted);
-                        m.rows.with_label_values(&[table, "duplicate"]).inc_by(w.duplicates);
+                        m.rows
+                            .with_label_values(&[table, "inserted"])
+                            .inc_by(w.inserted);
+                        m.rows
+                            .with_label_values(&[table, "duplicate"])
+                            .inc_by(w.duplicates);
                         self.summary.inserted += w.inserted;
                         self.summary.duplicates += w.duplicates;
                     }
@@ -419,7 +430,12 @@ impl Loader<'_> {
     fn classify(&self, line: &[u8]) -> Result<LineAction, (&'static str, String)> {
         let parsed: OfflineRecord = serde_json::from_slice(line)
             .map_err(|e| ("parse", format!("not an offline line: {e}")))?;
-        let Some(t) = self.schema.tables().iter().position(|t| t.name == parsed.table) else {
+        let Some(t) = self
+            .schema
+            .tables()
+            .iter()
+            .position(|t| t.name == parsed.table)
+        else {
             return Err(("schema", format!("unknown table {:?}", parsed.table)));
         };
         let table = &self.schema.tables()[t];
@@ -460,8 +476,10 @@ impl Loader<'_> {
         let mut todo: Vec<&(u64, Vec<u8>, Route)> = replays.iter().collect();
         let mut backoff = Backoff::new();
         while !todo.is_empty() {
-            let msgs: Vec<(u64, &[u8], Route)> =
-                todo.iter().map(|(a, e, r)| (*a, e.as_slice(), *r)).collect();
+            let msgs: Vec<(u64, &[u8], Route)> = todo
+                .iter()
+                .map(|(a, e, r)| (*a, e.as_slice(), *r))
+                .collect();
             let results = replay.sink.deliver(&msgs).await;
             let mut failed = Vec::new();
             let mut first_error = None;
@@ -547,7 +565,11 @@ impl Loader<'_> {
         }
         self.metrics.files_loaded.inc();
         self.summary.files += 1;
-        tracing::info!(file = name, archived = self.opts.archive_dir.is_some(), "offline file loaded");
+        tracing::info!(
+            file = name,
+            archived = self.opts.archive_dir.is_some(),
+            "offline file loaded"
+        );
         Ok(())
     }
 
@@ -568,7 +590,12 @@ impl Loader<'_> {
     }
 
     /// Sleeps the next backoff step. False if cancelled meanwhile.
-    async fn wait(&self, backoff: &mut Backoff, what: &'static str, e: &dyn std::fmt::Display) -> bool {
+    async fn wait(
+        &self,
+        backoff: &mut Backoff,
+        what: &'static str,
+        e: &dyn std::fmt::Display,
+    ) -> bool {
         let d = backoff.next();
         self.metrics.sink.retries.with_label_values(&[what]).inc();
         tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "{what} unavailable; retrying");
@@ -580,7 +607,10 @@ impl Loader<'_> {
 }
 
 enum LineAction {
-    Insert { table: usize, values: Vec<db::Bound> },
+    Insert {
+        table: usize,
+        values: Vec<db::Bound>,
+    },
     Replay {
         account: u64,
         envelope: Vec<u8>,

@@ -119,7 +119,10 @@ impl Progress {
         )
     }
 
-    pub fn spawn_display(self: &std::sync::Arc<Self>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+    pub fn spawn_display(
+        self: &std::sync::Arc<Self>,
+        stop: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));

@@ -569,3 +569,306 @@ pub fn write_config(cfg_text: &str, dirs: &Dirs, topic: &str) -> PathBuf {
     std::fs::write(&p, text).expect("write config");
     p
 }
+
+/// A database of its own for one test, dropped afterwards.
+pub struct TestDb {
+    pub url: String,
+    pub name: String,
+    pub db: switchyard::db::Db,
+    admin_url: Option<String>,
+}
+
+pub const PG_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+pub const MARIADB_ADMIN: &str = "mysql://root@127.0.0.1:3306/test";
+
+impl TestDb {
+    async fn create(admin: &str, scheme: &str, prefix: &str) -> TestDb {
+        use sqlx::Connection;
+        let name = unique(prefix).replace(['-', '.'], "_");
+        let create = format!("CREATE DATABASE {name}");
+        let res = if scheme == "postgres" {
+            match sqlx::PgConnection::connect(admin).await {
+                Ok(mut c) => sqlx::query(&create).execute(&mut c).await.map(|_| ()),
+                Err(e) => Err(e),
+            }
+        } else {
+            match sqlx::MySqlConnection::connect(admin).await {
+                Ok(mut c) => sqlx::query(&create).execute(&mut c).await.map(|_| ()),
+                Err(e) => Err(e),
+            }
+        };
+        if let Err(e) = res {
+            panic!("cannot create a test database on {admin} ({e}); run scripts/services");
+        }
+        let host = if scheme == "postgres" {
+            "postgres@127.0.0.1:5432"
+        } else {
+            "root@127.0.0.1:3306"
+        };
+        let url = format!("{scheme}://{host}/{name}");
+        let db = switchyard::db::Db::connect(&url, 4).expect("pool");
+        TestDb {
+            url,
+            name,
+            db,
+            admin_url: Some(admin.to_string()),
+        }
+    }
+
+    /// A fresh PostgreSQL database with the schema initialised.
+    pub async fn postgres(schema: &switchyard::schema::Schema) -> TestDb {
+        let t = Self::create(PG_ADMIN, "postgres", "sy").await;
+        t.db.init(schema).await.expect("db init (postgres)");
+        t
+    }
+
+    /// A fresh MariaDB database with the schema initialised.
+    pub async fn mariadb(schema: &switchyard::schema::Schema) -> TestDb {
+        let t = Self::create(MARIADB_ADMIN, "mysql", "sy").await;
+        t.db.init(schema).await.expect("db init (mariadb)");
+        t
+    }
+
+    /// Runs one statement (test set-up: constraints, counts).
+    pub async fn exec(&self, sql: &str) {
+        use sqlx::Connection;
+        let res = if self.url.starts_with("postgres") {
+            let mut c = sqlx::PgConnection::connect(&self.url)
+                .await
+                .expect("connect");
+            sqlx::query(sql).execute(&mut c).await.map(|_| ())
+        } else {
+            let mut c = sqlx::MySqlConnection::connect(&self.url)
+                .await
+                .expect("connect");
+            sqlx::query(sql).execute(&mut c).await.map(|_| ())
+        };
+        res.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// Every raw_item row by uuid: (project_id, timestamp, body, version, billable).
+    pub async fn raw_items(&self) -> HashMap<String, (i64, i64, String, i64, i64)> {
+        use sqlx::{Connection, Row};
+        let mut out = HashMap::new();
+        if self.url.starts_with("postgres") {
+            let mut c = sqlx::PgConnection::connect(&self.url)
+                .await
+                .expect("connect");
+            for r in sqlx::query("SELECT uuid::text, project_id, \"timestamp\", body, version, billable FROM raw_item")
+                .fetch_all(&mut c)
+                .await
+                .expect("select")
+            {
+                let prev = out.insert(
+                    r.get::<String, _>(0),
+                    (r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)),
+                );
+                assert!(prev.is_none(), "duplicate row in {}", self.name);
+            }
+        } else {
+            let mut c = sqlx::MySqlConnection::connect(&self.url)
+                .await
+                .expect("connect");
+            for r in sqlx::query(
+                "SELECT uuid, project_id, `timestamp`, body, version, billable FROM raw_item",
+            )
+            .fetch_all(&mut c)
+            .await
+            .expect("select")
+            {
+                let prev = out.insert(
+                    r.get::<String, _>(0),
+                    (r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)),
+                );
+                assert!(prev.is_none(), "duplicate row in {}", self.name);
+            }
+        }
+        out
+    }
+
+    pub async fn count(&self) -> i64 {
+        self.db.count("raw_item").await.expect("count")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some(admin) = self.admin_url.take() else {
+            return;
+        };
+        let name = self.name.clone();
+        let pg = self.url.starts_with("postgres");
+        // Drop runs outside any runtime the test may still be using.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                use sqlx::Connection;
+                if pg {
+                    if let Ok(mut c) = sqlx::PgConnection::connect(&admin).await {
+                        let _ =
+                            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                                .execute(&mut c)
+                                .await;
+                    }
+                } else if let Ok(mut c) = sqlx::MySqlConnection::connect(&admin).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
+                        .execute(&mut c)
+                        .await;
+                }
+            })
+        })
+        .join();
+    }
+}
+
+/// Writes offline files by hand: `files` closed files of `lines` raw_item
+/// lines each (route `legacy`). Returns every uuid written.
+pub fn write_offline_files(dir: &Path, files: usize, lines: usize, body_len: usize) -> Vec<String> {
+    use std::io::Write;
+    let mut uuids = Vec::new();
+    for f in 0..files {
+        let path = dir.join(format!(
+            "offline-{:016}-{:06}.ndjson",
+            1_700_000_000_000_000u64 + f as u64,
+            0
+        ));
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&path).expect("create"));
+        for l in 0..lines {
+            let account = ((f * lines + l) % 300) as u64;
+            let e = envelope(account, (f * lines + l) as u64, body_len);
+            uuids.push(e["row"]["uuid"].as_str().unwrap().to_string());
+            let line = serde_json::json!({
+                "table": "raw_item",
+                "row": e["row"],
+                "account_id": account,
+                "route": "legacy",
+                "counter": l,
+            });
+            writeln!(out, "{line}").expect("write");
+        }
+        out.flush().expect("flush");
+    }
+    uuids
+}
+
+/// A database role (`load`, `ingest`) as a child process, ready when its
+/// /readyz answers.
+pub struct Role {
+    pub child: Child,
+    pub admin_port: u16,
+}
+
+impl Role {
+    pub fn spawn(args: &[&str]) -> Role {
+        let admin_port = free_port();
+        let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        all.push("--admin-listen".into());
+        all.push(format!("127.0.0.1:{admin_port}"));
+        let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(&all)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn switchyard");
+        let mut r = Role { child, admin_port };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !http_get_ok(admin_port, "/readyz") {
+            if let Ok(Some(status)) = r.child.try_wait() {
+                panic!("switchyard {} exited at start: {status}", args[0]);
+            }
+            assert!(Instant::now() < deadline, "{} never became ready", args[0]);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        r
+    }
+
+    /// One metric from the role's /metrics (summed over matching series).
+    pub fn metric(&self, name: &str) -> f64 {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.admin_port)) else {
+            return f64::NAN;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        if s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+            .is_err()
+        {
+            return f64::NAN;
+        }
+        let mut body = String::new();
+        let _ = s.read_to_string(&mut body);
+        body.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "the role did not exit");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Produces raw values to a topic, keyed by account (waits for every ack).
+pub async fn produce(brokers: &str, topic: &str, messages: &[(u64, Vec<u8>)]) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let p: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "5")
+        .set("partitioner", "murmur2_random")
+        .create()
+        .expect("producer");
+    let mut pending = Vec::new();
+    for (account, value) in messages {
+        let key = account.to_string();
+        loop {
+            match p.send_result(FutureRecord::to(topic).key(&key).payload(value)) {
+                Ok(f) => {
+                    pending.push(f);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    }
+    for f in pending {
+        f.await.expect("delivery").expect("acked");
+    }
+}
+
+/// Polls `f` until it returns true.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

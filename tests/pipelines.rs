@@ -1,0 +1,480 @@
+//! Both pipelines into real databases: router → offline files → `load` →
+//! MariaDB, and router → Kafka (tansu) → `ingest` → PostgreSQL. Dead letters,
+//! two loaders on one folder, two consumers in one group.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use switchyard::admin::Health;
+use switchyard::db::Db;
+use switchyard::ingest::{self, IngestOptions, IngestSummary};
+use switchyard::load::{self, DeadLine, LoadOptions, LoadSummary, Replay, DEAD_LETTER_FILE};
+use switchyard::metrics::{IngestMetrics, LoadMetrics};
+use switchyard::routing::{bucket, decide, FlagValues, Route};
+use switchyard::schema::Schema;
+use tokio_util::sync::CancellationToken;
+
+fn load_options(dir: &std::path::Path, batch: usize) -> LoadOptions {
+    LoadOptions {
+        dir: dir.to_path_buf(),
+        batch_size: batch,
+        archive_dir: None,
+        dead_letter_dir: dir.join("dead-letter"),
+        poll: Duration::from_millis(50),
+        once: true,
+        progress: false,
+    }
+}
+
+async fn load_once(
+    opts: LoadOptions,
+    schema: &Schema,
+    db: &Db,
+    replay: Option<(&str, &switchyard::config::KafkaSettings)>,
+) -> LoadSummary {
+    let metrics = LoadMetrics::new(&prometheus::Registry::new()).unwrap();
+    let replay = replay.map(|(b, k)| Replay::new(b, k, &[], &metrics).expect("replay producer"));
+    load::run(opts, schema, db, replay, metrics, CancellationToken::new())
+        .await
+        .expect("load")
+}
+
+fn ingest_options(brokers: &str, topic: &str, group: &str, batch: usize) -> IngestOptions {
+    IngestOptions {
+        brokers: brokers.to_string(),
+        topics: vec![topic.to_string()],
+        group: group.to_string(),
+        batch_size: batch,
+        consumer_timeout: Duration::from_millis(150),
+        extra: vec![],
+        idle_exit: Some(Duration::from_secs(2)),
+    }
+}
+
+async fn ingest_until_idle(opts: IngestOptions, schema: &Schema, db: &Db) -> IngestSummary {
+    let metrics = IngestMetrics::new(&prometheus::Registry::new()).unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(90),
+        ingest::run(
+            opts,
+            schema,
+            db,
+            metrics,
+            Health::default(),
+            CancellationToken::new(),
+        ),
+    )
+    .await
+    .expect("ingest did not go idle")
+    .expect("ingest")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_to_both_databases_end_to_end() {
+    let broker = Broker::start();
+    let topic = unique("e2e");
+    create_topic(&broker.brokers(), &topic, 4).await;
+    let dirs = Dirs::new();
+    let cfg = config(&dirs, &topic);
+    let schema = cfg.schema().unwrap();
+    let old = TestDb::mariadb(&schema).await;
+    let new = TestDb::postgres(&schema).await;
+
+    set_flag(&dirs.flags, "switchyard-dual-write", json!(60));
+    set_flag(&dirs.flags, "switchyard-kafka-only", json!(25));
+    let flags = FlagValues {
+        kill_switch: false,
+        kafka_only: 25.0,
+        dual_write: 60.0,
+    };
+    let router = InProcess::start(cfg.clone(), &broker.brokers()).await;
+    let client = reqwest::Client::new();
+    let mut sent: Vec<(String, u64)> = Vec::new();
+    for batch in 0..20u64 {
+        let mut body = String::new();
+        for i in 0..30u64 {
+            let account = (batch * 31 + i * 7) % 240;
+            let e = envelope(account, batch * 1000 + i, 400);
+            sent.push((e["row"]["uuid"].as_str().unwrap().to_string(), account));
+            body.push_str(&e.to_string());
+            body.push('\n');
+        }
+        let r = client
+            .post(router.url())
+            .header("content-type", "application/x-ndjson")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    }
+    router.stop().await;
+
+    let loaded = load_once(
+        load_options(&dirs.offline, 100),
+        &schema,
+        &old.db,
+        Some((&broker.brokers(), &cfg.kafka)),
+    )
+    .await;
+    let ingested = ingest_until_idle(
+        ingest_options(&broker.brokers(), &topic, &unique("g"), 100),
+        &schema,
+        &new.db,
+    )
+    .await;
+    assert!(
+        switchyard::offline::closed_files(&dirs.offline)
+            .unwrap()
+            .is_empty(),
+        "loaded files are deleted"
+    );
+
+    let old_rows = old.raw_items().await;
+    let new_rows = new.raw_items().await;
+    let (mut legacy, mut dual, mut kafka) = (0, 0, 0);
+    for (uuid, account) in &sent {
+        let route = decide(bucket("switchyard", *account), &flags).0;
+        match route {
+            Route::Legacy => {
+                legacy += 1;
+                assert!(
+                    old_rows.contains_key(uuid),
+                    "{uuid} (legacy) missing in OLD"
+                );
+                assert!(!new_rows.contains_key(uuid), "{uuid} (legacy) in NEW");
+            }
+            Route::Dual => {
+                dual += 1;
+                let (o, n) = (old_rows.get(uuid), new_rows.get(uuid));
+                assert!(
+                    o.is_some() && n.is_some(),
+                    "{uuid} (dual): OLD {o:?} NEW {n:?}"
+                );
+                assert_eq!(o, n, "{uuid}: dual rows differ");
+            }
+            Route::Kafka => {
+                kafka += 1;
+                assert!(new_rows.contains_key(uuid), "{uuid} (kafka) missing in NEW");
+                assert!(!old_rows.contains_key(uuid), "{uuid} (kafka) in OLD");
+            }
+        }
+    }
+    assert!(
+        legacy > 0 && dual > 0 && kafka > 0,
+        "{legacy}/{dual}/{kafka}"
+    );
+    assert_eq!(old_rows.len(), legacy + dual);
+    assert_eq!(new_rows.len(), dual + kafka);
+    assert_eq!(loaded.lines as usize, legacy + dual);
+    assert_eq!(loaded.inserted as usize, legacy + dual);
+    assert_eq!(ingested.messages as usize, dual + kafka);
+    assert_eq!(ingested.inserted as usize, dual + kafka);
+    assert_eq!(ingested.duplicates, 0);
+    eprintln!(
+        "end to end: {legacy} legacy, {dual} dual, {kafka} kafka; OLD {} rows, NEW {} rows",
+        old_rows.len(),
+        new_rows.len()
+    );
+}
+
+/// Kafka-fallback lines (Kafka was down at routing time) are replayed to the
+/// topic by the loader and reach NEW through ingest; without replay they load
+/// into OLD.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_lines_are_replayed_to_kafka() {
+    let broker = Broker::start();
+    let topic = unique("replay");
+    create_topic(&broker.brokers(), &topic, 2).await;
+    let dirs = Dirs::new();
+    let cfg = config(&dirs, &topic);
+    let schema = cfg.schema().unwrap();
+    let old = TestDb::mariadb(&schema).await;
+    let new = TestDb::postgres(&schema).await;
+    let mut text = String::new();
+    let mut expect_old = Vec::new();
+    let mut expect_new = Vec::new();
+    for i in 0..40u64 {
+        let e = envelope(i, i, 100);
+        let uuid = e["row"]["uuid"].as_str().unwrap().to_string();
+        let lines: Vec<&str> = match i % 3 {
+            0 => vec!["kafka-fallback"],
+            1 => vec!["dual", "dual-fallback"],
+            _ => vec!["legacy"],
+        };
+        for route in &lines {
+            text.push_str(
+                &json!({"table":"raw_item","row":e["row"],"account_id":i,"route":route,"counter":i})
+                    .to_string(),
+            );
+            text.push('\n');
+        }
+        match i % 3 {
+            0 => expect_new.push(uuid),
+            1 => {
+                expect_old.push(uuid.clone());
+                expect_new.push(uuid)
+            }
+            _ => expect_old.push(uuid),
+        }
+    }
+    std::fs::write(
+        dirs.offline.join("offline-0000000000000001-000001.ndjson"),
+        &text,
+    )
+    .unwrap();
+    let s = load_once(
+        load_options(&dirs.offline, 16),
+        &schema,
+        &old.db,
+        Some((&broker.brokers(), &cfg.kafka)),
+    )
+    .await;
+    assert_eq!(s.replayed as usize, expect_new.len());
+    ingest_until_idle(
+        ingest_options(&broker.brokers(), &topic, &unique("g"), 50),
+        &schema,
+        &new.db,
+    )
+    .await;
+    let mut o: Vec<String> = old.raw_items().await.into_keys().collect();
+    let mut n: Vec<String> = new.raw_items().await.into_keys().collect();
+    o.sort();
+    n.sort();
+    expect_old.sort();
+    expect_new.sort();
+    assert_eq!(o, expect_old);
+    assert_eq!(n, expect_new);
+    // The replayed messages carry their original route.
+    let routes: HashMap<String, usize> = consume_all(
+        &broker.brokers(),
+        &topic,
+        expect_new.len(),
+        Duration::from_secs(5),
+    )
+    .into_iter()
+    .fold(HashMap::new(), |mut m, c| {
+        *m.entry(c.route).or_default() += 1;
+        m
+    });
+    assert_eq!(routes.get("kafka"), Some(&14), "{routes:?}");
+    assert_eq!(routes.get("dual"), Some(&13), "{routes:?}");
+
+    // --no-replay: the same file loads Kafka-only lines into OLD.
+    let dirs2 = Dirs::new();
+    std::fs::write(
+        dirs2.offline.join("offline-0000000000000001-000001.ndjson"),
+        &text,
+    )
+    .unwrap();
+    let old2 = TestDb::mariadb(&schema).await;
+    let s = load_once(load_options(&dirs2.offline, 16), &schema, &old2.db, None).await;
+    assert_eq!(s.replayed, 0);
+    assert_eq!(old2.count().await, 40);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_and_rejected_rows_go_to_the_dead_letter_table() {
+    let broker = Broker::start();
+    let topic = unique("poison");
+    create_topic(&broker.brokers(), &topic, 2).await;
+    let dirs = Dirs::new();
+    let cfg = config(&dirs, &topic);
+    let schema = cfg.schema().unwrap();
+    let new = TestDb::postgres(&schema).await;
+    // A rule of the database the router does not know: it rejects the row.
+    new.exec("ALTER TABLE raw_item ADD CONSTRAINT version_small CHECK (version < 1000)")
+        .await;
+
+    // Kafka → ingest → PostgreSQL.
+    let mut msgs: Vec<(u64, Vec<u8>)> = (0..30u64)
+        .map(|i| (i, envelope(i, i, 50).to_string().into_bytes()))
+        .collect();
+    msgs.push((1, b"not json at all".to_vec()));
+    msgs.push((2, json!({"table":"nope","row":{}}).to_string().into_bytes()));
+    let mut missing = envelope(3, 9001, 10);
+    missing["row"].as_object_mut().unwrap().remove("body");
+    msgs.push((3, missing.to_string().into_bytes()));
+    let mut big_version = envelope(4, 9002, 10);
+    big_version["row"]["version"] = json!(5000);
+    msgs.push((4, big_version.to_string().into_bytes()));
+    msgs.extend((30..40u64).map(|i| (i, envelope(i, i, 50).to_string().into_bytes())));
+    produce(&broker.brokers(), &topic, &msgs).await;
+    let group = unique("g");
+    let s = ingest_until_idle(
+        ingest_options(&broker.brokers(), &topic, &group, 500),
+        &schema,
+        &new.db,
+    )
+    .await;
+    assert_eq!(s.dead_letters, 4, "{s:?}");
+    assert_eq!(new.count().await, 40);
+    let dead = new.db.dead_letters().await.unwrap();
+    assert_eq!(dead.len(), 4, "{dead:?}");
+    let reasons: Vec<&str> = dead.iter().map(|(_, r)| r.as_str()).collect();
+    for want in [
+        "not a switchyard envelope",
+        "unknown table \"nope\"",
+        "column body: missing",
+        "rejected by the database",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r.contains(want)),
+            "no {want:?} in {reasons:?}"
+        );
+    }
+    assert!(dead
+        .iter()
+        .all(|(src, _)| src.starts_with(&format!("{topic}/"))));
+    // Offsets were committed past the poison: a second run finds nothing.
+    let again = ingest_until_idle(
+        ingest_options(&broker.brokers(), &topic, &group, 500),
+        &schema,
+        &new.db,
+    )
+    .await;
+    assert_eq!(again.messages, 0, "{again:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unloadable_lines_go_to_the_dead_letter_file() {
+    let dirs = Dirs::new();
+    let schema = config(&dirs, "unused").schema().unwrap();
+    let old = TestDb::mariadb(&schema).await;
+    old.exec("ALTER TABLE raw_item ADD CONSTRAINT version_small CHECK (version < 1000)")
+        .await;
+    let mut text = String::new();
+    for i in 0..20u64 {
+        let e = envelope(i, 100 + i, 50);
+        text.push_str(
+            &json!({"table":"raw_item","row":e["row"],"route":"legacy","counter":i}).to_string(),
+        );
+        text.push('\n');
+        if i == 5 {
+            text.push_str("{\"table\":\"raw_item\",\"row\":{\"uuid\":\n");
+        }
+        if i == 9 {
+            text.push_str(&json!({"table":"other","row":{},"counter":1}).to_string());
+            text.push('\n');
+        }
+        if i == 13 {
+            let mut bad = envelope(i, 7777, 10);
+            bad["row"]["version"] = json!(4242);
+            text.push_str(&json!({"table":"raw_item","row":bad["row"],"counter":1}).to_string());
+            text.push('\n');
+        }
+    }
+    std::fs::write(
+        dirs.offline.join("offline-0000000000000002-000001.ndjson"),
+        &text,
+    )
+    .unwrap();
+    let s = load_once(load_options(&dirs.offline, 8), &schema, &old.db, None).await;
+    assert_eq!(s.dead_letters, 3, "{s:?}");
+    assert_eq!(old.count().await, 20);
+    let dead: Vec<DeadLine> =
+        std::fs::read_to_string(dirs.offline.join("dead-letter").join(DEAD_LETTER_FILE))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    assert_eq!(dead.len(), 3, "{dead:?}");
+    assert!(dead[0].reason.contains("not an offline line"), "{dead:?}");
+    assert!(
+        dead[1].reason.contains("unknown table \"other\""),
+        "{dead:?}"
+    );
+    assert!(
+        dead[2].reason.contains("rejected by the database"),
+        "{dead:?}"
+    );
+    assert!(dead[2].line.contains("4242"));
+    let at = &text[dead[1].offset as usize..];
+    assert_eq!(
+        at.lines().next(),
+        Some(dead[1].line.as_str()),
+        "the offset points at the line"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_loaders_on_one_folder_load_every_line_once() {
+    let dirs = Dirs::new();
+    let schema = config(&dirs, "unused").schema().unwrap();
+    let old = TestDb::mariadb(&schema).await;
+    // Without the unique key a double load would show as duplicate rows:
+    // only the claim and the checkpoint stand between them.
+    old.exec("ALTER TABLE raw_item DROP INDEX raw_item_uuid_key")
+        .await;
+    let uuids = write_offline_files(&dirs.offline, 12, 400, 200);
+    let (a, b) = tokio::join!(
+        load_once(load_options(&dirs.offline, 100), &schema, &old.db, None),
+        load_once(load_options(&dirs.offline, 100), &schema, &old.db, None),
+    );
+    eprintln!("loader A {a:?}\nloader B {b:?}");
+    assert_eq!(a.lines + b.lines, uuids.len() as u64);
+    assert_eq!(a.files + b.files, 12);
+    assert!(
+        a.files > 0 && b.files > 0,
+        "both loaders took files: {a:?} {b:?}"
+    );
+    let rows = old.raw_items().await; // panics on a duplicate
+    assert_eq!(rows.len(), uuids.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_consumers_in_one_group_insert_every_row_once() {
+    let broker = Broker::start();
+    let topic = unique("group");
+    create_topic(&broker.brokers(), &topic, 4).await;
+    let dirs = Dirs::new();
+    let cfg_path = write_config(switchyard::config::EMBEDDED, &dirs, &topic);
+    let schema = config(&dirs, &topic).schema().unwrap();
+    let new = TestDb::postgres(&schema).await;
+    let group = unique("g");
+    let args = |_: u8| {
+        vec![
+            "ingest".to_string(),
+            "--config".into(),
+            cfg_path.display().to_string(),
+            "--kafka-brokers".into(),
+            broker.brokers(),
+            "--kafka-group".into(),
+            group.clone(),
+            "--db-url".into(),
+            new.url.clone(),
+            "--batch-size".into(),
+            "200".into(),
+            "--kafka-config".into(),
+            "session.timeout.ms=6000,heartbeat.interval.ms=500".into(),
+        ]
+    };
+    let a_args = args(0);
+    let b_args = args(1);
+    let a = Role::spawn(&a_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let b = Role::spawn(&b_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let n = 4000u64;
+    let msgs: Vec<(u64, Vec<u8>)> = (0..n)
+        .map(|i| (i % 400, envelope(i % 400, i, 300).to_string().into_bytes()))
+        .collect();
+    for chunk in msgs.chunks(500) {
+        produce(&broker.brokers(), &topic, chunk).await;
+    }
+    eventually("every row in NEW", Duration::from_secs(60), || async {
+        new.count().await == n as i64
+    })
+    .await;
+    let rows = new.raw_items().await;
+    assert_eq!(rows.len() as u64, n);
+    let (ia, ib) = (
+        a.metric("switchyard_ingest_messages_total"),
+        b.metric("switchyard_ingest_messages_total"),
+    );
+    eprintln!("consumer A {ia} messages, consumer B {ib} messages");
+    assert!(ia > 0.0 && ib > 0.0, "both members consumed: {ia} / {ib}");
+    assert!(ia + ib >= n as f64);
+}
