@@ -478,3 +478,93 @@ async fn two_consumers_in_one_group_insert_every_row_once() {
     assert!(ia > 0.0 && ib > 0.0, "both members consumed: {ia} / {ib}");
     assert!(ia + ib >= n as f64);
 }
+
+/// SQLite on the OLD side (the demo's embedded database): the same loader,
+/// and a second pass over the same lines inserts nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loads_into_sqlite_and_skips_what_is_there() {
+    let dirs = Dirs::new();
+    let schema = config(&dirs, "unused").schema().unwrap();
+    let url = format!("sqlite:{}", dirs.root.path().join("old.db").display());
+    let db = Db::connect(&url, 2).unwrap();
+    db.init(&schema).await.unwrap();
+    db.init(&schema).await.expect("init is idempotent");
+    let uuids = write_offline_files(&dirs.offline, 3, 500, 100);
+    let copy = dirs.root.path().join("copy");
+    std::fs::create_dir_all(&copy).unwrap();
+    for f in switchyard::offline::closed_files(&dirs.offline).unwrap() {
+        std::fs::copy(&f, copy.join(f.file_name().unwrap())).unwrap();
+    }
+    let first = load_once(load_options(&dirs.offline, 200), &schema, &db, None).await;
+    assert_eq!(first.inserted as usize, uuids.len());
+    // The same files again (as if re-delivered under new names' checkpoints).
+    for f in switchyard::offline::closed_files(&copy).unwrap() {
+        let name = f
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .replace("offline-", "offline-again-");
+        std::fs::rename(&f, dirs.offline.join(name)).unwrap();
+    }
+    let second = load_once(load_options(&dirs.offline, 200), &schema, &db, None).await;
+    assert_eq!(second.inserted, 0, "{second:?}");
+    assert_eq!(second.duplicates as usize, uuids.len(), "{second:?}");
+    assert_eq!(db.count("raw_item").await.unwrap() as usize, uuids.len());
+}
+
+/// A running loader picks up files as they are closed, archives them when
+/// asked, reports its backlog, and stops cleanly on shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_loader_follows_the_folder_and_archives() {
+    let dirs = Dirs::new();
+    let schema = config(&dirs, "unused").schema().unwrap();
+    let old = TestDb::mariadb(&schema).await;
+    let archive = dirs.root.path().join("archive");
+    let mut opts = load_options(&dirs.offline, 100);
+    opts.once = false;
+    opts.archive_dir = Some(archive.clone());
+    let registry = prometheus::Registry::new();
+    let metrics = LoadMetrics::new(&registry).unwrap();
+    let stop = CancellationToken::new();
+    let task = {
+        let (schema, db, stop) = (schema.clone(), old.db.clone(), stop.clone());
+        tokio::spawn(async move { load::run(opts, &schema, &db, None, metrics, stop).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(old.count().await, 0);
+    let uuids = write_offline_files(&dirs.offline, 2, 250, 100);
+    eventually("the new files loaded", Duration::from_secs(10), || async {
+        old.count().await == uuids.len() as i64
+    })
+    .await;
+    eventually("files archived", Duration::from_secs(5), || async {
+        std::fs::read_dir(&archive).map(|d| d.count()).unwrap_or(0) == 2
+    })
+    .await;
+    assert!(switchyard::offline::closed_files(&dirs.offline)
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        metric_value(&registry, "switchyard_load_files_total", &[]),
+        2.0
+    );
+    assert_eq!(
+        metric_value(&registry, "switchyard_load_files_pending", &[]),
+        0.0
+    );
+    assert_eq!(
+        metric_value(
+            &registry,
+            "switchyard_load_rows_total",
+            &[("outcome", "inserted")]
+        ),
+        500.0
+    );
+    stop.cancel();
+    let summary = tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("stops on shutdown")
+        .unwrap()
+        .unwrap();
+    assert_eq!(summary.files, 2);
+}

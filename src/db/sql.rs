@@ -113,9 +113,10 @@ pub fn init_statements(engine: Engine, schema: &Schema) -> Vec<String> {
             ));
         }
     }
+    // A topic name (up to 249 bytes) plus partition and offset must fit a key.
     let (bigint, boolean, text, key) = match engine {
         Engine::Postgres => ("BIGINT", "BOOLEAN", "TEXT", "TEXT"),
-        Engine::MySql => ("BIGINT", "BOOLEAN", "LONGTEXT", "VARCHAR(255)"),
+        Engine::MySql => ("BIGINT", "BOOLEAN", "LONGTEXT", "VARCHAR(512)"),
         Engine::Sqlite => ("INTEGER", "INTEGER", "TEXT", "TEXT"),
     };
     let charset = if engine == Engine::MySql {

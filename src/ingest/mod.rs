@@ -385,7 +385,7 @@ impl Ingest<'_> {
         }
     }
 
-    async fn wait(&self, backoff: &mut Backoff, e: &dyn std::fmt::Display) -> bool {
+    async fn wait(&self, backoff: &mut Backoff, e: &(dyn std::fmt::Display + Sync)) -> bool {
         let d = backoff.next();
         self.metrics
             .sink
@@ -407,4 +407,19 @@ fn poison(m: &Msg, reason: String) -> DeadLetter {
         reason: reason.replace('\0', "\u{fffd}"),
         payload: String::from_utf8_lossy(&m.payload).replace('\0', "\u{fffd}"),
     }
+}
+
+/// The consumer can run on a spawned task (the demo runs every role in one process).
+#[cfg(test)]
+#[allow(dead_code)]
+fn run_is_send(
+    o: IngestOptions,
+    s: &Schema,
+    d: &Db,
+    m: IngestMetrics,
+    h: Health,
+    t: CancellationToken,
+) {
+    fn is_send<T: Send>(_: &T) {}
+    is_send(&run(o, s, d, m, h, t));
 }

@@ -594,7 +594,7 @@ impl Loader<'_> {
         &self,
         backoff: &mut Backoff,
         what: &'static str,
-        e: &dyn std::fmt::Display,
+        e: &(dyn std::fmt::Display + Sync),
     ) -> bool {
         let d = backoff.next();
         self.metrics.sink.retries.with_label_values(&[what]).inc();
@@ -658,4 +658,12 @@ impl Backoff {
         self.0 = (self.0 * 2).min(Duration::from_secs(10));
         d
     }
+}
+
+/// The loader can run on a spawned task (the demo runs every role in one process).
+#[cfg(test)]
+#[allow(dead_code)]
+fn run_is_send(o: LoadOptions, s: &Schema, d: &Db, m: LoadMetrics, t: CancellationToken) {
+    fn is_send<T: Send>(_: &T) {}
+    is_send(&run(o, s, d, None, m, t));
 }
