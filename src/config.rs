@@ -208,6 +208,31 @@ impl PipelineConfig {
 }
 
 /// Parses `key=value` (for `--kafka-config`).
+/// `--kafka-config` values: each may hold several `key=value` pairs separated
+/// by commas, and a value may itself contain commas (`debug=cgrp,fetch`): a
+/// piece without `=` continues the previous value.
+pub fn parse_properties(raw: &[String]) -> Result<Vec<(String, String)>, String> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for arg in raw {
+        let mut first = true;
+        for piece in arg.split(',') {
+            if piece.contains('=') {
+                out.push(parse_key_value(piece)?);
+            } else if !first || !piece.is_empty() {
+                match out.last_mut() {
+                    Some((_, v)) if !first => {
+                        v.push(',');
+                        v.push_str(piece);
+                    }
+                    _ => return Err(format!("expected key=value, got {piece:?}")),
+                }
+            }
+            first = false;
+        }
+    }
+    Ok(out)
+}
+
 pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
@@ -218,6 +243,23 @@ pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn properties_with_commas_in_values() {
+        let raw = vec![
+            "debug=cgrp,fetch,session.timeout.ms=6000".to_string(),
+            "sasl.password=a=b".to_string(),
+        ];
+        assert_eq!(
+            parse_properties(&raw).unwrap(),
+            vec![
+                ("debug".to_string(), "cgrp,fetch".to_string()),
+                ("session.timeout.ms".to_string(), "6000".to_string()),
+                ("sasl.password".to_string(), "a=b".to_string()),
+            ]
+        );
+        assert!(parse_properties(&["nokey".to_string()]).is_err());
+    }
 
     #[test]
     fn the_embedded_configuration_is_valid() {

@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use switchyard::admin::{self, Health};
-use switchyard::config::{parse_key_value, PipelineConfig};
+use switchyard::config::{parse_properties, PipelineConfig};
 use switchyard::db::{self, Db, Engine};
 use switchyard::ingest::{self, IngestOptions};
 use switchyard::load::{self, LoadOptions, Replay};
@@ -153,8 +153,8 @@ struct LoadArgs {
     #[arg(long, env = "SWITCHYARD_KAFKA_TOPIC")]
     kafka_topic: Option<String>,
     /// Any librdkafka property, key=value (secrets never logged).
-    #[arg(long = "kafka-config", env = "SWITCHYARD_KAFKA_CONFIG", value_delimiter = ',', value_parser = parse_key_value)]
-    kafka_config: Vec<(String, String)>,
+    #[arg(long = "kafka-config", env = "SWITCHYARD_KAFKA_CONFIG")]
+    kafka_config: Vec<String>,
     /// Admin address: /metrics, /healthz, /readyz.
     #[arg(
         long,
@@ -190,8 +190,8 @@ struct IngestArgs {
     )]
     kafka_group: String,
     /// Any librdkafka consumer property, key=value (secrets never logged).
-    #[arg(long = "kafka-config", env = "SWITCHYARD_KAFKA_CONFIG", value_delimiter = ',', value_parser = parse_key_value)]
-    kafka_config: Vec<(String, String)>,
+    #[arg(long = "kafka-config", env = "SWITCHYARD_KAFKA_CONFIG")]
+    kafka_config: Vec<String>,
     #[command(flatten)]
     db: DbArgs,
     /// The longest a partial batch waits for more messages, in seconds (e.g. 0.15).
@@ -239,8 +239,8 @@ struct RouteArgs {
     kafka_topic: Option<String>,
     /// Any librdkafka property, key=value, repeatable (SASL/TLS settings and
     /// secrets go here or in the env variable, comma-separated; never logged).
-    #[arg(long = "kafka-config", env = "SWITCHYARD_KAFKA_CONFIG", value_delimiter = ',', value_parser = parse_key_value)]
-    kafka_config: Vec<(String, String)>,
+    #[arg(long = "kafka-config", env = "SWITCHYARD_KAFKA_CONFIG")]
+    kafka_config: Vec<String>,
     /// Offline file folder (overrides offline.dir).
     #[arg(long, env = "SWITCHYARD_OFFLINE_DIR")]
     offline_dir: Option<PathBuf>,
@@ -289,7 +289,19 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
         })
 }
 
+/// `--kafka-config` values, or the usage exit code.
+fn kafka_props(raw: &[String]) -> Result<Vec<(String, String)>, ExitCode> {
+    parse_properties(raw).map_err(|e| {
+        eprintln!("switchyard: --kafka-config: {e}");
+        ExitCode::from(2)
+    })
+}
+
 fn run_route(args: RouteArgs) -> ExitCode {
+    let kafka_extra = match kafka_props(&args.kafka_config) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
     // Validate everything before binding anything.
     let mut config = match PipelineConfig::load(args.config.as_deref()) {
         Ok(c) => c,
@@ -331,7 +343,7 @@ fn run_route(args: RouteArgs) -> ExitCode {
         let opts = RouteOptions {
             config,
             kafka_brokers: args.kafka_brokers,
-            kafka_extra: args.kafka_config,
+            kafka_extra,
         };
         match route::run(opts, listener, admin, prometheus::Registry::new(), shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
@@ -406,6 +418,10 @@ fn run_db_init(config: Option<PathBuf>, args: DbArgs) -> ExitCode {
 }
 
 fn run_load(args: LoadArgs) -> ExitCode {
+    let kafka_extra = match kafka_props(&args.kafka_config) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
@@ -460,7 +476,7 @@ fn run_load(args: LoadArgs) -> ExitCode {
         let replay = if args.no_replay {
             None
         } else {
-            match Replay::new(&args.kafka_brokers, &cfg.kafka, &args.kafka_config, &metrics) {
+            match Replay::new(&args.kafka_brokers, &cfg.kafka, &kafka_extra, &metrics) {
                 Ok(r) => Some(r),
                 Err(e) => {
                     eprintln!("switchyard: {e}");
@@ -510,6 +526,10 @@ fn run_load(args: LoadArgs) -> ExitCode {
 }
 
 fn run_ingest(args: IngestArgs) -> ExitCode {
+    let kafka_extra = match kafka_props(&args.kafka_config) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
@@ -540,7 +560,7 @@ fn run_ingest(args: IngestArgs) -> ExitCode {
         group: args.kafka_group.clone(),
         batch_size: args.batch_size,
         consumer_timeout: std::time::Duration::from_secs_f64(args.consumer_timeout),
-        extra: args.kafka_config.clone(),
+        extra: kafka_extra,
         idle_exit: args
             .idle_exit
             .map(|s| std::time::Duration::from_secs_f64(s.max(0.0))),

@@ -52,7 +52,7 @@ async fn loader_killed_mid_batch_loses_and_duplicates_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_killed_mid_batch_loses_and_duplicates_nothing() {
-    let broker = Broker::start();
+    let broker = Broker::start_persistent();
     let topic = unique("crash");
     create_topic(&broker.brokers(), &topic, 4).await;
     let dirs = Dirs::new();
@@ -81,6 +81,9 @@ async fn ingest_killed_mid_batch_loses_and_duplicates_nothing() {
         &new.url,
         "--batch-size",
         "500",
+        // A killed member holds its partitions until its session expires.
+        "--kafka-config",
+        "session.timeout.ms=6000,heartbeat.interval.ms=500",
     ];
     for kill_at in [2_000i64, 8_000, 14_000] {
         let mut ingest = Role::spawn(&args);

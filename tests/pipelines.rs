@@ -428,7 +428,7 @@ async fn two_loaders_on_one_folder_load_every_line_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_consumers_in_one_group_insert_every_row_once() {
-    let broker = Broker::start();
+    let broker = Broker::start_persistent();
     let topic = unique("group");
     create_topic(&broker.brokers(), &topic, 4).await;
     let dirs = Dirs::new();

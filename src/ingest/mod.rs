@@ -287,6 +287,11 @@ impl Ingest<'_> {
                         self.summary.inserted += w.inserted;
                         self.summary.duplicates += w.duplicates;
                     }
+                    tracing::debug!(
+                        messages = batch.len(),
+                        dead_letters = dead.len(),
+                        "batch committed"
+                    );
                     self.summary.messages += batch.len() as u64;
                     self.summary.dead_letters += dead.len() as u64;
                     self.summary.batches += 1;

@@ -229,6 +229,11 @@ impl Loader<'_> {
         if file.try_lock().is_err() {
             return Ok(false);
         }
+        // Opened just before another loader finished and removed it: the
+        // lock was free because the file is gone, and so is its checkpoint.
+        if !same_file(&file, path) {
+            return Ok(false);
+        }
         let Some(ckpt) = self.checkpoint(&name).await? else {
             return Ok(true);
         };
@@ -636,6 +641,14 @@ struct OfflineRecord {
     account_id: Option<u64>,
     #[serde(default)]
     route: Option<String>,
+}
+
+fn same_file(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
 }
 
 fn line_at(raw: &[(u64, Vec<u8>)], at: u64) -> String {

@@ -74,7 +74,12 @@ impl Broker {
         Self::start_with("memory://tansu/".to_string(), None)
     }
 
-    /// SQLite storage: data survives a stop and start.
+    /// SQLite storage: data survives a stop and start, and records are kept
+    /// one by one. Use it wherever a consumer resumes from a committed offset
+    /// (restarts, rebalances): tansu 0.6's memory engine answers a fetch from
+    /// an offset inside a record batch with the batches that start at or after
+    /// it, so the rest of that batch is never delivered (a real Kafka returns
+    /// the whole batch and the client skips what it has).
     pub fn start_persistent() -> Broker {
         // tansu resolves the path against its working directory, which is
         // set to this folder.
@@ -771,7 +776,10 @@ impl Role {
         all.push(format!("127.0.0.1:{admin_port}"));
         let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
             .args(&all)
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("SWITCHYARD_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
