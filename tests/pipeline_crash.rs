@@ -105,3 +105,80 @@ async fn ingest_killed_mid_batch_loses_and_duplicates_nothing() {
         assert!(rows.contains_key(&uuid_for(i % 500, i)));
     }
 }
+
+/// SIGTERM: each role finishes the batch in hand, commits, and exits 0;
+/// a restart carries on from there with nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_both_roles() {
+    let broker = Broker::start_persistent();
+    let topic = unique("term");
+    create_topic(&broker.brokers(), &topic, 2).await;
+    let dirs = Dirs::new();
+    let cfg_path = write_config(switchyard::config::EMBEDDED, &dirs, &topic);
+    let schema = config(&dirs, &topic).schema().unwrap();
+    let new = TestDb::postgres(&schema).await;
+    let old = TestDb::mariadb(&schema).await;
+    let n = 10_000u64;
+    let msgs: Vec<(u64, Vec<u8>)> = (0..n)
+        .map(|i| (i % 50, envelope(i % 50, i, 400).to_string().into_bytes()))
+        .collect();
+    produce(&broker.brokers(), &topic, &msgs).await;
+    let uuids = write_offline_files(&dirs.offline, 10, 1000, 400);
+    let (cfg, brokers, group, dir) = (
+        cfg_path.display().to_string(),
+        broker.brokers(),
+        unique("g"),
+        dirs.offline.display().to_string(),
+    );
+    let ingest_args = [
+        "ingest",
+        "--config",
+        &cfg,
+        "--kafka-brokers",
+        &brokers,
+        "--kafka-group",
+        &group,
+        "--db-url",
+        &new.url,
+        "--batch-size",
+        "200",
+    ];
+    let load_args = [
+        "load",
+        "--offline-dir",
+        &dir,
+        "--db-url",
+        &old.url,
+        "--batch-size",
+        "200",
+        "--no-replay",
+    ];
+    let mut ingest = Role::spawn(&ingest_args);
+    let mut load = Role::spawn(&load_args);
+    eventually("both roles at work", Duration::from_secs(30), || async {
+        new.count().await > 0 && old.count().await > 0
+    })
+    .await;
+    for role in [&ingest, &load] {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &role.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    assert!(ingest.wait_exit(Duration::from_secs(15)).success());
+    assert!(load.wait_exit(Duration::from_secs(15)).success());
+    let (ingested, loaded) = (new.count().await, old.count().await);
+    eprintln!("at SIGTERM: {ingested} ingested, {loaded} loaded");
+    let _ingest = Role::spawn(&ingest_args);
+    let mut once = load_args.to_vec();
+    once.push("--once");
+    assert!(Role::spawn(&once)
+        .wait_exit(Duration::from_secs(60))
+        .success());
+    eventually("every message", Duration::from_secs(60), || async {
+        new.count().await == n as i64
+    })
+    .await;
+    assert_eq!(old.raw_items().await.len(), uuids.len());
+}
