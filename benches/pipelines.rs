@@ -78,6 +78,42 @@ async fn ingest_rate(broker: &Broker, schema: &Schema, rows: u64, batch: usize) 
     rows as f64 / (metrics.sink.last_commit.get() - start)
 }
 
+/// An rdkafka consumer with the same fetch settings reading the same messages
+/// and doing nothing with them: the broker's limit for one partition.
+async fn raw_consume(broker: &Broker, rows: u64) -> f64 {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    let topic = unique("bench-raw");
+    create_topic(&broker.brokers(), &topic, 1).await;
+    let msgs: Vec<(u64, Vec<u8>)> = (0..rows)
+        .map(|i| {
+            (
+                i % 1000,
+                envelope(i % 1000, i, BODY).to_string().into_bytes(),
+            )
+        })
+        .collect();
+    for chunk in msgs.chunks(5000) {
+        produce(&broker.brokers(), &topic, chunk).await;
+    }
+    let c: StreamConsumer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", broker.brokers())
+        .set("group.id", unique("raw"))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("max.partition.fetch.bytes", "8388608")
+        .set("fetch.max.bytes", "67108864")
+        .create()
+        .unwrap();
+    c.subscribe(&[&topic]).unwrap();
+    let first = c.recv().await.unwrap().detach();
+    let _ = first;
+    let t = Instant::now();
+    for _ in 1..rows {
+        c.recv().await.unwrap();
+    }
+    (rows - 1) as f64 / t.elapsed().as_secs_f64()
+}
+
 fn write_csv(path: &Path, rows: u64) {
     let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
     for i in 0..rows {
@@ -153,6 +189,34 @@ async fn raw_mariadb(schema: &Schema, csv: &Path, rows: u64) -> f64 {
     rows as f64 / secs
 }
 
+/// The consumer's database write path alone (parse, bind, one transaction
+/// per batch into PostgreSQL), without the broker: rows/s.
+async fn write_path_rate(schema: &Schema, rows: u64, batch: usize) -> f64 {
+    let db = TestDb::postgres(schema).await;
+    let table = &schema.tables()[0];
+    let payloads: Vec<Vec<u8>> = (0..rows)
+        .map(|i| envelope(i % 1000, i, BODY).to_string().into_bytes())
+        .collect();
+    let t = Instant::now();
+    for chunk in payloads.chunks(batch) {
+        let mut data = switchyard::db::TableRows::default();
+        for p in chunk {
+            let v: serde_json::Value = serde_json::from_slice(p).unwrap();
+            let row = v["row"].as_object().unwrap();
+            data.rows
+                .push(switchyard::db::row_values(table, row).unwrap());
+            data.bytes += p.len();
+        }
+        db.db
+            .write_batch(&[(table, &data)], &[], None)
+            .await
+            .unwrap();
+    }
+    let secs = t.elapsed().as_secs_f64();
+    assert_eq!(db.count().await as u64, rows);
+    rows as f64 / secs
+}
+
 async fn load_rate(schema: &Schema, rows: u64, batch: usize) -> f64 {
     let dirs = Dirs::new();
     let per_file = 5000usize;
@@ -211,15 +275,22 @@ fn main() {
         println!("pipelines: {rows} rows of ~2.5 KB per scenario\n");
         let pg_raw = raw_postgres(&schema, &csv, rows).await;
         println!("raw  PostgreSQL psql \\copy          {pg_raw:>9.0} rows/s");
-        println!("\n| ingest → PostgreSQL, 1 partition | rows/s | vs \\copy | seed |");
-        println!("|---|---|---|---|");
+        let kafka_raw = raw_consume(&broker, rows).await;
+        println!("raw  rdkafka consume, 1 partition    {kafka_raw:>9.0} msgs/s");
+        println!("\n| ingest → PostgreSQL, 1 partition | rows/s | vs consume | write path alone | vs \\copy | seed |");
+        println!("|---|---|---|---|---|---|");
         for (batch, seed) in [
             (500usize, "2,500 (at 1,000)"),
             (2000, "2,650"),
             (5000, "2,300"),
         ] {
             let r = ingest_rate(&broker, &schema, rows, batch).await;
-            println!("| batch {batch} | {r:.0} | {:.2}× | {seed} |", r / pg_raw);
+            let w = write_path_rate(&schema, rows, batch).await;
+            println!(
+                "| batch {batch} | {r:.0} | {:.2}× | {w:.0} | {:.2}× | {seed} |",
+                r / kafka_raw,
+                w / pg_raw
+            );
         }
         let my_raw = raw_mariadb(&schema, &csv, rows).await;
         println!("\nraw  MariaDB LOAD DATA LOCAL INFILE   {my_raw:>9.0} rows/s");

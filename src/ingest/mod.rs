@@ -97,7 +97,11 @@ pub async fn run(
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("statistics.interval.ms", "1000");
+        .set("statistics.interval.ms", "1000")
+        // A batch of 2,000 rows of 2.5 KB is 5 MB: fetch in pieces that size,
+        // not librdkafka's 1 MB per partition.
+        .set("max.partition.fetch.bytes", "8388608")
+        .set("fetch.max.bytes", "67108864");
     for (k, v) in &opts.extra {
         cfg.set(k, v);
     }
