@@ -9,11 +9,12 @@ use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use switchyard::admin::{self, Health};
+use switchyard::compare::{self, state::Status, Comparator, CompareError, CompareOptions};
 use switchyard::config::{parse_properties, PipelineConfig};
 use switchyard::db::{self, Db, Engine};
 use switchyard::ingest::{self, IngestOptions};
 use switchyard::load::{self, LoadOptions, Replay};
-use switchyard::metrics::{IngestMetrics, LoadMetrics};
+use switchyard::metrics::{CompareMetrics, IngestMetrics, LoadMetrics};
 use switchyard::route::{self, RouteOptions, StartError};
 
 /// Move an ingestion pipeline from offline files to Kafka with no downtime
@@ -36,6 +37,8 @@ enum Command {
     Load(Box<LoadArgs>),
     /// Kafka ingestion consumer: the topic, in batches, into the NEW database.
     Ingest(Box<IngestArgs>),
+    /// Shadow comparator: parity of OLD and NEW for what the stream says was sent.
+    Compare(Box<CompareArgs>),
     /// Database set-up.
     Db {
         #[command(subcommand)]
@@ -168,6 +171,79 @@ struct LoadArgs {
 }
 
 #[derive(Args)]
+struct CompareArgs {
+    /// Pipeline configuration (TOML); the embedded default when absent.
+    #[arg(long, env = "SWITCHYARD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Kafka bootstrap servers.
+    #[arg(
+        long,
+        env = "SWITCHYARD_KAFKA_BROKERS",
+        default_value = "127.0.0.1:9092"
+    )]
+    kafka_brokers: String,
+    /// Topic (overrides kafka.topic).
+    #[arg(long, env = "SWITCHYARD_KAFKA_TOPIC")]
+    kafka_topic: Option<String>,
+    /// Group id of the comparator's own consumer (it never commits offsets).
+    #[arg(
+        long,
+        env = "SWITCHYARD_COMPARE_GROUP",
+        default_value = "switchyard-compare"
+    )]
+    kafka_group: String,
+    /// Any librdkafka consumer property, key=value (secrets never logged).
+    #[arg(long = "kafka-config", env = "SWITCHYARD_KAFKA_CONFIG")]
+    kafka_config: Vec<String>,
+    /// The OLD database URL.
+    #[arg(long, env = "SWITCHYARD_OLD_DB_URL", hide_env_values = true)]
+    old_db_url: String,
+    /// The NEW database URL.
+    #[arg(long, env = "SWITCHYARD_NEW_DB_URL", hide_env_values = true)]
+    new_db_url: String,
+    /// Window width, in units of the time column (seconds).
+    #[arg(long, default_value_t = 60)]
+    window_secs: i64,
+    /// Check a window this long after its end and its last row (the loaders lag).
+    #[arg(long, default_value_t = 30.0)]
+    settle_secs: f64,
+    /// Missing rows are pending this long, then a mismatch.
+    #[arg(long, default_value_t = 300.0)]
+    max_lateness_secs: f64,
+    /// Check a judged window again this often (finds rows deleted later).
+    #[arg(long, default_value_t = 60.0)]
+    recheck_secs: f64,
+    /// How often due windows are looked for.
+    #[arg(long, default_value_t = 5.0)]
+    check_interval_secs: f64,
+    /// Forget windows whose last row is older than this.
+    #[arg(long, default_value_t = 3600.0)]
+    retain_secs: f64,
+    /// Missing ids listed per window and database.
+    #[arg(long, default_value_t = 100)]
+    max_ids: usize,
+    /// Admin address: /metrics, /healthz, /readyz, /parity.
+    #[arg(
+        long,
+        env = "SWITCHYARD_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9096"
+    )]
+    admin_listen: SocketAddr,
+    /// Read the topic to its end, check [--from, --to) now, print, exit (1 on a mismatch).
+    #[arg(long)]
+    once: bool,
+    /// With --once: first time value (inclusive, time column units).
+    #[arg(long, requires = "once")]
+    from: Option<i64>,
+    /// With --once: last time value (exclusive).
+    #[arg(long, requires = "once")]
+    to: Option<i64>,
+    /// With --once: print the report as JSON instead of a table.
+    #[arg(long, requires = "once")]
+    json: bool,
+}
+
+#[derive(Args)]
 struct IngestArgs {
     /// Pipeline configuration (TOML); the embedded default when absent.
     #[arg(long, env = "SWITCHYARD_CONFIG")]
@@ -260,6 +336,7 @@ fn main() -> ExitCode {
         Command::Route(args) => run_route(*args),
         Command::Load(args) => run_load(*args),
         Command::Ingest(args) => run_ingest(*args),
+        Command::Compare(args) => run_compare(*args),
         Command::Db {
             command: DbCommand::Init { config, db },
         } => run_db_init(config, db),
@@ -620,6 +697,146 @@ fn run_ingest(args: IngestArgs) -> ExitCode {
         admin_stop.cancel();
         let _ = admin_task.await;
         pool.close().await;
+        code
+    })
+}
+
+fn secs(name: &str, v: f64) -> Result<std::time::Duration, ExitCode> {
+    if v.is_finite() && (0.0..=30.0 * 86400.0).contains(&v) {
+        Ok(std::time::Duration::from_secs_f64(v))
+    } else {
+        eprintln!("switchyard: --{name} must be between 0 and 30 days");
+        Err(ExitCode::from(2))
+    }
+}
+
+fn run_compare(args: CompareArgs) -> ExitCode {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let _enter = rt.enter();
+    let kafka_extra = match kafka_props(&args.kafka_config) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let usage = |m: String| {
+        eprintln!("switchyard: {m}");
+        ExitCode::from(2)
+    };
+    let cfg = match PipelineConfig::load(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return usage(format!("configuration: {e}")),
+    };
+    let schema = match cfg.schema() {
+        Ok(s) => s,
+        Err(e) => return usage(format!("schema: {e}")),
+    };
+    let (old, new) = match (
+        Db::connect(&args.old_db_url, 4),
+        Db::connect(&args.new_db_url, 4),
+    ) {
+        (Ok(o), Ok(n)) => (o, n),
+        (Err(e), _) | (_, Err(e)) => return usage(e.to_string()),
+    };
+    if args.window_secs <= 0 {
+        return usage("--window-secs must be positive".into());
+    }
+    let durations = (|| {
+        Ok::<_, ExitCode>((
+            secs("settle-secs", args.settle_secs)?,
+            secs("max-lateness-secs", args.max_lateness_secs)?,
+            secs("recheck-secs", args.recheck_secs)?,
+            secs("check-interval-secs", args.check_interval_secs.max(0.05))?,
+            secs("retain-secs", args.retain_secs)?,
+        ))
+    })();
+    let (settle, max_lateness, recheck, check_interval, retain) = match durations {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
+    let opts = CompareOptions {
+        brokers: args.kafka_brokers.clone(),
+        topic: args.kafka_topic.clone().unwrap_or(cfg.kafka.topic.clone()),
+        group: args.kafka_group.clone(),
+        extra: kafka_extra,
+        window_secs: args.window_secs,
+        settle,
+        max_lateness,
+        recheck,
+        check_interval,
+        retain,
+        max_ids: args.max_ids,
+    };
+    rt.block_on(async move {
+        let registry = prometheus::Registry::new();
+        let metrics = match CompareMetrics::new(&registry) {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("switchyard: metrics: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let shutdown = CancellationToken::new();
+        switchyard::shutdown::cancel_on_signal(shutdown.clone());
+        for (db, url) in [(&old, &args.old_db_url), (&new, &args.new_db_url)] {
+            match db::wait_ready(db, &schema, url, &shutdown).await {
+                Ok(true) => {}
+                Ok(false) => return ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("switchyard: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        let cmp = Comparator::new(schema, old, new, opts, metrics);
+        if args.once {
+            let from = args.from.unwrap_or(i64::MIN);
+            let to = args.to.unwrap_or(i64::MAX);
+            return match cmp.once(from, to).await {
+                Ok(p) => {
+                    if args.json {
+                        match serde_json::to_string_pretty(&p) {
+                            Ok(j) => println!("{j}"),
+                            Err(e) => eprintln!("switchyard: {e}"),
+                        }
+                    } else {
+                        print!("{}", p.table());
+                    }
+                    match p.status {
+                        Status::Mismatch | Status::Pending => ExitCode::FAILURE,
+                        Status::Ok | Status::Open => ExitCode::SUCCESS,
+                    }
+                }
+                Err(e) => {
+                    eprintln!("switchyard: compare: {e}");
+                    ExitCode::from(3)
+                }
+            };
+        }
+        let admin_listener = match bind_admin(args.admin_listen).await {
+            Ok(l) => l,
+            Err(code) => return code,
+        };
+        let health = Health::starting("reading the topic");
+        let admin_stop = CancellationToken::new();
+        let router = admin::router(registry.clone(), health.clone())
+            .merge(compare::parity_router(cmp.clone()));
+        let admin_task = admin::spawn(admin_listener, router, admin_stop.clone());
+        health.ready();
+        let code = match cmp.run(shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e @ CompareError::Topic { .. }) | Err(e @ CompareError::Config(_)) => {
+                eprintln!("switchyard: compare: {e}");
+                ExitCode::from(2)
+            }
+            Err(e) => {
+                eprintln!("switchyard: compare: {e}");
+                ExitCode::FAILURE
+            }
+        };
+        admin_stop.cancel();
+        let _ = admin_task.await;
         code
     })
 }

@@ -459,6 +459,113 @@ impl Db {
         })
     }
 
+    /// Which of `keys` are present in `table` (the comparator's batched lookup
+    /// on the unique index). Keys are given and returned in their text form.
+    pub async fn existing_keys(
+        &self,
+        table: &Table,
+        keys: &[&str],
+    ) -> Result<std::collections::HashSet<String>, DbError> {
+        use crate::schema::ColumnType;
+        let engine = self.engine();
+        let key_col = table
+            .column(&table.key)
+            .map(|c| c.ty)
+            .unwrap_or(ColumnType::String);
+        let q = |s: &str| sql::quote(engine, s);
+        let mut found = std::collections::HashSet::with_capacity(keys.len());
+        let chunk = match engine {
+            Engine::Postgres => 10_000,
+            Engine::MySql | Engine::Sqlite => 5_000,
+        };
+        for part in keys.chunks(chunk) {
+            let rows: Vec<String> = match self {
+                Db::Postgres(pool) => {
+                    let cast = match key_col {
+                        ColumnType::Uuid => "uuid[]",
+                        ColumnType::Int => "bigint[]",
+                        _ => "text[]",
+                    };
+                    let text = format!(
+                        "SELECT {k}::text FROM {t} WHERE {k} = ANY($1::{cast})",
+                        k = q(&table.key),
+                        t = q(&table.name)
+                    );
+                    let query = sqlx::query_scalar::<_, String>(&text);
+                    let query = if key_col == ColumnType::Int {
+                        let ints: Vec<i64> = part.iter().filter_map(|k| k.parse().ok()).collect();
+                        query.bind(ints)
+                    } else {
+                        query.bind(part.to_vec())
+                    };
+                    query
+                        .fetch_all(pool)
+                        .await
+                        .map_err(|e| classify(engine, e))?
+                }
+                Db::MySql(pool) => {
+                    let mut qb = sqlx::QueryBuilder::<sqlx::MySql>::new(format!(
+                        "SELECT CAST({k} AS CHAR) FROM {t} WHERE {k} IN (",
+                        k = q(&table.key),
+                        t = q(&table.name)
+                    ));
+                    let mut sep = qb.separated(", ");
+                    for k in part {
+                        sep.push_bind(*k);
+                    }
+                    qb.push(")");
+                    qb.build_query_scalar::<String>()
+                        .fetch_all(pool)
+                        .await
+                        .map_err(|e| classify(engine, e))?
+                }
+                Db::Sqlite(pool) => {
+                    let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!(
+                        "SELECT CAST({k} AS TEXT) FROM {t} WHERE {k} IN (",
+                        k = q(&table.key),
+                        t = q(&table.name)
+                    ));
+                    let mut sep = qb.separated(", ");
+                    for k in part {
+                        sep.push_bind(*k);
+                    }
+                    qb.push(")");
+                    qb.build_query_scalar::<String>()
+                        .fetch_all(pool)
+                        .await
+                        .map_err(|e| classify(engine, e))?
+                }
+            };
+            found.extend(rows);
+        }
+        Ok(found)
+    }
+
+    /// Rows whose time column is in `[from, to)`.
+    pub async fn count_time_range(
+        &self,
+        table: &Table,
+        from: i64,
+        to: i64,
+    ) -> Result<i64, DbError> {
+        let engine = self.engine();
+        let text = format!(
+            "SELECT COUNT(*) FROM {} WHERE {t} >= {} AND {t} < {}",
+            sql::quote(engine, &table.name),
+            sql::placeholder(engine, 1),
+            sql::placeholder(engine, 2),
+            t = sql::quote(engine, &table.time),
+        );
+        with_pool!(self, pool, DB => {
+            sqlx::query_scalar::<_, i64>(&text)
+                .bind(from)
+                .bind(to)
+                .fetch_one(pool)
+                .await
+                .map_err(|e| classify(engine, e))
+        })
+    }
+
     /// Rows in a table (tests, progress reports).
     pub async fn count(&self, table: &str) -> Result<i64, DbError> {
         let engine = self.engine();

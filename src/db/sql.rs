@@ -29,7 +29,7 @@ pub fn quote(engine: Engine, ident: &str) -> String {
     }
 }
 
-fn placeholder(engine: Engine, n: usize) -> String {
+pub fn placeholder(engine: Engine, n: usize) -> String {
     match engine {
         Engine::Postgres => format!("${n}"),
         Engine::MySql | Engine::Sqlite => "?".to_string(),

@@ -80,6 +80,9 @@ impl ClientContext for QuietContext {
     }
 }
 
+/// Consumers that need no rebalance handling of their own use it too.
+impl rdkafka::consumer::ConsumerContext for QuietContext {}
+
 /// Why the sink could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {

@@ -1,0 +1,451 @@
+//! `switchyard compare`: the shadow comparator. It reads the topic with its
+//! own consumer (manual assignment, no offset ever committed, so the ingest
+//! group is untouched), learns from each message what was sent dual or
+//! Kafka-only, and once a window of the time column has settled, looks every
+//! expected key up in OLD and NEW (batched, on the unique index). A window
+//! still short after the settle delay is pending until the maximum lateness,
+//! then a mismatch; a row found once and missing later is a mismatch at once.
+
+mod report;
+pub mod state;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::{Map, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::db::{Db, DbError};
+use crate::kafka::{QuietContext, ROUTE_HEADER};
+use crate::metrics::CompareMetrics;
+use crate::schema::{ColumnType, Schema, Table};
+
+pub use report::{Parity, TableParity, WindowReport};
+use state::{judge, verdict, Sent, Status, Windows};
+
+/// How the comparator runs.
+#[derive(Debug, Clone)]
+pub struct CompareOptions {
+    pub brokers: String,
+    pub topic: String,
+    /// Its own group id (never committed; keeps broker-side tools readable).
+    pub group: String,
+    pub extra: Vec<(String, String)>,
+    /// Width of a window of the time column, in its unit (seconds).
+    pub window_secs: i64,
+    /// A window is checked this long after its end and its last row.
+    pub settle: Duration,
+    /// Missing rows are pending this long after the window was due, then a mismatch.
+    pub max_lateness: Duration,
+    /// A judged window is checked again this often (a row deleted later is found).
+    pub recheck: Duration,
+    /// How often due windows are looked for.
+    pub check_interval: Duration,
+    /// Windows whose last row is older than this are forgotten.
+    pub retain: Duration,
+    /// Missing ids listed per window and database.
+    pub max_ids: usize,
+}
+
+/// Why the comparator stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum CompareError {
+    #[error("invalid Kafka consumer configuration: {0}")]
+    Config(rdkafka::error::KafkaError),
+    #[error("topic {topic:?} is not readable on {brokers}: {message}")]
+    Topic {
+        topic: String,
+        brokers: String,
+        message: String,
+    },
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+fn now_unix() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// `GET /parity[?from=T&to=T]`: the last report, optionally only the windows
+/// overlapping `[from, to)`.
+pub fn parity_router(cmp: Arc<Comparator>) -> axum::Router {
+    use axum::extract::{Query, State};
+    #[derive(serde::Deserialize)]
+    struct Range {
+        from: Option<i64>,
+        to: Option<i64>,
+    }
+    async fn parity(
+        State(cmp): State<Arc<Comparator>>,
+        Query(r): Query<Range>,
+    ) -> axum::Json<Parity> {
+        axum::Json(cmp.parity().between(r.from, r.to))
+    }
+    axum::Router::new()
+        .route("/parity", axum::routing::get(parity))
+        .with_state(cmp)
+}
+
+/// The shared comparator: windows fed by the stream, checked against both databases.
+pub struct Comparator {
+    schema: Schema,
+    old: Db,
+    new: Db,
+    opts: CompareOptions,
+    windows: Mutex<Windows>,
+    metrics: CompareMetrics,
+    parity: RwLock<Parity>,
+}
+
+/// A message as the comparator reads it.
+#[derive(serde::Deserialize)]
+struct Envelope {
+    table: String,
+    row: Map<String, Value>,
+}
+
+/// A key's text form, as the databases return it.
+fn key_text(col: ColumnType, v: &Value) -> Option<String> {
+    match (col, v) {
+        (ColumnType::Uuid, Value::String(s)) => Some(s.to_ascii_lowercase()),
+        (_, Value::String(s)) => Some(s.clone()),
+        (_, Value::Number(n)) => Some(n.to_string()),
+        (_, Value::Bool(b)) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+impl Comparator {
+    pub fn new(
+        schema: Schema,
+        old: Db,
+        new: Db,
+        opts: CompareOptions,
+        metrics: CompareMetrics,
+    ) -> Arc<Comparator> {
+        Arc::new(Comparator {
+            windows: Mutex::new(Windows::new(opts.window_secs)),
+            schema,
+            old,
+            new,
+            opts,
+            metrics,
+            parity: RwLock::new(Parity::default()),
+        })
+    }
+
+    fn windows(&self) -> std::sync::MutexGuard<'_, Windows> {
+        self.windows.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The last report (for `/parity`).
+    pub fn parity(&self) -> Parity {
+        self.parity
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Records one message. Returns false for a message it cannot read.
+    pub fn observe(&self, payload: &[u8], route: Option<&[u8]>, now: f64) -> bool {
+        self.metrics.messages.inc();
+        let Some((table, time, key, group)) = self.parse(payload) else {
+            self.metrics.bad_messages.inc();
+            return false;
+        };
+        let sent = match route {
+            Some(b"dual") => Sent::Dual,
+            _ => Sent::Kafka,
+        };
+        self.windows()
+            .expect(&table.name, time, key, group, sent, now);
+        true
+    }
+
+    fn parse(&self, payload: &[u8]) -> Option<(&Table, i64, String, String)> {
+        let env: Envelope = serde_json::from_slice(payload).ok()?;
+        let table = self.schema.table(&env.table)?;
+        let key_col = table.column(&table.key)?.ty;
+        let key = key_text(key_col, env.row.get(&table.key)?)?;
+        let time = env.row.get(&table.time)?.as_i64()?;
+        let group = match env.row.get(&table.group) {
+            Some(Value::String(s)) => s.clone(),
+            Some(v) => v.to_string(),
+            None => String::new(),
+        };
+        Some((table, time, key, group))
+    }
+
+    /// Checks every window that is due (all of them, at once, with `force`:
+    /// the one-shot mode). Returns the rows verified.
+    pub async fn check(&self, force: bool, range: Option<(i64, i64)>) -> Result<u64, DbError> {
+        let started = Instant::now();
+        let now = now_unix();
+        let settle = self.opts.settle.as_secs_f64();
+        let recheck = self.opts.recheck.as_secs_f64();
+        // Snapshot what to check without holding the lock across I/O.
+        let todo: Vec<((String, i64), Vec<String>, Vec<String>)> = {
+            let ws = self.windows();
+            ws.map
+                .iter()
+                .filter(|(_, w)| match range {
+                    Some((from, to)) => w.end > from && w.start < to,
+                    None => true,
+                })
+                .filter(|(_, w)| {
+                    force
+                        || (now >= w.due_at(settle)
+                            && match (&w.last, w.status) {
+                                (None, _) | (_, Status::Open) => true,
+                                (Some(_), Status::Pending) => true,
+                                (Some(c), _) => now - c.at >= recheck,
+                            })
+                })
+                .map(|(k, w)| {
+                    let all: Vec<String> = w.rows.keys().cloned().collect();
+                    let dual: Vec<String> = w
+                        .rows
+                        .iter()
+                        .filter(|(_, e)| e.sent == Sent::Dual)
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    (k.clone(), all, dual)
+                })
+                .collect()
+        };
+        let mut verified = 0u64;
+        for ((table_name, start), all, dual) in todo {
+            let Some(table) = self.schema.table(&table_name) else {
+                continue;
+            };
+            let all_refs: Vec<&str> = all.iter().map(String::as_str).collect();
+            let dual_refs: Vec<&str> = dual.iter().map(String::as_str).collect();
+            let (found_new, found_old, in_new) = tokio::try_join!(
+                self.new.existing_keys(table, &all_refs),
+                async {
+                    if dual_refs.is_empty() {
+                        Ok(HashSet::new())
+                    } else {
+                        self.old.existing_keys(table, &dual_refs).await
+                    }
+                },
+                self.new
+                    .count_time_range(table, start, start + self.opts.window_secs),
+            )?;
+            verified += (all.len() + dual.len()) as u64;
+            let check_now = now_unix();
+            let mut ws = self.windows();
+            let Some(w) = ws.map.get_mut(&(table_name.clone(), start)) else {
+                continue;
+            };
+            let c = judge(
+                w,
+                &found_old,
+                &found_new,
+                in_new,
+                self.opts.max_ids,
+                check_now,
+            );
+            let due = *w.due.get_or_insert(w.due_at(settle).min(check_now));
+            let lateness = if force {
+                0.0
+            } else {
+                self.opts.max_lateness.as_secs_f64()
+            };
+            let missing = c.missing_old + c.missing_new;
+            // Rows added since the snapshot stay unjudged until the next pass.
+            let status = verdict(missing, w.was_ok, check_now, due, lateness);
+            if status == Status::Mismatch && w.status != Status::Mismatch {
+                tracing::warn!(table = %table_name, window_start = start, missing_old = c.missing_old,
+                    missing_new = c.missing_new, ids_new = ?c.missing_ids_new.iter().take(5).collect::<Vec<_>>(),
+                    ids_old = ?c.missing_ids_old.iter().take(5).collect::<Vec<_>>(), "parity mismatch");
+            }
+            if status == Status::Ok {
+                w.was_ok = true;
+            }
+            w.status = status;
+            w.last = Some(c);
+        }
+        self.metrics.rows_verified.inc_by(verified);
+        self.metrics
+            .check_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.publish(now);
+        Ok(verified)
+    }
+
+    /// Rebuilds the report and the gauges from the windows.
+    fn publish(&self, now: f64) {
+        let parity = {
+            let ws = self.windows();
+            report::build(&ws, &self.schema, now, self.opts.settle.as_secs_f64())
+        };
+        self.metrics.set(&parity, &self.schema);
+        *self.parity.write().unwrap_or_else(|p| p.into_inner()) = parity;
+    }
+
+    fn consumer(&self) -> Result<StreamConsumer<QuietContext>, CompareError> {
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", &self.opts.brokers)
+            .set("group.id", &self.opts.group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("max.partition.fetch.bytes", "8388608");
+        for (k, v) in &self.opts.extra {
+            cfg.set(k, v);
+        }
+        cfg.create_with_context(QuietContext::default())
+            .map_err(CompareError::Config)
+    }
+
+    /// Assigns every partition of the topic from its beginning; returns the
+    /// partitions' end offsets at that moment.
+    async fn assign_all(
+        &self,
+        c: &Arc<StreamConsumer<QuietContext>>,
+    ) -> Result<HashMap<i32, i64>, CompareError> {
+        let topic_err = |message: String| CompareError::Topic {
+            topic: self.opts.topic.clone(),
+            brokers: self.opts.brokers.clone(),
+            message,
+        };
+        let (cc, topic) = (c.clone(), self.opts.topic.clone());
+        let ends = tokio::task::spawn_blocking(move || -> Result<HashMap<i32, i64>, String> {
+            let timeout = rdkafka::util::Timeout::After(Duration::from_secs(10));
+            let md = cc
+                .fetch_metadata(Some(&topic), timeout)
+                .map_err(|e| e.to_string())?;
+            let t = md
+                .topics()
+                .iter()
+                .find(|t| t.name() == topic)
+                .ok_or("no metadata for the topic")?;
+            if t.error().is_some() || t.partitions().is_empty() {
+                return Err("the topic does not exist".into());
+            }
+            let mut ends = HashMap::new();
+            for p in t.partitions() {
+                let (_, hi) = cc
+                    .fetch_watermarks(&topic, p.id(), timeout)
+                    .map_err(|e| e.to_string())?;
+                ends.insert(p.id(), hi);
+            }
+            Ok(ends)
+        })
+        .await
+        .map_err(|e| topic_err(e.to_string()))?
+        .map_err(topic_err)?;
+        let mut tpl = TopicPartitionList::new();
+        for p in ends.keys() {
+            tpl.add_partition_offset(&self.opts.topic, *p, Offset::Beginning)
+                .map_err(CompareError::Config)?;
+        }
+        c.assign(&tpl).map_err(CompareError::Config)?;
+        Ok(ends)
+    }
+
+    /// Reads the topic and checks windows until `shutdown`.
+    pub async fn run(self: &Arc<Self>, shutdown: CancellationToken) -> Result<(), CompareError> {
+        let consumer = Arc::new(self.consumer()?);
+        self.assign_all(&consumer).await?;
+        tracing::info!(topic = %self.opts.topic, window_secs = self.opts.window_secs,
+            settle_secs = self.opts.settle.as_secs(), max_lateness_secs = self.opts.max_lateness.as_secs(),
+            "comparator reading the topic");
+        let checker = {
+            let me = self.clone();
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(me.opts.check_interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tick.tick() => {}
+                    }
+                    let pruned = me
+                        .windows()
+                        .prune(now_unix() - me.opts.retain.as_secs_f64());
+                    if pruned > 0 {
+                        tracing::debug!(pruned, "forgot windows past retention");
+                    }
+                    if let Err(e) = me.check(false, None).await {
+                        me.metrics.check_errors.inc();
+                        tracing::warn!(error = %e, "parity check failed; retrying next interval");
+                    }
+                }
+            })
+        };
+        let oldest = |now: f64| (now - self.opts.retain.as_secs_f64()) * 1000.0;
+        loop {
+            let m = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                m = consumer.recv() => m,
+            };
+            match m {
+                Ok(m) => {
+                    let now = now_unix();
+                    if m.timestamp()
+                        .to_millis()
+                        .is_some_and(|ts| (ts as f64) < oldest(now))
+                    {
+                        continue;
+                    }
+                    let route = m.headers().and_then(|h| {
+                        h.iter()
+                            .find(|h| h.key == ROUTE_HEADER)
+                            .and_then(|h| h.value)
+                    });
+                    self.observe(m.payload().unwrap_or_default(), route, now);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "comparator consumer error");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        let _ = checker.await;
+        Ok(())
+    }
+
+    /// One-shot: reads the topic up to its current end, checks every window
+    /// overlapping `[from, to)` now, and returns the report.
+    pub async fn once(self: &Arc<Self>, from: i64, to: i64) -> Result<Parity, CompareError> {
+        let consumer = Arc::new(self.consumer()?);
+        let ends = self.assign_all(&consumer).await?;
+        let mut remaining: HashMap<i32, i64> = ends.into_iter().filter(|(_, hi)| *hi > 0).collect();
+        while !remaining.is_empty() {
+            let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+                .await
+                .map_err(|_| CompareError::Topic {
+                    topic: self.opts.topic.clone(),
+                    brokers: self.opts.brokers.clone(),
+                    message: "no message for 30 s before reaching the end of the topic".into(),
+                })?;
+            let Ok(m) = m else { continue };
+            let route = m.headers().and_then(|h| {
+                h.iter()
+                    .find(|h| h.key == ROUTE_HEADER)
+                    .and_then(|h| h.value)
+            });
+            self.observe(m.payload().unwrap_or_default(), route, now_unix());
+            if let Some(hi) = remaining.get(&m.partition()) {
+                if m.offset() + 1 >= *hi {
+                    remaining.remove(&m.partition());
+                }
+            }
+        }
+        self.windows()
+            .map
+            .retain(|_, w| w.end > from && w.start < to);
+        self.check(true, Some((from, to))).await?;
+        Ok(self.parity())
+    }
+}

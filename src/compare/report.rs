@@ -1,0 +1,225 @@
+//! The parity report: `/parity` JSON, the gauges, and the one-shot table.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use serde::Serialize;
+
+use super::state::{Checked, Status, Windows};
+use crate::schema::Schema;
+
+/// Windows listed per table in the report, newest first.
+const MAX_WINDOWS: usize = 500;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WindowReport {
+    pub start: i64,
+    pub end: i64,
+    pub status: Status,
+    /// Rows the stream announced for this window.
+    pub rows: usize,
+    pub check: Option<Checked>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TableParity {
+    pub table: String,
+    /// Windows by status.
+    pub windows: BTreeMap<&'static str, usize>,
+    pub expected_old: usize,
+    pub expected_new: usize,
+    pub found_old: usize,
+    pub found_new: usize,
+    pub missing_old: usize,
+    pub missing_new: usize,
+    pub extra_new: i64,
+    /// found / expected over checked windows (1 when nothing is expected).
+    pub parity_old: f64,
+    pub parity_new: f64,
+    /// Seconds since the newest window verified ok became due.
+    pub last_verified_age_secs: Option<f64>,
+    pub details: Vec<WindowReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Parity {
+    /// The worst verdict of any checked window: ok, pending, mismatch (open
+    /// when nothing was checked yet).
+    pub status: Status,
+    pub generated_at: f64,
+    pub tables: Vec<TableParity>,
+}
+
+impl Default for Parity {
+    fn default() -> Parity {
+        Parity {
+            status: Status::Open,
+            generated_at: 0.0,
+            tables: Vec::new(),
+        }
+    }
+}
+
+fn ratio(found: usize, expected: usize) -> f64 {
+    if expected == 0 {
+        1.0
+    } else {
+        found as f64 / expected as f64
+    }
+}
+
+pub fn build(ws: &Windows, schema: &Schema, now: f64, settle: f64) -> Parity {
+    let mut tables: Vec<TableParity> = schema
+        .tables()
+        .iter()
+        .map(|t| TableParity {
+            table: t.name.clone(),
+            windows: [Status::Open, Status::Ok, Status::Pending, Status::Mismatch]
+                .iter()
+                .map(|s| (s.as_str(), 0))
+                .collect(),
+            ..TableParity::default()
+        })
+        .collect();
+    let mut overall = Status::Open;
+    for w in ws.map.values().rev() {
+        let Some(t) = tables.iter_mut().find(|t| t.table == w.table) else {
+            continue;
+        };
+        *t.windows.entry(w.status.as_str()).or_default() += 1;
+        if w.status != Status::Open {
+            overall = overall.max(w.status);
+        }
+        if let Some(c) = &w.last {
+            t.expected_old += c.expected_old;
+            t.expected_new += c.expected_new;
+            t.found_old += c.found_old;
+            t.found_new += c.found_new;
+            t.missing_old += c.missing_old;
+            t.missing_new += c.missing_new;
+            t.extra_new += c.extra_new;
+        }
+        if w.status == Status::Ok {
+            let age = now - w.due.unwrap_or_else(|| w.due_at(settle));
+            t.last_verified_age_secs = Some(match t.last_verified_age_secs {
+                Some(a) => a.min(age),
+                None => age,
+            });
+        }
+        if t.details.len() < MAX_WINDOWS {
+            t.details.push(WindowReport {
+                start: w.start,
+                end: w.end,
+                status: w.status,
+                rows: w.rows.len(),
+                check: w.last.clone(),
+            });
+        }
+    }
+    for t in &mut tables {
+        t.parity_old = ratio(t.found_old, t.expected_old);
+        t.parity_new = ratio(t.found_new, t.expected_new);
+        t.last_verified_age_secs = t.last_verified_age_secs.map(|a| a.max(0.0));
+    }
+    Parity {
+        status: overall,
+        generated_at: now,
+        tables,
+    }
+}
+
+impl Parity {
+    /// Windows matching `[from, to)` only (the controller asks about the
+    /// windows written during one step).
+    pub fn between(&self, from: Option<i64>, to: Option<i64>) -> Parity {
+        let mut p = self.clone();
+        let mut overall = Status::Open;
+        for t in &mut p.tables {
+            t.details
+                .retain(|w| from.is_none_or(|f| w.end > f) && to.is_none_or(|e| w.start < e));
+            for w in &t.details {
+                if w.status != Status::Open {
+                    overall = overall.max(w.status);
+                }
+            }
+        }
+        if from.is_some() || to.is_some() {
+            p.status = overall;
+        }
+        p
+    }
+
+    /// The one-shot table a person reads.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{:<16} {:>23}  {:<8} {:>15} {:>15} {:>15} {:>7}",
+            "table",
+            "window [from, to)",
+            "status",
+            "expected o/n",
+            "found o/n",
+            "missing o/n",
+            "extra"
+        );
+        for t in &self.tables {
+            for w in t.details.iter().rev() {
+                let (e, f, m, x) = match &w.check {
+                    Some(c) => (
+                        format!("{}/{}", c.expected_old, c.expected_new),
+                        format!("{}/{}", c.found_old, c.found_new),
+                        format!("{}/{}", c.missing_old, c.missing_new),
+                        c.extra_new.to_string(),
+                    ),
+                    None => ("-".into(), "-".into(), "-".into(), "-".into()),
+                };
+                let _ = writeln!(
+                    out,
+                    "{:<16} {:>23}  {:<8} {:>15} {:>15} {:>15} {:>7}",
+                    t.table,
+                    format!("{}–{}", w.start, w.end),
+                    w.status.as_str(),
+                    e,
+                    f,
+                    m,
+                    x
+                );
+                if let Some(c) = &w.check {
+                    if !c.missing_ids_old.is_empty() {
+                        let _ =
+                            writeln!(out, "    missing in OLD: {}", c.missing_ids_old.join(", "));
+                    }
+                    if !c.missing_ids_new.is_empty() {
+                        let _ =
+                            writeln!(out, "    missing in NEW: {}", c.missing_ids_new.join(", "));
+                    }
+                    if !c.worst_groups.is_empty() && (c.missing_old + c.missing_new) > 0 {
+                        let groups: Vec<String> = c
+                            .worst_groups
+                            .iter()
+                            .map(|(g, n)| format!("{g}: {n}"))
+                            .collect();
+                        let _ = writeln!(out, "    by group: {}", groups.join(", "));
+                    }
+                }
+            }
+            let _ = writeln!(
+                out,
+                "{:<16} total: expected {}/{}, found {}/{}, missing {}/{}, extra {}; parity OLD {:.6}, NEW {:.6}",
+                t.table,
+                t.expected_old,
+                t.expected_new,
+                t.found_old,
+                t.found_new,
+                t.missing_old,
+                t.missing_new,
+                t.extra_new,
+                t.parity_old,
+                t.parity_new
+            );
+        }
+        let _ = writeln!(out, "parity: {}", self.status.as_str());
+        out
+    }
+}
