@@ -105,6 +105,13 @@ pub struct Comparator {
     parity: RwLock<Parity>,
 }
 
+/// A window to check, copied out of the lock: every key, and the dual ones.
+struct DueWindow {
+    key: (String, i64),
+    all: Vec<String>,
+    dual: Vec<String>,
+}
+
 /// A message as the comparator reads it.
 #[derive(serde::Deserialize)]
 struct Envelope {
@@ -192,7 +199,7 @@ impl Comparator {
         let settle = self.opts.settle.as_secs_f64();
         let recheck = self.opts.recheck.as_secs_f64();
         // Snapshot what to check without holding the lock across I/O.
-        let todo: Vec<((String, i64), Vec<String>, Vec<String>)> = {
+        let todo: Vec<DueWindow> = {
             let ws = self.windows();
             ws.map
                 .iter()
@@ -217,12 +224,21 @@ impl Comparator {
                         .filter(|(_, e)| e.sent == Sent::Dual)
                         .map(|(k, _)| k.clone())
                         .collect();
-                    (k.clone(), all, dual)
+                    DueWindow {
+                        key: k.clone(),
+                        all,
+                        dual,
+                    }
                 })
                 .collect()
         };
         let mut verified = 0u64;
-        for ((table_name, start), all, dual) in todo {
+        for DueWindow {
+            key: (table_name, start),
+            all,
+            dual,
+        } in todo
+        {
             let Some(table) = self.schema.table(&table_name) else {
                 continue;
             };
