@@ -30,6 +30,23 @@ pub(crate) fn counter_vec(
     Ok(c)
 }
 
+/// Creates the series of a bounded label set at zero, so dashboards and alert
+/// rules see 0 rather than no data before the first event.
+fn zero(c: &IntCounterVec, values: &[&[&str]]) {
+    for v in values {
+        c.with_label_values(v).inc_by(0);
+    }
+}
+
+/// Delivery failure kinds (`DeliveryError::kind`).
+pub const DELIVERY_ERROR_KINDS: [&str; 5] = [
+    "timeout",
+    "queue_full",
+    "broker",
+    "canceled",
+    "breaker_open",
+];
+
 pub(crate) fn histogram(reg: &Registry, name: &str, help: &str) -> prometheus::Result<Histogram> {
     let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()))?;
     reg.register(Box::new(h.clone()))?;
@@ -112,7 +129,7 @@ impl RouteMetrics {
         reg.register(Box::new(request_seconds.clone()))?;
         let ready = Gauge::new("switchyard_route_ready", "1 when /readyz answers 200")?;
         reg.register(Box::new(ready.clone()))?;
-        Ok(RouteMetrics {
+        let m = RouteMetrics {
             requests: counter_vec(
                 reg,
                 "switchyard_route_requests_total",
@@ -212,14 +229,20 @@ impl RouteMetrics {
                 )?,
             },
             kafka: KafkaMetrics::new(reg, "route")?,
-        })
+        };
+        for route in ["dual", "kafka"] {
+            for kind in DELIVERY_ERROR_KINDS {
+                zero(&m.fallbacks, &[&[route, kind]]);
+            }
+        }
+        Ok(m)
     }
 }
 
 impl KafkaMetrics {
     /// `switchyard_<role>_kafka_*`: the router produces, the loader replays.
     pub fn new(reg: &Registry, role: &str) -> prometheus::Result<KafkaMetrics> {
-        Ok(KafkaMetrics {
+        let m = KafkaMetrics {
             delivery_seconds: histogram(
                 reg,
                 &format!("switchyard_{role}_kafka_delivery_duration_seconds"),
@@ -236,7 +259,11 @@ impl KafkaMetrics {
                 &format!("switchyard_{role}_kafka_breaker_open"),
                 "1 while Kafka deliveries are skipped after failures",
             )?,
-        })
+        };
+        for k in DELIVERY_ERROR_KINDS {
+            zero(&m.delivery_errors, &[&[k]]);
+        }
+        Ok(m)
     }
 }
 
@@ -277,7 +304,7 @@ impl SinkMetrics {
             .buckets(BATCH_BUCKETS.to_vec()),
         )?;
         reg.register(Box::new(batch_rows.clone()))?;
-        Ok(SinkMetrics {
+        let m = SinkMetrics {
             rows: counter_vec(
                 reg,
                 &format!("switchyard_{role}_rows_total"),
@@ -312,7 +339,10 @@ impl SinkMetrics {
                 &format!("switchyard_{role}_last_commit_timestamp_seconds"),
                 "Unix time of the last successful database commit",
             )?,
-        })
+        };
+        zero(&m.retries, &[&["database"], &["kafka"]]);
+        zero(&m.dead_letters, &[&["parse"], &["schema"], &["rejected"]]);
+        Ok(m)
     }
 
     pub fn committed(&self) {
@@ -343,7 +373,7 @@ pub struct LoadMetrics {
 
 impl LoadMetrics {
     pub fn new(reg: &Registry) -> prometheus::Result<LoadMetrics> {
-        Ok(LoadMetrics {
+        let m = LoadMetrics {
             sink: SinkMetrics::new(reg, "load")?,
             files_pending: int_gauge(
                 reg,
@@ -382,7 +412,9 @@ impl LoadMetrics {
                 &["route"],
             )?,
             kafka: KafkaMetrics::new(reg, "load")?,
-        })
+        };
+        zero(&m.replayed, &[&["kafka"], &["dual"]]);
+        Ok(m)
     }
 }
 
@@ -416,7 +448,7 @@ impl IngestMetrics {
             &["topic", "partition"],
         )?;
         reg.register(Box::new(lag_seconds.clone()))?;
-        Ok(IngestMetrics {
+        let m = IngestMetrics {
             sink: SinkMetrics::new(reg, "ingest")?,
             messages: counter(
                 reg,
@@ -441,7 +473,9 @@ impl IngestMetrics {
                 "switchyard_ingest_revoked_dropped_total",
                 "Messages dropped uncommitted from a batch because their partition was revoked",
             )?,
-        })
+        };
+        zero(&m.rebalances, &[&["assign"], &["revoke"]]);
+        Ok(m)
     }
 }
 

@@ -1,0 +1,313 @@
+//! A real Prometheus scrapes every role while traffic flows; then every
+//! dashboard panel's query and every alert rule's signal is run against it,
+//! and each must parse and return data. `promtool check rules` must pass.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// Every `expr` of every panel of every dashboard, with its panel title.
+fn dashboard_queries() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(repo("dashboards"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 3, "dashboards/*.json");
+    for f in files {
+        let d: Value = serde_json::from_str(&std::fs::read_to_string(&f).unwrap())
+            .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        assert!(
+            d["uid"].is_string() && d["title"].is_string(),
+            "{}",
+            f.display()
+        );
+        for p in d["panels"].as_array().unwrap() {
+            if p["type"] == "row" {
+                continue;
+            }
+            let targets = p["targets"].as_array().unwrap();
+            assert!(
+                !targets.is_empty(),
+                "{}: a panel without a query",
+                f.display()
+            );
+            for t in targets {
+                out.push((
+                    format!(
+                        "{} / {}",
+                        d["title"].as_str().unwrap(),
+                        p["title"].as_str().unwrap()
+                    ),
+                    t["expr"].as_str().unwrap().to_string(),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// (alert name, signal): each rule is `<signal> > <threshold>`.
+fn alert_signals() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(repo("dashboards/alerts.yml")).unwrap();
+    let mut out = Vec::new();
+    let mut name = String::new();
+    for line in text.lines() {
+        let l = line.trim();
+        if let Some(n) = l.strip_prefix("- alert:") {
+            name = n.trim().to_string();
+        } else if let Some(e) = l.strip_prefix("expr:") {
+            let (signal, threshold) = e
+                .trim()
+                .rsplit_once(" > ")
+                .expect("`<signal> > <threshold>`");
+            assert!(
+                threshold.trim().parse::<f64>().is_ok(),
+                "{name}: {threshold}"
+            );
+            out.push((name.clone(), signal.trim().to_string()));
+        }
+    }
+    assert!(out.len() >= 4, "alert rules");
+    out
+}
+
+struct Prometheus {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    fn start(targets: &[(&str, u16)]) -> Prometheus {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let jobs: String = targets
+            .iter()
+            .map(|(job, p)| {
+                format!("  - job_name: {job}\n    static_configs:\n      - targets: ['127.0.0.1:{p}']\n")
+            })
+            .collect();
+        let cfg = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n{jobs}",
+            repo("dashboards/alerts.yml").display()
+        );
+        let cfg_path = dir.path().join("prometheus.yml");
+        std::fs::write(&cfg_path, cfg).unwrap();
+        let child = Command::new("prometheus")
+            .args([
+                &format!("--config.file={}", cfg_path.display()),
+                &format!("--storage.tsdb.path={}", dir.path().join("data").display()),
+                &format!("--web.listen-address=127.0.0.1:{port}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus is not installed: run scripts/services");
+        assert!(
+            wait_for_port(port, Duration::from_secs(20)),
+            "prometheus port"
+        );
+        Prometheus {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    async fn query(&self, q: &str) -> Value {
+        reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{}/api/v1/query", self.port))
+            .query(&[("query", q)])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    async fn rules(&self) -> Value {
+        reqwest::get(format!("http://127.0.0.1:{}/api/v1/rules", self.port))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_panel_and_alert_returns_data_from_a_real_prometheus() {
+    let out = Command::new("promtool")
+        .args([
+            "check",
+            "rules",
+            &repo("dashboards/alerts.yml").display().to_string(),
+        ])
+        .output()
+        .expect("promtool is not installed: run scripts/services");
+    assert!(
+        out.status.success(),
+        "promtool: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    let broker = Broker::start();
+    let topic = unique("obs");
+    create_topic(&broker.brokers(), &topic, 2).await;
+    let dirs = Dirs::new();
+    let text =
+        switchyard::config::EMBEDDED.replace("max_file_age_secs = 60", "max_file_age_secs = 1");
+    let cfg_path = write_config(&text, &dirs, &topic);
+    let schema = config(&dirs, &topic).schema().unwrap();
+    let old = TestDb::mariadb(&schema).await;
+    let new = TestDb::postgres(&schema).await;
+    set_flag(&dirs.flags, "switchyard-dual-write", json!(50));
+    set_flag(&dirs.flags, "switchyard-kafka-only", json!(25));
+    let (cfg, brokers) = (cfg_path.display().to_string(), broker.brokers());
+    let router = Process::spawn(&cfg_path, &brokers);
+    let group = unique("g");
+    let ingest = Role::spawn(&[
+        "ingest",
+        "--config",
+        &cfg,
+        "--kafka-brokers",
+        &brokers,
+        "--kafka-group",
+        &group,
+        "--db-url",
+        &new.url,
+    ]);
+    let load = Role::spawn(&[
+        "load",
+        "--config",
+        &cfg,
+        "--kafka-brokers",
+        &brokers,
+        "--db-url",
+        &old.url,
+    ]);
+    let compare = Role::spawn(&[
+        "compare",
+        "--config",
+        &cfg,
+        "--kafka-brokers",
+        &brokers,
+        "--old-db-url",
+        &old.url,
+        "--new-db-url",
+        &new.url,
+        "--settle-secs",
+        "1",
+        "--check-interval-secs",
+        "0.5",
+        "--recheck-secs",
+        "1",
+    ]);
+    let prom = Prometheus::start(&[
+        ("route", router.admin_port),
+        ("ingest", ingest.admin_port),
+        ("load", load.admin_port),
+        ("compare", compare.admin_port),
+    ]);
+
+    // Traffic, with a few refused requests so the error panels have data.
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = {
+        let (url, stop) = (router.url(), stop.clone());
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut seq = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let mut body = String::new();
+                for _ in 0..20 {
+                    seq += 1;
+                    body.push_str(&envelope(seq % 211, seq, 300).to_string());
+                    body.push('\n');
+                }
+                let _ = client
+                    .post(&url)
+                    .header("content-type", "application/x-ndjson")
+                    .body(body)
+                    .send()
+                    .await;
+                if seq.is_multiple_of(400) {
+                    let _ = client
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .body("{")
+                        .send()
+                        .await;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let up = prom.query("sum(up)").await;
+    eprintln!("prometheus up: {up}");
+    let mut pending: Vec<(String, String)> = dashboard_queries()
+        .into_iter()
+        .chain(
+            alert_signals()
+                .into_iter()
+                .map(|(n, s)| (format!("alert {n}"), s)),
+        )
+        .collect();
+    let total = pending.len();
+    while !pending.is_empty() && Instant::now() < deadline {
+        let mut still = Vec::new();
+        for (what, expr) in pending {
+            let q = expr.replace("$__rate_interval", "10s");
+            let v = prom.query(&q).await;
+            assert_eq!(v["status"], "success", "{what}: {q} does not parse: {v}");
+            if v["data"]["result"].as_array().is_none_or(|r| r.is_empty()) {
+                still.push((what, expr));
+            }
+        }
+        pending = still;
+        if !pending.is_empty() {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = traffic.await;
+    assert!(
+        pending.is_empty(),
+        "queries without data after 90 s: {:#?}",
+        pending
+    );
+    let rules = prom.rules().await;
+    let mut n = 0;
+    for g in rules["data"]["groups"].as_array().unwrap() {
+        for r in g["rules"].as_array().unwrap() {
+            n += 1;
+            assert_eq!(r["health"], "ok", "rule {}: {}", r["name"], r["lastError"]);
+        }
+    }
+    assert_eq!(n, alert_signals().len());
+    eprintln!("{total} panel queries and alert signals returned data; {n} rules evaluated healthy");
+}
