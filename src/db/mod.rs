@@ -541,6 +541,39 @@ impl Db {
         Ok(found)
     }
 
+    /// The keys of the rows whose time column is in `[from, to)`: one range
+    /// scan of the (time, key) index, which covers it.
+    pub async fn keys_in_time_range(
+        &self,
+        table: &Table,
+        from: i64,
+        to: i64,
+    ) -> Result<std::collections::HashSet<String>, DbError> {
+        let engine = self.engine();
+        let key = sql::quote(engine, &table.key);
+        let projection = match engine {
+            Engine::Postgres => format!("{key}::text"),
+            Engine::MySql => format!("CAST({key} AS CHAR)"),
+            Engine::Sqlite => format!("CAST({key} AS TEXT)"),
+        };
+        let text = format!(
+            "SELECT {projection} FROM {} WHERE {t} >= {} AND {t} < {}",
+            sql::quote(engine, &table.name),
+            sql::placeholder(engine, 1),
+            sql::placeholder(engine, 2),
+            t = sql::quote(engine, &table.time),
+        );
+        with_pool!(self, pool, DB => {
+            let keys: Vec<String> = sqlx::query_scalar::<_, String>(&text)
+                .bind(from)
+                .bind(to)
+                .fetch_all(pool)
+                .await
+                .map_err(|e| classify(engine, e))?;
+            Ok(keys.into_iter().collect())
+        })
+    }
+
     /// Rows whose time column is in `[from, to)`.
     pub async fn count_time_range(
         &self,

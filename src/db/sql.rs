@@ -90,9 +90,15 @@ pub fn init_statements(engine: Engine, schema: &Schema) -> Vec<String> {
             q(&index_name(&t.name, &t.key, "key")),
             q(&t.key)
         ));
+        // (time, key): the comparator's range scans read only this index.
         let time_index = index_name(&t.name, &t.time, "idx");
         if engine == Engine::MySql {
-            cols.push(format!("KEY {} ({})", q(&time_index), q(&t.time)));
+            cols.push(format!(
+                "KEY {} ({}, {})",
+                q(&time_index),
+                q(&t.time),
+                q(&t.key)
+            ));
         }
         out.push(format!(
             "CREATE TABLE IF NOT EXISTS {} ({}){}",
@@ -106,10 +112,11 @@ pub fn init_statements(engine: Engine, schema: &Schema) -> Vec<String> {
         ));
         if engine != Engine::MySql {
             out.push(format!(
-                "CREATE INDEX IF NOT EXISTS {} ON {} ({})",
+                "CREATE INDEX IF NOT EXISTS {} ON {} ({}, {})",
                 q(&time_index),
                 q(&t.name),
-                q(&t.time)
+                q(&t.time),
+                q(&t.key)
             ));
         }
     }
@@ -290,7 +297,7 @@ mod tests {
         let my = init_statements(Engine::MySql, &schema).join(";\n");
         assert!(my.contains("`body` LONGTEXT NOT NULL"), "{my}");
         assert!(
-            my.contains("KEY `raw_item_timestamp_idx` (`timestamp`)"),
+            my.contains("KEY `raw_item_timestamp_idx` (`timestamp`, `uuid`)"),
             "{my}"
         );
         let lite = init_statements(Engine::Sqlite, &schema).join(";\n");
