@@ -465,6 +465,18 @@ impl Comparator {
                 }
             }
         }
+        // Then until the topic has been quiet for a second: a broker whose
+        // high watermark lags its log (tansu's memory engine does) must not
+        // cut the read short.
+        while let Ok(m) = tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await {
+            let Ok(m) = m else { continue };
+            let route = m.headers().and_then(|h| {
+                h.iter()
+                    .find(|h| h.key == ROUTE_HEADER)
+                    .and_then(|h| h.value)
+            });
+            self.observe(m.payload().unwrap_or_default(), route, now_unix());
+        }
         self.windows()
             .map
             .retain(|_, w| w.end > from && w.start < to);
