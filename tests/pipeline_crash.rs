@@ -39,8 +39,7 @@ async fn loader_killed_mid_batch_loses_and_duplicates_nothing() {
     }
     let mut args_once = args.to_vec();
     args_once.push("--once");
-    let mut last = Role::spawn(&args_once);
-    let status = last.wait_exit(Duration::from_secs(120));
+    let status = Role::run_to_end(&args_once, Duration::from_secs(120));
     assert!(status.success(), "{status}");
     let rows = old.raw_items().await; // panics on a duplicate
     assert_eq!(rows.len(), uuids.len(), "every line loaded exactly once");
@@ -173,9 +172,7 @@ async fn sigterm_drains_both_roles() {
     let _ingest = Role::spawn(&ingest_args);
     let mut once = load_args.to_vec();
     once.push("--once");
-    assert!(Role::spawn(&once)
-        .wait_exit(Duration::from_secs(60))
-        .success());
+    assert!(Role::run_to_end(&once, Duration::from_secs(60)).success());
     eventually("every message", Duration::from_secs(60), || async {
         new.count().await == n as i64
     })

@@ -796,6 +796,31 @@ impl Role {
         r
     }
 
+    /// Runs a role that exits by itself (`load --once`) to its end.
+    pub fn run_to_end(args: &[&str], timeout: Duration) -> std::process::ExitStatus {
+        let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        all.push("--admin-listen".into());
+        all.push(format!("127.0.0.1:{}", free_port()));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(&all)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn switchyard");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(s)) = child.try_wait() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("switchyard {} did not finish in {timeout:?}", args[0]);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// One metric from the role's /metrics (summed over matching series).
     pub fn metric(&self, name: &str) -> f64 {
         use std::io::{Read, Write};
