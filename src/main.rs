@@ -12,6 +12,7 @@ use switchyard::admin::{self, Health};
 use switchyard::compare::{self, state::Status, Comparator, CompareError, CompareOptions};
 use switchyard::config::{parse_properties, PipelineConfig};
 use switchyard::db::{self, Db, Engine};
+use switchyard::flags::LaunchDarklyOptions;
 use switchyard::ingest::{self, IngestOptions};
 use switchyard::load::{self, LoadOptions, Replay};
 use switchyard::metrics::{CompareMetrics, IngestMetrics, LoadMetrics};
@@ -323,6 +324,26 @@ struct RouteArgs {
     /// Local flags folder (overrides flags.dir).
     #[arg(long, env = "SWITCHYARD_FLAGS_DIR")]
     flags_dir: Option<PathBuf>,
+    /// LaunchDarkly server-side SDK key: flags come from LaunchDarkly's
+    /// streaming service instead of the local folder (never logged).
+    #[arg(long, env = "LD_SDK_KEY", hide_env_values = true)]
+    ld_sdk_key: Option<String>,
+    /// LaunchDarkly streaming URI (a Relay Proxy or a private instance).
+    #[arg(long, env = "LD_STREAM_URI")]
+    ld_stream_uri: Option<String>,
+    /// LaunchDarkly base (polling) URI.
+    #[arg(long, env = "LD_BASE_URI")]
+    ld_base_uri: Option<String>,
+    /// LaunchDarkly events URI.
+    #[arg(long, env = "LD_EVENTS_URI")]
+    ld_events_uri: Option<String>,
+    /// Send evaluation events to LaunchDarkly (off by default).
+    #[arg(long, env = "LD_SEND_EVENTS")]
+    ld_send_events: bool,
+    /// How long start-up waits for the first flag payload, in milliseconds;
+    /// then the router runs on the safe default (legacy) until flags arrive.
+    #[arg(long, env = "LD_INIT_TIMEOUT_MS", default_value_t = 5000)]
+    ld_init_timeout_ms: u64,
 }
 
 fn main() -> ExitCode {
@@ -417,10 +438,20 @@ fn run_route(args: RouteArgs) -> ExitCode {
         };
         let shutdown = CancellationToken::new();
         switchyard::shutdown::cancel_on_signal(shutdown.clone());
+        let launchdarkly = args.ld_sdk_key.clone().map(|sdk_key| LaunchDarklyOptions {
+            sdk_key,
+            stream_uri: args.ld_stream_uri.clone(),
+            base_uri: args.ld_base_uri.clone(),
+            events_uri: args.ld_events_uri.clone(),
+            send_events: args.ld_send_events,
+            init_timeout: std::time::Duration::from_millis(args.ld_init_timeout_ms),
+            reconnect_delay: std::time::Duration::from_millis(500),
+        });
         let opts = RouteOptions {
             config,
             kafka_brokers: args.kafka_brokers,
             kafka_extra,
+            launchdarkly,
         };
         match route::run(opts, listener, admin, prometheus::Registry::new(), shutdown).await {
             Ok(()) => ExitCode::SUCCESS,

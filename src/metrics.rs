@@ -67,6 +67,8 @@ pub struct FlagMetrics {
     /// Current value per flag (`kill_switch`, `kafka_only`, `dual_write`) for
     /// an account without individual targeting.
     pub values: GaugeVec,
+    /// 1 once real flag values are loaded; 0 while on the safe default.
+    pub loaded: IntGauge,
 }
 
 /// Offline file writer metrics.
@@ -184,6 +186,11 @@ impl RouteMetrics {
                     "Flag files or updates rejected (last good values kept)",
                 )?,
                 values: flag_values,
+                loaded: int_gauge(
+                    reg,
+                    "switchyard_route_flag_source_loaded",
+                    "1 once real flag values are loaded; 0 while routing on the safe default (legacy)",
+                )?,
             },
             offline: OfflineMetrics {
                 rotations: counter_vec(

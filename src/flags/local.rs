@@ -239,20 +239,7 @@ impl LocalFlags {
     }
 
     fn publish_values(&self) {
-        // The values an account without individual targeting gets.
-        let v = self.evaluator.evaluate(u64::MAX);
-        self.metrics
-            .values
-            .with_label_values(&["kill_switch"])
-            .set(if v.kill_switch { 1.0 } else { 0.0 });
-        self.metrics
-            .values
-            .with_label_values(&["kafka_only"])
-            .set(v.kafka_only);
-        self.metrics
-            .values
-            .with_label_values(&["dual_write"])
-            .set(v.dual_write);
+        self.evaluator.publish(&self.metrics);
     }
 }
 

@@ -1,8 +1,9 @@
-//! Flag sources. Whatever the source (local `flags/` files today, LaunchDarkly's
-//! streaming service next), flags are LaunchDarkly flags evaluated by the
+//! Flag sources. Whatever the source (local `flags/` files or LaunchDarkly's
+//! streaming service), flags are LaunchDarkly flags evaluated by the
 //! LaunchDarkly SDK for an `account` context, so targeting rules behave the same
 //! everywhere. The router only sees [`FlagSource`].
 
+mod launchdarkly;
 mod local;
 
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use std::sync::Arc;
 use launchdarkly_server_sdk::{Client, ContextBuilder};
 use serde::{Deserialize, Serialize};
 
+pub use launchdarkly::{LaunchDarklyFlags, LaunchDarklyOptions, LaunchDarklyStartError};
 pub use local::{FlagFileError, LocalFlags, ReloadOutcome, StartError as LocalStartError};
 
 use crate::routing::FlagValues;
@@ -65,6 +67,19 @@ pub struct Evaluator {
 impl Evaluator {
     pub fn new(client: Arc<Client>, keys: FlagKeys) -> Self {
         Evaluator { client, keys }
+    }
+
+    /// Sets the flag-value gauges to what an account without individual
+    /// targeting gets.
+    pub fn publish(&self, metrics: &crate::metrics::FlagMetrics) {
+        let v = self.evaluate(u64::MAX);
+        for (flag, value) in [
+            ("kill_switch", if v.kill_switch { 1.0 } else { 0.0 }),
+            ("kafka_only", v.kafka_only),
+            ("dual_write", v.dual_write),
+        ] {
+            metrics.values.with_label_values(&[flag]).set(value);
+        }
     }
 
     pub fn keys(&self) -> &FlagKeys {

@@ -31,7 +31,7 @@ pub use error::ApiError;
 pub use parse::{parse_body, Framing, Payload};
 
 use crate::config::{KafkaFallback, PipelineConfig};
-use crate::flags::{FlagSource, LocalFlags};
+use crate::flags::{FlagSource, LaunchDarklyFlags, LocalFlags};
 use crate::kafka::{KafkaSink, SinkError};
 use crate::metrics::{encode, RouteMetrics};
 use crate::offline::{self, line_route, LinePrefix, OfflineWriter, WriterConfig};
@@ -49,6 +49,8 @@ pub struct RouteOptions {
     pub kafka_brokers: String,
     /// `--kafka-config` properties (may hold secrets: never logged).
     pub kafka_extra: Vec<(String, String)>,
+    /// Flags from LaunchDarkly instead of the local folder.
+    pub launchdarkly: Option<crate::flags::LaunchDarklyOptions>,
 }
 
 /// Why the router could not start.
@@ -62,6 +64,8 @@ pub enum StartError {
     Offline { dir: String, source: std::io::Error },
     #[error("flags: {0}")]
     Flags(#[from] crate::flags::LocalStartError),
+    #[error("flags: {0}")]
+    LaunchDarkly(#[from] crate::flags::LaunchDarklyStartError),
     #[error(transparent)]
     Kafka(#[from] SinkError),
     #[error("cannot serve: {0}")]
@@ -161,16 +165,28 @@ pub async fn run(
     )
     .map_err(off_err)?;
 
-    let flags = LocalFlags::start(
-        &cfg.flags.dir,
-        cfg.flags.keys.clone(),
-        metrics.flags.clone(),
-    )
-    .await?;
-    let flags_task = flags.watch(
-        Duration::from_millis(cfg.flags.poll_ms),
-        shutdown.child_token(),
-    );
+    let (flags, flags_task): (Arc<dyn FlagSource>, _) = match &opts.launchdarkly {
+        Some(ld) => {
+            let flags =
+                LaunchDarklyFlags::start(ld, cfg.flags.keys.clone(), metrics.flags.clone()).await?;
+            let task = flags.watch(Duration::from_secs(1), shutdown.child_token());
+            (flags, task)
+        }
+        None => {
+            let flags = LocalFlags::start(
+                &cfg.flags.dir,
+                cfg.flags.keys.clone(),
+                metrics.flags.clone(),
+            )
+            .await?;
+            metrics.flags.loaded.set(1);
+            let task = flags.watch(
+                Duration::from_millis(cfg.flags.poll_ms),
+                shutdown.child_token(),
+            );
+            (flags, task)
+        }
+    };
 
     let app = Arc::new(App {
         schema,

@@ -341,6 +341,7 @@ pub fn options(cfg: PipelineConfig, brokers: &str) -> RouteOptions {
         config: cfg,
         kafka_brokers: brokers.to_string(),
         kafka_extra: vec![],
+        launchdarkly: None,
     }
 }
 
@@ -377,6 +378,21 @@ pub struct InProcess {
 
 impl InProcess {
     pub async fn start(cfg: PipelineConfig, brokers: &str) -> InProcess {
+        Self::start_opts(options(cfg, brokers)).await
+    }
+
+    /// With flags from LaunchDarkly (a local test server).
+    pub async fn start_with_flags(
+        cfg: PipelineConfig,
+        brokers: &str,
+        ld: switchyard::flags::LaunchDarklyOptions,
+    ) -> InProcess {
+        let mut opts = options(cfg, brokers);
+        opts.launchdarkly = Some(ld);
+        Self::start_opts(opts).await
+    }
+
+    pub async fn start_opts(opts: RouteOptions) -> InProcess {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -388,7 +404,7 @@ impl InProcess {
         let shutdown = CancellationToken::new();
         let registry = prometheus::Registry::new();
         let handle = tokio::spawn(route::run(
-            options(cfg, brokers),
+            opts,
             listener,
             admin,
             registry.clone(),

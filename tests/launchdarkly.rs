@@ -1,0 +1,273 @@
+//! The router on LaunchDarkly's streaming protocol, without the internet: a
+//! small local server speaks it (`GET /all`, a `put` with every flag, then
+//! `patch` events). The router follows a patch within a second, keeps its
+//! values when the stream is lost, and starts on the safe default (legacy)
+//! when the server is down, switching as soon as flags arrive.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use switchyard::flags::LaunchDarklyOptions;
+
+const DUAL: &str = "switchyard-dual-write";
+const KAFKA: &str = "switchyard-kafka-only";
+const KILL: &str = "switchyard-kill-switch";
+
+/// A LaunchDarkly streaming endpoint: the flags it holds, and patches pushed
+/// to every open stream.
+#[derive(Clone)]
+struct LdServer {
+    flags: Arc<Mutex<BTreeMap<String, Value>>>,
+    patches: broadcast::Sender<String>,
+    stop: CancellationToken,
+    #[allow(dead_code)]
+    port: u16,
+}
+
+fn flag(key: &str, value: Value, version: u64) -> Value {
+    let mut f: Value = serde_json::from_str(&flag_json(key, value, &[])).unwrap();
+    f["version"] = json!(version);
+    f
+}
+
+impl LdServer {
+    async fn start(port: u16, flags: &[(&str, Value)]) -> LdServer {
+        let (patches, _) = broadcast::channel(64);
+        let server = LdServer {
+            flags: Arc::new(Mutex::new(
+                flags
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), flag(k, v.clone(), 1)))
+                    .collect(),
+            )),
+            patches,
+            stop: CancellationToken::new(),
+            port,
+        };
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("bind the LaunchDarkly test server");
+        let me = server.clone();
+        tokio::spawn(async move {
+            loop {
+                let (sock, _) = tokio::select! {
+                    _ = me.stop.cancelled() => return,
+                    a = listener.accept() => match a { Ok(a) => a, Err(_) => return },
+                };
+                tokio::spawn(me.clone().stream(sock));
+            }
+        });
+        server
+    }
+
+    /// One `GET /all`: the event-stream headers, a `put`, then the patches.
+    async fn stream(self, mut sock: tokio::net::TcpStream) {
+        let mut req = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+            match sock.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => req.extend_from_slice(&buf[..n]),
+            }
+        }
+        let head = String::from_utf8_lossy(&req);
+        assert!(head.starts_with("GET /all "), "unexpected request: {head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("authorization: sdk-test-key"),
+            "the SDK key is sent: {head}"
+        );
+        let put =
+            json!({"path": "/", "data": {"flags": *self.flags.lock().unwrap(), "segments": {}}});
+        let mut rx = self.patches.subscribe();
+        let hello = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n\r\nevent: put\ndata: {put}\n\n"
+        );
+        if sock.write_all(hello.as_bytes()).await.is_err() {
+            return;
+        }
+        loop {
+            let p = tokio::select! {
+                _ = self.stop.cancelled() => return,
+                p = rx.recv() => match p { Ok(p) => p, Err(_) => return },
+            };
+            if sock
+                .write_all(format!("event: patch\ndata: {p}\n\n").as_bytes())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+
+    /// Changes a flag and streams the patch.
+    fn patch(&self, key: &str, value: Value) {
+        let mut flags = self.flags.lock().unwrap();
+        let version = flags
+            .get(key)
+            .and_then(|f| f["version"].as_u64())
+            .unwrap_or(0)
+            + 1;
+        let f = flag(key, value, version);
+        flags.insert(key.to_string(), f.clone());
+        let _ = self
+            .patches
+            .send(json!({"path": format!("/flags/{key}"), "data": f}).to_string());
+    }
+
+    /// Drops every stream and stops listening.
+    fn down(&self) {
+        self.stop.cancel();
+    }
+}
+
+fn ld_options(port: u16, init_timeout: Duration) -> LaunchDarklyOptions {
+    LaunchDarklyOptions {
+        sdk_key: "sdk-test-key".into(),
+        stream_uri: Some(format!("http://127.0.0.1:{port}")),
+        base_uri: Some(format!("http://127.0.0.1:{port}")),
+        events_uri: Some(format!("http://127.0.0.1:{port}")),
+        send_events: false,
+        init_timeout,
+        reconnect_delay: Duration::from_millis(200),
+    }
+}
+
+async fn start_router(broker: &Broker, ld: LaunchDarklyOptions) -> (InProcess, Dirs) {
+    let topic = unique("ld");
+    create_topic(&broker.brokers(), &topic, 1).await;
+    let dirs = Dirs::new();
+    let cfg = config(&dirs, &topic);
+    let router = InProcess::start_with_flags(cfg, &broker.brokers(), ld).await;
+    (router, dirs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follows_patches_within_a_second_and_keeps_values_when_the_stream_drops() {
+    let broker = Broker::start();
+    let port = free_port();
+    let ld = LdServer::start(
+        port,
+        &[(DUAL, json!(10)), (KAFKA, json!(0)), (KILL, json!(false))],
+    )
+    .await;
+    let (router, _dirs) = start_router(&broker, ld_options(port, Duration::from_secs(5))).await;
+    let v = router.explain(7).await;
+    assert_eq!(v["flags"]["dual_write"], 10.0, "{v}");
+    assert_eq!(v["flag_source"]["kind"], "launchdarkly");
+    assert_eq!(v["flag_source"]["loaded"], true);
+    assert_eq!(
+        router.counter("switchyard_route_flag_source_loaded", &[]),
+        1.0
+    );
+
+    let mut lat = Vec::new();
+    for pct in 11..=40 {
+        let t = Instant::now();
+        ld.patch(DUAL, json!(pct));
+        loop {
+            let v = router.explain(7).await;
+            if v["flags"]["dual_write"] == json!(pct as f64) {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(1),
+                "patch to {pct} not followed within 1 s: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        lat.push(t.elapsed());
+    }
+    lat.sort();
+    eprintln!(
+        "streaming flip-to-effect over {} patches: p50 {:?}, p99 {:?}, max {:?}",
+        lat.len(),
+        lat[lat.len() / 2],
+        lat[(lat.len() * 99).div_ceil(100) - 1],
+        lat[lat.len() - 1]
+    );
+
+    // The kill switch wins at once.
+    ld.patch(KILL, json!(true));
+    let t = Instant::now();
+    while router.explain(7).await["route"] != "legacy" {
+        assert!(t.elapsed() < Duration::from_secs(1));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    ld.patch(KILL, json!(false));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // The stream is lost and the server stays down: the last values stay.
+    ld.down();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let v = router.explain(7).await;
+    assert_eq!(v["flags"]["dual_write"], 40.0, "{v}");
+    assert_eq!(v["flags"]["kill_switch"], false, "{v}");
+    assert_eq!(v["flag_source"]["loaded"], true);
+    router.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_on_the_safe_default_and_switches_when_flags_arrive() {
+    let broker = Broker::start();
+    let port = free_port();
+    // Nothing listens on `port` yet.
+    let started = Instant::now();
+    let (router, _dirs) = start_router(&broker, ld_options(port, Duration::from_millis(700))).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "bounded start-up wait"
+    );
+    let v = router.explain(7).await;
+    assert_eq!(v["route"], "legacy", "{v}");
+    assert_eq!(v["flag_source"]["loaded"], false, "{v}");
+    assert!(v["flag_source"]["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("safe default"));
+    assert_eq!(
+        router.counter("switchyard_route_flag_source_loaded", &[]),
+        0.0
+    );
+    // Traffic is accepted meanwhile, all legacy.
+    let r = reqwest::Client::new()
+        .post(router.url())
+        .header("content-type", "application/json")
+        .body(envelope(7, 1, 10).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["legacy"], 1);
+
+    let _ld = LdServer::start(port, &[(DUAL, json!(100)), (KAFKA, json!(0))]).await;
+    let t = Instant::now();
+    loop {
+        let v = router.explain(7).await;
+        if v["route"] == "dual" && v["flag_source"]["loaded"] == true {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "flags never arrived: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("flags arrived {:?} after the server came up", t.elapsed());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        router.counter("switchyard_route_flag_source_loaded", &[]),
+        1.0
+    );
+    router.stop().await;
+}
