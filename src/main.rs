@@ -40,6 +40,8 @@ enum Command {
     Ingest(Box<IngestArgs>),
     /// Shadow comparator: parity of OLD and NEW for what the stream says was sent.
     Compare(Box<CompareArgs>),
+    /// Read or change the routing flags (local folder or the LaunchDarkly REST API).
+    Flags(Box<FlagsArgs>),
     /// Database set-up.
     Db {
         #[command(subcommand)]
@@ -169,6 +171,72 @@ struct LoadArgs {
     /// Progress line on stderr: auto (when a terminal), always, never.
     #[arg(long, default_value = "auto")]
     progress: String,
+}
+
+#[derive(Args)]
+struct FlagsArgs {
+    #[command(subcommand)]
+    command: FlagsCommand,
+    /// Pipeline configuration (TOML): the flags folder and keys.
+    #[arg(long, env = "SWITCHYARD_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Local flags folder (overrides flags.dir).
+    #[arg(long, env = "SWITCHYARD_FLAGS_DIR", global = true)]
+    flags_dir: Option<PathBuf>,
+    /// LaunchDarkly API access token: change the flags through the REST API
+    /// instead of the local folder (never logged).
+    #[arg(long, env = "LD_API_TOKEN", hide_env_values = true, global = true)]
+    ld_api_token: Option<String>,
+    /// LaunchDarkly API base URI.
+    #[arg(
+        long,
+        env = "LD_API_URI",
+        default_value = "https://app.launchdarkly.com",
+        global = true
+    )]
+    ld_api_uri: String,
+    /// LaunchDarkly project key.
+    #[arg(long, env = "LD_PROJECT", default_value = "default", global = true)]
+    ld_project: String,
+    /// LaunchDarkly environment key.
+    #[arg(
+        long,
+        env = "LD_ENVIRONMENT",
+        default_value = "production",
+        global = true
+    )]
+    ld_environment: String,
+}
+
+#[derive(Subcommand)]
+enum FlagsCommand {
+    /// Print the three routing flags.
+    Get {
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set one flag: `kill-switch` (true/false), `kafka-only` or `dual-write` (0–100).
+    Set {
+        flag: String,
+        value: String,
+        /// Allow kafka-only above dual-write.
+        #[arg(long)]
+        force: bool,
+        /// Recorded with the change (LaunchDarkly audit log).
+        #[arg(long, default_value = "set with switchyard flags")]
+        comment: String,
+    },
+    /// Everything legacy, at once.
+    Kill {
+        #[arg(long, default_value = "kill switch on (switchyard flags kill)")]
+        comment: String,
+    },
+    /// Release the kill switch (the percentages apply again).
+    Unkill {
+        #[arg(long, default_value = "kill switch off (switchyard flags unkill)")]
+        comment: String,
+    },
 }
 
 #[derive(Args)]
@@ -358,6 +426,7 @@ fn main() -> ExitCode {
         Command::Load(args) => run_load(*args),
         Command::Ingest(args) => run_ingest(*args),
         Command::Compare(args) => run_compare(*args),
+        Command::Flags(args) => run_flags(*args),
         Command::Db {
             command: DbCommand::Init { config, db },
         } => run_db_init(config, db),
@@ -869,5 +938,100 @@ fn run_compare(args: CompareArgs) -> ExitCode {
         admin_stop.cancel();
         let _ = admin_task.await;
         code
+    })
+}
+
+fn run_flags(args: FlagsArgs) -> ExitCode {
+    use switchyard::flags::store::{Api, FlagStore, Which};
+    let mut cfg = match PipelineConfig::load(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("switchyard: configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(d) = &args.flags_dir {
+        cfg.flags.dir = d.clone();
+    }
+    let keys = cfg.flags.keys.clone();
+    let store = match &args.ld_api_token {
+        Some(token) => FlagStore::LaunchDarkly(Api::new(
+            &args.ld_api_uri,
+            token.clone(),
+            args.ld_project.clone(),
+            args.ld_environment.clone(),
+            keys.clone(),
+        )),
+        None => FlagStore::Local {
+            dir: cfg.flags.dir.clone(),
+            keys: keys.clone(),
+        },
+    };
+    let (which, value, force, comment) = match &args.command {
+        FlagsCommand::Get { .. } => (None, serde_json::Value::Null, false, String::new()),
+        FlagsCommand::Set {
+            flag,
+            value,
+            force,
+            comment,
+        } => {
+            let Some(w) = Which::parse(flag, &keys) else {
+                eprintln!(
+                    "switchyard: unknown flag {flag:?}: use kill-switch, kafka-only or dual-write"
+                );
+                return ExitCode::from(2);
+            };
+            let v = match serde_json::from_str::<serde_json::Value>(value) {
+                Ok(v) => v,
+                Err(_) => {
+                    eprintln!("switchyard: {value:?} is neither a number nor true/false");
+                    return ExitCode::from(2);
+                }
+            };
+            (Some(w), v, *force, comment.clone())
+        }
+        FlagsCommand::Kill { comment } => (
+            Some(Which::KillSwitch),
+            serde_json::json!(true),
+            false,
+            comment.clone(),
+        ),
+        FlagsCommand::Unkill { comment } => (
+            Some(Which::KillSwitch),
+            serde_json::json!(false),
+            false,
+            comment.clone(),
+        ),
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    rt.block_on(async move {
+        let res = match which {
+            None => store.get().await,
+            Some(w) => store.set(w, value, force, &comment).await,
+        };
+        match res {
+            Ok(c) => {
+                if matches!(args.command, FlagsCommand::Get { json: true }) {
+                    println!("{}", serde_json::json!(c));
+                } else {
+                    println!(
+                        "kill-switch {}  dual-write {}%  kafka-only {}%",
+                        c.kill_switch, c.dual_write, c.kafka_only
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e @ switchyard::flags::store::StoreError::Invalid(_)) => {
+                eprintln!("switchyard: {e}");
+                ExitCode::from(2)
+            }
+            Err(e) => {
+                eprintln!("switchyard: {e}");
+                ExitCode::FAILURE
+            }
+        }
     })
 }

@@ -5,6 +5,7 @@
 
 mod launchdarkly;
 mod local;
+pub mod store;
 
 use std::sync::Arc;
 
