@@ -42,6 +42,8 @@ enum Command {
     Compare(Box<CompareArgs>),
     /// Read or change the routing flags (local folder or the LaunchDarkly REST API).
     Flags(Box<FlagsArgs>),
+    /// Progressive rollout with parity gates and automatic rollback.
+    Rollout(Box<RolloutArgs>),
     /// Database set-up.
     Db {
         #[command(subcommand)]
@@ -173,10 +175,9 @@ struct LoadArgs {
     progress: String,
 }
 
-#[derive(Args)]
-struct FlagsArgs {
-    #[command(subcommand)]
-    command: FlagsCommand,
+/// Where the routing flags are changed: the local folder, or LaunchDarkly.
+#[derive(Args, Clone)]
+struct StoreArgs {
     /// Pipeline configuration (TOML): the flags folder and keys.
     #[arg(long, env = "SWITCHYARD_CONFIG", global = true)]
     config: Option<PathBuf>,
@@ -206,6 +207,71 @@ struct FlagsArgs {
         global = true
     )]
     ld_environment: String,
+}
+
+impl StoreArgs {
+    fn store(&self) -> Result<switchyard::flags::store::FlagStore, ExitCode> {
+        use switchyard::flags::store::{Api, FlagStore};
+        let mut cfg = PipelineConfig::load(self.config.as_deref()).map_err(|e| {
+            eprintln!("switchyard: configuration: {e}");
+            ExitCode::from(2)
+        })?;
+        if let Some(d) = &self.flags_dir {
+            cfg.flags.dir = d.clone();
+        }
+        let keys = cfg.flags.keys.clone();
+        Ok(match &self.ld_api_token {
+            Some(token) => FlagStore::LaunchDarkly(Api::new(
+                &self.ld_api_uri,
+                token.clone(),
+                self.ld_project.clone(),
+                self.ld_environment.clone(),
+                keys,
+            )),
+            None => FlagStore::Local {
+                dir: cfg.flags.dir.clone(),
+                keys,
+            },
+        })
+    }
+}
+
+#[derive(Args)]
+struct FlagsArgs {
+    #[command(subcommand)]
+    command: FlagsCommand,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+#[derive(Args)]
+struct RolloutArgs {
+    #[command(subcommand)]
+    command: RolloutCommand,
+}
+
+#[derive(Subcommand)]
+enum RolloutCommand {
+    /// Run (or resume) a plan.
+    Run {
+        /// The plan (TOML).
+        #[arg(long)]
+        plan: PathBuf,
+        /// Admin address: /metrics, /healthz, /readyz, /status.
+        #[arg(
+            long,
+            env = "SWITCHYARD_ADMIN_LISTEN",
+            default_value = "127.0.0.1:9097"
+        )]
+        admin_listen: SocketAddr,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Let a controller waiting at a manual gate go on to the next step.
+    Promote {
+        #[arg(long)]
+        plan: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -427,6 +493,7 @@ fn main() -> ExitCode {
         Command::Ingest(args) => run_ingest(*args),
         Command::Compare(args) => run_compare(*args),
         Command::Flags(args) => run_flags(*args),
+        Command::Rollout(args) => run_rollout(*args),
         Command::Db {
             command: DbCommand::Init { config, db },
         } => run_db_init(config, db),
@@ -942,31 +1009,12 @@ fn run_compare(args: CompareArgs) -> ExitCode {
 }
 
 fn run_flags(args: FlagsArgs) -> ExitCode {
-    use switchyard::flags::store::{Api, FlagStore, Which};
-    let mut cfg = match PipelineConfig::load(args.config.as_deref()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("switchyard: configuration: {e}");
-            return ExitCode::from(2);
-        }
+    use switchyard::flags::store::Which;
+    let store = match args.store.store() {
+        Ok(s) => s,
+        Err(code) => return code,
     };
-    if let Some(d) = &args.flags_dir {
-        cfg.flags.dir = d.clone();
-    }
-    let keys = cfg.flags.keys.clone();
-    let store = match &args.ld_api_token {
-        Some(token) => FlagStore::LaunchDarkly(Api::new(
-            &args.ld_api_uri,
-            token.clone(),
-            args.ld_project.clone(),
-            args.ld_environment.clone(),
-            keys.clone(),
-        )),
-        None => FlagStore::Local {
-            dir: cfg.flags.dir.clone(),
-            keys: keys.clone(),
-        },
-    };
+    let keys = store.keys().clone();
     let (which, value, force, comment) = match &args.command {
         FlagsCommand::Get { .. } => (None, serde_json::Value::Null, false, String::new()),
         FlagsCommand::Set {
@@ -1034,4 +1082,112 @@ fn run_flags(args: FlagsArgs) -> ExitCode {
             }
         }
     })
+}
+
+fn load_plan(path: &std::path::Path) -> Result<switchyard::rollout::plan::Plan, ExitCode> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        eprintln!("switchyard: plan {}: {e}", path.display());
+        ExitCode::from(2)
+    })?;
+    switchyard::rollout::plan::Plan::parse(&text).map_err(|e| {
+        eprintln!("switchyard: plan {}: {e}", path.display());
+        ExitCode::from(2)
+    })
+}
+
+fn run_rollout(args: RolloutArgs) -> ExitCode {
+    use switchyard::rollout::{promote_file, Controller, Outcome};
+    match args.command {
+        RolloutCommand::Promote { plan } => {
+            let plan = match load_plan(&plan) {
+                Ok(p) => p,
+                Err(code) => return code,
+            };
+            let state: switchyard::rollout::plan::State =
+                match std::fs::read_to_string(&plan.state_file)
+                    .map_err(|e| e.to_string())
+                    .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
+                {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!(
+                            "switchyard: no rollout state in {}: {e}",
+                            plan.state_file.display()
+                        );
+                        return ExitCode::from(2);
+                    }
+                };
+            let next = state.step + 2;
+            if let Err(e) = std::fs::write(promote_file(&plan.state_file), next.to_string()) {
+                eprintln!("switchyard: {e}");
+                return ExitCode::FAILURE;
+            }
+            println!("promoted: the controller goes on to step {next} at its next check");
+            ExitCode::SUCCESS
+        }
+        RolloutCommand::Run {
+            plan,
+            admin_listen,
+            store,
+        } => {
+            let plan = match load_plan(&plan) {
+                Ok(p) => p,
+                Err(code) => return code,
+            };
+            let store = match store.store() {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(code) => return code,
+            };
+            rt.block_on(async move {
+                let registry = prometheus::Registry::new();
+                let metrics = match switchyard::metrics::RolloutMetrics::new(&registry) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        eprintln!("switchyard: metrics: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                let controller = match Controller::new(plan, store, metrics) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("switchyard: rollout: {e}");
+                        return ExitCode::from(2);
+                    }
+                };
+                let listener = match bind_admin(admin_listen).await {
+                    Ok(l) => l,
+                    Err(code) => return code,
+                };
+                let health = Health::default();
+                let admin_stop = CancellationToken::new();
+                let router = admin::router(registry.clone(), health)
+                    .merge(switchyard::rollout::status_router(controller.clone()));
+                let admin_task = admin::spawn(listener, router, admin_stop.clone());
+                let shutdown = CancellationToken::new();
+                switchyard::shutdown::cancel_on_signal(shutdown.clone());
+                let code = match controller.run(shutdown).await {
+                    Ok(Outcome::Done) => {
+                        println!("rollout done: {}", controller.status_json());
+                        ExitCode::SUCCESS
+                    }
+                    Ok(Outcome::Interrupted) => ExitCode::SUCCESS,
+                    Ok(Outcome::RolledBack(why)) => {
+                        eprintln!("switchyard: rolled back: {why}");
+                        ExitCode::FAILURE
+                    }
+                    Err(e) => {
+                        eprintln!("switchyard: rollout: {e}");
+                        ExitCode::from(3)
+                    }
+                };
+                admin_stop.cancel();
+                let _ = admin_task.await;
+                code
+            })
+        }
+    }
 }

@@ -1,0 +1,391 @@
+//! The rollout controller with real traffic, broker, databases and
+//! comparator: a full rollout to 100% with zero mismatches, a rollback when
+//! rows vanish from NEW mid-rollout, and the kill switch under load.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::*;
+use serde_json::{json, Value};
+use switchyard::admin::Health;
+use switchyard::compare::{parity_router, Comparator, CompareOptions};
+use switchyard::flags::store::{FlagStore, Which};
+use switchyard::flags::FlagKeys;
+use switchyard::ingest::{self, IngestOptions};
+use switchyard::metrics::{CompareMetrics, IngestMetrics, RolloutMetrics};
+use switchyard::rollout::plan::Plan;
+use switchyard::rollout::{Controller, Outcome};
+use tokio_util::sync::CancellationToken;
+
+fn unix() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+struct Live {
+    broker: Broker,
+    dirs: Dirs,
+    old: TestDb,
+    new: TestDb,
+    router: InProcess,
+    parity_port: u16,
+    stop: CancellationToken,
+    traffic_stop: Arc<AtomicBool>,
+    traffic: Option<tokio::task::JoinHandle<()>>,
+    /// (sent at, route) of every payload acknowledged.
+    acked: Arc<Mutex<Vec<(Instant, String)>>>,
+}
+
+impl Live {
+    /// Router, ingest into PostgreSQL, comparator (OLD is not needed for
+    /// Kafka-bound parity of a dual-write rollout, but dual rows are checked
+    /// in OLD too: the loader runs), and traffic with current timestamps.
+    async fn start() -> Live {
+        let broker = Broker::start();
+        let topic = unique("ro");
+        create_topic(&broker.brokers(), &topic, 2).await;
+        let dirs = Dirs::new();
+        let mut cfg = config(&dirs, &topic);
+        cfg.offline.max_file_age_secs = 1;
+        let schema = cfg.schema().unwrap();
+        let old = TestDb::mariadb(&schema).await;
+        let new = TestDb::postgres(&schema).await;
+        let router = InProcess::start(cfg.clone(), &broker.brokers()).await;
+        let stop = CancellationToken::new();
+        {
+            let (schema, db, s) = (schema.clone(), new.db.clone(), stop.clone());
+            let opts = IngestOptions {
+                brokers: broker.brokers(),
+                topics: vec![topic.clone()],
+                group: unique("g"),
+                batch_size: 500,
+                consumer_timeout: Duration::from_millis(50),
+                extra: vec![],
+                idle_exit: None,
+            };
+            tokio::spawn(async move {
+                let m = IngestMetrics::new(&prometheus::Registry::new()).unwrap();
+                ingest::run(opts, &schema, &db, m, Health::default(), s)
+                    .await
+                    .expect("ingest");
+            });
+        }
+        {
+            let (schema, db, s) = (schema.clone(), old.db.clone(), stop.clone());
+            let opts = switchyard::load::LoadOptions {
+                dir: dirs.offline.clone(),
+                batch_size: 500,
+                archive_dir: None,
+                dead_letter_dir: dirs.root.path().join("dead"),
+                poll: Duration::from_millis(100),
+                once: false,
+                progress: false,
+            };
+            tokio::spawn(async move {
+                let m =
+                    switchyard::metrics::LoadMetrics::new(&prometheus::Registry::new()).unwrap();
+                let _ = switchyard::load::run(opts, &schema, &db, None, m, s).await;
+            });
+        }
+        let cmp = Comparator::new(
+            schema,
+            old.db.clone(),
+            new.db.clone(),
+            CompareOptions {
+                brokers: broker.brokers(),
+                topic: topic.clone(),
+                group: unique("cmp"),
+                extra: vec![],
+                window_secs: 1,
+                settle: Duration::from_millis(1500),
+                max_lateness: Duration::from_secs(3),
+                recheck: Duration::from_millis(500),
+                check_interval: Duration::from_millis(200),
+                retain: Duration::from_secs(600),
+                max_ids: 20,
+            },
+            CompareMetrics::new(&prometheus::Registry::new()).unwrap(),
+        );
+        {
+            let (c, s) = (cmp.clone(), stop.clone());
+            tokio::spawn(async move { c.run(s).await.expect("compare") });
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let parity_port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move { axum::serve(listener, parity_router(cmp)).await });
+
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let traffic_stop = Arc::new(AtomicBool::new(false));
+        let traffic = {
+            let (url, stop, acked) = (router.url(), traffic_stop.clone(), acked.clone());
+            tokio::spawn(async move {
+                let client = reqwest::Client::new();
+                let mut seq = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    seq += 1;
+                    let account = seq % 397;
+                    let mut e = envelope(account, seq, 200);
+                    e["row"]["timestamp"] = json!(unix() as i64);
+                    let sent = Instant::now();
+                    if let Ok(r) = client
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .body(e.to_string())
+                        .send()
+                        .await
+                    {
+                        if r.status() == 200 {
+                            let v: Value = r.json().await.unwrap_or_default();
+                            let route = ["legacy", "dual", "kafka"]
+                                .into_iter()
+                                .find(|k| v[*k] == 1)
+                                .unwrap_or("?");
+                            acked.lock().unwrap().push((sent, route.to_string()));
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            })
+        };
+        Live {
+            broker,
+            dirs,
+            old,
+            new,
+            router,
+            parity_port,
+            stop,
+            traffic_stop,
+            traffic: Some(traffic),
+            acked,
+        }
+    }
+
+    fn store(&self) -> FlagStore {
+        FlagStore::Local {
+            dir: self.dirs.flags.clone(),
+            keys: FlagKeys::default(),
+        }
+    }
+
+    fn plan(&self, state: &std::path::Path, dwell_secs: f64) -> Plan {
+        Plan::parse(&format!(
+            r#"
+            stage = "dual-write"
+            steps = [20, 60, 100]
+            dwell_secs = {dwell_secs}
+            check_interval_secs = 0.5
+            failure_limit = 2
+            parity_url = "http://127.0.0.1:{}"
+            state_file = "{}"
+            "#,
+            self.parity_port,
+            state.display()
+        ))
+        .unwrap()
+    }
+
+    async fn shutdown(mut self) {
+        self.traffic_stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.traffic.take() {
+            let _ = t.await;
+        }
+        self.stop.cancel();
+        let _ = (&self.broker, &self.new, &self.old);
+        self.router.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_rollout_reaches_100_percent_with_zero_mismatches() {
+    let live = Live::start().await;
+    let state = live.dirs.root.path().join("rollout.json");
+    let plan = live.plan(&state, 2.0);
+    let c = Controller::new(
+        plan,
+        live.store(),
+        RolloutMetrics::new(&prometheus::Registry::new()).unwrap(),
+    )
+    .unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(90), c.run(CancellationToken::new()))
+        .await
+        .expect("the rollout finished")
+        .unwrap();
+    assert_eq!(outcome, Outcome::Done, "{}", c.status_json());
+    let flags = live.store().get().await.unwrap();
+    assert_eq!(flags.dual_write, 100.0);
+    let events: Vec<String> = c.state().history.iter().map(|t| t.event.clone()).collect();
+    assert_eq!(
+        events,
+        ["start", "advance", "advance", "done"],
+        "{}",
+        c.status_json()
+    );
+    assert_eq!(c.state().checks_failed, 0);
+    let parity: Value = reqwest::get(format!("http://127.0.0.1:{}/parity", live.parity_port))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_ne!(parity["status"], "mismatch", "{parity}");
+    eprintln!("rollout: {}", c.status_json());
+    live.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_lost_mid_rollout_roll_it_back() {
+    let live = Live::start().await;
+    let state = live.dirs.root.path().join("rollout.json");
+    let plan = live.plan(&state, 30.0);
+    let c = Controller::new(
+        plan,
+        live.store(),
+        RolloutMetrics::new(&prometheus::Registry::new()).unwrap(),
+    )
+    .unwrap();
+    let run = {
+        let c = c.clone();
+        tokio::spawn(async move { c.run(CancellationToken::new()).await })
+    };
+    // Hold step 1 (20%) for its dwell: it must not advance in under 30 s.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(c.state().step, 0, "{}", c.status_json());
+    // Rows vanish from NEW among those written during the step.
+    let since = c.state().step_started_at as i64;
+    live.new
+        .exec(&format!(
+            "DELETE FROM raw_item WHERE uuid IN (SELECT uuid FROM raw_item WHERE \"timestamp\" >= {since} ORDER BY \"timestamp\" LIMIT 5)"
+        ))
+        .await;
+    let deleted = unix();
+    let mut breach_seen = None;
+    let t = Instant::now();
+    while !run.is_finished() {
+        if breach_seen.is_none() {
+            let p: Value = reqwest::get(format!(
+                "http://127.0.0.1:{}/parity?from={since}",
+                live.parity_port
+            ))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+            if p["status"] == "mismatch" {
+                breach_seen = Some(unix());
+            }
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no rollback: {}",
+            c.status_json()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let outcome = run.await.unwrap().unwrap();
+    let Outcome::RolledBack(why) = outcome else {
+        panic!("{outcome:?}: {}", c.status_json());
+    };
+    assert!(
+        why.contains("missing in OLD") && why.contains("5 in NEW"),
+        "{why}"
+    );
+    let rolled_at = c.state().history.last().unwrap().at;
+    let breach = breach_seen.expect("the comparator reported the breach");
+    eprintln!(
+        "rollback: breach reported {:.2} s after the delete, rolled back {:.2} s after the breach (check every 0.5 s, failure limit 2)",
+        breach - deleted,
+        rolled_at - breach
+    );
+    assert!(
+        rolled_at - breach <= 0.5 * 2.0 + 1.0,
+        "rolled back within the failure limit's checks"
+    );
+    let flags = live.store().get().await.unwrap();
+    assert_eq!(flags.dual_write, 0.0, "back before step 1");
+    let saved: Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    assert_eq!(saved["status"], "rolled-back");
+    // A restarted controller does not start again: it reports the rollback.
+    let again = Controller::new(
+        live.plan(&state, 30.0),
+        live.store(),
+        RolloutMetrics::new(&prometheus::Registry::new()).unwrap(),
+    )
+    .unwrap();
+    assert!(matches!(
+        again.run(CancellationToken::new()).await.unwrap(),
+        Outcome::RolledBack(_)
+    ));
+    live.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kill_switch_under_load_takes_effect_within_250_ms() {
+    let live = Live::start().await;
+    let store = live.store();
+    store
+        .set(Which::DualWrite, json!(100), false, "t")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut lat = Vec::new();
+    for _ in 0..10 {
+        let flip = Instant::now();
+        store
+            .set(Which::KillSwitch, json!(true), false, "t")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        // The last request sent after the flip that still went dual.
+        let last_dual = live
+            .acked
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(at, r)| *at >= flip && r == "dual")
+            .map(|(at, _)| at.duration_since(flip))
+            .max()
+            .unwrap_or_default();
+        lat.push(last_dual);
+        store
+            .set(Which::KillSwitch, json!(false), false, "t")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    lat.sort();
+    let p50 = lat[lat.len() / 2];
+    let p99 = lat[lat.len() - 1];
+    eprintln!("kill switch flip-to-effect (last dual payload after the flip): p50 {p50:?}, p99 {p99:?} over {} flips", lat.len());
+    assert!(p99 <= Duration::from_millis(250), "{lat:?}");
+    // Stop the traffic, then every acknowledged payload must reach its databases.
+    live.traffic_stop.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (to_old, to_new) = {
+        let a = live.acked.lock().unwrap();
+        (
+            a.iter()
+                .filter(|(_, r)| r == "legacy" || r == "dual")
+                .count() as i64,
+            a.iter().filter(|(_, r)| r == "dual").count() as i64,
+        )
+    };
+    assert!(
+        to_old > 100 && to_new > 0,
+        "traffic flowed: {to_old} / {to_new}"
+    );
+    eventually(
+        "every acknowledged payload in its databases",
+        Duration::from_secs(30),
+        || async { live.old.count().await == to_old && live.new.count().await == to_new },
+    )
+    .await;
+    eprintln!("kill switch under load: {to_old} payloads in OLD, {to_new} in NEW, none lost");
+    live.shutdown().await;
+}
