@@ -389,3 +389,140 @@ async fn the_kill_switch_under_load_takes_effect_within_250_ms() {
     eprintln!("kill switch under load: {to_old} payloads in OLD, {to_new} in NEW, none lost");
     live.shutdown().await;
 }
+
+/// Manual gates, webhooks, `/status`-worthy state and resuming after a
+/// restart, against a stand-in comparator that always reports parity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gates_webhooks_and_resume() {
+    use axum::routing::{get, post};
+    let hooks: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let app = axum::Router::new()
+        .route(
+            "/parity",
+            get(|| async {
+                axum::Json(
+                    json!({"status": "ok", "tables": [{"missing_old": 0, "missing_new": 0,
+                    "details": [{"status": "ok"}]}]}),
+                )
+            }),
+        )
+        .route(
+            "/hook",
+            post({
+                let hooks = hooks.clone();
+                move |axum::Json(v): axum::Json<Value>| {
+                    let hooks = hooks.clone();
+                    async move {
+                        hooks.lock().unwrap().push(v);
+                        "ok"
+                    }
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    let plan_path = dir.path().join("plan.toml");
+    std::fs::write(
+        &plan_path,
+        format!(
+            r#"
+            stage = "dual-write"
+            steps = [10, 50, 100]
+            dwell_secs = 0.5
+            check_interval_secs = 0.2
+            failure_limit = 1
+            parity_url = "http://127.0.0.1:{port}"
+            manual_gates = [100]
+            webhooks = ["http://127.0.0.1:{port}/hook"]
+            state_file = "{}"
+            "#,
+            state.display()
+        ),
+    )
+    .unwrap();
+    let plan = || Plan::parse(&std::fs::read_to_string(&plan_path).unwrap()).unwrap();
+    let store = || FlagStore::Local {
+        dir: dir.path().join("flags"),
+        keys: FlagKeys::default(),
+    };
+    // First run: interrupted while waiting at the gate.
+    let c = Controller::new(
+        plan(),
+        store(),
+        RolloutMetrics::new(&prometheus::Registry::new()).unwrap(),
+    )
+    .unwrap();
+    let stop = CancellationToken::new();
+    let run = {
+        let (c, s) = (c.clone(), stop.clone());
+        tokio::spawn(async move { c.run(s).await })
+    };
+    eventually("the gate", Duration::from_secs(10), || async {
+        c.state().status == switchyard::rollout::plan::Status::WaitingForPromotion
+    })
+    .await;
+    assert_eq!(c.status_json()["percent"], 50.0);
+    stop.cancel();
+    assert_eq!(run.await.unwrap().unwrap(), Outcome::Interrupted);
+
+    // Restarted: it resumes at step 2, still at the gate, until promoted.
+    let c = Controller::new(
+        plan(),
+        store(),
+        RolloutMetrics::new(&prometheus::Registry::new()).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(c.state().step, 1, "resumed, not restarted");
+    let run = {
+        let c = c.clone();
+        tokio::spawn(async move { c.run(CancellationToken::new()).await })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(c.state().step, 1, "a manual gate holds");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "rollout",
+            "promote",
+            "--plan",
+            &plan_path.display().to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let outcome = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(outcome, Outcome::Done);
+    assert_eq!(store().get().await.unwrap().dual_write, 100.0);
+    let events: Vec<String> = c.state().history.iter().map(|t| t.event.clone()).collect();
+    assert_eq!(
+        events,
+        [
+            "start",
+            "advance",
+            "waiting-for-promotion",
+            "resume",
+            "promoted",
+            "advance",
+            "done"
+        ],
+        "{}",
+        c.status_json()
+    );
+    let hooked: Vec<String> = hooks
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|h| h["event"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(hooked, events, "a webhook per transition");
+}
