@@ -63,6 +63,8 @@ pub fn wait_for_port(port: u16, timeout: Duration) -> bool {
 /// A tansu broker on a loopback port, killed on drop.
 pub struct Broker {
     pub port: u16,
+    /// The address clients are told to use (a [`Cut`] proxy's, or `port`).
+    advertised: u16,
     child: Option<Child>,
     storage: String,
     _dir: tempfile::TempDir,
@@ -89,8 +91,10 @@ impl Broker {
 
     fn start_with(storage: String, dir: Option<tempfile::TempDir>) -> Broker {
         let dir = dir.unwrap_or_else(|| tempfile::tempdir().expect("tempdir"));
+        let port = free_port();
         let mut b = Broker {
-            port: free_port(),
+            port,
+            advertised: port,
             child: None,
             storage,
             _dir: dir,
@@ -99,8 +103,22 @@ impl Broker {
         b
     }
 
+    /// A broker that tells clients to reach it through `proxy_port`.
+    pub fn start_advertising(proxy_port: u16) -> Broker {
+        let port = free_port();
+        let mut b = Broker {
+            port,
+            advertised: proxy_port,
+            child: None,
+            storage: "memory://tansu/".to_string(),
+            _dir: tempfile::tempdir().expect("tempdir"),
+        };
+        b.resume();
+        b
+    }
+
     pub fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("127.0.0.1:{}", self.advertised)
     }
 
     /// Kills the broker (SIGKILL).
@@ -114,6 +132,7 @@ impl Broker {
     /// Starts it again on the same port and storage.
     pub fn resume(&mut self) {
         let url = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised = format!("tcp://127.0.0.1:{}", self.advertised);
         let log = std::fs::File::create(self._dir.path().join("tansu.log")).expect("log file");
         let child = Command::new(tansu_bin())
             .args([
@@ -121,7 +140,7 @@ impl Broker {
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &advertised,
                 "--storage-engine",
                 &self.storage,
             ])
@@ -182,7 +201,19 @@ pub struct Consumed {
 
 /// Reads the topic from the start with a fresh group until `expected`
 /// messages arrived or nothing new came for `idle`.
+/// Reads the topic from the start with a fresh group until `expected`
+/// messages arrived or nothing new came for `idle`. A group that gets no
+/// assignment at all from a just-restarted tansu is retried with a new one.
 pub fn consume_all(brokers: &str, topic: &str, expected: usize, idle: Duration) -> Vec<Consumed> {
+    let out = consume_once(brokers, topic, expected, idle);
+    if out.is_empty() && expected > 0 {
+        eprintln!("readback of {topic} got nothing; retrying with a new consumer group");
+        return consume_once(brokers, topic, expected, idle);
+    }
+    out
+}
+
+fn consume_once(brokers: &str, topic: &str, expected: usize, idle: Duration) -> Vec<Consumed> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", unique("readback"))
@@ -475,8 +506,10 @@ pub fn metric_value(reg: &prometheus::Registry, name: &str, labels: &[(&str, &st
                 .map(|l| (l.name(), l.value()))
                 .collect();
             if labels.iter().all(|(k, v)| pairs.get(k) == Some(v)) {
-                // Absent kinds read as zero.
-                total += m.get_counter().get_value() + m.get_gauge().get_value();
+                // Absent kinds read as zero; a histogram reads as its count.
+                total += m.get_counter().get_value()
+                    + m.get_gauge().get_value()
+                    + m.get_histogram().get_sample_count() as f64;
             }
         }
     }
@@ -589,6 +622,69 @@ pub fn write_config(cfg_text: &str, dirs: &Dirs, topic: &str) -> PathBuf {
     let p = dirs.root.path().join("switchyard.toml");
     std::fs::write(&p, text).expect("write config");
     p
+}
+
+/// A loopback TCP proxy in front of the broker that can cut every
+/// connection and refuse new ones, then let them through again: the broker
+/// is "down" for its clients while it keeps its data.
+pub struct Cut {
+    pub port: u16,
+    upstream: u16,
+    gate: std::sync::Mutex<CancellationToken>,
+}
+
+impl Cut {
+    /// Listens on `port` and forwards to the broker on `upstream`.
+    pub async fn start_at(port: u16, upstream: u16) -> std::sync::Arc<Cut> {
+        let c = std::sync::Arc::new(Cut {
+            port,
+            upstream,
+            gate: std::sync::Mutex::new(CancellationToken::new()),
+        });
+        c.clone().open().await;
+        c
+    }
+
+    async fn open(self: std::sync::Arc<Self>) {
+        let gate = CancellationToken::new();
+        *self.gate.lock().unwrap() = gate.clone();
+        let listener = loop {
+            match tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await {
+                Ok(l) => break l,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        let upstream = self.upstream;
+        tokio::spawn(async move {
+            loop {
+                let (mut down, _) = tokio::select! {
+                    _ = gate.cancelled() => return,
+                    a = listener.accept() => match a { Ok(a) => a, Err(_) => return },
+                };
+                let gate = gate.clone();
+                tokio::spawn(async move {
+                    let Ok(mut up) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = gate.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
+                    }
+                });
+            }
+        });
+    }
+
+    /// Every connection dropped, new ones refused.
+    pub fn cut(&self) {
+        self.gate.lock().unwrap().cancel();
+    }
+
+    /// Connections let through again.
+    pub async fn restore(self: &std::sync::Arc<Self>) {
+        self.clone().open().await;
+    }
 }
 
 /// A database of its own for one test, dropped afterwards.
