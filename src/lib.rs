@@ -11,6 +11,7 @@ pub mod kafka;
 pub mod load;
 pub mod metrics;
 pub mod offline;
+pub mod plan;
 pub mod rollout;
 pub mod route;
 pub mod routing;
