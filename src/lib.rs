@@ -5,6 +5,7 @@ pub mod admin;
 pub mod compare;
 pub mod config;
 pub mod db;
+pub mod demo;
 pub mod flags;
 pub mod ingest;
 pub mod kafka;

@@ -44,6 +44,9 @@ enum Command {
     Flags(Box<FlagsArgs>),
     /// Progressive rollout with parity gates and automatic rollback.
     Rollout(Box<RolloutArgs>),
+    /// Every role in one process on embedded defaults (SQLite, an in-process
+    /// Kafka), with synthetic traffic, walking a rollout.
+    Demo(DemoArgs),
     /// Sizing: disk per broker, partitions and consumer processes.
     Plan(PlanArgs),
     /// Database set-up.
@@ -308,6 +311,26 @@ enum FlagsCommand {
 }
 
 #[derive(Args)]
+struct DemoArgs {
+    /// A real broker instead of librdkafka's in-process mock cluster (the
+    /// topic `switchyard.demo` must exist).
+    #[arg(long)]
+    kafka_brokers: Option<String>,
+    /// Seconds each rollout step is shown.
+    #[arg(long, default_value_t = 8.0)]
+    phase_secs: f64,
+    /// Payloads per second from the traffic generator.
+    #[arg(long, default_value_t = 500)]
+    rate: u32,
+    /// Keep running after the walk, until Ctrl-C.
+    #[arg(long)]
+    follow: bool,
+    /// Keep the work folder (offline files, SQLite databases) afterwards.
+    #[arg(long)]
+    keep: bool,
+}
+
+#[derive(Args)]
 struct PlanArgs {
     /// Incoming events per second today.
     #[arg(long)]
@@ -531,6 +554,7 @@ fn main() -> ExitCode {
         Command::Compare(args) => run_compare(*args),
         Command::Flags(args) => run_flags(*args),
         Command::Plan(args) => run_plan(args),
+        Command::Demo(args) => run_demo(args),
         Command::Rollout(args) => run_rollout(*args),
         Command::Db {
             command: DbCommand::Init { config, db },
@@ -1270,4 +1294,38 @@ fn run_plan(args: PlanArgs) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn run_demo(args: DemoArgs) -> ExitCode {
+    if !(args.phase_secs.is_finite() && args.phase_secs > 0.0 && args.phase_secs <= 3600.0) {
+        eprintln!("switchyard: --phase-secs must be between 0 and 3600");
+        return ExitCode::from(2);
+    }
+    if args.rate == 0 {
+        eprintln!("switchyard: --rate must be at least 1");
+        return ExitCode::from(2);
+    }
+    let opts = switchyard::demo::DemoOptions {
+        kafka_brokers: args.kafka_brokers,
+        phase: std::time::Duration::from_secs_f64(args.phase_secs),
+        rate: args.rate,
+        follow: args.follow,
+        keep: args.keep,
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    rt.block_on(async move {
+        let shutdown = CancellationToken::new();
+        switchyard::shutdown::cancel_on_signal(shutdown.clone());
+        let mut out = std::io::stdout();
+        match switchyard::demo::run(opts, shutdown, &mut out).await {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("switchyard: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
 }
