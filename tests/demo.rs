@@ -2,7 +2,11 @@
 //! in-process mock cluster, a walk through the rollout, exit 0 with parity ok
 //! and every accepted payload in its databases.
 
+mod common;
+
 use std::process::Command;
+
+use common::*;
 
 #[test]
 fn the_demo_walks_the_rollout_and_ends_with_parity_ok() {
@@ -45,4 +49,40 @@ fn the_demo_walks_the_rollout_and_ends_with_parity_ok() {
         last.contains("dual     0/s") && last.contains("kafka     0/s"),
         "{last}"
     );
+}
+
+/// The same walk against a real broker (`--kafka-brokers`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_runs_against_a_real_broker() {
+    let broker = Broker::start();
+    create_topic(&broker.brokers(), "switchyard.demo", 2).await;
+    let brokers = broker.brokers();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args([
+                "demo",
+                "--phase-secs",
+                "1.5",
+                "--rate",
+                "200",
+                "--kafka-brokers",
+                &brokers,
+            ])
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run the demo")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("Kafka {}", broker.brokers())),
+        "{stdout}"
+    );
+    assert!(stdout.contains("parity: ok"), "{stdout}");
 }
