@@ -35,9 +35,9 @@ fn unix_now() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// rows/s from the start to the last database commit.
-async fn ingest_rate(broker: &Broker, schema: &Schema, rows: u64, batch: usize) -> f64 {
-    let topic = unique("bench-ingest");
+/// A new one-partition topic holding `rows` envelopes of ~2.5 KB.
+async fn fill_topic(broker: &Broker, rows: u64) -> String {
+    let topic = unique("bench");
     create_topic(&broker.brokers(), &topic, 1).await;
     let msgs: Vec<(u64, Vec<u8>)> = (0..rows)
         .map(|i| {
@@ -50,7 +50,12 @@ async fn ingest_rate(broker: &Broker, schema: &Schema, rows: u64, batch: usize) 
     for chunk in msgs.chunks(5000) {
         produce(&broker.brokers(), &topic, chunk).await;
     }
-    drop(msgs);
+    topic
+}
+
+/// rows/s from the start to the last database commit.
+async fn ingest_rate(broker: &Broker, schema: &Schema, rows: u64, batch: usize) -> f64 {
+    let topic = fill_topic(broker, rows).await;
     let new = TestDb::postgres(schema).await;
     let metrics = IngestMetrics::new(&prometheus::Registry::new()).unwrap();
     let opts = IngestOptions {
@@ -82,19 +87,7 @@ async fn ingest_rate(broker: &Broker, schema: &Schema, rows: u64, batch: usize) 
 /// and doing nothing with them: the broker's limit for one partition.
 async fn raw_consume(broker: &Broker, rows: u64) -> f64 {
     use rdkafka::consumer::{Consumer, StreamConsumer};
-    let topic = unique("bench-raw");
-    create_topic(&broker.brokers(), &topic, 1).await;
-    let msgs: Vec<(u64, Vec<u8>)> = (0..rows)
-        .map(|i| {
-            (
-                i % 1000,
-                envelope(i % 1000, i, BODY).to_string().into_bytes(),
-            )
-        })
-        .collect();
-    for chunk in msgs.chunks(5000) {
-        produce(&broker.brokers(), &topic, chunk).await;
-    }
+    let topic = fill_topic(broker, rows).await;
     let c: StreamConsumer = rdkafka::config::ClientConfig::new()
         .set("bootstrap.servers", broker.brokers())
         .set("group.id", unique("raw"))

@@ -691,6 +691,55 @@ async fn bind_admin(addr: SocketAddr) -> Result<tokio::net::TcpListener, ExitCod
     })
 }
 
+/// A role's admin port (/metrics, /healthz, /readyz and the role's own
+/// routes), served until [`AdminPort::finish`].
+struct AdminPort {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AdminPort {
+    async fn start(addr: SocketAddr, router: axum::Router) -> Result<AdminPort, ExitCode> {
+        let listener = bind_admin(addr).await?;
+        let stop = CancellationToken::new();
+        let task = admin::spawn(listener, router, stop.clone());
+        Ok(AdminPort { stop, task })
+    }
+
+    async fn finish(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// The role's metric families, or the exit code if they cannot be registered.
+fn metrics_or_exit<T>(m: prometheus::Result<T>) -> Result<T, ExitCode> {
+    m.map_err(|e| {
+        eprintln!("switchyard: metrics: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+/// Waits until every database answers and holds its tables. Ok(false) when
+/// shut down first; a missing table is a usage error (exit 2).
+async fn wait_databases(
+    dbs: &[(&Db, &str)],
+    schema: &switchyard::schema::Schema,
+    shutdown: &CancellationToken,
+) -> Result<bool, ExitCode> {
+    for (db, url) in dbs {
+        match db::wait_ready(db, schema, url, shutdown).await {
+            Ok(true) => {}
+            Ok(false) => return Ok(false),
+            Err(e) => {
+                eprintln!("switchyard: {e}");
+                return Err(ExitCode::from(2));
+            }
+        }
+    }
+    Ok(true)
+}
+
 fn run_db_init(config: Option<PathBuf>, args: DbArgs) -> ExitCode {
     let rt = match runtime() {
         Ok(rt) => rt,
@@ -772,12 +821,9 @@ fn run_load(args: LoadArgs) -> ExitCode {
     };
     rt.block_on(async move {
         let registry = prometheus::Registry::new();
-        let metrics = match LoadMetrics::new(&registry) {
+        let metrics = match metrics_or_exit(LoadMetrics::new(&registry)) {
             Ok(m) => m,
-            Err(e) => {
-                eprintln!("switchyard: metrics: {e}");
-                return ExitCode::FAILURE;
-            }
+            Err(code) => return code,
         };
         let replay = if args.no_replay {
             None
@@ -790,24 +836,15 @@ fn run_load(args: LoadArgs) -> ExitCode {
                 }
             }
         };
-        let admin_listener = match bind_admin(args.admin_listen).await {
-            Ok(l) => l,
+        let health = Health::starting("waiting for the database");
+        let admin_port = match AdminPort::start(args.admin_listen, admin::router(registry, health.clone())).await {
+            Ok(a) => a,
             Err(code) => return code,
         };
         let shutdown = CancellationToken::new();
         switchyard::shutdown::cancel_on_signal(shutdown.clone());
-        let health = Health::starting("waiting for the database");
-        let admin_stop = CancellationToken::new();
-        let admin_task = admin::spawn(
-            admin_listener,
-            admin::router(registry.clone(), health.clone()),
-            admin_stop.clone(),
-        );
-        let code = match db::wait_ready(&pool, &schema, &url, &shutdown).await {
-            Err(e) => {
-                eprintln!("switchyard: {e}");
-                ExitCode::from(2)
-            }
+        let code = match wait_databases(&[(&pool, &url)], &schema, &shutdown).await {
+            Err(code) => code,
             Ok(false) => ExitCode::SUCCESS,
             Ok(true) => {
                 health.ready();
@@ -824,8 +861,7 @@ fn run_load(args: LoadArgs) -> ExitCode {
                 }
             }
         };
-        admin_stop.cancel();
-        let _ = admin_task.await;
+        admin_port.finish().await;
         pool.close().await;
         code
     })
@@ -873,31 +909,24 @@ fn run_ingest(args: IngestArgs) -> ExitCode {
     };
     rt.block_on(async move {
         let registry = prometheus::Registry::new();
-        let metrics = match IngestMetrics::new(&registry) {
+        let metrics = match metrics_or_exit(IngestMetrics::new(&registry)) {
             Ok(m) => m,
-            Err(e) => {
-                eprintln!("switchyard: metrics: {e}");
-                return ExitCode::FAILURE;
-            }
+            Err(code) => return code,
         };
-        let admin_listener = match bind_admin(args.admin_listen).await {
-            Ok(l) => l,
+        let health = Health::starting("waiting for the database");
+        let admin_port = match AdminPort::start(
+            args.admin_listen,
+            admin::router(registry, health.clone()),
+        )
+        .await
+        {
+            Ok(a) => a,
             Err(code) => return code,
         };
         let shutdown = CancellationToken::new();
         switchyard::shutdown::cancel_on_signal(shutdown.clone());
-        let health = Health::starting("waiting for the database");
-        let admin_stop = CancellationToken::new();
-        let admin_task = admin::spawn(
-            admin_listener,
-            admin::router(registry.clone(), health.clone()),
-            admin_stop.clone(),
-        );
-        let code = match db::wait_ready(&pool, &schema, &url, &shutdown).await {
-            Err(e) => {
-                eprintln!("switchyard: {e}");
-                ExitCode::from(2)
-            }
+        let code = match wait_databases(&[(&pool, &url)], &schema, &shutdown).await {
+            Err(code) => code,
             Ok(false) => ExitCode::SUCCESS,
             Ok(true) => match ingest::run(opts, &schema, &pool, metrics, health, shutdown).await {
                 Ok(s) => {
@@ -923,8 +952,7 @@ fn run_ingest(args: IngestArgs) -> ExitCode {
                 }
             },
         };
-        admin_stop.cancel();
-        let _ = admin_task.await;
+        admin_port.finish().await;
         pool.close().await;
         code
     })
@@ -999,24 +1027,20 @@ fn run_compare(args: CompareArgs) -> ExitCode {
     };
     rt.block_on(async move {
         let registry = prometheus::Registry::new();
-        let metrics = match CompareMetrics::new(&registry) {
+        let metrics = match metrics_or_exit(CompareMetrics::new(&registry)) {
             Ok(m) => m,
-            Err(e) => {
-                eprintln!("switchyard: metrics: {e}");
-                return ExitCode::FAILURE;
-            }
+            Err(code) => return code,
         };
         let shutdown = CancellationToken::new();
         switchyard::shutdown::cancel_on_signal(shutdown.clone());
-        for (db, url) in [(&old, &args.old_db_url), (&new, &args.new_db_url)] {
-            match db::wait_ready(db, &schema, url, &shutdown).await {
-                Ok(true) => {}
-                Ok(false) => return ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("switchyard: {e}");
-                    return ExitCode::from(2);
-                }
-            }
+        let dbs = [
+            (&old, args.old_db_url.as_str()),
+            (&new, args.new_db_url.as_str()),
+        ];
+        match wait_databases(&dbs, &schema, &shutdown).await {
+            Ok(true) => {}
+            Ok(false) => return ExitCode::SUCCESS,
+            Err(code) => return code,
         }
         let cmp = Comparator::new(schema, old, new, opts, metrics);
         if args.once {
@@ -1043,16 +1067,12 @@ fn run_compare(args: CompareArgs) -> ExitCode {
                 }
             };
         }
-        let admin_listener = match bind_admin(args.admin_listen).await {
-            Ok(l) => l,
+        let router =
+            admin::router(registry, Health::default()).merge(compare::parity_router(cmp.clone()));
+        let admin_port = match AdminPort::start(args.admin_listen, router).await {
+            Ok(a) => a,
             Err(code) => return code,
         };
-        let health = Health::starting("reading the topic");
-        let admin_stop = CancellationToken::new();
-        let router = admin::router(registry.clone(), health.clone())
-            .merge(compare::parity_router(cmp.clone()));
-        let admin_task = admin::spawn(admin_listener, router, admin_stop.clone());
-        health.ready();
         let code = match cmp.run(shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e @ CompareError::Topic { .. }) | Err(e @ CompareError::Config(_)) => {
@@ -1064,8 +1084,7 @@ fn run_compare(args: CompareArgs) -> ExitCode {
                 ExitCode::FAILURE
             }
         };
-        admin_stop.cancel();
-        let _ = admin_task.await;
+        admin_port.finish().await;
         code
     })
 }
@@ -1206,13 +1225,11 @@ fn run_rollout(args: RolloutArgs) -> ExitCode {
             };
             rt.block_on(async move {
                 let registry = prometheus::Registry::new();
-                let metrics = match switchyard::metrics::RolloutMetrics::new(&registry) {
-                    Ok(m) => m,
-                    Err(e) => {
-                        eprintln!("switchyard: metrics: {e}");
-                        return ExitCode::FAILURE;
-                    }
-                };
+                let metrics =
+                    match metrics_or_exit(switchyard::metrics::RolloutMetrics::new(&registry)) {
+                        Ok(m) => m,
+                        Err(code) => return code,
+                    };
                 let controller = match Controller::new(plan, store, metrics) {
                     Ok(c) => c,
                     Err(e) => {
@@ -1220,15 +1237,12 @@ fn run_rollout(args: RolloutArgs) -> ExitCode {
                         return ExitCode::from(2);
                     }
                 };
-                let listener = match bind_admin(admin_listen).await {
-                    Ok(l) => l,
+                let router = admin::router(registry, Health::default())
+                    .merge(switchyard::rollout::status_router(controller.clone()));
+                let admin_port = match AdminPort::start(admin_listen, router).await {
+                    Ok(a) => a,
                     Err(code) => return code,
                 };
-                let health = Health::default();
-                let admin_stop = CancellationToken::new();
-                let router = admin::router(registry.clone(), health)
-                    .merge(switchyard::rollout::status_router(controller.clone()));
-                let admin_task = admin::spawn(listener, router, admin_stop.clone());
                 let shutdown = CancellationToken::new();
                 switchyard::shutdown::cancel_on_signal(shutdown.clone());
                 let code = match controller.run(shutdown).await {
@@ -1246,8 +1260,7 @@ fn run_rollout(args: RolloutArgs) -> ExitCode {
                         ExitCode::from(3)
                     }
                 };
-                admin_stop.cancel();
-                let _ = admin_task.await;
+                admin_port.finish().await;
                 code
             })
         }

@@ -352,7 +352,27 @@ impl SinkMetrics {
         Ok(m)
     }
 
-    pub fn committed(&self) {
+    /// Records a committed batch: its duration and size, and per table what
+    /// was inserted or skipped. Returns the totals.
+    pub fn committed<'t>(
+        &self,
+        elapsed: std::time::Duration,
+        batch_rows: usize,
+        tables: impl IntoIterator<Item = (&'t str, &'t crate::db::Written)>,
+    ) -> crate::db::Written {
+        self.insert_seconds.observe(elapsed.as_secs_f64());
+        self.batch_rows.observe(batch_rows as f64);
+        let mut total = crate::db::Written::default();
+        for (table, w) in tables {
+            self.rows
+                .with_label_values(&[table, "inserted"])
+                .inc_by(w.inserted);
+            self.rows
+                .with_label_values(&[table, "duplicate"])
+                .inc_by(w.duplicates);
+            total.inserted += w.inserted;
+            total.duplicates += w.duplicates;
+        }
         self.batches.inc();
         self.last_commit.set(
             std::time::SystemTime::now()
@@ -360,6 +380,7 @@ impl SinkMetrics {
                 .map(|d| d.as_secs_f64())
                 .unwrap_or(0.0),
         );
+        total
     }
 }
 

@@ -28,7 +28,8 @@ fn unix() -> f64 {
 }
 
 struct Live {
-    broker: Broker,
+    /// Held for its lifetime: dropping it stops the broker.
+    _broker: Broker,
     dirs: Dirs,
     old: TestDb,
     new: TestDb,
@@ -153,7 +154,7 @@ impl Live {
             })
         };
         Live {
-            broker,
+            _broker: broker,
             dirs,
             old,
             new,
@@ -196,7 +197,6 @@ impl Live {
             let _ = t.await;
         }
         self.stop.cancel();
-        let _ = (&self.broker, &self.new, &self.old);
         self.router.stop().await;
     }
 }

@@ -177,6 +177,16 @@ impl Comparator {
         true
     }
 
+    /// Records a consumed message, its route taken from the header.
+    fn observe_message<M: Message>(&self, m: &M, now: f64) -> bool {
+        let route = m.headers().and_then(|h| {
+            h.iter()
+                .find(|h| h.key == ROUTE_HEADER)
+                .and_then(|h| h.value)
+        });
+        self.observe(m.payload().unwrap_or_default(), route, now)
+    }
+
     fn parse(&self, payload: &[u8]) -> Option<(&Table, i64, String, String)> {
         let env: Envelope = serde_json::from_slice(payload).ok()?;
         let table = self.schema.table(&env.table)?;
@@ -421,12 +431,7 @@ impl Comparator {
                     {
                         continue;
                     }
-                    let route = m.headers().and_then(|h| {
-                        h.iter()
-                            .find(|h| h.key == ROUTE_HEADER)
-                            .and_then(|h| h.value)
-                    });
-                    self.observe(m.payload().unwrap_or_default(), route, now);
+                    self.observe_message(&m, now);
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "comparator consumer error");
@@ -444,38 +449,30 @@ impl Comparator {
         let consumer = Arc::new(self.consumer()?);
         let ends = self.assign_all(&consumer).await?;
         let mut remaining: HashMap<i32, i64> = ends.into_iter().filter(|(_, hi)| *hi > 0).collect();
-        while !remaining.is_empty() {
-            let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
-                .await
-                .map_err(|_| CompareError::Topic {
+        // Up to every partition's end, then on until the topic has been quiet
+        // for a second: a broker whose high watermark lags its log (tansu's
+        // memory engine does) must not cut the read short.
+        loop {
+            let wait = if remaining.is_empty() { 1 } else { 30 };
+            let Ok(m) = tokio::time::timeout(Duration::from_secs(wait), consumer.recv()).await
+            else {
+                if remaining.is_empty() {
+                    break;
+                }
+                return Err(CompareError::Topic {
                     topic: self.opts.topic.clone(),
                     brokers: self.opts.brokers.clone(),
                     message: "no message for 30 s before reaching the end of the topic".into(),
-                })?;
+                });
+            };
             let Ok(m) = m else { continue };
-            let route = m.headers().and_then(|h| {
-                h.iter()
-                    .find(|h| h.key == ROUTE_HEADER)
-                    .and_then(|h| h.value)
-            });
-            self.observe(m.payload().unwrap_or_default(), route, now_unix());
-            if let Some(hi) = remaining.get(&m.partition()) {
-                if m.offset() + 1 >= *hi {
-                    remaining.remove(&m.partition());
-                }
+            self.observe_message(&m, now_unix());
+            if remaining
+                .get(&m.partition())
+                .is_some_and(|hi| m.offset() + 1 >= *hi)
+            {
+                remaining.remove(&m.partition());
             }
-        }
-        // Then until the topic has been quiet for a second: a broker whose
-        // high watermark lags its log (tansu's memory engine does) must not
-        // cut the read short.
-        while let Ok(m) = tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await {
-            let Ok(m) = m else { continue };
-            let route = m.headers().and_then(|h| {
-                h.iter()
-                    .find(|h| h.key == ROUTE_HEADER)
-                    .and_then(|h| h.value)
-            });
-            self.observe(m.payload().unwrap_or_default(), route, now_unix());
         }
         self.windows()
             .map

@@ -487,9 +487,10 @@ impl Db {
                         _ => "text[]",
                     };
                     let text = format!(
-                        "SELECT {k}::text FROM {t} WHERE {k} = ANY($1::{cast})",
-                        k = q(&table.key),
-                        t = q(&table.name)
+                        "SELECT {} FROM {} WHERE {} = ANY($1::{cast})",
+                        sql::key_text(engine, table),
+                        q(&table.name),
+                        q(&table.key)
                     );
                     let query = sqlx::query_scalar::<_, String>(&text);
                     let query = if key_col == ColumnType::Int {
@@ -503,38 +504,16 @@ impl Db {
                         .await
                         .map_err(|e| classify(engine, e))?
                 }
-                Db::MySql(pool) => {
-                    let mut qb = sqlx::QueryBuilder::<sqlx::MySql>::new(format!(
-                        "SELECT CAST({k} AS CHAR) FROM {t} WHERE {k} IN (",
-                        k = q(&table.key),
-                        t = q(&table.name)
-                    ));
-                    let mut sep = qb.separated(", ");
-                    for k in part {
-                        sep.push_bind(*k);
-                    }
-                    qb.push(")");
-                    qb.build_query_scalar::<String>()
-                        .fetch_all(pool)
-                        .await
-                        .map_err(|e| classify(engine, e))?
-                }
-                Db::Sqlite(pool) => {
-                    let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!(
-                        "SELECT CAST({k} AS TEXT) FROM {t} WHERE {k} IN (",
-                        k = q(&table.key),
-                        t = q(&table.name)
-                    ));
-                    let mut sep = qb.separated(", ");
-                    for k in part {
-                        sep.push_bind(*k);
-                    }
-                    qb.push(")");
-                    qb.build_query_scalar::<String>()
-                        .fetch_all(pool)
-                        .await
-                        .map_err(|e| classify(engine, e))?
-                }
+                Db::MySql(pool) => sql::key_in_list::<sqlx::MySql>(engine, table, part)
+                    .build_query_scalar::<String>()
+                    .fetch_all(pool)
+                    .await
+                    .map_err(|e| classify(engine, e))?,
+                Db::Sqlite(pool) => sql::key_in_list::<sqlx::Sqlite>(engine, table, part)
+                    .build_query_scalar::<String>()
+                    .fetch_all(pool)
+                    .await
+                    .map_err(|e| classify(engine, e))?,
             };
             found.extend(rows);
         }
@@ -550,12 +529,7 @@ impl Db {
         to: i64,
     ) -> Result<std::collections::HashSet<String>, DbError> {
         let engine = self.engine();
-        let key = sql::quote(engine, &table.key);
-        let projection = match engine {
-            Engine::Postgres => format!("{key}::text"),
-            Engine::MySql => format!("CAST({key} AS CHAR)"),
-            Engine::Sqlite => format!("CAST({key} AS TEXT)"),
-        };
+        let projection = sql::key_text(engine, table);
         let text = format!(
             "SELECT {projection} FROM {} WHERE {t} >= {} AND {t} < {}",
             sql::quote(engine, &table.name),
@@ -638,7 +612,7 @@ pub async fn wait_ready(
     url: &str,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> Result<bool, DbError> {
-    let mut delay = Duration::from_millis(200);
+    let mut backoff = crate::shutdown::Backoff::default();
     loop {
         match db.check_tables(schema, url).await {
             Ok(()) => return Ok(true),
@@ -646,9 +620,8 @@ pub async fn wait_ready(
                 tracing::warn!(db = %redact_url(url), error = %e, "database not reachable yet; waiting");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(false),
-                    _ = tokio::time::sleep(delay) => {}
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
                 }
-                delay = (delay * 2).min(Duration::from_secs(5));
             }
             Err(e) => return Err(e),
         }

@@ -206,6 +206,40 @@ where
     qb
 }
 
+/// The key column as text, the same form the comparator keeps keys in.
+pub fn key_text(engine: Engine, table: &Table) -> String {
+    let key = quote(engine, &table.key);
+    match engine {
+        Engine::Postgres => format!("{key}::text"),
+        Engine::MySql => format!("CAST({key} AS CHAR)"),
+        Engine::Sqlite => format!("CAST({key} AS TEXT)"),
+    }
+}
+
+/// `SELECT <key as text> FROM t WHERE key IN (…)` (MySQL, SQLite).
+pub fn key_in_list<'a, DB>(
+    engine: Engine,
+    table: &Table,
+    keys: &'a [&'a str],
+) -> QueryBuilder<'a, DB>
+where
+    DB: Database,
+    &'a str: Encode<'a, DB> + Type<DB>,
+{
+    let mut qb = QueryBuilder::new(format!(
+        "SELECT {} FROM {} WHERE {} IN (",
+        key_text(engine, table),
+        quote(engine, &table.name),
+        quote(engine, &table.key)
+    ));
+    let mut sep = qb.separated(", ");
+    for k in keys {
+        sep.push_bind(*k);
+    }
+    qb.push(")");
+    qb
+}
+
 pub fn dead_letter_insert(engine: Engine) -> String {
     let p = |n| placeholder(engine, n);
     let head = format!(

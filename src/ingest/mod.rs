@@ -20,9 +20,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::Health;
 use crate::db::{self, row_values, Db, DbError, DeadLetter, TableRows};
-use crate::load::Backoff;
 use crate::metrics::IngestMetrics;
 use crate::schema::{Schema, Table};
+use crate::shutdown::Backoff;
 
 use context::IngestContext;
 
@@ -146,9 +146,6 @@ pub async fn run(
                     payload: m.payload().unwrap_or_default().to_vec(),
                     epoch: consumer.context().epoch(),
                 };
-                consumer
-                    .context()
-                    .seen(&msg.topic, msg.partition, msg.timestamp_ms);
                 batch.push(msg);
                 deadline.get_or_insert_with(|| Instant::now() + opts.consumer_timeout);
             }
@@ -246,6 +243,17 @@ impl Ingest<'_> {
         if batch.is_empty() {
             return Ok(true);
         }
+        // Once per partition and batch, not per message: the oldest message
+        // not yet committed, for the lag in seconds.
+        let mut first: HashMap<(&str, i32), Option<i64>> = HashMap::new();
+        for m in &batch {
+            first
+                .entry((m.topic.as_str(), m.partition))
+                .or_insert(m.timestamp_ms);
+        }
+        for ((topic, partition), ts) in first {
+            ctx.seen(topic, partition, ts);
+        }
         self.metrics.messages.inc_by(batch.len() as u64);
         let mut rows: BTreeMap<usize, (TableRows, Vec<usize>)> = BTreeMap::new();
         let mut dead: Vec<DeadLetter> = Vec::new();
@@ -267,7 +275,7 @@ impl Ingest<'_> {
                 }
             }
         }
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::default();
         loop {
             let tables: Vec<(&Table, &TableRows)> = rows
                 .iter()
@@ -276,21 +284,16 @@ impl Ingest<'_> {
             let started = Instant::now();
             match self.db.write_batch(&tables, &dead, None).await {
                 Ok(written) => {
-                    let m = &self.metrics.sink;
-                    m.insert_seconds.observe(started.elapsed().as_secs_f64());
-                    m.batch_rows.observe(batch.len() as f64);
-                    m.committed();
-                    for ((t, _), w) in rows.iter().zip(&written) {
-                        let table = self.schema.tables()[*t].name.as_str();
-                        m.rows
-                            .with_label_values(&[table, "inserted"])
-                            .inc_by(w.inserted);
-                        m.rows
-                            .with_label_values(&[table, "duplicate"])
-                            .inc_by(w.duplicates);
-                        self.summary.inserted += w.inserted;
-                        self.summary.duplicates += w.duplicates;
-                    }
+                    let tables = rows
+                        .keys()
+                        .map(|t| self.schema.tables()[*t].name.as_str())
+                        .zip(&written);
+                    let total = self
+                        .metrics
+                        .sink
+                        .committed(started.elapsed(), batch.len(), tables);
+                    self.summary.inserted += total.inserted;
+                    self.summary.duplicates += total.duplicates;
                     tracing::debug!(
                         messages = batch.len(),
                         dead_letters = dead.len(),
@@ -323,12 +326,24 @@ impl Ingest<'_> {
                         .dead_letters
                         .with_label_values(&["rejected"])
                         .inc_by(found);
-                    if found == 0 && !self.wait(&mut backoff, &reason).await {
+                    if found == 0
+                        && !backoff
+                            .pause(
+                                self.shutdown,
+                                &self.metrics.sink.retries,
+                                "database",
+                                &reason,
+                            )
+                            .await
+                    {
                         return Ok(false);
                     }
                 }
                 Err(e) if e.is_transient() => {
-                    if !self.wait(&mut backoff, &e).await {
+                    if !backoff
+                        .pause(self.shutdown, &self.metrics.sink.retries, "database", &e)
+                        .await
+                    {
                         return Ok(false);
                     }
                 }
@@ -391,20 +406,6 @@ impl Ingest<'_> {
                 self.metrics.commit_errors.inc();
                 tracing::warn!(error = %e, "offset commit did not complete");
             }
-        }
-    }
-
-    async fn wait(&self, backoff: &mut Backoff, e: &(dyn std::fmt::Display + Sync)) -> bool {
-        let d = backoff.next();
-        self.metrics
-            .sink
-            .retries
-            .with_label_values(&["database"])
-            .inc();
-        tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "database unavailable; retrying the batch (offsets not committed)");
-        tokio::select! {
-            _ = self.shutdown.cancelled() => false,
-            _ = tokio::time::sleep(d) => true,
         }
     }
 }

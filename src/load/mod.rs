@@ -25,6 +25,7 @@ use crate::metrics::LoadMetrics;
 use crate::offline::{self, line_route};
 use crate::routing::Route;
 use crate::schema::{Schema, Table};
+use crate::shutdown::Backoff;
 
 pub use progress::Progress;
 
@@ -357,7 +358,7 @@ impl Loader<'_> {
             return Ok(BatchEnd::Cancelled);
         }
         self.write_dead(&dead)?;
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::default();
         loop {
             let tables: Vec<(&Table, &TableRows)> = rows
                 .iter()
@@ -366,21 +367,16 @@ impl Loader<'_> {
             let started = Instant::now();
             match self.db.write_batch(&tables, &[], Some(update)).await {
                 Ok(written) => {
-                    let m = &self.metrics.sink;
-                    m.insert_seconds.observe(started.elapsed().as_secs_f64());
-                    m.batch_rows.observe(n_lines as f64);
-                    m.committed();
-                    for ((t, _), w) in rows.iter().zip(&written) {
-                        let table = self.schema.tables()[*t].name.as_str();
-                        m.rows
-                            .with_label_values(&[table, "inserted"])
-                            .inc_by(w.inserted);
-                        m.rows
-                            .with_label_values(&[table, "duplicate"])
-                            .inc_by(w.duplicates);
-                        self.summary.inserted += w.inserted;
-                        self.summary.duplicates += w.duplicates;
-                    }
+                    let tables = rows
+                        .keys()
+                        .map(|t| self.schema.tables()[*t].name.as_str())
+                        .zip(&written);
+                    let total =
+                        self.metrics
+                            .sink
+                            .committed(started.elapsed(), n_lines as usize, tables);
+                    self.summary.inserted += total.inserted;
+                    self.summary.duplicates += total.duplicates;
                     self.summary.lines += n_lines;
                     self.summary.replayed += replays.len() as u64;
                     self.summary.dead_letters += dead.len() as u64;
@@ -396,7 +392,15 @@ impl Loader<'_> {
                         let bad = match db::find_rejected(self.db, table, r).await {
                             Ok(b) => b,
                             Err(e) if e.is_transient() => {
-                                if !self.wait(&mut backoff, "database", &e).await {
+                                if !backoff
+                                    .pause(
+                                        self.shutdown,
+                                        &self.metrics.sink.retries,
+                                        "database",
+                                        &e,
+                                    )
+                                    .await
+                                {
                                     return Ok(BatchEnd::Cancelled);
                                 }
                                 break;
@@ -423,7 +427,10 @@ impl Loader<'_> {
                     self.write_dead(&rejected)?;
                 }
                 Err(e) if e.is_transient() => {
-                    if !self.wait(&mut backoff, "database", &e).await {
+                    if !backoff
+                        .pause(self.shutdown, &self.metrics.sink.retries, "database", &e)
+                        .await
+                    {
                         return Ok(BatchEnd::Cancelled);
                     }
                 }
@@ -479,7 +486,7 @@ impl Loader<'_> {
             return true;
         };
         let mut todo: Vec<&(u64, Vec<u8>, Route)> = replays.iter().collect();
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::default();
         while !todo.is_empty() {
             let msgs: Vec<(u64, &[u8], Route)> = todo
                 .iter()
@@ -503,7 +510,10 @@ impl Loader<'_> {
             }
             todo = failed;
             if let Some(e) = first_error {
-                if !self.wait(&mut backoff, "kafka", &e).await {
+                if !backoff
+                    .pause(self.shutdown, &self.metrics.sink.retries, "kafka", &e)
+                    .await
+                {
                     return false;
                 }
             }
@@ -580,33 +590,20 @@ impl Loader<'_> {
 
     /// A file's checkpoint, waiting out a database outage. None if cancelled.
     async fn checkpoint(&self, name: &str) -> Result<Option<Option<Checkpoint>>, LoadError> {
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::default();
         loop {
             match self.db.checkpoint(name).await {
                 Ok(c) => return Ok(Some(c)),
                 Err(e) if e.is_transient() => {
-                    if !self.wait(&mut backoff, "database", &e).await {
+                    if !backoff
+                        .pause(self.shutdown, &self.metrics.sink.retries, "database", &e)
+                        .await
+                    {
                         return Ok(None);
                     }
                 }
                 Err(e) => return Err(e.into()),
             }
-        }
-    }
-
-    /// Sleeps the next backoff step. False if cancelled meanwhile.
-    async fn wait(
-        &self,
-        backoff: &mut Backoff,
-        what: &'static str,
-        e: &(dyn std::fmt::Display + Sync),
-    ) -> bool {
-        let d = backoff.next();
-        self.metrics.sink.retries.with_label_values(&[what]).inc();
-        tracing::warn!(error = %e, retry_in_ms = d.as_millis() as u64, "{what} unavailable; retrying");
-        tokio::select! {
-            _ = self.shutdown.cancelled() => false,
-            _ = tokio::time::sleep(d) => true,
         }
     }
 }
@@ -656,21 +653,6 @@ fn line_at(raw: &[(u64, Vec<u8>)], at: u64) -> String {
         .find(|(o, _)| *o == at)
         .map(|(_, l)| String::from_utf8_lossy(l).into_owned())
         .unwrap_or_default()
-}
-
-/// 100 ms doubling to 10 s.
-pub(crate) struct Backoff(Duration);
-
-impl Backoff {
-    pub(crate) fn new() -> Backoff {
-        Backoff(Duration::from_millis(100))
-    }
-
-    pub(crate) fn next(&mut self) -> Duration {
-        let d = self.0;
-        self.0 = (self.0 * 2).min(Duration::from_secs(10));
-        d
-    }
 }
 
 /// The loader can run on a spawned task (the demo runs every role in one process).

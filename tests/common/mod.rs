@@ -881,19 +881,24 @@ pub struct Role {
 }
 
 impl Role {
-    pub fn spawn(args: &[&str]) -> Role {
-        let admin_port = free_port();
-        let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        all.push("--admin-listen".into());
-        all.push(format!("127.0.0.1:{admin_port}"));
-        let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-            .args(&all)
+    /// `switchyard <args> --admin-listen 127.0.0.1:<admin_port>`, logging at
+    /// `$SWITCHYARD_TEST_LOG` (warn by default).
+    fn command(args: &[&str], admin_port: u16) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+        c.args(args)
+            .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
             .env(
                 "RUST_LOG",
                 std::env::var("SWITCHYARD_TEST_LOG").unwrap_or_else(|_| "warn".into()),
             )
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::inherit());
+        c
+    }
+
+    pub fn spawn(args: &[&str]) -> Role {
+        let admin_port = free_port();
+        let child = Self::command(args, admin_port)
             .spawn()
             .expect("spawn switchyard");
         let mut r = Role { child, admin_port };
@@ -910,27 +915,10 @@ impl Role {
 
     /// Runs a role that exits by itself (`load --once`) to its end.
     pub fn run_to_end(args: &[&str], timeout: Duration) -> std::process::ExitStatus {
-        let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        all.push("--admin-listen".into());
-        all.push(format!("127.0.0.1:{}", free_port()));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-            .args(&all)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+        let mut child = Self::command(args, free_port())
             .spawn()
             .expect("spawn switchyard");
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(s)) = child.try_wait() {
-                return s;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("switchyard {} did not finish in {timeout:?}", args[0]);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_child(&mut child, timeout)
     }
 
     /// One metric from the role's /metrics (summed over matching series).
@@ -960,14 +948,22 @@ impl Role {
 
     /// Waits for the process to exit by itself.
     pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                return s;
-            }
-            assert!(Instant::now() < deadline, "the role did not exit");
-            std::thread::sleep(Duration::from_millis(50));
+        wait_child(&mut self.child, timeout)
+    }
+}
+
+/// Waits for a child to exit by itself; kills it and fails after `timeout`.
+fn wait_child(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            return s;
         }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the role did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
