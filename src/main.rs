@@ -71,6 +71,22 @@ enum DbCommand {
     },
 }
 
+/// How to reach Kafka: the same two flags for every role that talks to it.
+#[derive(Args, Clone)]
+struct KafkaArgs {
+    /// Kafka bootstrap servers.
+    #[arg(
+        long = "kafka-brokers",
+        env = "SWITCHYARD_KAFKA_BROKERS",
+        default_value = "127.0.0.1:9092"
+    )]
+    kafka_brokers: String,
+    /// Any librdkafka property, key=value, repeatable (SASL/TLS settings and
+    /// secrets go here or in the env variable, comma-separated; never logged).
+    #[arg(long = "kafka-config", env = "SWITCHYARD_KAFKA_CONFIG")]
+    kafka_config: Vec<String>,
+}
+
 /// Where the database is: a URL, or the seed's separate flags.
 #[derive(Args, Clone)]
 struct DbArgs {
@@ -155,19 +171,11 @@ struct LoadArgs {
     /// Load Kafka-fallback lines into the OLD database instead of replaying them to Kafka.
     #[arg(long)]
     no_replay: bool,
-    /// Kafka bootstrap servers (for replaying Kafka-fallback lines).
-    #[arg(
-        long,
-        env = "SWITCHYARD_KAFKA_BROKERS",
-        default_value = "127.0.0.1:9092"
-    )]
-    kafka_brokers: String,
+    #[command(flatten)]
+    kafka: KafkaArgs,
     /// Kafka topic (overrides kafka.topic).
     #[arg(long, env = "SWITCHYARD_KAFKA_TOPIC")]
     kafka_topic: Option<String>,
-    /// Any librdkafka property, key=value (secrets never logged).
-    #[arg(long = "kafka-config", env = "SWITCHYARD_KAFKA_CONFIG")]
-    kafka_config: Vec<String>,
     /// Admin address: /metrics, /healthz, /readyz.
     #[arg(
         long,
@@ -370,13 +378,8 @@ struct CompareArgs {
     /// Pipeline configuration (TOML); the embedded default when absent.
     #[arg(long, env = "SWITCHYARD_CONFIG")]
     config: Option<PathBuf>,
-    /// Kafka bootstrap servers.
-    #[arg(
-        long,
-        env = "SWITCHYARD_KAFKA_BROKERS",
-        default_value = "127.0.0.1:9092"
-    )]
-    kafka_brokers: String,
+    #[command(flatten)]
+    kafka: KafkaArgs,
     /// Topic (overrides kafka.topic).
     #[arg(long, env = "SWITCHYARD_KAFKA_TOPIC")]
     kafka_topic: Option<String>,
@@ -387,9 +390,6 @@ struct CompareArgs {
         default_value = "switchyard-compare"
     )]
     kafka_group: String,
-    /// Any librdkafka consumer property, key=value (secrets never logged).
-    #[arg(long = "kafka-config", env = "SWITCHYARD_KAFKA_CONFIG")]
-    kafka_config: Vec<String>,
     /// The OLD database URL.
     #[arg(long, env = "SWITCHYARD_OLD_DB_URL", hide_env_values = true)]
     old_db_url: String,
@@ -443,13 +443,8 @@ struct IngestArgs {
     /// Pipeline configuration (TOML); the embedded default when absent.
     #[arg(long, env = "SWITCHYARD_CONFIG")]
     config: Option<PathBuf>,
-    /// Kafka bootstrap servers.
-    #[arg(
-        long,
-        env = "SWITCHYARD_KAFKA_BROKERS",
-        default_value = "127.0.0.1:9092"
-    )]
-    kafka_brokers: String,
+    #[command(flatten)]
+    kafka: KafkaArgs,
     /// Topics to consume, comma-separated (default: kafka.topic).
     #[arg(long, env = "SWITCHYARD_KAFKA_TOPICS", value_delimiter = ',')]
     kafka_topics: Vec<String>,
@@ -460,9 +455,6 @@ struct IngestArgs {
         default_value = "switchyard-ingest"
     )]
     kafka_group: String,
-    /// Any librdkafka consumer property, key=value (secrets never logged).
-    #[arg(long = "kafka-config", env = "SWITCHYARD_KAFKA_CONFIG")]
-    kafka_config: Vec<String>,
     #[command(flatten)]
     db: DbArgs,
     /// The longest a partial batch waits for more messages, in seconds (e.g. 0.15).
@@ -498,20 +490,11 @@ struct RouteArgs {
         default_value = "127.0.0.1:9090"
     )]
     admin_listen: SocketAddr,
-    /// Kafka bootstrap servers.
-    #[arg(
-        long,
-        env = "SWITCHYARD_KAFKA_BROKERS",
-        default_value = "127.0.0.1:9092"
-    )]
-    kafka_brokers: String,
+    #[command(flatten)]
+    kafka: KafkaArgs,
     /// Kafka topic (overrides kafka.topic).
     #[arg(long, env = "SWITCHYARD_KAFKA_TOPIC")]
     kafka_topic: Option<String>,
-    /// Any librdkafka property, key=value, repeatable (SASL/TLS settings and
-    /// secrets go here or in the env variable, comma-separated; never logged).
-    #[arg(long = "kafka-config", env = "SWITCHYARD_KAFKA_CONFIG")]
-    kafka_config: Vec<String>,
     /// Offline file folder (overrides offline.dir).
     #[arg(long, env = "SWITCHYARD_OFFLINE_DIR")]
     offline_dir: Option<PathBuf>,
@@ -594,7 +577,7 @@ fn kafka_props(raw: &[String]) -> Result<Vec<(String, String)>, ExitCode> {
 }
 
 fn run_route(args: RouteArgs) -> ExitCode {
-    let kafka_extra = match kafka_props(&args.kafka_config) {
+    let kafka_extra = match kafka_props(&args.kafka.kafka_config) {
         Ok(p) => p,
         Err(code) => return code,
     };
@@ -647,7 +630,7 @@ fn run_route(args: RouteArgs) -> ExitCode {
         });
         let opts = RouteOptions {
             config,
-            kafka_brokers: args.kafka_brokers,
+            kafka_brokers: args.kafka.kafka_brokers,
             kafka_extra,
             launchdarkly,
         };
@@ -773,7 +756,7 @@ fn run_db_init(config: Option<PathBuf>, args: DbArgs) -> ExitCode {
 }
 
 fn run_load(args: LoadArgs) -> ExitCode {
-    let kafka_extra = match kafka_props(&args.kafka_config) {
+    let kafka_extra = match kafka_props(&args.kafka.kafka_config) {
         Ok(p) => p,
         Err(code) => return code,
     };
@@ -828,7 +811,7 @@ fn run_load(args: LoadArgs) -> ExitCode {
         let replay = if args.no_replay {
             None
         } else {
-            match Replay::new(&args.kafka_brokers, &cfg.kafka, &kafka_extra, &metrics) {
+            match Replay::new(&args.kafka.kafka_brokers, &cfg.kafka, &kafka_extra, &metrics) {
                 Ok(r) => Some(r),
                 Err(e) => {
                     eprintln!("switchyard: {e}");
@@ -868,7 +851,7 @@ fn run_load(args: LoadArgs) -> ExitCode {
 }
 
 fn run_ingest(args: IngestArgs) -> ExitCode {
-    let kafka_extra = match kafka_props(&args.kafka_config) {
+    let kafka_extra = match kafka_props(&args.kafka.kafka_config) {
         Ok(p) => p,
         Err(code) => return code,
     };
@@ -897,7 +880,7 @@ fn run_ingest(args: IngestArgs) -> ExitCode {
         args.kafka_topics.clone()
     };
     let opts = IngestOptions {
-        brokers: args.kafka_brokers.clone(),
+        brokers: args.kafka.kafka_brokers.clone(),
         topics,
         group: args.kafka_group.clone(),
         batch_size: args.batch_size,
@@ -973,7 +956,7 @@ fn run_compare(args: CompareArgs) -> ExitCode {
         Err(code) => return code,
     };
     let _enter = rt.enter();
-    let kafka_extra = match kafka_props(&args.kafka_config) {
+    let kafka_extra = match kafka_props(&args.kafka.kafka_config) {
         Ok(p) => p,
         Err(code) => return code,
     };
@@ -1013,7 +996,7 @@ fn run_compare(args: CompareArgs) -> ExitCode {
         Err(code) => return code,
     };
     let opts = CompareOptions {
-        brokers: args.kafka_brokers.clone(),
+        brokers: args.kafka.kafka_brokers.clone(),
         topic: args.kafka_topic.clone().unwrap_or(cfg.kafka.topic.clone()),
         group: args.kafka_group.clone(),
         extra: kafka_extra,
@@ -1341,4 +1324,15 @@ fn run_demo(args: DemoArgs) -> ExitCode {
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every subcommand's arguments are unique and well formed (clap checks
+    /// this only when a subcommand is first used).
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }
