@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use switchyard::compare::state::Status;
+use switchyard::compare::CompareMetrics;
 use switchyard::compare::{Comparator, CompareOptions};
 use switchyard::db::{row_values, TableRows};
-use switchyard::metrics::CompareMetrics;
 
 fn main() {
     let rows: u64 = std::env::var("SWITCHYARD_BENCH_ROWS")

@@ -20,9 +20,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
 use switchyard::admin::Health;
+use switchyard::ingest::IngestMetrics;
 use switchyard::ingest::{self, IngestOptions};
+use switchyard::load::LoadMetrics;
 use switchyard::load::{self, LoadOptions};
-use switchyard::metrics::{IngestMetrics, LoadMetrics};
 use switchyard::schema::Schema;
 use tokio_util::sync::CancellationToken;
 

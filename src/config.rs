@@ -6,9 +6,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-use crate::flags::FlagKeys;
 use crate::offline::FsyncPolicy;
 use crate::schema::{Schema, SchemaError, TableConfig};
 
@@ -237,6 +236,28 @@ pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
         _ => Err(format!("expected key=value, got {s:?}")),
+    }
+}
+
+/// The flag keys the router evaluates.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FlagKeys {
+    /// Boolean: when true, everything goes legacy.
+    pub kill_switch: String,
+    /// Number 0–100: percentage of buckets sent to Kafka only.
+    pub kafka_only: String,
+    /// Number 0–100: percentage of buckets sent to both sinks.
+    pub dual_write: String,
+}
+
+impl Default for FlagKeys {
+    fn default() -> Self {
+        FlagKeys {
+            kill_switch: "switchyard-kill-switch".into(),
+            kafka_only: "switchyard-kafka-only".into(),
+            dual_write: "switchyard-dual-write".into(),
+        }
     }
 }
 

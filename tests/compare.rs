@@ -12,10 +12,12 @@ use common::*;
 use serde_json::json;
 use switchyard::admin::Health;
 use switchyard::compare::state::Status;
+use switchyard::compare::CompareMetrics;
 use switchyard::compare::{Comparator, CompareOptions, Parity};
+use switchyard::ingest::IngestMetrics;
 use switchyard::ingest::{self, IngestOptions};
+use switchyard::load::LoadMetrics;
 use switchyard::load::{self, LoadOptions, Replay};
-use switchyard::metrics::{CompareMetrics, IngestMetrics, LoadMetrics};
 use tokio_util::sync::CancellationToken;
 
 const DUAL: &str = "switchyard-dual-write";

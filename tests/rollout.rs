@@ -11,12 +11,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use common::*;
 use serde_json::{json, Value};
 use switchyard::admin::Health;
+use switchyard::compare::CompareMetrics;
 use switchyard::compare::{parity_router, Comparator, CompareOptions};
 use switchyard::flags::store::{FlagStore, Which};
 use switchyard::flags::FlagKeys;
+use switchyard::ingest::IngestMetrics;
 use switchyard::ingest::{self, IngestOptions};
-use switchyard::metrics::{CompareMetrics, IngestMetrics, RolloutMetrics};
 use switchyard::rollout::plan::Plan;
+use switchyard::rollout::RolloutMetrics;
 use switchyard::rollout::{Controller, Outcome};
 use tokio_util::sync::CancellationToken;
 
@@ -88,8 +90,7 @@ impl Live {
                 progress: false,
             };
             tokio::spawn(async move {
-                let m =
-                    switchyard::metrics::LoadMetrics::new(&prometheus::Registry::new()).unwrap();
+                let m = switchyard::load::LoadMetrics::new(&prometheus::Registry::new()).unwrap();
                 let _ = switchyard::load::run(opts, &schema, &db, None, m, s).await;
             });
         }

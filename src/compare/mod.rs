@@ -6,6 +6,8 @@
 //! still short after the settle delay is pending until the maximum lateness,
 //! then a mismatch; a row found once and missing later is a mismatch at once.
 
+pub mod cli;
+mod metrics;
 mod report;
 pub mod state;
 
@@ -22,8 +24,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::db::{Db, DbError};
 use crate::kafka::{QuietContext, ROUTE_HEADER};
-use crate::metrics::CompareMetrics;
 use crate::schema::{ColumnType, Schema, Table};
+pub use metrics::CompareMetrics;
 
 pub use report::{Parity, TableParity, WindowReport};
 use state::{judge, verdict, Sent, Status, Windows};

@@ -5,6 +5,9 @@
 //! transaction together with its bookkeeping (a file checkpoint or dead
 //! letters), so a crash at any point neither loses nor duplicates a row.
 
+pub mod args;
+pub mod cli;
+mod metrics;
 mod sql;
 mod value;
 
@@ -19,6 +22,7 @@ use sqlx::Row;
 
 use crate::schema::{Schema, Table};
 
+pub use metrics::SinkMetrics;
 pub use sql::{CHECKPOINT_TABLE, DEAD_LETTER_TABLE};
 pub use value::{row_values, Bound, ValueError};
 

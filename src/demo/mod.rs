@@ -4,6 +4,7 @@
 //! cluster (or a real broker), fed by a synthetic traffic generator, walking
 //! a rollout and showing at each step what goes where and the parity verdict.
 
+pub mod cli;
 mod traffic;
 
 use std::io::Write;
@@ -15,13 +16,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::Health;
 use crate::compare::state::Status;
-use crate::compare::{Comparator, CompareOptions};
+use crate::compare::{Comparator, CompareMetrics, CompareOptions};
 use crate::config::PipelineConfig;
 use crate::db::Db;
 use crate::flags::store::{FlagStore, Which};
-use crate::ingest::{self, IngestOptions};
-use crate::load::{self, LoadOptions, Replay};
-use crate::metrics::{CompareMetrics, IngestMetrics, LoadMetrics};
+use crate::ingest::{self, IngestMetrics, IngestOptions};
+use crate::load::{self, LoadMetrics, LoadOptions, Replay};
 use crate::route::{self, RouteOptions};
 
 pub use traffic::Counts;

@@ -14,8 +14,8 @@ use launchdarkly_server_sdk::{
 };
 use tokio_util::sync::CancellationToken;
 
+use super::FlagMetrics;
 use super::{Evaluator, FlagKeys, FlagSource, SourceStatus};
-use crate::metrics::FlagMetrics;
 use crate::routing::FlagValues;
 
 /// Where and how to reach LaunchDarkly.

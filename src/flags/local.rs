@@ -14,8 +14,8 @@ use std::time::Duration;
 use launchdarkly_server_sdk::{Client, ConfigBuilder, Flag, NullEventProcessorBuilder, TestData};
 use tokio_util::sync::CancellationToken;
 
+use super::FlagMetrics;
 use super::{Evaluator, FlagKeys, FlagSource, SourceStatus};
-use crate::metrics::FlagMetrics;
 use crate::routing::FlagValues;
 
 /// A flag file that could not be used.
@@ -302,7 +302,7 @@ mod tests {
     async fn loads_targets_keeps_last_good_and_removes() {
         let dir = tempfile::tempdir().unwrap();
         let reg = prometheus::Registry::new();
-        let metrics = crate::metrics::RouteMetrics::new(&reg).unwrap().flags;
+        let metrics = super::FlagMetrics::new(&reg).unwrap();
         let flags = LocalFlags::start(dir.path(), FlagKeys::default(), metrics)
             .await
             .unwrap();

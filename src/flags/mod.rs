@@ -3,41 +3,23 @@
 //! LaunchDarkly SDK for an `account` context, so targeting rules behave the same
 //! everywhere. The router only sees [`FlagSource`].
 
+pub mod cli;
 mod launchdarkly;
 mod local;
+mod metrics;
 pub mod store;
 
 use std::sync::Arc;
 
 use launchdarkly_server_sdk::{Client, ContextBuilder};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 pub use launchdarkly::{LaunchDarklyFlags, LaunchDarklyOptions, LaunchDarklyStartError};
 pub use local::{FlagFileError, LocalFlags, ReloadOutcome, StartError as LocalStartError};
+pub use metrics::FlagMetrics;
 
+pub use crate::config::FlagKeys;
 use crate::routing::FlagValues;
-
-/// The flag keys the router evaluates.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct FlagKeys {
-    /// Boolean: when true, everything goes legacy.
-    pub kill_switch: String,
-    /// Number 0–100: percentage of buckets sent to Kafka only.
-    pub kafka_only: String,
-    /// Number 0–100: percentage of buckets sent to both sinks.
-    pub dual_write: String,
-}
-
-impl Default for FlagKeys {
-    fn default() -> Self {
-        FlagKeys {
-            kill_switch: "switchyard-kill-switch".into(),
-            kafka_only: "switchyard-kafka-only".into(),
-            dual_write: "switchyard-dual-write".into(),
-        }
-    }
-}
 
 /// What a source says about itself, for `/readyz` and the route explainer.
 #[derive(Debug, Clone, Serialize)]
@@ -72,7 +54,7 @@ impl Evaluator {
 
     /// Sets the flag-value gauges to what an account without individual
     /// targeting gets.
-    pub fn publish(&self, metrics: &crate::metrics::FlagMetrics) {
+    pub fn publish(&self, metrics: &FlagMetrics) {
         let v = self.evaluate(u64::MAX);
         for (flag, value) in [
             ("kill_switch", if v.kill_switch { 1.0 } else { 0.0 }),

@@ -13,8 +13,8 @@ use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::statistics::Statistics;
 
+use super::IngestMetrics;
 use crate::kafka::QuietContext;
-use crate::metrics::IngestMetrics;
 
 type Tp = (String, i32);
 

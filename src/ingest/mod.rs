@@ -5,7 +5,9 @@
 //! crash anywhere replays the batch, and the idempotent insert skips what was
 //! already written.
 
+pub mod cli;
 mod context;
+mod metrics;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -20,11 +22,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::Health;
 use crate::db::{self, row_values, Db, DbError, DeadLetter, TableRows};
-use crate::metrics::IngestMetrics;
+
 use crate::schema::{Schema, Table};
 use crate::shutdown::Backoff;
 
 use context::IngestContext;
+pub use metrics::IngestMetrics;
 
 /// How the consumer runs (the seed's command line).
 #[derive(Debug, Clone)]

@@ -15,8 +15,11 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 
 use crate::config::KafkaSettings;
-use crate::metrics::KafkaMetrics;
+pub mod args;
+mod metrics;
+
 use crate::routing::Route;
+pub use metrics::{KafkaMetrics, DELIVERY_ERROR_KINDS};
 
 /// Header carrying the route decision (`dual` or `kafka`).
 pub const ROUTE_HEADER: &str = "switchyard-route";

@@ -6,6 +6,8 @@
 //! advances from the offset its loader read, so a file is never loaded twice
 //! even where locks are not shared (network filesystems).
 
+pub mod cli;
+mod metrics;
 mod progress;
 
 use std::collections::BTreeMap;
@@ -21,12 +23,13 @@ use tokio_util::sync::CancellationToken;
 use crate::config::KafkaSettings;
 use crate::db::{self, row_values, Checkpoint, CheckpointUpdate, Db, DbError, TableRows};
 use crate::kafka::KafkaSink;
-use crate::metrics::LoadMetrics;
+
 use crate::offline::{self, line_route};
 use crate::routing::Route;
 use crate::schema::{Schema, Table};
 use crate::shutdown::Backoff;
 
+pub use metrics::LoadMetrics;
 pub use progress::Progress;
 
 /// How the loader runs.

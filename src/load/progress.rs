@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::LoadMetrics;
+use super::LoadMetrics;
 
 /// Rate over this window.
 const WINDOW: Duration = Duration::from_secs(10);

@@ -14,7 +14,9 @@ use serde::{Deserialize, Serialize};
 
 pub use writer::{FsyncPolicy, OfflineWriter, SubmitError, WriteError, WriterConfig};
 
-use crate::metrics::OfflineMetrics;
+mod metrics;
+
+pub use metrics::OfflineMetrics;
 
 /// Suffix of the file being written.
 pub const OPEN_SUFFIX: &str = ".ndjson.open";

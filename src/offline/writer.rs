@@ -13,8 +13,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::Deserialize;
 use tokio::sync::oneshot;
 
+use super::OfflineMetrics;
 use super::{sync_dir, LinePrefix, CLOSED_SUFFIX, OPEN_SUFFIX};
-use crate::metrics::OfflineMetrics;
 
 /// When a write counts as durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -481,7 +481,7 @@ mod tests {
 
     fn metrics() -> OfflineMetrics {
         let reg = prometheus::Registry::new();
-        crate::metrics::RouteMetrics::new(&reg).unwrap().offline
+        super::OfflineMetrics::new(&reg).unwrap()
     }
 
     fn cfg(dir: &Path, fsync: FsyncPolicy) -> WriterConfig {

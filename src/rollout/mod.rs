@@ -4,6 +4,8 @@
 //! Its state is a file written after every change, so a restarted controller
 //! resumes where it was.
 
+pub mod cli;
+mod metrics;
 pub mod plan;
 
 use std::path::{Path, PathBuf};
@@ -14,7 +16,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::flags::store::{FlagStore, StoreError, Which};
-use crate::metrics::RolloutMetrics;
+pub use metrics::RolloutMetrics;
 use plan::{
     decide, rollback_percent, Action, Check, Plan, Rollback, Stage, State, Status, Transition,
 };

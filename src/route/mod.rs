@@ -3,7 +3,9 @@
 //! goes (offline file, Kafka, or both) and answers 2xx only once every chosen
 //! sink has it durably.
 
+pub mod cli;
 mod error;
+mod metrics;
 mod parse;
 
 use std::collections::HashMap;
@@ -33,10 +35,11 @@ pub use parse::{parse_body, Framing, Payload};
 use crate::config::{KafkaFallback, PipelineConfig};
 use crate::flags::{FlagSource, LaunchDarklyFlags, LocalFlags};
 use crate::kafka::{KafkaSink, SinkError};
-use crate::metrics::{encode, RouteMetrics};
+use crate::metrics::encode;
 use crate::offline::{self, line_route, LinePrefix, OfflineWriter, WriterConfig};
 use crate::routing::{bucket, decide, threshold, Route};
 use crate::schema::Schema;
+pub use metrics::RouteMetrics;
 
 /// Held (flock) by the router writing a folder.
 pub const LOCK_FILE: &str = ".route.lock";

@@ -3,6 +3,8 @@
 //! consumer processes for the rate after growth (partitions are hard to add
 //! later without reshuffling keys).
 
+pub mod cli;
+
 use serde::Serialize;
 
 const KIB: f64 = 1024.0;

@@ -1,0 +1,204 @@
+//! `switchyard compare`: its command line and start-up.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+
+use super::state::Status;
+use super::{Comparator, CompareError, CompareMetrics, CompareOptions};
+use crate::admin::{self, Health};
+use crate::cli::{metrics_or_exit, runtime, secs, AdminPort};
+use crate::config::PipelineConfig;
+use crate::db::args::wait_databases;
+use crate::db::Db;
+use crate::kafka::args::KafkaArgs;
+
+#[derive(Args)]
+pub struct CompareArgs {
+    /// Pipeline configuration (TOML); the embedded default when absent.
+    #[arg(long, env = "SWITCHYARD_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    /// Topic (overrides kafka.topic).
+    #[arg(long, env = "SWITCHYARD_KAFKA_TOPIC")]
+    kafka_topic: Option<String>,
+    /// Group id of the comparator's own consumer (it never commits offsets).
+    #[arg(
+        long,
+        env = "SWITCHYARD_COMPARE_GROUP",
+        default_value = "switchyard-compare"
+    )]
+    kafka_group: String,
+    /// The OLD database URL.
+    #[arg(long, env = "SWITCHYARD_OLD_DB_URL", hide_env_values = true)]
+    old_db_url: String,
+    /// The NEW database URL.
+    #[arg(long, env = "SWITCHYARD_NEW_DB_URL", hide_env_values = true)]
+    new_db_url: String,
+    /// Window width, in units of the time column (seconds).
+    #[arg(long, default_value_t = 60)]
+    window_secs: i64,
+    /// Check a window this long after its end and its last row (the loaders lag).
+    #[arg(long, default_value_t = 30.0)]
+    settle_secs: f64,
+    /// Missing rows are pending this long, then a mismatch.
+    #[arg(long, default_value_t = 300.0)]
+    max_lateness_secs: f64,
+    /// Check a judged window again this often (finds rows deleted later).
+    #[arg(long, default_value_t = 60.0)]
+    recheck_secs: f64,
+    /// How often due windows are looked for.
+    #[arg(long, default_value_t = 5.0)]
+    check_interval_secs: f64,
+    /// Forget windows whose last row is older than this.
+    #[arg(long, default_value_t = 3600.0)]
+    retain_secs: f64,
+    /// Missing ids listed per window and database.
+    #[arg(long, default_value_t = 100)]
+    max_ids: usize,
+    /// Admin address: /metrics, /healthz, /readyz, /parity.
+    #[arg(
+        long,
+        env = "SWITCHYARD_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9096"
+    )]
+    admin_listen: SocketAddr,
+    /// Read the topic to its end, check [--from, --to) now, print, exit (1 on a mismatch).
+    #[arg(long)]
+    once: bool,
+    /// With --once: first time value (inclusive, time column units).
+    #[arg(long, requires = "once")]
+    from: Option<i64>,
+    /// With --once: last time value (exclusive).
+    #[arg(long, requires = "once")]
+    to: Option<i64>,
+    /// With --once: print the report as JSON instead of a table.
+    #[arg(long, requires = "once")]
+    json: bool,
+}
+
+pub fn main(args: CompareArgs) -> ExitCode {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let _enter = rt.enter();
+    let kafka_extra = match args.kafka.props() {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let usage = |m: String| {
+        eprintln!("switchyard: {m}");
+        ExitCode::from(2)
+    };
+    let cfg = match PipelineConfig::load(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return usage(format!("configuration: {e}")),
+    };
+    let schema = match cfg.schema() {
+        Ok(s) => s,
+        Err(e) => return usage(format!("schema: {e}")),
+    };
+    let (old, new) = match (
+        Db::connect(&args.old_db_url, 4),
+        Db::connect(&args.new_db_url, 4),
+    ) {
+        (Ok(o), Ok(n)) => (o, n),
+        (Err(e), _) | (_, Err(e)) => return usage(e.to_string()),
+    };
+    if args.window_secs <= 0 {
+        return usage("--window-secs must be positive".into());
+    }
+    let durations = (|| {
+        Ok::<_, ExitCode>((
+            secs("settle-secs", args.settle_secs)?,
+            secs("max-lateness-secs", args.max_lateness_secs)?,
+            secs("recheck-secs", args.recheck_secs)?,
+            secs("check-interval-secs", args.check_interval_secs.max(0.05))?,
+            secs("retain-secs", args.retain_secs)?,
+        ))
+    })();
+    let (settle, max_lateness, recheck, check_interval, retain) = match durations {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
+    let opts = CompareOptions {
+        brokers: args.kafka.kafka_brokers.clone(),
+        topic: args.kafka_topic.clone().unwrap_or(cfg.kafka.topic.clone()),
+        group: args.kafka_group.clone(),
+        extra: kafka_extra,
+        window_secs: args.window_secs,
+        settle,
+        max_lateness,
+        recheck,
+        check_interval,
+        retain,
+        max_ids: args.max_ids,
+    };
+    rt.block_on(async move {
+        let registry = prometheus::Registry::new();
+        let metrics = match metrics_or_exit(CompareMetrics::new(&registry)) {
+            Ok(m) => m,
+            Err(code) => return code,
+        };
+        let shutdown = CancellationToken::new();
+        crate::shutdown::cancel_on_signal(shutdown.clone());
+        let dbs = [
+            (&old, args.old_db_url.as_str()),
+            (&new, args.new_db_url.as_str()),
+        ];
+        match wait_databases(&dbs, &schema, &shutdown).await {
+            Ok(true) => {}
+            Ok(false) => return ExitCode::SUCCESS,
+            Err(code) => return code,
+        }
+        let cmp = Comparator::new(schema, old, new, opts, metrics);
+        if args.once {
+            let from = args.from.unwrap_or(i64::MIN);
+            let to = args.to.unwrap_or(i64::MAX);
+            return match cmp.once(from, to).await {
+                Ok(p) => {
+                    if args.json {
+                        match serde_json::to_string_pretty(&p) {
+                            Ok(j) => println!("{j}"),
+                            Err(e) => eprintln!("switchyard: {e}"),
+                        }
+                    } else {
+                        print!("{}", p.table());
+                    }
+                    match p.status {
+                        Status::Mismatch | Status::Pending => ExitCode::FAILURE,
+                        Status::Ok | Status::Open => ExitCode::SUCCESS,
+                    }
+                }
+                Err(e) => {
+                    eprintln!("switchyard: compare: {e}");
+                    ExitCode::from(3)
+                }
+            };
+        }
+        let router =
+            admin::router(registry, Health::default()).merge(super::parity_router(cmp.clone()));
+        let admin_port = match AdminPort::start(args.admin_listen, router).await {
+            Ok(a) => a,
+            Err(code) => return code,
+        };
+        let code = match cmp.run(shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e @ CompareError::Topic { .. }) | Err(e @ CompareError::Config(_)) => {
+                eprintln!("switchyard: compare: {e}");
+                ExitCode::from(2)
+            }
+            Err(e) => {
+                eprintln!("switchyard: compare: {e}");
+                ExitCode::FAILURE
+            }
+        };
+        admin_port.finish().await;
+        code
+    })
+}

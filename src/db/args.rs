@@ -1,0 +1,108 @@
+//! Where the database is (a URL, or the seed's separate flags), and the
+//! start-up steps of every role that writes to or reads from one.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+
+use super::{Db, Engine};
+use crate::config::PipelineConfig;
+use crate::schema::Schema;
+
+/// Where the database is: a URL, or the seed's separate flags.
+#[derive(Args, Clone)]
+pub struct DbArgs {
+    /// Database URL: postgres://…, mysql://… (or mariadb://…), sqlite:FILE.
+    #[arg(long, env = "SWITCHYARD_DB_URL", hide_env_values = true)]
+    db_url: Option<String>,
+    /// Engine for --db-host/--db-name: postgres, mysql or sqlite.
+    #[arg(long, env = "SWITCHYARD_DB_ENGINE")]
+    db_engine: Option<String>,
+    /// Database host (instead of --db-url).
+    #[arg(long, env = "SWITCHYARD_DB_HOST")]
+    db_host: Option<String>,
+    /// Database port (the engine's default when absent).
+    #[arg(long, env = "SWITCHYARD_DB_PORT")]
+    db_port: Option<u16>,
+    /// Database user.
+    #[arg(long, env = "SWITCHYARD_DB_USER")]
+    db_user: Option<String>,
+    /// Database password: prefer the environment variable (never logged).
+    #[arg(long, env = "SWITCHYARD_DB_PASSWORD", hide_env_values = true)]
+    db_password: Option<String>,
+    /// Database name (with sqlite: the file).
+    #[arg(long, env = "SWITCHYARD_DB_NAME")]
+    db_name: Option<String>,
+    /// Connections in the pool.
+    #[arg(long, env = "SWITCHYARD_DB_POOL", default_value_t = 4)]
+    db_pool: u32,
+}
+
+impl DbArgs {
+    /// The URL, or a usage error that says what is missing.
+    pub fn url(&self, default_engine: Engine) -> Result<String, String> {
+        if let Some(u) = &self.db_url {
+            return Ok(u.clone());
+        }
+        let engine = match self.db_engine.as_deref() {
+            None => default_engine,
+            Some(e) => Engine::of_url(&format!("{e}:"))
+                .ok_or_else(|| format!("--db-engine {e:?}: use postgres, mysql or sqlite"))?,
+        };
+        let name = self
+            .db_name
+            .as_deref()
+            .ok_or("give --db-url, or --db-host and --db-name")?;
+        let host = self.db_host.as_deref().unwrap_or("127.0.0.1");
+        Ok(super::url_from_parts(
+            engine,
+            host,
+            self.db_port,
+            self.db_user.as_deref(),
+            self.db_password.as_deref(),
+            name,
+        ))
+    }
+}
+
+/// Configuration, schema and database pool, or the exit code of a usage error.
+pub fn prepare(
+    config: Option<&Path>,
+    db: &DbArgs,
+    default_engine: Engine,
+) -> Result<(PipelineConfig, Schema, String, Db), ExitCode> {
+    let usage = |m: String| {
+        eprintln!("switchyard: {m}");
+        ExitCode::from(2)
+    };
+    let cfg = PipelineConfig::load(config).map_err(|e| usage(format!("configuration: {e}")))?;
+    let schema = cfg.schema().map_err(|e| usage(format!("schema: {e}")))?;
+    let url = db.url(default_engine).map_err(usage)?;
+    if db.db_pool == 0 {
+        return Err(usage("--db-pool must be at least 1".into()));
+    }
+    let pool = Db::connect(&url, db.db_pool).map_err(|e| usage(e.to_string()))?;
+    Ok((cfg, schema, url, pool))
+}
+
+/// Waits until every database answers and holds its tables. Ok(false) when
+/// shut down first; a missing table is a usage error (exit 2).
+pub async fn wait_databases(
+    dbs: &[(&Db, &str)],
+    schema: &Schema,
+    shutdown: &CancellationToken,
+) -> Result<bool, ExitCode> {
+    for (db, url) in dbs {
+        match super::wait_ready(db, schema, url, shutdown).await {
+            Ok(true) => {}
+            Ok(false) => return Ok(false),
+            Err(e) => {
+                eprintln!("switchyard: {e}");
+                return Err(ExitCode::from(2));
+            }
+        }
+    }
+    Ok(true)
+}

@@ -1,0 +1,61 @@
+//! `switchyard db`: database set-up.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Subcommand;
+
+use crate::cli::runtime;
+use crate::db::args::{prepare, DbArgs};
+use crate::db::{self, Engine};
+
+#[derive(Subcommand)]
+pub enum DbCommand {
+    /// Create the declared tables (unique key, time index) and the pipeline's
+    /// bookkeeping tables. Safe to run again.
+    Init {
+        /// Pipeline configuration (TOML); the embedded default when absent.
+        #[arg(long, env = "SWITCHYARD_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+}
+
+pub fn main(command: DbCommand) -> ExitCode {
+    match command {
+        DbCommand::Init { config, db } => init(config, db),
+    }
+}
+
+fn init(config: Option<PathBuf>, args: DbArgs) -> ExitCode {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    // The pool's maintenance task needs the runtime.
+    let _enter = rt.enter();
+    let (_, schema, url, pool) = match prepare(config.as_deref(), &args, Engine::Postgres) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    rt.block_on(async move {
+        match pool.init(&schema).await {
+            Ok(()) => {
+                let tables: Vec<&str> = schema.tables().iter().map(|t| t.name.as_str()).collect();
+                println!(
+                    "initialised {} ({}): {} and the bookkeeping tables",
+                    db::redact_url(&url),
+                    pool.engine(),
+                    tables.join(", ")
+                );
+                pool.close().await;
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("switchyard: db init {}: {e}", db::redact_url(&url));
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

@@ -1,0 +1,186 @@
+//! `switchyard flags`: its command line, and where flags are changed
+//! (the local folder or LaunchDarkly), shared with `switchyard rollout`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+
+use crate::cli::runtime;
+use crate::config::PipelineConfig;
+
+/// Where the routing flags are changed: the local folder, or LaunchDarkly.
+#[derive(Args, Clone)]
+pub struct StoreArgs {
+    /// Pipeline configuration (TOML): the flags folder and keys.
+    #[arg(long, env = "SWITCHYARD_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Local flags folder (overrides flags.dir).
+    #[arg(long, env = "SWITCHYARD_FLAGS_DIR", global = true)]
+    flags_dir: Option<PathBuf>,
+    /// LaunchDarkly API access token: change the flags through the REST API
+    /// instead of the local folder (never logged).
+    #[arg(long, env = "LD_API_TOKEN", hide_env_values = true, global = true)]
+    ld_api_token: Option<String>,
+    /// LaunchDarkly API base URI.
+    #[arg(
+        long,
+        env = "LD_API_URI",
+        default_value = "https://app.launchdarkly.com",
+        global = true
+    )]
+    ld_api_uri: String,
+    /// LaunchDarkly project key.
+    #[arg(long, env = "LD_PROJECT", default_value = "default", global = true)]
+    ld_project: String,
+    /// LaunchDarkly environment key.
+    #[arg(
+        long,
+        env = "LD_ENVIRONMENT",
+        default_value = "production",
+        global = true
+    )]
+    ld_environment: String,
+}
+
+impl StoreArgs {
+    pub fn store(&self) -> Result<crate::flags::store::FlagStore, ExitCode> {
+        use crate::flags::store::{Api, FlagStore};
+        let mut cfg = PipelineConfig::load(self.config.as_deref()).map_err(|e| {
+            eprintln!("switchyard: configuration: {e}");
+            ExitCode::from(2)
+        })?;
+        if let Some(d) = &self.flags_dir {
+            cfg.flags.dir = d.clone();
+        }
+        let keys = cfg.flags.keys.clone();
+        Ok(match &self.ld_api_token {
+            Some(token) => FlagStore::LaunchDarkly(Api::new(
+                &self.ld_api_uri,
+                token.clone(),
+                self.ld_project.clone(),
+                self.ld_environment.clone(),
+                keys,
+            )),
+            None => FlagStore::Local {
+                dir: cfg.flags.dir.clone(),
+                keys,
+            },
+        })
+    }
+}
+
+#[derive(Args)]
+pub struct FlagsArgs {
+    #[command(subcommand)]
+    command: FlagsCommand,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+#[derive(Subcommand)]
+pub enum FlagsCommand {
+    /// Print the three routing flags.
+    Get {
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set one flag: `kill-switch` (true/false), `kafka-only` or `dual-write` (0–100).
+    Set {
+        flag: String,
+        value: String,
+        /// Allow kafka-only above dual-write.
+        #[arg(long)]
+        force: bool,
+        /// Recorded with the change (LaunchDarkly audit log).
+        #[arg(long, default_value = "set with switchyard flags")]
+        comment: String,
+    },
+    /// Everything legacy, at once.
+    Kill {
+        #[arg(long, default_value = "kill switch on (switchyard flags kill)")]
+        comment: String,
+    },
+    /// Release the kill switch (the percentages apply again).
+    Unkill {
+        #[arg(long, default_value = "kill switch off (switchyard flags unkill)")]
+        comment: String,
+    },
+}
+
+pub fn main(args: FlagsArgs) -> ExitCode {
+    use crate::flags::store::Which;
+    let store = match args.store.store() {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let keys = store.keys().clone();
+    let (which, value, force, comment) = match &args.command {
+        FlagsCommand::Get { .. } => (None, serde_json::Value::Null, false, String::new()),
+        FlagsCommand::Set {
+            flag,
+            value,
+            force,
+            comment,
+        } => {
+            let Some(w) = Which::parse(flag, &keys) else {
+                eprintln!(
+                    "switchyard: unknown flag {flag:?}: use kill-switch, kafka-only or dual-write"
+                );
+                return ExitCode::from(2);
+            };
+            let v = match serde_json::from_str::<serde_json::Value>(value) {
+                Ok(v) => v,
+                Err(_) => {
+                    eprintln!("switchyard: {value:?} is neither a number nor true/false");
+                    return ExitCode::from(2);
+                }
+            };
+            (Some(w), v, *force, comment.clone())
+        }
+        FlagsCommand::Kill { comment } => (
+            Some(Which::KillSwitch),
+            serde_json::json!(true),
+            false,
+            comment.clone(),
+        ),
+        FlagsCommand::Unkill { comment } => (
+            Some(Which::KillSwitch),
+            serde_json::json!(false),
+            false,
+            comment.clone(),
+        ),
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    rt.block_on(async move {
+        let res = match which {
+            None => store.get().await,
+            Some(w) => store.set(w, value, force, &comment).await,
+        };
+        match res {
+            Ok(c) => {
+                if matches!(args.command, FlagsCommand::Get { json: true }) {
+                    println!("{}", serde_json::json!(c));
+                } else {
+                    println!(
+                        "kill-switch {}  dual-write {}%  kafka-only {}%",
+                        c.kill_switch, c.dual_write, c.kafka_only
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e @ crate::flags::store::StoreError::Invalid(_)) => {
+                eprintln!("switchyard: {e}");
+                ExitCode::from(2)
+            }
+            Err(e) => {
+                eprintln!("switchyard: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

@@ -1,0 +1,31 @@
+//! How to reach Kafka: the same flags for every role that talks to it.
+
+use std::process::ExitCode;
+
+use clap::Args;
+
+use crate::config::parse_properties;
+
+/// How to reach Kafka: the same two flags for every role that talks to it.
+#[derive(Args, Clone)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers.
+    #[arg(
+        long = "kafka-brokers",
+        env = "SWITCHYARD_KAFKA_BROKERS",
+        default_value = "127.0.0.1:9092"
+    )]
+    pub kafka_brokers: String,
+    /// Any librdkafka property, key=value, repeatable (SASL/TLS settings and
+    /// secrets go here or in the env variable, comma-separated; never logged).
+    #[arg(long = "kafka-config", env = "SWITCHYARD_KAFKA_CONFIG")]
+    pub kafka_config: Vec<String>,
+}
+
+impl KafkaArgs {
+    /// The `--kafka-config` properties, or the usage exit code.
+    pub fn props(&self) -> Result<Vec<(String, String)>, ExitCode> {
+        parse_properties(&self.kafka_config)
+            .map_err(|e| crate::cli::usage(format!("--kafka-config: {e}")))
+    }
+}

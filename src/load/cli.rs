@@ -1,0 +1,155 @@
+//! `switchyard load`: its command line and start-up.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+
+use super::{LoadMetrics, LoadOptions, Replay};
+use crate::admin::{self, Health};
+use crate::cli::{metrics_or_exit, runtime, AdminPort};
+use crate::db::args::{prepare, wait_databases, DbArgs};
+use crate::db::{self, Engine};
+use crate::kafka::args::KafkaArgs;
+
+#[derive(Args)]
+pub struct LoadArgs {
+    /// Pipeline configuration (TOML); the embedded default when absent.
+    #[arg(long, env = "SWITCHYARD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Offline file folder (overrides offline.dir).
+    #[arg(long, env = "SWITCHYARD_OFFLINE_DIR")]
+    offline_dir: Option<PathBuf>,
+    #[command(flatten)]
+    db: DbArgs,
+    /// Lines per transaction.
+    #[arg(long, env = "SWITCHYARD_LOAD_BATCH_SIZE", default_value_t = 2000)]
+    batch_size: usize,
+    /// Move loaded files here instead of deleting them.
+    #[arg(long, env = "SWITCHYARD_LOAD_ARCHIVE_DIR")]
+    archive_dir: Option<PathBuf>,
+    /// Where unloadable lines go, with the reason (default: OFFLINE_DIR/dead-letter).
+    #[arg(long, env = "SWITCHYARD_LOAD_DEAD_LETTER_DIR")]
+    dead_letter_dir: Option<PathBuf>,
+    /// How often an idle loader looks for new files, in milliseconds.
+    #[arg(long, env = "SWITCHYARD_LOAD_POLL_MS", default_value_t = 500)]
+    poll_ms: u64,
+    /// Exit once no closed file is left.
+    #[arg(long)]
+    once: bool,
+    /// Load Kafka-fallback lines into the OLD database instead of replaying them to Kafka.
+    #[arg(long)]
+    no_replay: bool,
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    /// Kafka topic (overrides kafka.topic).
+    #[arg(long, env = "SWITCHYARD_KAFKA_TOPIC")]
+    kafka_topic: Option<String>,
+    /// Admin address: /metrics, /healthz, /readyz.
+    #[arg(
+        long,
+        env = "SWITCHYARD_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9095"
+    )]
+    admin_listen: SocketAddr,
+    /// Progress line on stderr: auto (when a terminal), always, never.
+    #[arg(long, default_value = "auto")]
+    progress: String,
+}
+
+pub fn main(args: LoadArgs) -> ExitCode {
+    let kafka_extra = match args.kafka.props() {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    // The pool's maintenance task needs the runtime.
+    let _enter = rt.enter();
+    let (mut cfg, schema, url, pool) =
+        match prepare(args.config.as_deref(), &args.db, Engine::MySql) {
+            Ok(p) => p,
+            Err(code) => return code,
+        };
+    if let Some(d) = &args.offline_dir {
+        cfg.offline.dir = d.clone();
+    }
+    if let Some(t) = &args.kafka_topic {
+        cfg.kafka.topic = t.clone();
+    }
+    if args.batch_size == 0 {
+        eprintln!("switchyard: --batch-size must be at least 1");
+        return ExitCode::from(2);
+    }
+    let progress = match args.progress.as_str() {
+        "auto" => std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        "always" => true,
+        "never" => false,
+        other => {
+            eprintln!("switchyard: --progress {other:?}: use auto, always or never");
+            return ExitCode::from(2);
+        }
+    };
+    let opts = LoadOptions {
+        dead_letter_dir: args
+            .dead_letter_dir
+            .clone()
+            .unwrap_or_else(|| cfg.offline.dir.join("dead-letter")),
+        dir: cfg.offline.dir.clone(),
+        batch_size: args.batch_size,
+        archive_dir: args.archive_dir.clone(),
+        poll: std::time::Duration::from_millis(args.poll_ms.max(10)),
+        once: args.once,
+        progress,
+    };
+    rt.block_on(async move {
+        let registry = prometheus::Registry::new();
+        let metrics = match metrics_or_exit(LoadMetrics::new(&registry)) {
+            Ok(m) => m,
+            Err(code) => return code,
+        };
+        let replay = if args.no_replay {
+            None
+        } else {
+            match Replay::new(&args.kafka.kafka_brokers, &cfg.kafka, &kafka_extra, &metrics) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    eprintln!("switchyard: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        };
+        let health = Health::starting("waiting for the database");
+        let admin_port = match AdminPort::start(args.admin_listen, admin::router(registry, health.clone())).await {
+            Ok(a) => a,
+            Err(code) => return code,
+        };
+        let shutdown = CancellationToken::new();
+        crate::shutdown::cancel_on_signal(shutdown.clone());
+        let code = match wait_databases(&[(&pool, &url)], &schema, &shutdown).await {
+            Err(code) => code,
+            Ok(false) => ExitCode::SUCCESS,
+            Ok(true) => {
+                health.ready();
+                tracing::info!(dir = %opts.dir.display(), db = %db::redact_url(&url), batch_size = opts.batch_size, "loader started");
+                match super::run(opts, &schema, &pool, replay, metrics, shutdown).await {
+                    Ok(s) => {
+                        tracing::info!(files = s.files, lines = s.lines, inserted = s.inserted, duplicates = s.duplicates, replayed = s.replayed, dead_letters = s.dead_letters, "loader stopped");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("switchyard: load: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+        };
+        admin_port.finish().await;
+        pool.close().await;
+        code
+    })
+}

@@ -1,0 +1,69 @@
+//! The legacy loader's metrics: `switchyard_load_*`.
+
+use prometheus::{Gauge, IntCounter, IntCounterVec, IntGauge, Registry};
+
+use crate::db::SinkMetrics;
+use crate::kafka::KafkaMetrics;
+use crate::metrics::{counter, counter_vec, gauge, int_gauge, zero};
+
+/// The legacy loader.
+#[derive(Clone)]
+pub struct LoadMetrics {
+    pub sink: SinkMetrics,
+    pub files_pending: IntGauge,
+    pub bytes_pending: IntGauge,
+    pub files_loaded: IntCounter,
+    pub bytes_loaded: IntCounter,
+    pub rows_per_second: Gauge,
+    pub eta_seconds: Gauge,
+    /// Fallback lines produced to Kafka, by original route (`kafka`, `dual`).
+    pub replayed: IntCounterVec,
+    pub kafka: KafkaMetrics,
+}
+
+impl LoadMetrics {
+    pub fn new(reg: &Registry) -> prometheus::Result<LoadMetrics> {
+        let m = LoadMetrics {
+            sink: SinkMetrics::new(reg, "load")?,
+            files_pending: int_gauge(
+                reg,
+                "switchyard_load_files_pending",
+                "Closed offline files not yet fully loaded",
+            )?,
+            bytes_pending: int_gauge(
+                reg,
+                "switchyard_load_bytes_pending",
+                "Bytes of offline files not yet loaded",
+            )?,
+            files_loaded: counter(
+                reg,
+                "switchyard_load_files_total",
+                "Offline files fully loaded (then deleted or archived)",
+            )?,
+            bytes_loaded: counter(
+                reg,
+                "switchyard_load_bytes_total",
+                "Bytes of offline files loaded",
+            )?,
+            rows_per_second: gauge(
+                reg,
+                "switchyard_load_rows_per_second",
+                "Lines loaded per second over the last 10 s",
+            )?,
+            eta_seconds: gauge(
+                reg,
+                "switchyard_load_eta_seconds",
+                "Estimated time to load the backlog at the current rate (-1: unknown)",
+            )?,
+            replayed: counter_vec(
+                reg,
+                "switchyard_load_replayed_total",
+                "Kafka fallback lines produced to Kafka, by the payload's route",
+                &["route"],
+            )?,
+            kafka: KafkaMetrics::new(reg, "load")?,
+        };
+        zero(&m.replayed, &[&["kafka"], &["dual"]]);
+        Ok(m)
+    }
+}

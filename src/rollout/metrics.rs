@@ -1,0 +1,57 @@
+//! The rollout controller's metrics: `switchyard_rollout_*`.
+
+use prometheus::{Gauge, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+use crate::metrics::{counter_vec, gauge, int_gauge, zero};
+
+/// The rollout controller.
+#[derive(Clone)]
+pub struct RolloutMetrics {
+    /// 1-based index of the step being held.
+    pub step: IntGauge,
+    pub percent: Gauge,
+    /// 1 for the current status (running, waiting-for-promotion, done, rolled-back).
+    pub status: IntGaugeVec,
+    /// Parity checks by result (passed, failed, pending).
+    pub checks: IntCounterVec,
+    pub last_transition: Gauge,
+}
+
+impl RolloutMetrics {
+    pub fn new(reg: &Registry) -> prometheus::Result<RolloutMetrics> {
+        let status = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_rollout_status",
+                "1 for the controller's current status",
+            ),
+            &["status"],
+        )?;
+        reg.register(Box::new(status.clone()))?;
+        let m = RolloutMetrics {
+            step: int_gauge(
+                reg,
+                "switchyard_rollout_step",
+                "1-based index of the step being held",
+            )?,
+            percent: gauge(
+                reg,
+                "switchyard_rollout_percent",
+                "Flag percentage of the step being held",
+            )?,
+            status,
+            checks: counter_vec(
+                reg,
+                "switchyard_rollout_checks_total",
+                "Parity checks by result (passed, failed, pending)",
+                &["result"],
+            )?,
+            last_transition: gauge(
+                reg,
+                "switchyard_rollout_last_transition_timestamp_seconds",
+                "Unix time of the last transition",
+            )?,
+        };
+        zero(&m.checks, &[&["passed"], &["failed"], &["pending"]]);
+        Ok(m)
+    }
+}

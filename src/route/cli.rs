@@ -1,0 +1,133 @@
+//! `switchyard route`: its command line and start-up.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+
+use super::{RouteOptions, StartError};
+use crate::cli::runtime;
+use crate::config::PipelineConfig;
+use crate::flags::LaunchDarklyOptions;
+use crate::kafka::args::KafkaArgs;
+
+#[derive(Args)]
+pub struct RouteArgs {
+    /// Pipeline configuration (TOML); the embedded default when absent.
+    #[arg(long, env = "SWITCHYARD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Ingest API address.
+    #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Admin address: /metrics, /healthz, /readyz.
+    #[arg(
+        long,
+        env = "SWITCHYARD_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9090"
+    )]
+    admin_listen: SocketAddr,
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    /// Kafka topic (overrides kafka.topic).
+    #[arg(long, env = "SWITCHYARD_KAFKA_TOPIC")]
+    kafka_topic: Option<String>,
+    /// Offline file folder (overrides offline.dir).
+    #[arg(long, env = "SWITCHYARD_OFFLINE_DIR")]
+    offline_dir: Option<PathBuf>,
+    /// Local flags folder (overrides flags.dir).
+    #[arg(long, env = "SWITCHYARD_FLAGS_DIR")]
+    flags_dir: Option<PathBuf>,
+    /// LaunchDarkly server-side SDK key: flags come from LaunchDarkly's
+    /// streaming service instead of the local folder (never logged).
+    #[arg(long, env = "LD_SDK_KEY", hide_env_values = true)]
+    ld_sdk_key: Option<String>,
+    /// LaunchDarkly streaming URI (a Relay Proxy or a private instance).
+    #[arg(long, env = "LD_STREAM_URI")]
+    ld_stream_uri: Option<String>,
+    /// LaunchDarkly base (polling) URI.
+    #[arg(long, env = "LD_BASE_URI")]
+    ld_base_uri: Option<String>,
+    /// LaunchDarkly events URI.
+    #[arg(long, env = "LD_EVENTS_URI")]
+    ld_events_uri: Option<String>,
+    /// Send evaluation events to LaunchDarkly (off by default).
+    #[arg(long, env = "LD_SEND_EVENTS")]
+    ld_send_events: bool,
+    /// How long start-up waits for the first flag payload, in milliseconds;
+    /// then the router runs on the safe default (legacy) until flags arrive.
+    #[arg(long, env = "LD_INIT_TIMEOUT_MS", default_value_t = 5000)]
+    ld_init_timeout_ms: u64,
+}
+
+pub fn main(args: RouteArgs) -> ExitCode {
+    let kafka_extra = match args.kafka.props() {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    // Validate everything before binding anything.
+    let mut config = match PipelineConfig::load(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("switchyard: configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(t) = args.kafka_topic {
+        config.kafka.topic = t;
+    }
+    if let Some(d) = args.offline_dir {
+        config.offline.dir = d;
+    }
+    if let Some(d) = args.flags_dir {
+        config.flags.dir = d;
+    }
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    rt.block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(args.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("switchyard: cannot listen on {}: {e}", args.listen);
+                return ExitCode::FAILURE;
+            }
+        };
+        let admin = match tokio::net::TcpListener::bind(args.admin_listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("switchyard: cannot listen on {}: {e}", args.admin_listen);
+                return ExitCode::FAILURE;
+            }
+        };
+        let shutdown = CancellationToken::new();
+        crate::shutdown::cancel_on_signal(shutdown.clone());
+        let launchdarkly = args.ld_sdk_key.clone().map(|sdk_key| LaunchDarklyOptions {
+            sdk_key,
+            stream_uri: args.ld_stream_uri.clone(),
+            base_uri: args.ld_base_uri.clone(),
+            events_uri: args.ld_events_uri.clone(),
+            send_events: args.ld_send_events,
+            init_timeout: std::time::Duration::from_millis(args.ld_init_timeout_ms),
+            reconnect_delay: std::time::Duration::from_millis(500),
+        });
+        let opts = RouteOptions {
+            config,
+            kafka_brokers: args.kafka.kafka_brokers,
+            kafka_extra,
+            launchdarkly,
+        };
+        match super::run(opts, listener, admin, prometheus::Registry::new(), shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("switchyard: {e}");
+                match e {
+                    StartError::Schema(_) | StartError::Kafka(_) => ExitCode::from(2),
+                    _ => ExitCode::FAILURE,
+                }
+            }
+        }
+    })
+}

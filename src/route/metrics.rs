@@ -1,0 +1,94 @@
+//! Everything the router exports: `switchyard_route_*`.
+
+use prometheus::{Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Registry};
+
+use crate::flags::FlagMetrics;
+use crate::kafka::{KafkaMetrics, DELIVERY_ERROR_KINDS};
+use crate::metrics::{counter_vec, int_gauge, zero, LATENCY_BUCKETS};
+use crate::offline::OfflineMetrics;
+
+/// Everything the router exports.
+#[derive(Clone)]
+pub struct RouteMetrics {
+    pub requests: IntCounterVec,
+    pub request_seconds: HistogramVec,
+    pub payloads: IntCounterVec,
+    pub bytes: IntCounterVec,
+    pub fallbacks: IntCounterVec,
+    pub rejected_payloads: IntCounterVec,
+    pub inflight_requests: IntGauge,
+    pub inflight_bytes: IntGauge,
+    pub ready: Gauge,
+    pub flags: FlagMetrics,
+    pub offline: OfflineMetrics,
+    pub kafka: KafkaMetrics,
+}
+
+impl RouteMetrics {
+    pub fn new(reg: &Registry) -> prometheus::Result<RouteMetrics> {
+        let request_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "switchyard_route_request_duration_seconds",
+                "Time from request received to response, by endpoint",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["endpoint"],
+        )?;
+        reg.register(Box::new(request_seconds.clone()))?;
+        let ready = Gauge::new("switchyard_route_ready", "1 when /readyz answers 200")?;
+        reg.register(Box::new(ready.clone()))?;
+        let m = RouteMetrics {
+            requests: counter_vec(
+                reg,
+                "switchyard_route_requests_total",
+                "Ingest requests by HTTP status",
+                &["status"],
+            )?,
+            request_seconds,
+            payloads: counter_vec(
+                reg,
+                "switchyard_route_payloads_total",
+                "Payloads accepted, by route",
+                &["route"],
+            )?,
+            bytes: counter_vec(
+                reg,
+                "switchyard_route_payload_bytes_total",
+                "Row bytes accepted, by route",
+                &["route"],
+            )?,
+            fallbacks: counter_vec(
+                reg,
+                "switchyard_route_fallbacks_total",
+                "Payloads whose Kafka delivery failed and that were kept in the offline file instead, by reason",
+                &["route", "reason"],
+            )?,
+            rejected_payloads: counter_vec(
+                reg,
+                "switchyard_route_rejected_total",
+                "Requests refused, by reason (invalid input, overload, sink unavailable)",
+                &["reason"],
+            )?,
+            inflight_requests: int_gauge(
+                reg,
+                "switchyard_route_inflight_requests",
+                "Ingest requests being processed",
+            )?,
+            inflight_bytes: int_gauge(
+                reg,
+                "switchyard_route_inflight_bytes",
+                "Request body bytes held by requests being processed",
+            )?,
+            ready,
+            flags: FlagMetrics::new(reg)?,
+            offline: OfflineMetrics::new(reg)?,
+            kafka: KafkaMetrics::new(reg, "route")?,
+        };
+        for route in ["dual", "kafka"] {
+            for kind in DELIVERY_ERROR_KINDS {
+                zero(&m.fallbacks, &[&[route, kind]]);
+            }
+        }
+        Ok(m)
+    }
+}
