@@ -1,30 +1,282 @@
-//! The Dockerfile and the Kubernetes manifests: every manifest parses, has
-//! the fields the project relies on, and runs the binary with flags it has.
+//! The Dockerfile and the Kubernetes manifests: the kustomize base and the
+//! production overlay, rendered as `kubectl apply -k` would apply them. Every
+//! manifest parses, has the fields the project relies on, references only
+//! what exists, is hardened, and runs the binary with flags it has.
+//!
+//! No kustomize binary is at hand, so `render` implements the part of
+//! kustomize the layout uses (resources, strategic-merge patches matched by
+//! kind and name, `$patch: delete`, images) and refuses everything else, so a
+//! kustomization that grows a feature the renderer lacks fails here instead of
+//! being checked wrongly.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::str::FromStr;
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 fn repo(p: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
 }
 
-fn manifests() -> Vec<(String, Value)> {
-    let mut out: Vec<(String, Value)> = std::fs::read_dir(repo("deploy/kubernetes"))
-        .unwrap()
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "json"))
-        .map(|p| {
-            let v: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap())
-                .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-            (p.file_name().unwrap().to_string_lossy().into_owned(), v)
+const BASE: &str = "deploy/kubernetes/base";
+const PRODUCTION: &str = "deploy/kubernetes/overlays/production";
+
+/// Every document of a YAML file (empty documents skipped).
+fn read_yaml(path: &Path) -> Result<Vec<Value>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let docs: Vec<Value> =
+        serde_saphyr::from_multiple(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(docs.into_iter().filter(|d| !d.is_null()).collect())
+}
+
+fn id(v: &Value) -> (String, String) {
+    (
+        v["kind"].as_str().unwrap_or_default().to_string(),
+        v["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    )
+}
+
+/// A kustomization, built.
+struct Rendered {
+    label: String,
+    docs: Vec<Value>,
+    /// Resources a `$patch: delete` took out (the placeholder Secret of the
+    /// base): created out of band, so the workloads may still name them.
+    deleted: Vec<Value>,
+}
+
+impl Rendered {
+    fn get(&self, kind: &str, name: &str) -> Option<&Value> {
+        self.docs
+            .iter()
+            .find(|d| id(d) == (kind.to_string(), name.to_string()))
+    }
+
+    /// What a reference of this kind may point at: a rendered resource, or a
+    /// Secret created out of band (its keys are the deleted placeholder's).
+    fn referable(&self, kind: &str, name: &str) -> Option<&Value> {
+        self.get(kind, name).or_else(|| {
+            self.deleted
+                .iter()
+                .find(|d| kind == "Secret" && id(d) == (kind.to_string(), name.to_string()))
         })
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
+    }
+
+    fn workloads(&self) -> impl Iterator<Item = &Value> {
+        self.docs
+            .iter()
+            .filter(|d| matches!(d["kind"].as_str(), Some("Deployment" | "StatefulSet")))
+    }
+}
+
+/// `kustomize build DIR`, for what this repository's kustomizations use.
+fn render(dir: &Path) -> Result<Rendered, String> {
+    let label = dir.display().to_string();
+    let k = read_yaml(&dir.join("kustomization.yaml"))?;
+    let [k] = k.as_slice() else {
+        return Err(format!("{label}: one kustomization document"));
+    };
+    let k = k.as_object().ok_or(format!("{label}: not a mapping"))?;
+    for key in k.keys() {
+        if !matches!(
+            key.as_str(),
+            "apiVersion" | "kind" | "resources" | "patches" | "images"
+        ) {
+            return Err(format!(
+                "{label}: `{key}` is not supported by this test's renderer"
+            ));
+        }
+    }
+    if k.get("kind") != Some(&Value::from("Kustomization")) {
+        return Err(format!("{label}: kind is not Kustomization"));
+    }
+    let list = |key: &str| -> Vec<Value> {
+        k.get(key)
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let mut docs = Vec::new();
+    let mut deleted = Vec::new();
+    for r in list("resources") {
+        let path = dir.join(r.as_str().ok_or(format!("{label}: resource {r}"))?);
+        if path.is_dir() {
+            let sub = render(&path)?;
+            docs.extend(sub.docs);
+            deleted.extend(sub.deleted);
+        } else {
+            docs.extend(read_yaml(&path)?);
+        }
+    }
+    for d in &docs {
+        let (kind, name) = id(d);
+        if kind.is_empty() || name.is_empty() {
+            return Err(format!("{label}: a resource without kind or name: {d}"));
+        }
+        if docs
+            .iter()
+            .filter(|o| id(o) == (kind.clone(), name.clone()))
+            .count()
+            > 1
+        {
+            return Err(format!("{label}: {kind} {name} twice"));
+        }
+    }
+    for p in list("patches") {
+        let p = p.as_object().ok_or(format!("{label}: patch {p}"))?;
+        if p.keys().any(|k| k != "path") {
+            return Err(format!(
+                "{label}: only `patches: - path:` (strategic merge, matched by kind and name) is supported"
+            ));
+        }
+        let file = dir.join(p["path"].as_str().ok_or(format!("{label}: patch path"))?);
+        for patch in read_yaml(&file)? {
+            let (kind, name) = id(&patch);
+            let at = docs
+                .iter()
+                .position(|d| id(d) == (kind.clone(), name.clone()))
+                .ok_or(format!(
+                    "{}: no {kind} {name} in the resources to patch",
+                    file.display()
+                ))?;
+            let mut patch = patch;
+            let directive = patch.as_object_mut().unwrap().remove("$patch");
+            match directive.as_ref().and_then(Value::as_str) {
+                Some("delete") => deleted.push(docs.remove(at)),
+                None => merge(&mut docs[at], &patch, "")
+                    .map_err(|e| format!("{}: {kind} {name}: {e}", file.display()))?,
+                Some(other) => return Err(format!("{}: $patch: {other}", file.display())),
+            }
+        }
+    }
+    for image in list("images") {
+        let name = image["name"]
+            .as_str()
+            .ok_or(format!("{label}: images entry {image}"))?;
+        let mut matched = 0;
+        for d in &mut docs {
+            let pod = &mut d["spec"]["template"]["spec"];
+            for field in ["initContainers", "containers"] {
+                for c in pod[field].as_array_mut().into_iter().flatten() {
+                    let current = c["image"].as_str().unwrap_or_default().to_string();
+                    let (repo, tag) = split_image(&current);
+                    if repo != name {
+                        continue;
+                    }
+                    matched += 1;
+                    let repo = image["newName"].as_str().unwrap_or(repo);
+                    let reference = match (image["digest"].as_str(), image["newTag"].as_str()) {
+                        (Some(digest), _) => format!("{repo}@{digest}"),
+                        (None, Some(tag)) => format!("{repo}:{tag}"),
+                        (None, None) => format!("{repo}{tag}"),
+                    };
+                    c["image"] = Value::from(reference);
+                }
+            }
+        }
+        if matched == 0 {
+            return Err(format!("{label}: images: no container runs {name}"));
+        }
+    }
+    Ok(Rendered {
+        label,
+        docs,
+        deleted,
+    })
+}
+
+/// `repo:tag` or `repo@digest` into the repository and the rest (with its
+/// `:` or `@`); a port in the registry host is not a tag.
+fn split_image(image: &str) -> (&str, &str) {
+    if let Some(at) = image.find('@') {
+        return image.split_at(at);
+    }
+    match image.rfind(':') {
+        Some(colon) if !image[colon..].contains('/') => image.split_at(colon),
+        _ => (image, ""),
+    }
+}
+
+/// The merge key of a list field, where strategic merge merges items rather
+/// than replacing the list.
+fn merge_key(field: &str) -> Option<&'static str> {
+    match field {
+        "containers" | "initContainers" | "volumes" | "env" | "imagePullSecrets" => Some("name"),
+        "volumeMounts" => Some("mountPath"),
+        _ => None,
+    }
+}
+
+/// A strategic-merge patch: maps merge recursively, `null` removes a field,
+/// lists with a merge key merge item by item (`$patch: delete` removes one),
+/// other lists are replaced. A container the base does not have is an error,
+/// not a new container: a misspelt name must not slip through.
+fn merge(base: &mut Value, patch: &Value, path: &str) -> Result<(), String> {
+    let Some(patch) = patch.as_object() else {
+        *base = patch.clone();
+        return Ok(());
+    };
+    if !base.is_object() {
+        *base = Value::Object(Map::new());
+    }
+    let base = base.as_object_mut().unwrap();
+    for (k, v) in patch {
+        let here = format!("{path}.{k}");
+        if k.starts_with('$') {
+            return Err(format!("{here}: directive not supported"));
+        }
+        if matches!(k.as_str(), "ports" | "tolerations" | "hostAliases") && v.is_array() {
+            return Err(format!("{here}: merging this list is not supported"));
+        }
+        match (v, merge_key(k)) {
+            (Value::Null, _) => {
+                base.remove(k);
+            }
+            (Value::Array(items), Some(key)) => {
+                let list = base
+                    .entry(k.clone())
+                    .or_insert_with(|| Value::Array(Vec::new()))
+                    .as_array_mut()
+                    .ok_or(format!("{here}: not a list in the base"))?;
+                for item in items {
+                    let wanted = item
+                        .get(key)
+                        .ok_or(format!("{here}: an item without {key}"))?;
+                    let shown = wanted.as_str().map_or(wanted.to_string(), String::from);
+                    let found = list.iter().position(|b| b.get(key) == Some(wanted));
+                    let mut item = item.clone();
+                    let directive = item.as_object_mut().and_then(|o| o.remove("$patch"));
+                    match (directive.as_ref().and_then(Value::as_str), found) {
+                        (Some("delete"), Some(i)) => {
+                            list.remove(i);
+                        }
+                        (Some(d), _) => {
+                            return Err(format!("{here}[{key}={shown}]: $patch: {d} matches nothing or is not supported"))
+                        }
+                        (None, Some(i)) => merge(&mut list[i], &item, &format!("{here}[{shown}]"))?,
+                        (None, None) if matches!(k.as_str(), "containers" | "initContainers") => {
+                            return Err(format!(
+                                "{here}: the base has no container {shown}"
+                            ))
+                        }
+                        (None, None) => list.push(item),
+                    }
+                }
+            }
+            (Value::Object(_), _) => {
+                merge(base.entry(k.clone()).or_insert(Value::Null), v, &here)?;
+            }
+            _ => {
+                base.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The long flags `switchyard <role> --help` lists.
@@ -49,33 +301,61 @@ fn flags_of(role: &str) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn every_manifest_is_well_formed_and_uses_real_flags() {
-    let all = manifests();
-    assert!(all.len() >= 6, "deploy/kubernetes/*.json");
-    let names: HashMap<(String, String), &Value> = all
-        .iter()
-        .map(|(_, v)| {
-            (
-                (
-                    v["kind"].as_str().unwrap().to_string(),
-                    v["metadata"]["name"].as_str().unwrap().to_string(),
-                ),
-                v,
-            )
+fn is_switchyard(c: &Value) -> bool {
+    let image = c["image"].as_str().unwrap_or_default();
+    split_image(image).0.rsplit('/').next() == Some("switchyard")
+}
+
+fn strings(v: &Value) -> Vec<&str> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| a.as_str().unwrap())
+        .collect()
+}
+
+/// The value following `flag` in `args`.
+fn arg<'a>(args: &[&'a str], flag: &str) -> Option<&'a str> {
+    args.iter().position(|a| *a == flag).map(|i| args[i + 1])
+}
+
+/// The mount of `c` that `path` is at or under.
+fn mount_of<'a>(c: &'a Value, path: &str) -> Option<&'a Value> {
+    c["volumeMounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| {
+            let at = m["mountPath"].as_str().unwrap();
+            path == at || path.starts_with(&format!("{}/", at.trim_end_matches('/')))
         })
-        .collect();
+}
+
+/// The keys of a ConfigMap or Secret.
+fn keys_of(v: &Value) -> Vec<String> {
+    ["data", "stringData"]
+        .iter()
+        .flat_map(|f| v[f].as_object().into_iter().flatten())
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
+/// Every check, over one rendering. Returns the roles it found, in order.
+fn check(r: &Rendered) -> Vec<String> {
+    let label = &r.label;
+    assert!(r.docs.len() >= 6, "{label}: {} resources", r.docs.len());
+    let mut flags: HashMap<String, Vec<String>> = HashMap::new();
     let mut roles_seen = Vec::new();
-    for (file, m) in &all {
+    for m in &r.docs {
         assert!(
             m["apiVersion"].is_string() && m["kind"].is_string(),
-            "{file}"
+            "{label}: {m}"
         );
-        assert!(m["metadata"]["name"].is_string(), "{file}");
-        let kind = m["kind"].as_str().unwrap();
-        if !matches!(kind, "Deployment" | "StatefulSet") {
-            continue;
-        }
+        assert!(m["metadata"]["name"].is_string(), "{label}: {m}");
+    }
+    for m in r.workloads() {
+        let (kind, name) = id(m);
+        let file = format!("{label}: {kind} {name}");
         let spec = &m["spec"];
         assert!(spec["replicas"].as_u64().is_some_and(|r| r >= 1), "{file}");
         assert_eq!(
@@ -89,61 +369,166 @@ fn every_manifest_is_well_formed_and_uses_real_flags() {
             "{file}: scrape annotation"
         );
         let scrape_port = ann["prometheus.io/port"].as_str().unwrap().to_string();
-        let volumes: Vec<String> = pod["volumes"]
+
+        // Pod hardening.
+        assert_eq!(
+            pod["automountServiceAccountToken"], false,
+            "{file}: no service account token"
+        );
+        let psc = &pod["securityContext"];
+        assert_eq!(psc["runAsNonRoot"], true, "{file}: pod runAsNonRoot");
+        assert_eq!(
+            psc["seccompProfile"]["type"], "RuntimeDefault",
+            "{file}: seccomp"
+        );
+
+        // Volumes: what each refers to exists, and each is mounted.
+        let claims: Vec<String> = spec["volumeClaimTemplates"]
             .as_array()
             .into_iter()
             .flatten()
+            .map(|v| v["metadata"]["name"].as_str().unwrap().to_string())
+            .collect();
+        let pod_volumes: Vec<&Value> = pod["volumes"].as_array().into_iter().flatten().collect();
+        let volumes: Vec<String> = pod_volumes
+            .iter()
             .map(|v| v["name"].as_str().unwrap().to_string())
-            .chain(
-                spec["volumeClaimTemplates"]
+            .chain(claims.iter().cloned())
+            .collect();
+        for v in &pod_volumes {
+            if let Some(cm) = v["configMap"]["name"].as_str() {
+                assert!(
+                    r.get("ConfigMap", cm).is_some(),
+                    "{file}: volume {}: ConfigMap {cm} is not rendered",
+                    v["name"]
+                );
+            }
+            if let Some(s) = v["secret"]["secretName"].as_str() {
+                assert!(
+                    r.referable("Secret", s).is_some(),
+                    "{file}: volume {}: Secret {s}",
+                    v["name"]
+                );
+            }
+        }
+        let containers = pod["containers"].as_array().unwrap();
+        for v in &volumes {
+            assert!(
+                containers.iter().any(|c| c["volumeMounts"]
                     .as_array()
                     .into_iter()
                     .flatten()
-                    .map(|v| v["metadata"]["name"].as_str().unwrap().to_string()),
-            )
-            .collect();
-        for c in pod["containers"].as_array().unwrap() {
+                    .any(|m| m["name"] == v.as_str())),
+                "{file}: volume {v} is mounted by no container"
+            );
+        }
+
+        for c in containers {
+            let cname = c["name"].as_str().unwrap();
+            let csc = &c["securityContext"];
+            assert_eq!(
+                csc["readOnlyRootFilesystem"], true,
+                "{file}: {cname} readOnlyRootFilesystem"
+            );
+            assert_eq!(
+                csc["allowPrivilegeEscalation"], false,
+                "{file}: {cname} allowPrivilegeEscalation"
+            );
+            assert!(
+                strings(&csc["capabilities"]["drop"]).contains(&"ALL"),
+                "{file}: {cname} drops ALL capabilities"
+            );
+            assert_ne!(csc["runAsNonRoot"], false, "{file}: {cname} runAsNonRoot");
             for vm in c["volumeMounts"].as_array().into_iter().flatten() {
-                assert!(
-                    volumes.contains(&vm["name"].as_str().unwrap().to_string()),
-                    "{file}: volume {}",
-                    vm["name"]
-                );
-            }
-            for e in c["env"].as_array().into_iter().flatten() {
-                for (k, r) in [("configMapKeyRef", "ConfigMap"), ("secretKeyRef", "Secret")] {
-                    if let Some(name) = e["valueFrom"][k]["name"].as_str() {
+                let vname = vm["name"].as_str().unwrap().to_string();
+                assert!(volumes.contains(&vname), "{file}: volume {vname}");
+                // A file mounted out of a ConfigMap is one of its keys.
+                if let Some(sub) = vm["subPath"].as_str() {
+                    if let Some(cm) = pod_volumes
+                        .iter()
+                        .find(|v| v["name"] == vname.as_str())
+                        .and_then(|v| v["configMap"]["name"].as_str())
+                    {
                         assert!(
-                            names.contains_key(&(r.to_string(), name.to_string())),
-                            "{file}: {r} {name} is not in deploy/kubernetes"
+                            keys_of(r.get("ConfigMap", cm).unwrap()).contains(&sub.to_string()),
+                            "{file}: {cname} mounts {sub}, which ConfigMap {cm} does not have"
                         );
                     }
                 }
             }
-            let Some(args) = c["args"].as_array() else {
-                continue;
-            };
-            if c["image"]
-                .as_str()
-                .is_none_or(|i| !i.starts_with("switchyard"))
-            {
+            for e in c["env"].as_array().into_iter().flatten() {
+                let ename = e["name"].as_str().unwrap();
+                for (k, kind) in [("configMapKeyRef", "ConfigMap"), ("secretKeyRef", "Secret")] {
+                    let Some(name) = e["valueFrom"][k]["name"].as_str() else {
+                        continue;
+                    };
+                    let target = r.referable(kind, name).unwrap_or_else(|| {
+                        panic!("{file}: {cname} {ename}: {kind} {name} is not in the rendering")
+                    });
+                    let key = e["valueFrom"][k]["key"].as_str().unwrap();
+                    assert!(
+                        keys_of(target).contains(&key.to_string()),
+                        "{file}: {cname} {ename}: {kind} {name} has no key {key}"
+                    );
+                }
+                // Credentials come from Secrets, never from the manifest.
+                if ename.contains("DB_URL") || ename.contains("PASSWORD") || ename == "LD_SDK_KEY" {
+                    assert!(
+                        e["valueFrom"]["secretKeyRef"].is_object(),
+                        "{file}: {cname} {ename} must come from a Secret"
+                    );
+                }
+            }
+            if !is_switchyard(c) {
                 continue;
             }
-            let args: Vec<&str> = args.iter().map(|a| a.as_str().unwrap()).collect();
+            let args = strings(&c["args"]);
+            if args.is_empty() {
+                continue;
+            }
             let role = args[0];
             roles_seen.push(role.to_string());
-            let known = flags_of(role);
+            let known = flags
+                .entry(role.to_string())
+                .or_insert_with(|| flags_of(role));
+            assert!(
+                !known.is_empty(),
+                "`switchyard {role} --help` lists no flag"
+            );
             for a in args.iter().filter(|a| a.starts_with("--")) {
                 assert!(
                     known.iter().any(|k| k == a),
                     "{file}: `switchyard {role}` has no {a}"
                 );
             }
-            let admin = args
-                .iter()
-                .position(|a| *a == "--admin-listen")
-                .map(|i| args[i + 1])
-                .unwrap_or("");
+            for a in &args {
+                assert!(
+                    !(a.contains("://") && a.contains('@')) && *a != "--db-password",
+                    "{file}: {role}: credentials on the command line: {a}"
+                );
+            }
+            // Every path the role reads or writes is on a volume (the root
+            // filesystem is read-only).
+            let config_env = c["env"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|e| e["name"] == "SWITCHYARD_CONFIG")
+                .and_then(|e| e["value"].as_str());
+            for (what, path) in [
+                ("--offline-dir", arg(&args, "--offline-dir")),
+                ("--flags-dir", arg(&args, "--flags-dir")),
+                ("--config", arg(&args, "--config")),
+                ("SWITCHYARD_CONFIG", config_env),
+            ] {
+                if let Some(path) = path {
+                    assert!(
+                        mount_of(c, path).is_some(),
+                        "{file}: {role} {what} {path} is on no volume"
+                    );
+                }
+            }
+            let admin = arg(&args, "--admin-listen").unwrap_or("");
             let admin_port = admin.rsplit(':').next().unwrap();
             assert_eq!(
                 c["readinessProbe"]["httpGet"]["path"], "/readyz",
@@ -153,25 +538,44 @@ fn every_manifest_is_well_formed_and_uses_real_flags() {
                 c["livenessProbe"]["httpGet"]["path"], "/healthz",
                 "{file}: {role}"
             );
-            assert_eq!(
-                c["readinessProbe"]["httpGet"]["port"]
-                    .as_u64()
-                    .map(|p| p.to_string())
-                    .as_deref(),
-                Some(admin_port),
-                "{file}: {role} probes its admin port"
+            for probe in ["readinessProbe", "livenessProbe"] {
+                assert_eq!(
+                    c[probe]["httpGet"]["port"]
+                        .as_u64()
+                        .map(|p| p.to_string())
+                        .as_deref(),
+                    Some(admin_port),
+                    "{file}: {role} {probe} probes its admin port"
+                );
+            }
+            assert!(
+                c["ports"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|p| p["containerPort"]
+                        .as_u64()
+                        .map(|p| p.to_string())
+                        .as_deref()
+                        == Some(admin_port)),
+                "{file}: {role} declares its admin port"
             );
             assert_eq!(c["securityContext"]["runAsNonRoot"], true, "{file}: {role}");
+            let res = &c["resources"];
             assert!(
-                c["resources"]["requests"]["memory"].is_string(),
+                res["requests"]["memory"].is_string(),
                 "{file}: {role} resources"
             );
+            assert!(
+                res["requests"]["cpu"].is_string(),
+                "{file}: {role} requests cpu"
+            );
+            assert!(
+                res["limits"]["memory"].is_string(),
+                "{file}: {role} memory limit"
+            );
             if role == "route" {
-                let listen = args
-                    .iter()
-                    .position(|a| *a == "--listen")
-                    .map(|i| args[i + 1])
-                    .unwrap();
+                let listen = arg(&args, "--listen").unwrap();
                 assert!(
                     listen.starts_with("127.0.0.1:"),
                     "the router listens on loopback only: {listen}"
@@ -190,9 +594,11 @@ fn every_manifest_is_well_formed_and_uses_real_flags() {
                     mounts.contains(&"offline"),
                     "the router writes to the shared volume"
                 );
-                let loader = pod["containers"]
-                    .as_array()
-                    .unwrap()
+                assert!(
+                    claims.contains(&"offline".to_string()),
+                    "{file}: the offline files are on the pod's own persistent volume"
+                );
+                let loader = containers
                     .iter()
                     .find(|c| c["args"][0] == "load")
                     .expect("the loader beside the router");
@@ -204,29 +610,338 @@ fn every_manifest_is_well_formed_and_uses_real_flags() {
                         .any(|v| v["name"] == "offline"),
                     "the loader reads the same volume"
                 );
+                assert_eq!(
+                    arg(&strings(&loader["args"]), "--offline-dir"),
+                    arg(&args, "--offline-dir"),
+                    "the loader reads the folder the router writes"
+                );
+            } else if role != "load" {
+                assert_eq!(
+                    scrape_port, admin_port,
+                    "{file}: Prometheus scrapes {role}'s admin port"
+                );
             }
         }
     }
-    roles_seen.sort();
-    assert_eq!(roles_seen, ["compare", "ingest", "load", "route"]);
-    // The flags ConfigMap holds valid flag files for every routing flag.
-    let flags = &names[&("ConfigMap".to_string(), "switchyard-flags".to_string())]["data"];
+    // Each Service selects a workload and targets a port it declares.
+    for s in r.docs.iter().filter(|d| d["kind"] == "Service") {
+        let (_, name) = id(s);
+        let selector = &s["spec"]["selector"];
+        let w = r
+            .workloads()
+            .find(|w| {
+                let labels = &w["spec"]["template"]["metadata"]["labels"];
+                selector
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .all(|(k, v)| &labels[k] == v)
+            })
+            .unwrap_or_else(|| panic!("{label}: Service {name} selects no workload"));
+        for p in s["spec"]["ports"].as_array().unwrap() {
+            let target = p["targetPort"].as_u64().unwrap();
+            assert!(
+                w["spec"]["template"]["spec"]["containers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .flat_map(|c| c["ports"].as_array().into_iter().flatten())
+                    .any(|cp| cp["containerPort"].as_u64() == Some(target)),
+                "{label}: Service {name} targets port {target}, which no container declares"
+            );
+        }
+    }
+    // The flags ConfigMap holds the flag files of flags/, valid, for every
+    // routing flag.
+    let flags_cm = &r
+        .get("ConfigMap", "switchyard-flags")
+        .expect("the flags ConfigMap")["data"];
     for key in [
         "switchyard-kill-switch",
         "switchyard-kafka-only",
         "switchyard-dual-write",
     ] {
-        let f: Value =
-            serde_json::from_str(flags[format!("{key}.json")].as_str().unwrap()).unwrap();
+        let text = flags_cm[format!("{key}.json")].as_str().unwrap();
+        let f: Value = serde_json::from_str(text).unwrap();
         assert_eq!(f["key"], key);
+        assert_eq!(
+            text,
+            std::fs::read_to_string(repo(&format!("flags/{key}.json"))).unwrap(),
+            "{label}: the ConfigMap's {key} is flags/{key}.json"
+        );
     }
     // The configuration ConfigMap is the embedded one, and it parses.
-    let cfg = names[&("ConfigMap".to_string(), "switchyard-config".to_string())]["data"]
-        ["switchyard.toml"]
+    let cfg = r
+        .get("ConfigMap", "switchyard-config")
+        .expect("the configuration ConfigMap")["data"]["switchyard.toml"]
         .as_str()
         .unwrap();
+    assert_eq!(
+        cfg,
+        std::fs::read_to_string(repo("config/switchyard.toml")).unwrap(),
+        "{label}: the ConfigMap is config/switchyard.toml"
+    );
     switchyard::config::PipelineConfig::parse("configmap", cfg)
         .expect("the ConfigMap's configuration");
+    roles_seen.sort();
+    roles_seen
+}
+
+/// The YAML files of a folder, by name relative to it.
+fn yaml_files(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap().filter_map(Result::ok) {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else if p.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                out.push(p.strip_prefix(dir).unwrap().to_string_lossy().into_owned());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Every file of a kustomization folder is used (a manifest left out of
+/// `resources` would be silently missing from the cluster), except examples.
+fn every_file_is_listed(dir: &str) {
+    let k = &read_yaml(&repo(dir).join("kustomization.yaml")).unwrap()[0];
+    let listed: Vec<String> = strings(&k["resources"])
+        .into_iter()
+        .map(String::from)
+        .chain(
+            k["patches"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| p["path"].as_str().unwrap().to_string()),
+        )
+        .collect();
+    for f in yaml_files(&repo(dir)) {
+        assert!(
+            f == "kustomization.yaml" || f.ends_with(".example.yaml") || listed.contains(&f),
+            "{dir}/{f} is in no `resources` or `patches` of its kustomization"
+        );
+    }
+}
+
+#[test]
+fn the_base_is_well_formed_and_uses_real_flags() {
+    let base = render(&repo(BASE)).unwrap();
+    assert_eq!(check(&base), ["compare", "ingest", "load", "route"]);
+    every_file_is_listed(BASE);
+    assert!(base.deleted.is_empty());
+}
+
+#[test]
+fn the_production_overlay_as_applied_is_well_formed_and_hardened() {
+    let base = render(&repo(BASE)).unwrap();
+    let prod = render(&repo(PRODUCTION)).unwrap();
+    assert_eq!(check(&prod), ["compare", "ingest", "load", "route"]);
+    every_file_is_listed(PRODUCTION);
+
+    // The overlay changes no command line and no probe: production runs what
+    // the base (and this test) checked.
+    for w in base.workloads() {
+        let (kind, name) = id(w);
+        let pw = prod.get(&kind, &name).expect("every base workload");
+        let containers = |w: &Value| -> BTreeMap<String, Value> {
+            w["spec"]["template"]["spec"]["containers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| (c["name"].as_str().unwrap().to_string(), c.clone()))
+                .collect()
+        };
+        let (bc, pc) = (containers(w), containers(pw));
+        assert_eq!(
+            bc.keys().collect::<Vec<_>>(),
+            pc.keys().collect::<Vec<_>>(),
+            "{kind} {name}: containers"
+        );
+        for (cname, c) in &bc {
+            for field in ["args", "readinessProbe", "livenessProbe", "ports"] {
+                assert_eq!(c[field], pc[cname][field], "{kind} {name} {cname} {field}");
+            }
+            if is_switchyard(c) {
+                assert_eq!(
+                    pc[cname]["image"], "registry.example.com/platform/switchyard:0.1.0",
+                    "{kind} {name} {cname}: the registry's image"
+                );
+            }
+        }
+    }
+
+    // No credentials in what is applied: the placeholder Secret is deleted, and
+    // the real one is created out of band with the keys the workloads read.
+    assert!(
+        prod.docs.iter().all(|d| d["kind"] != "Secret"),
+        "production applies no Secret"
+    );
+    let rendered = serde_json::to_string(&prod.docs).unwrap();
+    assert!(!rendered.contains("CHANGE-ME"), "a placeholder credential");
+    let placeholder = base.get("Secret", "switchyard-db").unwrap();
+    assert_eq!(prod.deleted, std::slice::from_ref(placeholder));
+    let example = read_yaml(&repo(PRODUCTION).join("secret-db.example.yaml")).unwrap();
+    let [example] = example.as_slice() else {
+        panic!("one Secret in secret-db.example.yaml")
+    };
+    assert_eq!(id(example), id(placeholder));
+    let mut keys = keys_of(example);
+    let mut placeholder_keys = keys_of(placeholder);
+    keys.sort();
+    placeholder_keys.sort();
+    assert_eq!(keys, placeholder_keys, "the example has the base's keys");
+
+    // The example URLs verify the server's certificate and host name, against
+    // a CA file mounted in every container that uses them.
+    let mut checked = 0;
+    for w in prod.workloads() {
+        let pod = &w["spec"]["template"]["spec"];
+        for c in pod["containers"].as_array().unwrap() {
+            for e in c["env"].as_array().into_iter().flatten() {
+                let r = &e["valueFrom"]["secretKeyRef"];
+                if r["name"] != "switchyard-db" {
+                    continue;
+                }
+                let key = r["key"].as_str().unwrap();
+                let url = example["stringData"][key].as_str().unwrap();
+                let who = format!("{} {} {key}", c["name"], e["name"]);
+                let query: HashMap<&str, &str> = url
+                    .split_once('?')
+                    .map(|(_, q)| q)
+                    .unwrap_or_default()
+                    .split('&')
+                    .filter_map(|kv| kv.split_once('='))
+                    .collect();
+                let ca = if url.starts_with("postgres://") {
+                    assert_eq!(query.get("sslmode"), Some(&"verify-full"), "{who}: {url}");
+                    let opts = sqlx::postgres::PgConnectOptions::from_str(url).unwrap();
+                    assert!(format!("{opts:?}").contains("VerifyFull"), "{who}");
+                    query["sslrootcert"]
+                } else if url.starts_with("mysql://") || url.starts_with("mariadb://") {
+                    assert_eq!(
+                        query.get("ssl-mode"),
+                        Some(&"VERIFY_IDENTITY"),
+                        "{who}: {url}"
+                    );
+                    let opts = sqlx::mysql::MySqlConnectOptions::from_str(
+                        &url.replacen("mariadb:", "mysql:", 1),
+                    )
+                    .unwrap();
+                    assert!(format!("{opts:?}").contains("VerifyIdentity"), "{who}");
+                    query["ssl-ca"]
+                } else {
+                    panic!("{who}: {url}: not a PostgreSQL or MySQL URL")
+                };
+                let mount =
+                    mount_of(c, ca).unwrap_or_else(|| panic!("{who}: {ca} is on no volume"));
+                let volume = pod["volumes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|v| v["name"] == mount["name"])
+                    .unwrap();
+                let cm = prod
+                    .get("ConfigMap", volume["configMap"]["name"].as_str().unwrap())
+                    .unwrap();
+                let file = ca
+                    .strip_prefix(mount["mountPath"].as_str().unwrap())
+                    .unwrap()
+                    .trim_start_matches('/');
+                assert!(
+                    keys_of(cm).contains(&file.to_string()),
+                    "{who}: the CA volume has no {file}"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(
+        checked, 4,
+        "load, ingest and compare (twice) read database URLs"
+    );
+}
+
+/// A throwaway kustomization over the real base, with one patch or one
+/// images entry.
+fn overlay_with(extra: &str, patch: &str) -> Result<Rendered, String> {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("kustomization.yaml"),
+        format!(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - {}\n{extra}",
+            repo(BASE).display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("patch.yaml"), patch).unwrap();
+    render(dir.path())
+}
+
+#[test]
+fn the_renderer_merges_and_refuses_what_matches_nothing() {
+    let patches = "patches:\n  - path: patch.yaml\n";
+    // A patch merges into the named container and adds to its lists.
+    let good = overlay_with(
+        patches,
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: switchyard-ingest\nspec:\n  template:\n    spec:\n      containers:\n        - name: ingest\n          resources:\n            limits:\n              cpu: \"3\"\n          env:\n            - name: EXTRA\n              value: x\n          volumeMounts:\n            - mountPath: /etc/switchyard/switchyard.toml\n              $patch: delete\n",
+    )
+    .unwrap();
+    let c = &good.get("Deployment", "switchyard-ingest").unwrap()["spec"]["template"]["spec"]
+        ["containers"][0];
+    assert_eq!(c["resources"]["limits"]["cpu"], "3");
+    assert_eq!(
+        c["resources"]["limits"]["memory"], "512Mi",
+        "merged, not replaced"
+    );
+    assert_eq!(c["env"].as_array().unwrap().len(), 4);
+    assert_eq!(c["env"][3]["name"], "EXTRA");
+    assert_eq!(c["volumeMounts"], Value::Array(vec![]));
+    assert_eq!(c["args"][0], "ingest");
+
+    // A misspelt container, a resource the base lacks, an unknown kind, an
+    // image no container runs, a kustomize feature the renderer lacks: errors.
+    for (extra, patch, expect) in [
+        (
+            patches,
+            "apiVersion: apps/v1\nkind: StatefulSet\nmetadata:\n  name: api\nspec:\n  template:\n    spec:\n      containers:\n        - name: switchyard-router\n          resources: {}\n",
+            "no container switchyard-router",
+        ),
+        (
+            patches,
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: switchyard-ingester\nspec:\n  replicas: 2\n",
+            "no Deployment switchyard-ingester",
+        ),
+        (
+            patches,
+            "apiVersion: apps/v1\nkind: StatefulSet\nmetadata:\n  name: switchyard-ingest\nspec:\n  replicas: 2\n",
+            "no StatefulSet switchyard-ingest",
+        ),
+        (
+            "images:\n  - name: switchyrd\n    newTag: \"1\"\n",
+            "",
+            "no container runs switchyrd",
+        ),
+        ("namePrefix: prod-\n", "", "namePrefix"),
+    ] {
+        let err = overlay_with(extra, patch).err().unwrap_or_else(|| {
+            panic!("rendered, but should have failed with {expect}: {extra}{patch}")
+        });
+        assert!(err.contains(expect), "{err}");
+    }
+    // And the checks fail on a rendering that breaks a reference.
+    let broken = overlay_with(
+        patches,
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: switchyard-compare\nspec:\n  template:\n    spec:\n      volumes:\n        - name: config\n          configMap:\n            name: switchyard-configuration\n",
+    )
+    .unwrap();
+    let failed = std::panic::catch_unwind(|| check(&broken)).unwrap_err();
+    let message = failed.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(message.contains("switchyard-configuration"), "{message}");
 }
 
 #[test]
