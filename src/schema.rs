@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 /// A column's declared type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ColumnType {
-    /// A JSON integer that fits in i64 or u64.
+    /// A JSON integer in the signed 64-bit range (every engine's BIGINT).
     Int,
     /// Any JSON number.
     Float,
@@ -65,6 +65,48 @@ impl ColumnType {
 impl fmt::Display for ColumnType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// The longest string key, in characters: MySQL/MariaDB index a
+/// `VARCHAR(255)` key and PostgreSQL's B-tree takes at most about 2,700
+/// bytes, so 255 characters of up to 4 UTF-8 bytes each fit every engine.
+pub const MAX_STRING_KEY_CHARS: usize = 255;
+
+/// What makes a value of the right JSON type unstorable in some engine, so
+/// the router refuses it rather than accept a row a database will not take.
+/// The rules are the intersection of PostgreSQL, MySQL/MariaDB and SQLite.
+fn value_problem(ty: ColumnType, v: &Value, is_key: bool) -> Option<String> {
+    match ty {
+        ColumnType::Int if v.as_i64().is_none() => Some(format!(
+            "is outside the signed 64-bit range ({} to {})",
+            i64::MIN,
+            i64::MAX
+        )),
+        ColumnType::String | ColumnType::Uuid => {
+            let s = v.as_str()?;
+            if s.contains('\0') {
+                return Some(NUL_PROBLEM.into());
+            }
+            let chars = s.chars().count();
+            (is_key && chars > MAX_STRING_KEY_CHARS).then(|| {
+                format!("is {chars} characters long; a key may have at most {MAX_STRING_KEY_CHARS}")
+            })
+        }
+        ColumnType::Json => has_nul(v).then(|| NUL_PROBLEM.into()),
+        _ => None,
+    }
+}
+
+const NUL_PROBLEM: &str = "contains a NUL character (U+0000), which PostgreSQL cannot store";
+
+/// True if any string or object key inside `v` holds a NUL character.
+fn has_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(a) => a.iter().any(has_nul),
+        Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
     }
 }
 
@@ -300,6 +342,13 @@ impl Schema {
                             column: c.name.clone(),
                         });
                     }
+                    if let Some(problem) = value_problem(c.ty, v, c.name == t.key) {
+                        return Err(RowError::InvalidValue {
+                            table: t.name.clone(),
+                            column: c.name.clone(),
+                            problem,
+                        });
+                    }
                 }
             }
         }
@@ -330,6 +379,12 @@ pub enum RowError {
     MissingColumn { table: String, column: String },
     #[error("table {table}: missing unique key {column:?}")]
     MissingKey { table: String, column: String },
+    #[error("table {table}: column {column:?} {problem}")]
+    InvalidValue {
+        table: String,
+        column: String,
+        problem: String,
+    },
     #[error("table {table}: column {column:?} must be {expected}, found {found}")]
     WrongType {
         table: String,
@@ -348,6 +403,7 @@ impl RowError {
             RowError::MissingColumn { .. } => "missing_column",
             RowError::MissingKey { .. } => "missing_key",
             RowError::WrongType { .. } => "wrong_type",
+            RowError::InvalidValue { .. } => "invalid_value",
         }
     }
 }
@@ -390,6 +446,67 @@ mod tests {
             json!({"project_id":1,"timestamp":2,"uuid":"bad3a155-585f-47cb-bc3e-51767d52c2a2"}),
         );
         assert!(s.check_row("raw_item", &r).is_ok());
+    }
+
+    #[test]
+    fn refuses_values_some_engine_cannot_store() {
+        let s = schema();
+        let u = "bad3a155-585f-47cb-bc3e-51767d52c2a2";
+        let e = s
+            .check_row(
+                "raw_item",
+                &row(json!({"project_id": 9223372036854775808u64, "timestamp": 2, "uuid": u})),
+            )
+            .unwrap_err();
+        assert_eq!(e.code(), "invalid_value");
+        assert!(e.to_string().contains("\"project_id\""), "{e}");
+        assert!(e.to_string().contains("64-bit"), "{e}");
+        let ok = row(json!({"project_id": i64::MIN, "timestamp": i64::MAX, "uuid": u}));
+        assert!(s.check_row("raw_item", &ok).is_ok());
+        let e = s
+            .check_row(
+                "raw_item",
+                &row(json!({"project_id": 1, "timestamp": 2, "body": "a\0b", "uuid": u})),
+            )
+            .unwrap_err();
+        assert_eq!(e.code(), "invalid_value");
+        assert!(
+            e.to_string().contains("\"body\"") && e.to_string().contains("NUL"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn json_with_nul_anywhere_and_long_string_keys_are_refused() {
+        let cfg: TableConfig = toml::from_str(
+            r#"
+            name = "doc"
+            key = "id"
+            time = "t"
+            group = "t"
+            [columns]
+            id = "string"
+            t = "int"
+            data = "json?"
+            "#,
+        )
+        .unwrap();
+        let s = Schema::from_config(&[cfg]).unwrap();
+        for data in [json!({"a": ["x", "\0"]}), json!({"k\0": 1}), json!("\0")] {
+            let e = s
+                .check_row("doc", &row(json!({"id": "a", "t": 1, "data": data})))
+                .unwrap_err();
+            assert_eq!(e.code(), "invalid_value", "{data}");
+        }
+        let longest = "😀".repeat(MAX_STRING_KEY_CHARS);
+        assert!(s
+            .check_row("doc", &row(json!({"id": longest, "t": 1})))
+            .is_ok());
+        let e = s
+            .check_row("doc", &row(json!({"id": format!("{longest}x"), "t": 1})))
+            .unwrap_err();
+        assert_eq!(e.code(), "invalid_value");
+        assert!(e.to_string().contains("256 characters"), "{e}");
     }
 
     #[test]

@@ -133,10 +133,13 @@ fn no_import_cycle() {
 
 #[test]
 fn main_only_dispatches() {
-    let main = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/main.rs"))
-        .unwrap();
+    let main =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/main.rs")).unwrap();
     let lines = main.lines().count();
-    assert!(lines <= 150, "src/main.rs has {lines} lines: a role's start-up belongs in its folder");
+    assert!(
+        lines <= 150,
+        "src/main.rs has {lines} lines: a role's start-up belongs in its folder"
+    );
     for role in ROLES {
         assert!(
             Path::new(env!("CARGO_MANIFEST_DIR"))
