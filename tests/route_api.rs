@@ -92,17 +92,39 @@ async fn each_route_lands_where_it_should() {
         batch.push_str(&e.to_string());
         batch.push('\n');
     }
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    gz.write_all(batch.as_bytes()).unwrap();
+    // Two gzip members (as block compressors write them): every line of
+    // both is read.
+    let gzip = |text: &str| {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(text.as_bytes()).unwrap();
+        gz.finish().unwrap()
+    };
+    let cut = batch.match_indices('\n').nth(3).unwrap().0 + 1;
+    let mut members = gzip(&batch[..cut]);
+    members.extend(gzip(&batch[cut..]));
+    // Bytes after the last member refuse the whole body: nothing is written.
+    let mut trailing = members.clone();
+    trailing.extend_from_slice(b"trailing bytes");
     let r = client
         .post(router.url())
         .header("content-type", "application/x-ndjson")
         .header("content-encoding", "gzip")
-        .body(gz.finish().unwrap())
+        .body(trailing)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = client
+        .post(router.url())
+        .header("content-type", "application/x-ndjson")
+        .header("content-encoding", "gzip")
+        .body(members)
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    let accepted: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(accepted["accepted"], 9, "{accepted}");
 
     let metrics = reqwest::get(format!("http://{}/metrics", router.admin))
         .await

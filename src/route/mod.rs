@@ -4,6 +4,7 @@
 //! sink has it durably.
 
 pub mod cli;
+mod decode;
 mod error;
 mod metrics;
 mod parse;
@@ -20,14 +21,12 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use http_body_util::BodyExt;
 use prometheus::Registry;
 use serde::Serialize;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tower_http::decompression::RequestDecompressionLayer;
 
 pub use error::ApiError;
 pub use parse::{parse_body, Framing, Payload};
@@ -269,7 +268,6 @@ fn ingest_router(app: Arc<App>) -> Router {
     Router::new()
         .route("/v1/items", post(ingest))
         .route("/v1/route/{account_id}", get(explain))
-        .layer(RequestDecompressionLayer::new())
         .with_state(app)
 }
 
@@ -427,29 +425,8 @@ async fn ingest_inner(app: &App, headers: &HeaderMap, body: Body) -> Result<Acce
         ));
     };
 
-    let limited = http_body_util::Limited::new(body, app.max_body);
-    let bytes = match limited.collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(ApiError::input(
-                413,
-                "body_too_large",
-                None,
-                format!(
-                    "the body exceeds {} bytes (after decompression)",
-                    app.max_body
-                ),
-            ))
-        }
-        Err(e) => {
-            return Err(ApiError::input(
-                400,
-                "unreadable_body",
-                None,
-                format!("cannot read the body: {e}"),
-            ))
-        }
-    };
+    let encoding = decode::Encoding::from_header(headers.get(header::CONTENT_ENCODING))?;
+    let bytes = decode::read(body, encoding, app.max_body).await?;
     let kib = (bytes.len().div_ceil(1024)).max(1) as u32;
     let Ok(_bytes_permit) = app.bytes_kib.try_acquire_many(kib) else {
         return Err(ApiError::unavailable(
