@@ -18,7 +18,11 @@ pub struct KafkaArgs {
     pub kafka_brokers: String,
     /// Any librdkafka property, key=value, repeatable (SASL/TLS settings and
     /// secrets go here or in the env variable, comma-separated; never logged).
-    #[arg(long = "kafka-config", env = "SWITCHYARD_KAFKA_CONFIG")]
+    #[arg(
+        long = "kafka-config",
+        env = "SWITCHYARD_KAFKA_CONFIG",
+        hide_env_values = true
+    )]
     pub kafka_config: Vec<String>,
 }
 
