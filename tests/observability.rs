@@ -1,6 +1,7 @@
-//! A real Prometheus scrapes every role while traffic flows; then every
-//! dashboard panel's query and every alert rule's signal is run against it,
-//! and each must parse and return data. `promtool check rules` must pass.
+//! A real Prometheus scrapes every role (and a rollout controller holding its
+//! first step) while traffic flows; then every dashboard panel's query and
+//! every alert rule's signal is run against it, and each must parse and return
+//! data. `promtool check rules` must pass.
 
 mod common;
 
@@ -118,15 +119,18 @@ impl Prometheus {
             .stderr(Stdio::null())
             .spawn()
             .expect("prometheus is not installed: run scripts/services");
-        assert!(
-            wait_for_port(port, Duration::from_secs(20)),
-            "prometheus port"
-        );
-        Prometheus {
+        let prom = Prometheus {
             child,
             port,
             _dir: dir,
+        };
+        // It listens before its storage is open, answering 503 until then.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !http_get_ok(port, "/-/ready") {
+            assert!(Instant::now() < deadline, "prometheus never became ready");
+            std::thread::sleep(Duration::from_millis(50));
         }
+        prom
     }
 
     async fn query(&self, q: &str) -> Value {
@@ -226,12 +230,46 @@ async fn every_panel_and_alert_returns_data_from_a_real_prometheus() {
         "--recheck-secs",
         "1",
     ]);
-    let prom = Prometheus::start(&[
+    // A rollout controller on the router's flags folder, checking parity
+    // against the comparator above. Its first step is the dual-write value
+    // already set (kafka-only 25 may not exceed it), and the dwell is an hour:
+    // it holds step 1 for the whole test, so its series stay put. The
+    // traffic's rows are from 2019, so no window of the step ever holds rows:
+    // every check is `pending`, never a breach.
+    let plan_path = dirs.root.path().join("plan.toml");
+    std::fs::write(
+        &plan_path,
+        format!(
+            r#"
+            stage = "dual-write"
+            steps = [50, 100]
+            dwell_secs = 3600
+            check_interval_secs = 0.5
+            failure_limit = 1000
+            parity_url = "http://127.0.0.1:{}"
+            state_file = "{}"
+            "#,
+            compare.admin_port,
+            dirs.root.path().join("rollout-state.json").display()
+        ),
+    )
+    .unwrap();
+    let rollout = Role::spawn(&[
+        "rollout",
+        "run",
+        "--plan",
+        &plan_path.display().to_string(),
+        "--config",
+        &cfg,
+    ]);
+    let targets = [
         ("route", router.admin_port),
         ("ingest", ingest.admin_port),
         ("load", load.admin_port),
         ("compare", compare.admin_port),
-    ]);
+        ("rollout", rollout.admin_port),
+    ];
+    let prom = Prometheus::start(&targets);
 
     // Traffic, with a few refused requests so the error panels have data.
     let stop = Arc::new(AtomicBool::new(false));
@@ -268,9 +306,10 @@ async fn every_panel_and_alert_returns_data_from_a_real_prometheus() {
 
     let deadline = Instant::now() + Duration::from_secs(90);
     // Every role is scraped before any query is judged.
+    let all_up = targets.len().to_string();
     loop {
         let up = prom.query("count(up == 1)").await;
-        if up["data"]["result"][0]["value"][1] == "4" {
+        if up["data"]["result"][0]["value"][1] == all_up {
             break;
         }
         assert!(
@@ -310,6 +349,16 @@ async fn every_panel_and_alert_returns_data_from_a_real_prometheus() {
         "queries without data after 90 s: {:#?}",
         pending
     );
+    // The rollout row shows the step the controller holds.
+    let status = prom
+        .query("max by (status) (switchyard_rollout_status) == 1")
+        .await;
+    assert_eq!(
+        status["data"]["result"][0]["metric"]["status"], "running",
+        "{status}"
+    );
+    let percent = prom.query("max(switchyard_rollout_percent)").await;
+    assert_eq!(percent["data"]["result"][0]["value"][1], "50", "{percent}");
     let rules = prom.rules().await;
     let mut n = 0;
     for g in rules["data"]["groups"].as_array().unwrap() {
