@@ -144,16 +144,50 @@ pub fn init_statements(engine: Engine, schema: &Schema) -> Vec<String> {
     out
 }
 
-/// Slices of `rows` that each fit one statement.
+/// Bytes one bound value takes in a statement: its data plus a fixed
+/// allowance for its type, length prefix and placeholder.
+fn value_bytes(v: &Bound) -> usize {
+    8 + match v {
+        Bound::Text(Some(s)) => s.len(),
+        _ => 8,
+    }
+}
+
+/// Bytes a row takes in a statement.
+pub fn row_bytes(row: &[Bound]) -> usize {
+    row.iter().map(value_bytes).sum()
+}
+
+/// Slices of `rows` that each fit one statement: under the engine's
+/// parameter limit and, counting every row's own size (not an average, so
+/// clustered big rows cannot add up past the server's packet limit), under
+/// the statement size limit. A row alone above the limit goes on its own.
 pub fn chunks<'a>(
     engine: Engine,
     table: &Table,
     rows: &'a TableRows,
 ) -> impl Iterator<Item = &'a [Vec<Bound>]> {
     let by_params = (max_params(engine) / table.columns.len().max(1)).max(1);
-    let avg = rows.bytes / rows.rows.len().max(1);
-    let by_bytes = (MAX_STATEMENT_BYTES / avg.max(1)).max(1);
-    rows.rows.chunks(by_params.min(by_bytes))
+    let all = &rows.rows[..];
+    let mut start = 0;
+    std::iter::from_fn(move || {
+        if start >= all.len() {
+            return None;
+        }
+        let mut end = start;
+        let mut bytes = 0;
+        while end < all.len() && end - start < by_params {
+            let b = row_bytes(&all[end]);
+            if end > start && bytes + b > MAX_STATEMENT_BYTES {
+                break;
+            }
+            bytes += b;
+            end += 1;
+        }
+        let chunk = &all[start..end];
+        start = end;
+        Some(chunk)
+    })
 }
 
 /// `INSERT … VALUES (…), (…)` that skips rows whose key is already present.
@@ -349,14 +383,49 @@ mod tests {
     fn statements_fit_the_limits() {
         let schema = PipelineConfig::load(None).unwrap().schema().unwrap();
         let t = &schema.tables()[0];
+        let mut row = vec![Bound::Int(Some(1)); t.columns.len()];
+        row[0] = Bound::Text(Some("x".repeat(2_500)));
         let rows = TableRows {
-            rows: vec![vec![Bound::Int(Some(1)); t.columns.len()]; 20_000],
+            rows: vec![row; 20_000],
             bytes: 20_000 * 2_500,
         };
         let sizes: Vec<usize> = chunks(Engine::Sqlite, t, &rows).map(|c| c.len()).collect();
         assert!(sizes
             .iter()
             .all(|&n| n * t.columns.len() <= 32_766 && n * 2_500 <= MAX_STATEMENT_BYTES));
+        assert!(sizes.len() > 1);
         assert_eq!(sizes.iter().sum::<usize>(), 20_000);
+    }
+
+    /// Statements are sized by the rows in them: 70 rows of 250 KB followed
+    /// by small ones never make a statement above the limit, whatever the
+    /// batch's average.
+    #[test]
+    fn clustered_big_rows_stay_under_the_statement_limit() {
+        let schema = PipelineConfig::load(None).unwrap().schema().unwrap();
+        let t = &schema.tables()[0];
+        let row = |text: usize| {
+            let mut r = vec![Bound::Int(Some(1)); t.columns.len()];
+            r[0] = Bound::Text(Some("x".repeat(text)));
+            r
+        };
+        let mut all: Vec<Vec<Bound>> = (0..70).map(|_| row(250_000)).collect();
+        all.extend((0..1_930).map(|_| row(10)));
+        let bytes = all.iter().map(|r| row_bytes(r)).sum();
+        let rows = TableRows { rows: all, bytes };
+        let mut total = 0;
+        for c in chunks(Engine::MySql, t, &rows) {
+            let size: usize = c.iter().map(|r| row_bytes(r)).sum();
+            assert!(size <= MAX_STATEMENT_BYTES, "a statement of {size} bytes");
+            total += c.len();
+        }
+        assert_eq!(total, 2_000);
+        // One row above the limit still goes, alone.
+        let huge = TableRows {
+            rows: vec![row(10), row(MAX_STATEMENT_BYTES + 1), row(10)],
+            bytes: 0,
+        };
+        let sizes: Vec<usize> = chunks(Engine::MySql, t, &huge).map(|c| c.len()).collect();
+        assert_eq!(sizes, vec![1, 1, 1]);
     }
 }

@@ -427,6 +427,21 @@ impl Loader<'_> {
                         .with_label_values(&["rejected"])
                         .inc_by(rejected.len() as u64);
                     self.summary.dead_letters += rejected.len() as u64;
+                    if rejected.is_empty() {
+                        // The batch was refused but no row alone is: wait
+                        // rather than retry at once, as for an outage.
+                        if !backoff
+                            .pause(
+                                self.shutdown,
+                                &self.metrics.sink.retries,
+                                "database",
+                                &reason,
+                            )
+                            .await
+                        {
+                            return Ok(BatchEnd::Cancelled);
+                        }
+                    }
                     self.write_dead(&rejected)?;
                 }
                 Err(e) if e.is_transient() => {
