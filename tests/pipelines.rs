@@ -273,9 +273,31 @@ async fn fallback_lines_are_replayed_to_kafka() {
     )
     .unwrap();
     let old2 = TestDb::mariadb(&schema).await;
-    let s = load_once(load_options(&dirs2.offline, 16), &schema, &old2.db, None).await;
+    let registry = prometheus::Registry::new();
+    let metrics = LoadMetrics::new(&registry).unwrap();
+    let s = load::run(
+        load_options(&dirs2.offline, 16),
+        &schema,
+        &old2.db,
+        None,
+        metrics,
+        CancellationToken::new(),
+    )
+    .await
+    .expect("load");
     assert_eq!(s.replayed, 0);
     assert_eq!(old2.count().await, 40);
+    // What did not reach Kafka is counted: the 14 Kafka-only rows and the
+    // Kafka leg of the 13 dual ones.
+    let skipped = |route: &str| {
+        metric_value(
+            &registry,
+            "switchyard_load_replay_skipped_total",
+            &[("route", route)],
+        )
+    };
+    assert_eq!(skipped("kafka"), 14.0);
+    assert_eq!(skipped("dual"), 13.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -113,6 +113,7 @@ pub fn main(args: LoadArgs) -> ExitCode {
             Err(code) => return code,
         };
         let replay = if args.no_replay {
+            tracing::warn!("--no-replay: Kafka fallback lines load into OLD only and never reach NEW (counted in switchyard_load_replay_skipped_total)");
             None
         } else {
             match Replay::new(&args.kafka.kafka_brokers, &cfg.kafka, &kafka_extra, &metrics) {

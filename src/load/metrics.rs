@@ -18,6 +18,9 @@ pub struct LoadMetrics {
     pub eta_seconds: Gauge,
     /// Fallback lines produced to Kafka, by original route (`kafka`, `dual`).
     pub replayed: IntCounterVec,
+    /// Fallback lines whose Kafka leg was not replayed (`--no-replay`), by
+    /// the payload's route: NEW will never hold these rows.
+    pub replay_skipped: IntCounterVec,
     pub kafka: KafkaMetrics,
 }
 
@@ -61,9 +64,16 @@ impl LoadMetrics {
                 "Kafka fallback lines produced to Kafka, by the payload's route",
                 &["route"],
             )?,
+            replay_skipped: counter_vec(
+                reg,
+                "switchyard_load_replay_skipped_total",
+                "Kafka fallback lines not replayed to Kafka (--no-replay), by the payload's route: rows NEW will not have",
+                &["route"],
+            )?,
             kafka: KafkaMetrics::new(reg, "load")?,
         };
         zero(&m.replayed, &[&["kafka"], &["dual"]]);
+        zero(&m.replay_skipped, &[&["kafka"], &["dual"]]);
         Ok(m)
     }
 }

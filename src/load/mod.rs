@@ -492,8 +492,23 @@ impl Loader<'_> {
                     route,
                 })
             }
-            // Without replay, the dual line of the same payload loads it.
-            (Some(Route::Dual), None) => Ok(LineAction::Skip),
+            // Without replay, the dual line of the same payload loads it
+            // into OLD; its Kafka leg is dropped, and counted.
+            (Some(Route::Dual), None) => {
+                self.metrics
+                    .replay_skipped
+                    .with_label_values(&["dual"])
+                    .inc();
+                Ok(LineAction::Skip)
+            }
+            // A Kafka-only payload loads into OLD instead of reaching NEW.
+            (Some(_), None) => {
+                self.metrics
+                    .replay_skipped
+                    .with_label_values(&["kafka"])
+                    .inc();
+                Ok(LineAction::Insert { table: t, values })
+            }
             _ => Ok(LineAction::Insert { table: t, values }),
         }
     }
