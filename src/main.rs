@@ -50,7 +50,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_json);
+    // The demo shows its own view and sends the roles' logs to a file.
+    if !matches!(cli.command, Command::Demo(_)) {
+        init_tracing(cli.log_json);
+    }
     match cli.command {
         Command::DefaultConfig => {
             print!("{}", switchyard::config::EMBEDDED);
@@ -62,7 +65,7 @@ fn main() -> ExitCode {
         Command::Compare(args) => compare::cli::main(*args),
         Command::Flags(args) => flags::cli::main(*args),
         Command::Plan(args) => plan::cli::main(args),
-        Command::Demo(args) => demo::cli::main(args),
+        Command::Demo(args) => demo::cli::main(args, cli.log_json),
         Command::Rollout(args) => rollout::cli::main(*args),
         Command::Db { command } => db::cli::main(command),
     }

@@ -3,11 +3,18 @@
 //! SQLite (NEW), the comparator — against librdkafka's in-process mock
 //! cluster (or a real broker), fed by a synthetic traffic generator, walking
 //! a rollout and showing at each step what goes where and the parity verdict.
+//!
+//! The demo shows its own view on stdout (see [`view`]); the roles' logs go
+//! to a file in its work folder (see [`logs`]), kept when the folder is
+//! removed.
 
 pub mod cli;
+mod logs;
 mod traffic;
+mod view;
 
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,6 +32,7 @@ use crate::load::{self, LoadMetrics, LoadOptions, Replay};
 use crate::route::{self, RouteOptions};
 
 pub use traffic::Counts;
+use view::{Drain, Sample, Step, View, Windows};
 
 /// How the demo runs.
 #[derive(Debug, Clone)]
@@ -39,6 +47,12 @@ pub struct DemoOptions {
     pub follow: bool,
     /// Keep the work folder (files and SQLite databases) afterwards.
     pub keep: bool,
+    /// Redraw a table in place (stdout is a terminal) rather than append lines.
+    pub live: bool,
+    /// With colours (live view only).
+    pub color: bool,
+    /// The roles log to the work folder's log file (else elsewhere: stderr).
+    pub log_to_file: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,36 +71,134 @@ pub struct DemoSummary {
     pub mismatched_windows: usize,
 }
 
-/// The rollout the demo walks: (title, dual-write %, kafka-only %, kill switch).
-const PHASES: [(&str, f64, f64, bool); 5] = [
-    ("legacy only", 0.0, 0.0, false),
-    ("10% dual-write", 10.0, 0.0, false),
-    ("50% dual-write", 50.0, 0.0, false),
-    ("10% Kafka only (50% dual)", 50.0, 10.0, false),
-    ("kill switch: everything legacy", 50.0, 10.0, true),
+/// The rollout the demo walks.
+const PHASES: [Step; 5] = [
+    Step {
+        title: "legacy only",
+        short: "legacy only",
+        dual: 0.0,
+        kafka: 0.0,
+        kill: false,
+    },
+    Step {
+        title: "10% dual-write",
+        short: "10% dual-write",
+        dual: 10.0,
+        kafka: 0.0,
+        kill: false,
+    },
+    Step {
+        title: "50% dual-write",
+        short: "50% dual-write",
+        dual: 50.0,
+        kafka: 0.0,
+        kill: false,
+    },
+    Step {
+        title: "10% Kafka only (50% dual)",
+        short: "10% Kafka only",
+        dual: 50.0,
+        kafka: 10.0,
+        kill: false,
+    },
+    Step {
+        title: "kill switch: everything legacy",
+        short: "kill switch",
+        dual: 50.0,
+        kafka: 10.0,
+        kill: true,
+    },
 ];
+
+/// The roles' log, in the work folder.
+const LOG_FILE: &str = "demo.log";
+
+/// The demo's work folder: offline files, flags, the SQLite databases and
+/// the roles' log. Created before anything starts, so the log is there
+/// from the first line.
+#[derive(Debug)]
+pub struct WorkFolder {
+    dir: PathBuf,
+}
+
+impl WorkFolder {
+    /// A new folder under the system's temporary folder.
+    pub fn create() -> Result<WorkFolder, DemoError> {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let dir =
+            std::env::temp_dir().join(format!("switchyard-demo-{}-{stamp}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(setup("work folder"))?;
+        Ok(WorkFolder { dir })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where the roles' logs go (unless they go to stderr).
+    pub fn log_file(&self) -> PathBuf {
+        self.dir.join(LOG_FILE)
+    }
+
+    /// Removes the folder and everything in it but the log, which moves next
+    /// to it (`<folder>.log`). Returns where the log is, if there is one.
+    pub fn remove_but_log(self) -> Option<PathBuf> {
+        let log = self.log_file();
+        if !log.is_file() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+            return None;
+        }
+        let mut beside = self.dir.clone().into_os_string();
+        beside.push(".log");
+        let beside = PathBuf::from(beside);
+        if std::fs::rename(&log, &beside).is_ok() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+            return Some(beside);
+        }
+        // Cannot move it: empty the folder around it.
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                let p = e.path();
+                if p == log {
+                    continue;
+                }
+                let _ = if p.is_dir() {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
+            }
+        }
+        Some(log)
+    }
+}
 
 fn setup<E: std::fmt::Display>(what: &str) -> impl Fn(E) -> DemoError + '_ {
     move |e| DemoError::Setup(format!("{what}: {e}"))
 }
 
+/// Runs the demo in `work` (see [`WorkFolder::create`]), then removes it
+/// unless `opts.keep`. The last line names the roles' log file.
 pub async fn run(
     opts: DemoOptions,
+    work: WorkFolder,
     shutdown: CancellationToken,
     out: &mut (dyn Write + Send),
 ) -> Result<DemoSummary, DemoError> {
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let work = std::env::temp_dir().join(format!("switchyard-demo-{}-{stamp}", std::process::id()));
-    std::fs::create_dir_all(&work).map_err(setup("work folder"))?;
-    let res = run_in(&opts, &work, shutdown, out).await;
-    if opts.keep {
-        let _ = writeln!(out, "work folder kept: {}", work.display());
+    let res = run_in(&opts, work.path(), shutdown, out).await;
+    let log = if opts.keep {
+        let _ = writeln!(out, "work folder kept: {}", work.path().display());
+        Some(work.log_file()).filter(|l| l.is_file())
     } else {
-        let _ = std::fs::remove_dir_all(&work);
+        work.remove_but_log()
+    };
+    if let Some(log) = log.filter(|_| opts.log_to_file) {
+        let _ = writeln!(out, "logs: {}", log.display());
     }
+    let _ = out.flush();
     res
 }
 
@@ -257,7 +369,7 @@ async fn run_in(
 
     let _ = writeln!(
         out,
-        "switchyard demo: router {url}, Kafka {}, OLD and NEW in SQLite under {}",
+        "switchyard demo: router {url}, Kafka {}\nOLD and NEW databases: SQLite under {}",
         if opts.kafka_brokers.is_some() {
             brokers.as_str()
         } else {
@@ -265,81 +377,77 @@ async fn run_in(
         },
         work.display()
     );
-    let started = Instant::now();
-    let mut summary_phase = String::new();
-    'walk: for (i, (title, dual, kafka, kill)) in PHASES.iter().enumerate() {
+    if opts.log_to_file {
+        let _ = writeln!(out, "the roles' logs: {}", work.join(LOG_FILE).display());
+    }
+    let mut view = View::new(&PHASES, opts.phase, opts.live, opts.color);
+    if opts.live {
+        let _ = writeln!(out);
+    }
+    let mut probe = Probe {
+        tally: &counts,
+        ingest: &ingest_registry,
+        load: &load_metrics,
+        cmp: &cmp,
+        old: &old,
+        new: &new,
+        started: Instant::now(),
+        last: counts.snapshot(),
+        rows: (0, 0),
+    };
+    'walk: for (i, step) in PHASES.iter().enumerate() {
         let set = |w: Which, v: serde_json::Value| store.set(w, v, true, "demo");
-        set(Which::DualWrite, json!(dual))
+        set(Which::DualWrite, json!(step.dual))
             .await
             .map_err(setup("flags"))?;
-        set(Which::KafkaOnly, json!(kafka))
+        set(Which::KafkaOnly, json!(step.kafka))
             .await
             .map_err(setup("flags"))?;
-        set(Which::KillSwitch, json!(kill))
+        set(Which::KillSwitch, json!(step.kill))
             .await
             .map_err(setup("flags"))?;
-        let _ = writeln!(
-            out,
-            "\n== step {}/{}: {title} (dual-write {dual}%, kafka-only {kafka}%, kill switch {}) ==",
-            i + 1,
-            PHASES.len(),
-            if *kill { "on" } else { "off" }
-        );
+        probe.last = counts.snapshot();
+        view.begin_step(out, i, probe.last);
         let phase_start = Instant::now();
-        let mut last = counts.snapshot();
         while phase_start.elapsed() < opts.phase {
             tokio::select! {
                 _ = shutdown.cancelled() => break 'walk,
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
-            let now = counts.snapshot();
-            let line = status_line(&now, &last, &ingest_registry, &load_metrics, &cmp, started);
-            let _ = writeln!(out, "{line}");
-            last = now;
+            view.sample(out, probe.sample().await);
         }
-        summary_phase = title.to_string();
     }
-    if opts.follow {
-        let _ = writeln!(out, "\nfollowing (Ctrl-C to stop)…");
-        let mut last = counts.snapshot();
+    if opts.follow && !shutdown.is_cancelled() {
+        view.following(out);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
-            let now = counts.snapshot();
-            let _ = writeln!(
-                out,
-                "{}",
-                status_line(&now, &last, &ingest_registry, &load_metrics, &cmp, started)
-            );
-            last = now;
+            view.sample(out, probe.sample().await);
         }
     }
     traffic_stop.cancel();
     let _ = traffic.await;
-    // Let the pipelines drain and the last windows settle.
-    let _ = writeln!(out, "\ntraffic stopped after \"{summary_phase}\"; letting the pipelines drain and parity settle…");
     let total = counts.snapshot();
+    view.end_step(total);
+    // Let the pipelines drain and the last windows settle.
     let drain = Instant::now();
     let mut settled = false;
+    let (old_expected, new_expected) = (total.legacy + total.dual, total.dual + total.kafka);
     while drain.elapsed() < Duration::from_secs(60) && !shutdown.is_cancelled() {
-        let p = cmp.parity();
-        let open: usize = p
-            .tables
-            .iter()
-            .map(|t| {
-                t.windows.get("open").copied().unwrap_or(0)
-                    + t.windows.get("pending").copied().unwrap_or(0)
-            })
-            .sum();
-        let old_rows = old.count("raw_item").await.unwrap_or(0);
-        let new_rows = new.count("raw_item").await.unwrap_or(0);
-        if open == 0
-            && old_rows as u64 == total.legacy + total.dual
-            && new_rows as u64 == total.dual + total.kafka
-        {
-            settled = true;
+        let s = probe.sample().await;
+        let unsettled = s.windows.open + s.windows.pending;
+        settled = unsettled == 0
+            && s.old_rows as u64 == old_expected
+            && s.new_rows as u64 == new_expected;
+        let d = Drain {
+            old_expected,
+            new_expected,
+            unsettled,
+        };
+        view.draining(out, d, s);
+        if settled {
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -350,12 +458,9 @@ async fn run_in(
         old_rows: old.count("raw_item").await.unwrap_or(-1),
         new_rows: new.count("raw_item").await.unwrap_or(-1),
         parity: p.status.as_str().to_string(),
-        mismatched_windows: p
-            .tables
-            .iter()
-            .map(|t| t.windows.get("mismatch").copied().unwrap_or(0))
-            .sum(),
+        mismatched_windows: windows(&p).mismatch,
     };
+    view.finish(out);
     let _ = writeln!(out, "\n== summary ==");
     let _ = writeln!(
         out,
@@ -405,43 +510,76 @@ async fn run_in(
     Ok(summary)
 }
 
-fn status_line(
-    now: &Counts,
-    last: &Counts,
-    ingest: &prometheus::Registry,
-    load: &LoadMetrics,
-    cmp: &Arc<Comparator>,
-    started: Instant,
-) -> String {
-    let lag: i64 = ingest
-        .gather()
-        .iter()
-        .filter(|f| f.name() == "switchyard_ingest_lag_messages")
-        .flat_map(|f| {
-            f.get_metric()
-                .iter()
-                .map(|m| m.get_gauge().get_value() as i64)
-                .collect::<Vec<_>>()
-        })
-        .sum();
-    let p = cmp.parity();
+/// Parity windows by verdict, over every table.
+fn windows(p: &crate::compare::Parity) -> Windows {
     let w = |s: &str| {
         p.tables
             .iter()
             .map(|t| t.windows.get(s).copied().unwrap_or(0))
             .sum::<usize>()
     };
-    format!(
-        "{:>4}s  legacy {:>5}/s  dual {:>5}/s  kafka {:>5}/s  │ lag {:>5}  backlog {:>2} files │ parity {:<8} ok {:>3} pending {:>2} mismatch {:>2}",
-        started.elapsed().as_secs(),
-        now.legacy - last.legacy,
-        now.dual - last.dual,
-        now.kafka - last.kafka,
-        lag,
-        load.files_pending.get(),
-        p.status.as_str(),
-        w("ok"),
-        w("pending"),
-        w("mismatch"),
-    )
+    Windows {
+        open: w("open"),
+        ok: w("ok"),
+        pending: w("pending"),
+        mismatch: w("mismatch"),
+    }
+}
+
+/// Takes the samples the view shows, a second apart.
+struct Probe<'a> {
+    tally: &'a traffic::Tally,
+    ingest: &'a prometheus::Registry,
+    load: &'a LoadMetrics,
+    cmp: &'a Comparator,
+    old: &'a Db,
+    new: &'a Db,
+    started: Instant,
+    /// The tally at the previous sample.
+    last: Counts,
+    /// Rows in OLD and NEW at the previous sample (kept if a count fails).
+    rows: (i64, i64),
+}
+
+impl Probe<'_> {
+    async fn sample(&mut self) -> Sample {
+        let now = self.tally.snapshot();
+        let rate = Counts {
+            legacy: now.legacy - self.last.legacy,
+            dual: now.dual - self.last.dual,
+            kafka: now.kafka - self.last.kafka,
+            errors: now.errors - self.last.errors,
+        };
+        self.last = now;
+        let lag: i64 = self
+            .ingest
+            .gather()
+            .iter()
+            .filter(|f| f.name() == "switchyard_ingest_lag_messages")
+            .flat_map(|f| {
+                f.get_metric()
+                    .iter()
+                    .map(|m| m.get_gauge().get_value() as i64)
+                    .collect::<Vec<_>>()
+            })
+            .sum();
+        if let Ok(n) = self.old.count("raw_item").await {
+            self.rows.0 = n;
+        }
+        if let Ok(n) = self.new.count("raw_item").await {
+            self.rows.1 = n;
+        }
+        let p = self.cmp.parity();
+        Sample {
+            secs: self.started.elapsed().as_secs(),
+            rate,
+            total: now,
+            old_rows: self.rows.0,
+            new_rows: self.rows.1,
+            lag,
+            backlog: self.load.files_pending.get(),
+            parity: p.status,
+            windows: windows(&p),
+        }
+    }
 }
