@@ -854,7 +854,10 @@ pub fn write_offline_files(dir: &Path, files: usize, lines: usize, body_len: usi
             1_700_000_000_000_000u64 + f as u64,
             0
         ));
-        let mut out = std::io::BufWriter::new(std::fs::File::create(&path).expect("create"));
+        // Written under the `.open` name and renamed when whole, as the
+        // router does: a running loader never sees a half-written file.
+        let open = path.with_extension("ndjson.open");
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&open).expect("create"));
         for l in 0..lines {
             let account = ((f * lines + l) % 300) as u64;
             let e = envelope(account, (f * lines + l) as u64, body_len);
@@ -869,6 +872,8 @@ pub fn write_offline_files(dir: &Path, files: usize, lines: usize, body_len: usi
             writeln!(out, "{line}").expect("write");
         }
         out.flush().expect("flush");
+        drop(out);
+        std::fs::rename(&open, &path).expect("rename");
     }
     uuids
 }
