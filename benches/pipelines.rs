@@ -199,7 +199,6 @@ async fn write_path_rate(schema: &Schema, rows: u64, batch: usize) -> f64 {
             let row = v["row"].as_object().unwrap();
             data.rows
                 .push(switchyard::db::row_values(table, row).unwrap());
-            data.bytes += p.len();
         }
         db.db
             .write_batch(&[(table, &data)], &[], None)

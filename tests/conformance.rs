@@ -257,11 +257,7 @@ fn compare(engine: &str, sent: &Map<String, Value>, got: &Stored) -> Vec<String>
 
 async fn insert(db: &Db, table: &Table, row: &Map<String, Value>) -> Result<(), String> {
     let values = row_values(table, row).map_err(|e| format!("conversion: {e}"))?;
-    let bytes = serde_json::to_vec(row).map(|v| v.len()).unwrap_or(0);
-    let rows = TableRows {
-        rows: vec![values],
-        bytes,
-    };
+    let rows = TableRows { rows: vec![values] };
     db.write_batch(&[(table, &rows)], &[], None)
         .await
         .map(|_| ())

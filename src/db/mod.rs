@@ -183,8 +183,6 @@ pub struct Checkpoint {
 #[derive(Debug, Default, Clone)]
 pub struct TableRows {
     pub rows: Vec<Vec<Bound>>,
-    /// Row data bytes (bounds statement size).
-    pub bytes: usize,
 }
 
 /// What a transaction did to one table.
@@ -696,7 +694,6 @@ pub async fn find_rejected(
         }
         let part = TableRows {
             rows: rows.rows[lo..hi].to_vec(),
-            bytes: 0,
         };
         match db.probe(table, &part).await {
             Ok(()) => {}

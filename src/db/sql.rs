@@ -387,7 +387,6 @@ mod tests {
         row[0] = Bound::Text(Some("x".repeat(2_500)));
         let rows = TableRows {
             rows: vec![row; 20_000],
-            bytes: 20_000 * 2_500,
         };
         let sizes: Vec<usize> = chunks(Engine::Sqlite, t, &rows).map(|c| c.len()).collect();
         assert!(sizes
@@ -411,8 +410,7 @@ mod tests {
         };
         let mut all: Vec<Vec<Bound>> = (0..70).map(|_| row(250_000)).collect();
         all.extend((0..1_930).map(|_| row(10)));
-        let bytes = all.iter().map(|r| row_bytes(r)).sum();
-        let rows = TableRows { rows: all, bytes };
+        let rows = TableRows { rows: all };
         let mut total = 0;
         for c in chunks(Engine::MySql, t, &rows) {
             let size: usize = c.iter().map(|r| row_bytes(r)).sum();
@@ -423,7 +421,6 @@ mod tests {
         // One row above the limit still goes, alone.
         let huge = TableRows {
             rows: vec![row(10), row(MAX_STATEMENT_BYTES + 1), row(10)],
-            bytes: 0,
         };
         let sizes: Vec<usize> = chunks(Engine::MySql, t, &huge).map(|c| c.len()).collect();
         assert_eq!(sizes, vec![1, 1, 1]);

@@ -265,7 +265,6 @@ impl Ingest<'_> {
                 Ok((t, values)) => {
                     let e = rows.entry(t).or_default();
                     e.0.rows.push(values);
-                    e.0.bytes += m.payload.len();
                     e.1.push(i);
                 }
                 Err((reason, why)) => {

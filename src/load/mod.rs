@@ -332,7 +332,6 @@ impl Loader<'_> {
                 Ok(LineAction::Insert { table, values }) => {
                     let entry = rows.entry(table).or_default();
                     entry.0.rows.push(values);
-                    entry.0.bytes += line.len();
                     entry.1.push(*at);
                     entry.2.push(i);
                 }
