@@ -3,11 +3,22 @@
 //! Each role's own arguments and start-up live in its folder (`route/cli.rs`, …).
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::ExitCode;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::admin;
+use crate::config::PipelineConfig;
+
+/// A role's start-up and run: `Err` is an early exit whose message was
+/// printed, so every step can end it with `?`.
+pub type Exit = Result<ExitCode, ExitCode>;
+
+/// The process exit code of a role's [`Exit`].
+pub fn exit(r: Exit) -> ExitCode {
+    r.unwrap_or_else(|code| code)
+}
 
 /// Prints a usage or configuration error and gives its exit code (2).
 pub fn usage(message: impl std::fmt::Display) -> ExitCode {
@@ -15,30 +26,37 @@ pub fn usage(message: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// Prints a run-time failure and gives its exit code (1).
+pub fn failure(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("switchyard: {message}");
+    ExitCode::FAILURE
+}
+
+/// The pipeline configuration (`--config`, else the embedded default).
+pub fn config(path: Option<&Path>) -> Result<PipelineConfig, ExitCode> {
+    PipelineConfig::load(path).map_err(|e| usage(format!("configuration: {e}")))
+}
+
 pub fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(|e| {
-            eprintln!("switchyard: cannot start the runtime: {e}");
-            ExitCode::FAILURE
-        })
+        .map_err(|e| failure(format!("cannot start the runtime: {e}")))
 }
 
 pub fn secs(name: &str, v: f64) -> Result<std::time::Duration, ExitCode> {
     if v.is_finite() && (0.0..=30.0 * 86400.0).contains(&v) {
         Ok(std::time::Duration::from_secs_f64(v))
     } else {
-        eprintln!("switchyard: --{name} must be between 0 and 30 days");
-        Err(ExitCode::from(2))
+        Err(usage(format!("--{name} must be between 0 and 30 days")))
     }
 }
 
-pub async fn bind_admin(addr: SocketAddr) -> Result<tokio::net::TcpListener, ExitCode> {
-    tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-        eprintln!("switchyard: cannot listen on {addr}: {e}");
-        ExitCode::FAILURE
-    })
+/// Binds a listening address (ingest or admin).
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, ExitCode> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| failure(format!("cannot listen on {addr}: {e}")))
 }
 
 /// A role's admin port (/metrics, /healthz, /readyz and the role's own
@@ -50,7 +68,7 @@ pub struct AdminPort {
 
 impl AdminPort {
     pub async fn start(addr: SocketAddr, router: axum::Router) -> Result<AdminPort, ExitCode> {
-        let listener = bind_admin(addr).await?;
+        let listener = bind(addr).await?;
         let stop = CancellationToken::new();
         let task = admin::spawn(listener, router, stop.clone());
         Ok(AdminPort { stop, task })
@@ -64,8 +82,5 @@ impl AdminPort {
 
 /// The role's metric families, or the exit code if they cannot be registered.
 pub fn metrics_or_exit<T>(m: prometheus::Result<T>) -> Result<T, ExitCode> {
-    m.map_err(|e| {
-        eprintln!("switchyard: metrics: {e}");
-        ExitCode::FAILURE
-    })
+    m.map_err(|e| failure(format!("metrics: {e}")))
 }

@@ -10,8 +10,7 @@ use tokio_util::sync::CancellationToken;
 use super::state::Status;
 use super::{Comparator, CompareError, CompareMetrics, CompareOptions};
 use crate::admin::{self, Health};
-use crate::cli::{metrics_or_exit, runtime, secs, AdminPort};
-use crate::config::PipelineConfig;
+use crate::cli::{config, exit, failure, metrics_or_exit, runtime, secs, usage, AdminPort, Exit};
 use crate::db::args::wait_databases;
 use crate::db::Db;
 use crate::kafka::args::KafkaArgs;
@@ -82,123 +81,78 @@ pub struct CompareArgs {
 }
 
 pub fn main(args: CompareArgs) -> ExitCode {
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(code) => return code,
-    };
+    exit(run(args))
+}
+
+fn run(args: CompareArgs) -> Exit {
+    let rt = runtime()?;
+    // The pools' maintenance tasks need the runtime.
     let _enter = rt.enter();
-    let kafka_extra = match args.kafka.props() {
-        Ok(p) => p,
-        Err(code) => return code,
-    };
-    let usage = |m: String| {
-        eprintln!("switchyard: {m}");
-        ExitCode::from(2)
-    };
-    let cfg = match PipelineConfig::load(args.config.as_deref()) {
-        Ok(c) => c,
-        Err(e) => return usage(format!("configuration: {e}")),
-    };
-    let schema = match cfg.schema() {
-        Ok(s) => s,
-        Err(e) => return usage(format!("schema: {e}")),
-    };
-    let (old, new) = match (
-        Db::connect(&args.old_db_url, 4),
-        Db::connect(&args.new_db_url, 4),
-    ) {
-        (Ok(o), Ok(n)) => (o, n),
-        (Err(e), _) | (_, Err(e)) => return usage(e.to_string()),
-    };
+    let kafka_extra = args.kafka.props()?;
+    let cfg = config(args.config.as_deref())?;
+    let schema = cfg.schema().map_err(|e| usage(format!("schema: {e}")))?;
+    let old = Db::connect(&args.old_db_url, 4).map_err(usage)?;
+    let new = Db::connect(&args.new_db_url, 4).map_err(usage)?;
     if args.window_secs <= 0 {
-        return usage("--window-secs must be positive".into());
+        return Err(usage("--window-secs must be positive"));
     }
-    let durations = (|| {
-        Ok::<_, ExitCode>((
-            secs("settle-secs", args.settle_secs)?,
-            secs("max-lateness-secs", args.max_lateness_secs)?,
-            secs("recheck-secs", args.recheck_secs)?,
-            secs("check-interval-secs", args.check_interval_secs.max(0.05))?,
-            secs("retain-secs", args.retain_secs)?,
-        ))
-    })();
-    let (settle, max_lateness, recheck, check_interval, retain) = match durations {
-        Ok(d) => d,
-        Err(code) => return code,
-    };
     let opts = CompareOptions {
         brokers: args.kafka.kafka_brokers.clone(),
         topic: args.kafka_topic.clone().unwrap_or(cfg.kafka.topic.clone()),
         group: args.kafka_group.clone(),
         extra: kafka_extra,
         window_secs: args.window_secs,
-        settle,
-        max_lateness,
-        recheck,
-        check_interval,
-        retain,
+        settle: secs("settle-secs", args.settle_secs)?,
+        max_lateness: secs("max-lateness-secs", args.max_lateness_secs)?,
+        recheck: secs("recheck-secs", args.recheck_secs)?,
+        check_interval: secs("check-interval-secs", args.check_interval_secs.max(0.05))?,
+        retain: secs("retain-secs", args.retain_secs)?,
         max_ids: args.max_ids,
     };
     rt.block_on(async move {
         let registry = prometheus::Registry::new();
-        let metrics = match metrics_or_exit(CompareMetrics::new(&registry)) {
-            Ok(m) => m,
-            Err(code) => return code,
-        };
+        let metrics = metrics_or_exit(CompareMetrics::new(&registry))?;
         let shutdown = CancellationToken::new();
         crate::shutdown::cancel_on_signal(shutdown.clone());
         let dbs = [
             (&old, args.old_db_url.as_str()),
             (&new, args.new_db_url.as_str()),
         ];
-        match wait_databases(&dbs, &schema, &shutdown).await {
-            Ok(true) => {}
-            Ok(false) => return ExitCode::SUCCESS,
-            Err(code) => return code,
+        if !wait_databases(&dbs, &schema, &shutdown).await? {
+            return Ok(ExitCode::SUCCESS);
         }
         let cmp = Comparator::new(schema, old, new, opts, metrics);
         if args.once {
             let from = args.from.unwrap_or(i64::MIN);
             let to = args.to.unwrap_or(i64::MAX);
-            return match cmp.once(from, to).await {
-                Ok(p) => {
-                    if args.json {
-                        match serde_json::to_string_pretty(&p) {
-                            Ok(j) => println!("{j}"),
-                            Err(e) => eprintln!("switchyard: {e}"),
-                        }
-                    } else {
-                        print!("{}", p.table());
-                    }
-                    match p.status {
-                        Status::Mismatch | Status::Pending => ExitCode::FAILURE,
-                        Status::Ok | Status::Open => ExitCode::SUCCESS,
-                    }
+            let p = cmp.once(from, to).await.map_err(|e| {
+                eprintln!("switchyard: compare: {e}");
+                ExitCode::from(3)
+            })?;
+            if args.json {
+                match serde_json::to_string_pretty(&p) {
+                    Ok(j) => println!("{j}"),
+                    Err(e) => eprintln!("switchyard: {e}"),
                 }
-                Err(e) => {
-                    eprintln!("switchyard: compare: {e}");
-                    ExitCode::from(3)
-                }
-            };
+            } else {
+                print!("{}", p.table());
+            }
+            return Ok(match p.status {
+                Status::Mismatch | Status::Pending => ExitCode::FAILURE,
+                Status::Ok | Status::Open => ExitCode::SUCCESS,
+            });
         }
         let router =
             admin::router(registry, Health::default()).merge(super::parity_router(cmp.clone()));
-        let admin_port = match AdminPort::start(args.admin_listen, router).await {
-            Ok(a) => a,
-            Err(code) => return code,
-        };
-        let code = match cmp.run(shutdown).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e @ CompareError::Topic { .. }) | Err(e @ CompareError::Config(_)) => {
-                eprintln!("switchyard: compare: {e}");
-                ExitCode::from(2)
+        let admin_port = AdminPort::start(args.admin_listen, router).await?;
+        let res = match cmp.run(shutdown).await {
+            Ok(()) => Ok(ExitCode::SUCCESS),
+            Err(e @ (CompareError::Topic { .. } | CompareError::Config(_))) => {
+                Err(usage(format!("compare: {e}")))
             }
-            Err(e) => {
-                eprintln!("switchyard: compare: {e}");
-                ExitCode::FAILURE
-            }
+            Err(e) => Err(failure(format!("compare: {e}"))),
         };
         admin_port.finish().await;
-        code
+        res
     })
 }

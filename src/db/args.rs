@@ -1,6 +1,8 @@
 //! Where the database is (a URL, or the seed's separate flags), and the
 //! start-up steps of every role that writes to or reads from one.
 
+use std::future::Future;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -8,6 +10,8 @@ use clap::Args;
 use tokio_util::sync::CancellationToken;
 
 use super::{Db, Engine};
+use crate::admin::{self, Health};
+use crate::cli::{usage, AdminPort, Exit};
 use crate::config::PipelineConfig;
 use crate::schema::Schema;
 
@@ -73,15 +77,11 @@ pub fn prepare(
     db: &DbArgs,
     default_engine: Engine,
 ) -> Result<(PipelineConfig, Schema, String, Db), ExitCode> {
-    let usage = |m: String| {
-        eprintln!("switchyard: {m}");
-        ExitCode::from(2)
-    };
-    let cfg = PipelineConfig::load(config).map_err(|e| usage(format!("configuration: {e}")))?;
+    let cfg = crate::cli::config(config)?;
     let schema = cfg.schema().map_err(|e| usage(format!("schema: {e}")))?;
     let url = db.url(default_engine).map_err(usage)?;
     if db.db_pool == 0 {
-        return Err(usage("--db-pool must be at least 1".into()));
+        return Err(usage("--db-pool must be at least 1"));
     }
     let pool = Db::connect(&url, db.db_pool).map_err(|e| usage(e.to_string()))?;
     Ok((cfg, schema, url, pool))
@@ -98,11 +98,39 @@ pub async fn wait_databases(
         match super::wait_ready(db, schema, url, shutdown).await {
             Ok(true) => {}
             Ok(false) => return Ok(false),
-            Err(e) => {
-                eprintln!("switchyard: {e}");
-                return Err(ExitCode::from(2));
-            }
+            Err(e) => return Err(usage(e)),
         }
     }
     Ok(true)
+}
+
+/// What every role that writes to a database does around its work: the
+/// admin port answers at once (not ready), the database is waited for, then
+/// `work` runs with the role's health and shutdown signal; the admin port
+/// and the pool are closed whatever the outcome.
+pub async fn serve<F, Fut>(
+    admin_listen: SocketAddr,
+    registry: prometheus::Registry,
+    pool: &Db,
+    url: &str,
+    schema: &Schema,
+    work: F,
+) -> Exit
+where
+    F: FnOnce(Health, CancellationToken) -> Fut,
+    Fut: Future<Output = Exit>,
+{
+    let health = Health::starting("waiting for the database");
+    let admin_port =
+        AdminPort::start(admin_listen, admin::router(registry, health.clone())).await?;
+    let shutdown = CancellationToken::new();
+    crate::shutdown::cancel_on_signal(shutdown.clone());
+    let res = match wait_databases(&[(pool, url)], schema, &shutdown).await {
+        Err(code) => Err(code),
+        Ok(false) => Ok(ExitCode::SUCCESS),
+        Ok(true) => work(health, shutdown).await,
+    };
+    admin_port.finish().await;
+    pool.close().await;
+    res
 }

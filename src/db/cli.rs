@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 
-use crate::cli::runtime;
+use crate::cli::{exit, failure, runtime, Exit};
 use crate::db::args::{prepare, DbArgs};
 use crate::db::{self, Engine};
 
@@ -23,39 +23,28 @@ pub enum DbCommand {
 }
 
 pub fn main(command: DbCommand) -> ExitCode {
-    match command {
+    exit(match command {
         DbCommand::Init { config, db } => init(config, db),
-    }
+    })
 }
 
-fn init(config: Option<PathBuf>, args: DbArgs) -> ExitCode {
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(code) => return code,
-    };
+fn init(config: Option<PathBuf>, args: DbArgs) -> Exit {
+    let rt = runtime()?;
     // The pool's maintenance task needs the runtime.
     let _enter = rt.enter();
-    let (_, schema, url, pool) = match prepare(config.as_deref(), &args, Engine::Postgres) {
-        Ok(p) => p,
-        Err(code) => return code,
-    };
+    let (_, schema, url, pool) = prepare(config.as_deref(), &args, Engine::Postgres)?;
     rt.block_on(async move {
-        match pool.init(&schema).await {
-            Ok(()) => {
-                let tables: Vec<&str> = schema.tables().iter().map(|t| t.name.as_str()).collect();
-                println!(
-                    "initialised {} ({}): {} and the bookkeeping tables",
-                    db::redact_url(&url),
-                    pool.engine(),
-                    tables.join(", ")
-                );
-                pool.close().await;
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("switchyard: db init {}: {e}", db::redact_url(&url));
-                ExitCode::FAILURE
-            }
-        }
+        pool.init(&schema)
+            .await
+            .map_err(|e| failure(format!("db init {}: {e}", db::redact_url(&url))))?;
+        let tables: Vec<&str> = schema.tables().iter().map(|t| t.name.as_str()).collect();
+        println!(
+            "initialised {} ({}): {} and the bookkeeping tables",
+            db::redact_url(&url),
+            pool.engine(),
+            tables.join(", ")
+        );
+        pool.close().await;
+        Ok(ExitCode::SUCCESS)
     })
 }

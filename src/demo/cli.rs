@@ -7,7 +7,7 @@ use clap::Args;
 use tokio_util::sync::CancellationToken;
 
 use super::{logs, view};
-use crate::cli::runtime;
+use crate::cli::{exit, failure, runtime, usage, Exit};
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -36,30 +36,25 @@ pub struct DemoArgs {
 /// Runs the demo. It sets up logging itself (`log_json`: JSON lines): to a
 /// file in its work folder, or to stderr with `--verbose`.
 pub fn main(args: DemoArgs, log_json: bool) -> ExitCode {
+    exit(run(args, log_json))
+}
+
+fn run(args: DemoArgs, log_json: bool) -> Exit {
     if !(args.phase_secs.is_finite() && args.phase_secs > 0.0 && args.phase_secs <= 3600.0) {
-        eprintln!("switchyard: --phase-secs must be between 0 and 3600");
-        return ExitCode::from(2);
+        return Err(usage("--phase-secs must be between 0 and 3600"));
     }
     if args.rate == 0 {
-        eprintln!("switchyard: --rate must be at least 1");
-        return ExitCode::from(2);
+        return Err(usage("--rate must be at least 1"));
     }
-    let work = match crate::demo::WorkFolder::create() {
-        Ok(w) => w,
-        Err(e) => {
-            eprintln!("switchyard: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let work = crate::demo::WorkFolder::create().map_err(failure)?;
     if args.verbose {
         logs::to_stderr(log_json);
     } else if let Err(e) = logs::to_file(&work.log_file(), log_json) {
-        eprintln!(
-            "switchyard: demo set-up: log file {}: {e}",
-            work.log_file().display()
-        );
         let _ = std::fs::remove_dir_all(work.path());
-        return ExitCode::FAILURE;
+        return Err(failure(format!(
+            "demo set-up: log file {}: {e}",
+            work.log_file().display()
+        )));
     }
     let (terminal, color) = view::terminal_supports_live();
     let opts = crate::demo::DemoOptions {
@@ -73,20 +68,14 @@ pub fn main(args: DemoArgs, log_json: bool) -> ExitCode {
         color,
         log_to_file: !args.verbose,
     };
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(code) => return code,
-    };
+    let rt = runtime()?;
     rt.block_on(async move {
         let shutdown = CancellationToken::new();
         crate::shutdown::cancel_on_signal(shutdown.clone());
         let mut out = std::io::stdout();
-        match crate::demo::run(opts, work, shutdown, &mut out).await {
-            Ok(_) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("switchyard: {e}");
-                ExitCode::FAILURE
-            }
-        }
+        crate::demo::run(opts, work, shutdown, &mut out)
+            .await
+            .map_err(failure)?;
+        Ok(ExitCode::SUCCESS)
     })
 }

@@ -6,8 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 
-use crate::cli::runtime;
-use crate::config::PipelineConfig;
+use crate::cli::{config, exit, failure, runtime, usage, Exit};
 
 /// Where the routing flags are changed: the local folder, or LaunchDarkly.
 #[derive(Args, Clone)]
@@ -46,10 +45,7 @@ pub struct StoreArgs {
 impl StoreArgs {
     pub fn store(&self) -> Result<crate::flags::store::FlagStore, ExitCode> {
         use crate::flags::store::{Api, FlagStore};
-        let mut cfg = PipelineConfig::load(self.config.as_deref()).map_err(|e| {
-            eprintln!("switchyard: configuration: {e}");
-            ExitCode::from(2)
-        })?;
+        let mut cfg = config(self.config.as_deref())?;
         if let Some(d) = &self.flags_dir {
             cfg.flags.dir = d.clone();
         }
@@ -110,11 +106,12 @@ pub enum FlagsCommand {
 }
 
 pub fn main(args: FlagsArgs) -> ExitCode {
-    use crate::flags::store::Which;
-    let store = match args.store.store() {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
+    exit(run(args))
+}
+
+fn run(args: FlagsArgs) -> Exit {
+    use crate::flags::store::{StoreError, Which};
+    let store = args.store.store()?;
     let keys = store.keys().clone();
     let (which, value, force, comment) = match &args.command {
         FlagsCommand::Get { .. } => (None, serde_json::Value::Null, false, String::new()),
@@ -124,19 +121,13 @@ pub fn main(args: FlagsArgs) -> ExitCode {
             force,
             comment,
         } => {
-            let Some(w) = Which::parse(flag, &keys) else {
-                eprintln!(
-                    "switchyard: unknown flag {flag:?}: use kill-switch, kafka-only or dual-write"
-                );
-                return ExitCode::from(2);
-            };
-            let v = match serde_json::from_str::<serde_json::Value>(value) {
-                Ok(v) => v,
-                Err(_) => {
-                    eprintln!("switchyard: {value:?} is neither a number nor true/false");
-                    return ExitCode::from(2);
-                }
-            };
+            let w = Which::parse(flag, &keys).ok_or_else(|| {
+                usage(format!(
+                    "unknown flag {flag:?}: use kill-switch, kafka-only or dual-write"
+                ))
+            })?;
+            let v = serde_json::from_str::<serde_json::Value>(value)
+                .map_err(|_| usage(format!("{value:?} is neither a number nor true/false")))?;
             (Some(w), v, *force, comment.clone())
         }
         FlagsCommand::Kill { comment } => (
@@ -152,10 +143,7 @@ pub fn main(args: FlagsArgs) -> ExitCode {
             comment.clone(),
         ),
     };
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(code) => return code,
-    };
+    let rt = runtime()?;
     rt.block_on(async move {
         let res = match which {
             None => store.get().await,
@@ -171,16 +159,10 @@ pub fn main(args: FlagsArgs) -> ExitCode {
                         c.kill_switch, c.dual_write, c.kafka_only
                     );
                 }
-                ExitCode::SUCCESS
+                Ok(ExitCode::SUCCESS)
             }
-            Err(e @ crate::flags::store::StoreError::Invalid(_)) => {
-                eprintln!("switchyard: {e}");
-                ExitCode::from(2)
-            }
-            Err(e) => {
-                eprintln!("switchyard: {e}");
-                ExitCode::FAILURE
-            }
+            Err(e @ StoreError::Invalid(_)) => Err(usage(e)),
+            Err(e) => Err(failure(e)),
         }
     })
 }

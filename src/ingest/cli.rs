@@ -5,12 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use tokio_util::sync::CancellationToken;
 
 use super::{IngestMetrics, IngestOptions};
-use crate::admin::{self, Health};
-use crate::cli::{metrics_or_exit, runtime, AdminPort};
-use crate::db::args::{prepare, wait_databases, DbArgs};
+use crate::cli::{exit, failure, metrics_or_exit, runtime, usage, Exit};
+use crate::db::args::{prepare, serve, DbArgs};
 use crate::db::Engine;
 use crate::kafka::args::KafkaArgs;
 
@@ -52,28 +50,22 @@ pub struct IngestArgs {
 }
 
 pub fn main(args: IngestArgs) -> ExitCode {
-    let kafka_extra = match args.kafka.props() {
-        Ok(p) => p,
-        Err(code) => return code,
-    };
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(code) => return code,
-    };
+    exit(run(args))
+}
+
+fn run(args: IngestArgs) -> Exit {
+    let kafka_extra = args.kafka.props()?;
+    let rt = runtime()?;
     // The pool's maintenance task needs the runtime.
     let _enter = rt.enter();
-    let (cfg, schema, url, pool) = match prepare(args.config.as_deref(), &args.db, Engine::Postgres)
-    {
-        Ok(p) => p,
-        Err(code) => return code,
-    };
+    let (cfg, schema, url, pool) = prepare(args.config.as_deref(), &args.db, Engine::Postgres)?;
     if !(args.consumer_timeout > 0.0 && args.consumer_timeout <= 3600.0) {
-        eprintln!("switchyard: --consumer-timeout must be between 0 and 3600 seconds");
-        return ExitCode::from(2);
+        return Err(usage(
+            "--consumer-timeout must be between 0 and 3600 seconds",
+        ));
     }
     if args.batch_size == 0 {
-        eprintln!("switchyard: --batch-size must be at least 1");
-        return ExitCode::from(2);
+        return Err(usage("--batch-size must be at least 1"));
     }
     let topics = if args.kafka_topics.is_empty() {
         vec![cfg.kafka.topic.clone()]
@@ -91,53 +83,36 @@ pub fn main(args: IngestArgs) -> ExitCode {
             .idle_exit
             .map(|s| std::time::Duration::from_secs_f64(s.max(0.0))),
     };
-    rt.block_on(async move {
+    rt.block_on(async {
         let registry = prometheus::Registry::new();
-        let metrics = match metrics_or_exit(IngestMetrics::new(&registry)) {
-            Ok(m) => m,
-            Err(code) => return code,
-        };
-        let health = Health::starting("waiting for the database");
-        let admin_port = match AdminPort::start(
+        let metrics = metrics_or_exit(IngestMetrics::new(&registry))?;
+        serve(
             args.admin_listen,
-            admin::router(registry, health.clone()),
-        )
-        .await
-        {
-            Ok(a) => a,
-            Err(code) => return code,
-        };
-        let shutdown = CancellationToken::new();
-        crate::shutdown::cancel_on_signal(shutdown.clone());
-        let code = match wait_databases(&[(&pool, &url)], &schema, &shutdown).await {
-            Err(code) => code,
-            Ok(false) => ExitCode::SUCCESS,
-            Ok(true) => match super::run(opts, &schema, &pool, metrics, health, shutdown).await {
-                Ok(s) => {
-                    tracing::info!(
-                        messages = s.messages,
-                        inserted = s.inserted,
-                        duplicates = s.duplicates,
-                        dead_letters = s.dead_letters,
-                        batches = s.batches,
-                        "ingest consumer stopped"
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(
-                    e @ (super::IngestError::TopicMissing { .. } | super::IngestError::Config(_)),
-                ) => {
-                    eprintln!("switchyard: ingest: {e}");
-                    ExitCode::from(2)
-                }
-                Err(e) => {
-                    eprintln!("switchyard: ingest: {e}");
-                    ExitCode::FAILURE
+            registry,
+            &pool,
+            &url,
+            &schema,
+            |health, shutdown| async {
+                match super::run(opts, &schema, &pool, metrics, health, shutdown).await {
+                    Ok(s) => {
+                        tracing::info!(
+                            messages = s.messages,
+                            inserted = s.inserted,
+                            duplicates = s.duplicates,
+                            dead_letters = s.dead_letters,
+                            batches = s.batches,
+                            "ingest consumer stopped"
+                        );
+                        Ok(ExitCode::SUCCESS)
+                    }
+                    Err(
+                        e @ (super::IngestError::TopicMissing { .. }
+                        | super::IngestError::Config(_)),
+                    ) => Err(usage(format!("ingest: {e}"))),
+                    Err(e) => Err(failure(format!("ingest: {e}"))),
                 }
             },
-        };
-        admin_port.finish().await;
-        pool.close().await;
-        code
+        )
+        .await
     })
 }

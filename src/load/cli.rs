@@ -5,12 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use tokio_util::sync::CancellationToken;
 
 use super::{LoadMetrics, LoadOptions, Replay};
-use crate::admin::{self, Health};
-use crate::cli::{metrics_or_exit, runtime, AdminPort};
-use crate::db::args::{prepare, wait_databases, DbArgs};
+use crate::cli::{exit, failure, metrics_or_exit, runtime, usage, Exit};
+use crate::db::args::{prepare, serve, DbArgs};
 use crate::db::{self, Engine};
 use crate::kafka::args::KafkaArgs;
 
@@ -60,21 +58,15 @@ pub struct LoadArgs {
 }
 
 pub fn main(args: LoadArgs) -> ExitCode {
-    let kafka_extra = match args.kafka.props() {
-        Ok(p) => p,
-        Err(code) => return code,
-    };
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(code) => return code,
-    };
+    exit(run(args))
+}
+
+fn run(args: LoadArgs) -> Exit {
+    let kafka_extra = args.kafka.props()?;
+    let rt = runtime()?;
     // The pool's maintenance task needs the runtime.
     let _enter = rt.enter();
-    let (mut cfg, schema, url, pool) =
-        match prepare(args.config.as_deref(), &args.db, Engine::MySql) {
-            Ok(p) => p,
-            Err(code) => return code,
-        };
+    let (mut cfg, schema, url, pool) = prepare(args.config.as_deref(), &args.db, Engine::MySql)?;
     if let Some(d) = &args.offline_dir {
         cfg.offline.dir = d.clone();
     }
@@ -82,16 +74,16 @@ pub fn main(args: LoadArgs) -> ExitCode {
         cfg.kafka.topic = t.clone();
     }
     if args.batch_size == 0 {
-        eprintln!("switchyard: --batch-size must be at least 1");
-        return ExitCode::from(2);
+        return Err(usage("--batch-size must be at least 1"));
     }
     let progress = match args.progress.as_str() {
         "auto" => std::io::IsTerminal::is_terminal(&std::io::stderr()),
         "always" => true,
         "never" => false,
         other => {
-            eprintln!("switchyard: --progress {other:?}: use auto, always or never");
-            return ExitCode::from(2);
+            return Err(usage(format!(
+                "--progress {other:?}: use auto, always or never"
+            )))
         }
     };
     let opts = LoadOptions {
@@ -106,51 +98,30 @@ pub fn main(args: LoadArgs) -> ExitCode {
         once: args.once,
         progress,
     };
-    rt.block_on(async move {
+    rt.block_on(async {
         let registry = prometheus::Registry::new();
-        let metrics = match metrics_or_exit(LoadMetrics::new(&registry)) {
-            Ok(m) => m,
-            Err(code) => return code,
-        };
+        let metrics = metrics_or_exit(LoadMetrics::new(&registry))?;
         let replay = if args.no_replay {
             tracing::warn!("--no-replay: Kafka fallback lines load into OLD only and never reach NEW (counted in switchyard_load_replay_skipped_total)");
             None
         } else {
-            match Replay::new(&args.kafka.kafka_brokers, &cfg.kafka, &kafka_extra, &metrics) {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    eprintln!("switchyard: {e}");
-                    return ExitCode::from(2);
+            let r = Replay::new(&args.kafka.kafka_brokers, &cfg.kafka, &kafka_extra, &metrics)
+                .map_err(usage)?;
+            Some(r)
+        };
+        serve(args.admin_listen, registry, &pool, &url, &schema, |health, shutdown| {
+            health.ready();
+            async {
+            tracing::info!(dir = %opts.dir.display(), db = %db::redact_url(&url), batch_size = opts.batch_size, "loader started");
+            match super::run(opts, &schema, &pool, replay, metrics, shutdown).await {
+                Ok(s) => {
+                    tracing::info!(files = s.files, lines = s.lines, inserted = s.inserted, duplicates = s.duplicates, replayed = s.replayed, dead_letters = s.dead_letters, "loader stopped");
+                    Ok(ExitCode::SUCCESS)
                 }
+                Err(e) => Err(failure(format!("load: {e}"))),
             }
-        };
-        let health = Health::starting("waiting for the database");
-        let admin_port = match AdminPort::start(args.admin_listen, admin::router(registry, health.clone())).await {
-            Ok(a) => a,
-            Err(code) => return code,
-        };
-        let shutdown = CancellationToken::new();
-        crate::shutdown::cancel_on_signal(shutdown.clone());
-        let code = match wait_databases(&[(&pool, &url)], &schema, &shutdown).await {
-            Err(code) => code,
-            Ok(false) => ExitCode::SUCCESS,
-            Ok(true) => {
-                health.ready();
-                tracing::info!(dir = %opts.dir.display(), db = %db::redact_url(&url), batch_size = opts.batch_size, "loader started");
-                match super::run(opts, &schema, &pool, replay, metrics, shutdown).await {
-                    Ok(s) => {
-                        tracing::info!(files = s.files, lines = s.lines, inserted = s.inserted, duplicates = s.duplicates, replayed = s.replayed, dead_letters = s.dead_letters, "loader stopped");
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => {
-                        eprintln!("switchyard: load: {e}");
-                        ExitCode::FAILURE
-                    }
-                }
             }
-        };
-        admin_port.finish().await;
-        pool.close().await;
-        code
+        })
+        .await
     })
 }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use crate::config::PipelineConfig;
+use crate::cli::{config, exit, usage, Exit};
 
 #[derive(Args)]
 pub struct PlanArgs {
@@ -43,20 +43,18 @@ pub struct PlanArgs {
 }
 
 pub fn main(args: PlanArgs) -> ExitCode {
+    exit(run(args))
+}
+
+fn run(args: PlanArgs) -> Exit {
     let max_payload = match args.max_payload_bytes {
         Some(m) => m,
-        None => match PipelineConfig::load(args.config.as_deref()) {
-            Ok(c) => c
-                .tables
-                .iter()
-                .map(|t| t.max_row_bytes as u64)
-                .max()
-                .unwrap_or(262_144),
-            Err(e) => {
-                eprintln!("switchyard: configuration: {e}");
-                return ExitCode::from(2);
-            }
-        },
+        None => config(args.config.as_deref())?
+            .tables
+            .iter()
+            .map(|t| t.max_row_bytes as u64)
+            .max()
+            .unwrap_or(262_144),
     };
     let inputs = crate::plan::Inputs {
         events_per_second: args.events_per_second,
@@ -68,18 +66,11 @@ pub fn main(args: PlanArgs) -> ExitCode {
         growth: args.growth,
         max_payload_bytes: max_payload,
     };
-    match crate::plan::size(&inputs) {
-        Ok(s) => {
-            if args.json {
-                println!("{}", serde_json::json!({"inputs": inputs, "sizing": s}));
-            } else {
-                print!("{}", s.table(&inputs));
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("switchyard: plan: {e}");
-            ExitCode::from(2)
-        }
+    let s = crate::plan::size(&inputs).map_err(|e| usage(format!("plan: {e}")))?;
+    if args.json {
+        println!("{}", serde_json::json!({"inputs": inputs, "sizing": s}));
+    } else {
+        print!("{}", s.table(&inputs));
     }
+    Ok(ExitCode::SUCCESS)
 }

@@ -1,14 +1,14 @@
 //! `switchyard rollout`: its command line and start-up.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, Health};
-use crate::cli::{metrics_or_exit, runtime, AdminPort};
+use crate::cli::{exit, failure, metrics_or_exit, runtime, usage, AdminPort, Exit};
 use crate::flags::cli::StoreArgs;
 
 #[derive(Args)]
@@ -41,102 +41,69 @@ pub enum RolloutCommand {
     },
 }
 
-fn load_plan(path: &std::path::Path) -> Result<super::plan::Plan, ExitCode> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        eprintln!("switchyard: plan {}: {e}", path.display());
-        ExitCode::from(2)
-    })?;
-    super::plan::Plan::parse(&text).map_err(|e| {
-        eprintln!("switchyard: plan {}: {e}", path.display());
-        ExitCode::from(2)
-    })
+fn load_plan(path: &Path) -> Result<super::plan::Plan, ExitCode> {
+    std::fs::read_to_string(path)
+        .map_err(|e| e.to_string())
+        .and_then(|text| super::plan::Plan::parse(&text))
+        .map_err(|e| usage(format!("plan {}: {e}", path.display())))
 }
 
 pub fn main(args: RolloutArgs) -> ExitCode {
-    use super::{promote_file, Controller, Outcome};
-    match args.command {
-        RolloutCommand::Promote { plan } => {
-            let plan = match load_plan(&plan) {
-                Ok(p) => p,
-                Err(code) => return code,
-            };
-            let state: super::plan::State = match std::fs::read_to_string(&plan.state_file)
-                .map_err(|e| e.to_string())
-                .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
-            {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!(
-                        "switchyard: no rollout state in {}: {e}",
-                        plan.state_file.display()
-                    );
-                    return ExitCode::from(2);
-                }
-            };
-            let next = state.step + 2;
-            if let Err(e) = std::fs::write(promote_file(&plan.state_file), next.to_string()) {
-                eprintln!("switchyard: {e}");
-                return ExitCode::FAILURE;
-            }
-            println!("promoted: the controller goes on to step {next} at its next check");
-            ExitCode::SUCCESS
-        }
+    exit(match args.command {
+        RolloutCommand::Promote { plan } => promote(&plan),
         RolloutCommand::Run {
             plan,
             admin_listen,
             store,
-        } => {
-            let plan = match load_plan(&plan) {
-                Ok(p) => p,
-                Err(code) => return code,
-            };
-            let store = match store.store() {
-                Ok(s) => s,
-                Err(code) => return code,
-            };
-            let rt = match runtime() {
-                Ok(rt) => rt,
-                Err(code) => return code,
-            };
-            rt.block_on(async move {
-                let registry = prometheus::Registry::new();
-                let metrics = match metrics_or_exit(super::RolloutMetrics::new(&registry)) {
-                    Ok(m) => m,
-                    Err(code) => return code,
-                };
-                let controller = match Controller::new(plan, store, metrics) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        eprintln!("switchyard: rollout: {e}");
-                        return ExitCode::from(2);
-                    }
-                };
-                let router = admin::router(registry, Health::default())
-                    .merge(super::status_router(controller.clone()));
-                let admin_port = match AdminPort::start(admin_listen, router).await {
-                    Ok(a) => a,
-                    Err(code) => return code,
-                };
-                let shutdown = CancellationToken::new();
-                crate::shutdown::cancel_on_signal(shutdown.clone());
-                let code = match controller.run(shutdown).await {
-                    Ok(Outcome::Done) => {
-                        println!("rollout done: {}", controller.status_json());
-                        ExitCode::SUCCESS
-                    }
-                    Ok(Outcome::Interrupted) => ExitCode::SUCCESS,
-                    Ok(Outcome::RolledBack(why)) => {
-                        eprintln!("switchyard: rolled back: {why}");
-                        ExitCode::FAILURE
-                    }
-                    Err(e) => {
-                        eprintln!("switchyard: rollout: {e}");
-                        ExitCode::from(3)
-                    }
-                };
-                admin_port.finish().await;
-                code
-            })
-        }
-    }
+        } => run(&plan, admin_listen, store),
+    })
+}
+
+fn promote(plan: &Path) -> Exit {
+    let plan = load_plan(plan)?;
+    let state: super::plan::State = std::fs::read_to_string(&plan.state_file)
+        .map_err(|e| e.to_string())
+        .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
+        .map_err(|e| {
+            usage(format!(
+                "no rollout state in {}: {e}",
+                plan.state_file.display()
+            ))
+        })?;
+    let next = state.step + 2;
+    std::fs::write(super::promote_file(&plan.state_file), next.to_string()).map_err(failure)?;
+    println!("promoted: the controller goes on to step {next} at its next check");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run(plan: &Path, admin_listen: SocketAddr, store: StoreArgs) -> Exit {
+    use super::{Controller, Outcome};
+    let plan = load_plan(plan)?;
+    let store = store.store()?;
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let registry = prometheus::Registry::new();
+        let metrics = metrics_or_exit(super::RolloutMetrics::new(&registry))?;
+        let controller =
+            Controller::new(plan, store, metrics).map_err(|e| usage(format!("rollout: {e}")))?;
+        let router = admin::router(registry, Health::default())
+            .merge(super::status_router(controller.clone()));
+        let admin_port = AdminPort::start(admin_listen, router).await?;
+        let shutdown = CancellationToken::new();
+        crate::shutdown::cancel_on_signal(shutdown.clone());
+        let res = match controller.run(shutdown).await {
+            Ok(Outcome::Done) => {
+                println!("rollout done: {}", controller.status_json());
+                Ok(ExitCode::SUCCESS)
+            }
+            Ok(Outcome::Interrupted) => Ok(ExitCode::SUCCESS),
+            Ok(Outcome::RolledBack(why)) => Err(failure(format!("rolled back: {why}"))),
+            Err(e) => {
+                eprintln!("switchyard: rollout: {e}");
+                Err(ExitCode::from(3))
+            }
+        };
+        admin_port.finish().await;
+        res
+    })
 }

@@ -8,8 +8,7 @@ use clap::Args;
 use tokio_util::sync::CancellationToken;
 
 use super::{RouteOptions, StartError};
-use crate::cli::runtime;
-use crate::config::PipelineConfig;
+use crate::cli::{bind, config, exit, failure, runtime, usage, Exit};
 use crate::flags::LaunchDarklyOptions;
 use crate::kafka::args::KafkaArgs;
 
@@ -62,18 +61,13 @@ pub struct RouteArgs {
 }
 
 pub fn main(args: RouteArgs) -> ExitCode {
-    let kafka_extra = match args.kafka.props() {
-        Ok(p) => p,
-        Err(code) => return code,
-    };
+    exit(run(args))
+}
+
+fn run(args: RouteArgs) -> Exit {
     // Validate everything before binding anything.
-    let mut config = match PipelineConfig::load(args.config.as_deref()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("switchyard: configuration: {e}");
-            return ExitCode::from(2);
-        }
-    };
+    let kafka_extra = args.kafka.props()?;
+    let mut config = config(args.config.as_deref())?;
     if let Some(t) = args.kafka_topic {
         config.kafka.topic = t;
     }
@@ -83,25 +77,10 @@ pub fn main(args: RouteArgs) -> ExitCode {
     if let Some(d) = args.flags_dir {
         config.flags.dir = d;
     }
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(code) => return code,
-    };
+    let rt = runtime()?;
     rt.block_on(async move {
-        let listener = match tokio::net::TcpListener::bind(args.listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("switchyard: cannot listen on {}: {e}", args.listen);
-                return ExitCode::FAILURE;
-            }
-        };
-        let admin = match tokio::net::TcpListener::bind(args.admin_listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("switchyard: cannot listen on {}: {e}", args.admin_listen);
-                return ExitCode::FAILURE;
-            }
-        };
+        let listener = bind(args.listen).await?;
+        let admin = bind(args.admin_listen).await?;
         let shutdown = CancellationToken::new();
         crate::shutdown::cancel_on_signal(shutdown.clone());
         let launchdarkly = args.ld_sdk_key.clone().map(|sdk_key| LaunchDarklyOptions {
@@ -120,14 +99,9 @@ pub fn main(args: RouteArgs) -> ExitCode {
             launchdarkly,
         };
         match super::run(opts, listener, admin, prometheus::Registry::new(), shutdown).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("switchyard: {e}");
-                match e {
-                    StartError::Schema(_) | StartError::Kafka(_) => ExitCode::from(2),
-                    _ => ExitCode::FAILURE,
-                }
-            }
+            Ok(()) => Ok(ExitCode::SUCCESS),
+            Err(e @ (StartError::Schema(_) | StartError::Kafka(_))) => Err(usage(e)),
+            Err(e) => Err(failure(e)),
         }
     })
 }
