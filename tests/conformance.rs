@@ -171,42 +171,33 @@ struct Stored {
 }
 
 async fn read_back(db: &Db, key: &str) -> Result<Option<Stored>, sqlx::Error> {
-    macro_rules! stored {
-        ($r:expr) => {
-            Stored {
-                t: $r.try_get(0)?,
-                g: $r.try_get(1)?,
-                f: $r.try_get(2)?,
-                s: $r.try_get(3)?,
-                b: $r.try_get(4)?,
-                u: $r.try_get(5)?,
-                j: $r.try_get(6)?,
+    // The same query on each engine's pool; only the casts to text differ.
+    macro_rules! fetch {
+        ($pool:expr, $sql:expr) => {
+            match sqlx::query($sql).bind(key).fetch_optional($pool).await? {
+                None => None,
+                Some(r) => Some(Stored {
+                    t: r.try_get(0)?,
+                    g: r.try_get(1)?,
+                    f: r.try_get(2)?,
+                    s: r.try_get(3)?,
+                    b: r.try_get(4)?,
+                    u: r.try_get(5)?,
+                    j: r.try_get(6)?,
+                }),
             }
         };
     }
     Ok(match db {
-        Db::Postgres(p) => {
-            sqlx::query("SELECT t, g, f, s, b, u::text, j::text FROM conf_item WHERE k = $1")
-                .bind(key)
-                .fetch_optional(p)
-                .await?
-                .map(|r| Ok::<_, sqlx::Error>(stored!(r)))
-                .transpose()?
-        }
-        Db::MySql(p) => {
-            sqlx::query("SELECT t, g, f, s, b, u, CAST(j AS CHAR) FROM conf_item WHERE k = ?")
-                .bind(key)
-                .fetch_optional(p)
-                .await?
-                .map(|r| Ok::<_, sqlx::Error>(stored!(r)))
-                .transpose()?
-        }
-        Db::Sqlite(p) => sqlx::query("SELECT t, g, f, s, b, u, j FROM conf_item WHERE k = ?")
-            .bind(key)
-            .fetch_optional(p)
-            .await?
-            .map(|r| Ok::<_, sqlx::Error>(stored!(r)))
-            .transpose()?,
+        Db::Postgres(p) => fetch!(
+            p,
+            "SELECT t, g, f, s, b, u::text, j::text FROM conf_item WHERE k = $1"
+        ),
+        Db::MySql(p) => fetch!(
+            p,
+            "SELECT t, g, f, s, b, u, CAST(j AS CHAR) FROM conf_item WHERE k = ?"
+        ),
+        Db::Sqlite(p) => fetch!(p, "SELECT t, g, f, s, b, u, j FROM conf_item WHERE k = ?"),
     })
 }
 

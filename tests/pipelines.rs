@@ -37,7 +37,18 @@ async fn load_once(
     db: &Db,
     replay: Option<(&str, &switchyard::config::KafkaSettings)>,
 ) -> LoadSummary {
-    let metrics = LoadMetrics::new(&prometheus::Registry::new()).unwrap();
+    load_into(opts, schema, db, replay, &prometheus::Registry::new()).await
+}
+
+/// [`load_once`] with its metrics in `registry`.
+async fn load_into(
+    opts: LoadOptions,
+    schema: &Schema,
+    db: &Db,
+    replay: Option<(&str, &switchyard::config::KafkaSettings)>,
+    registry: &prometheus::Registry,
+) -> LoadSummary {
+    let metrics = LoadMetrics::new(registry).unwrap();
     let replay = replay.map(|(b, k)| Replay::new(b, k, &[], &metrics).expect("replay producer"));
     load::run(opts, schema, db, replay, metrics, CancellationToken::new())
         .await
@@ -274,17 +285,14 @@ async fn fallback_lines_are_replayed_to_kafka() {
     .unwrap();
     let old2 = TestDb::mariadb(&schema).await;
     let registry = prometheus::Registry::new();
-    let metrics = LoadMetrics::new(&registry).unwrap();
-    let s = load::run(
+    let s = load_into(
         load_options(&dirs2.offline, 16),
         &schema,
         &old2.db,
         None,
-        metrics,
-        CancellationToken::new(),
+        &registry,
     )
-    .await
-    .expect("load");
+    .await;
     assert_eq!(s.replayed, 0);
     assert_eq!(old2.count().await, 40);
     // What did not reach Kafka is counted: the 14 Kafka-only rows and the

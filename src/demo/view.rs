@@ -435,22 +435,8 @@ impl View {
 mod tests {
     use super::*;
 
-    const STEPS: [Step; 2] = [
-        Step {
-            title: "legacy only",
-            short: "legacy only",
-            dual: 0.0,
-            kafka: 0.0,
-            kill: false,
-        },
-        Step {
-            title: "kill switch: everything legacy",
-            short: "kill switch",
-            dual: 50.0,
-            kafka: 10.0,
-            kill: true,
-        },
-    ];
+    /// The demo's first and last steps.
+    const STEPS: [Step; 2] = [crate::demo::PHASES[0], crate::demo::PHASES[4]];
 
     fn sample(secs: u64, legacy: u64) -> Sample {
         Sample {

@@ -426,10 +426,10 @@ impl Loader<'_> {
                         .with_label_values(&["rejected"])
                         .inc_by(rejected.len() as u64);
                     self.summary.dead_letters += rejected.len() as u64;
-                    if rejected.is_empty() {
-                        // The batch was refused but no row alone is: wait
-                        // rather than retry at once, as for an outage.
-                        if !backoff
+                    // Refused as a whole but no row alone is: wait rather
+                    // than retry at once, as for an outage.
+                    if rejected.is_empty()
+                        && !backoff
                             .pause(
                                 self.shutdown,
                                 &self.metrics.sink.retries,
@@ -437,9 +437,8 @@ impl Loader<'_> {
                                 &reason,
                             )
                             .await
-                        {
-                            return Ok(BatchEnd::Cancelled);
-                        }
+                    {
+                        return Ok(BatchEnd::Cancelled);
                     }
                     self.write_dead(&rejected)?;
                 }

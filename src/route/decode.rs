@@ -25,10 +25,11 @@ impl Encoding {
         let Some(v) = value else {
             return Ok(Encoding::Identity);
         };
-        let text = v.to_str().unwrap_or("").trim().to_ascii_lowercase();
-        match text.as_str() {
-            "" | "identity" => Ok(Encoding::Identity),
-            "gzip" | "x-gzip" => Ok(Encoding::Gzip),
+        // A value that is not visible ASCII names no encoding we know.
+        let text = v.to_str().map(|t| t.trim().to_ascii_lowercase());
+        match text.as_deref() {
+            Ok("" | "identity") => Ok(Encoding::Identity),
+            Ok("gzip" | "x-gzip") => Ok(Encoding::Gzip),
             _ => Err(ApiError::input(
                 415,
                 "unsupported_encoding",
@@ -149,6 +150,13 @@ mod tests {
         );
         assert_eq!(
             Encoding::from_header(Some(&h("br"))).unwrap_err().status(),
+            415
+        );
+        let not_ascii = HeaderValue::from_bytes(b"gz\xffip").unwrap();
+        assert_eq!(
+            Encoding::from_header(Some(&not_ascii))
+                .unwrap_err()
+                .status(),
             415
         );
     }
