@@ -11,6 +11,7 @@ pub mod flags;
 pub mod ingest;
 pub mod kafka;
 pub mod load;
+pub mod logging;
 pub mod metrics;
 pub mod offline;
 pub mod plan;

@@ -52,7 +52,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo shows its own view and sends the roles' logs to a file.
     if !matches!(cli.command, Command::Demo(_)) {
-        init_tracing(cli.log_json);
+        switchyard::logging::to_stderr(cli.log_json);
     }
     match cli.command {
         Command::DefaultConfig => {
@@ -68,19 +68,6 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::cli::main(args, cli.log_json),
         Command::Rollout(args) => rollout::cli::main(*args),
         Command::Db { command } => db::cli::main(command),
-    }
-}
-
-fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
     }
 }
 

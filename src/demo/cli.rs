@@ -6,8 +6,9 @@ use std::process::ExitCode;
 use clap::Args;
 use tokio_util::sync::CancellationToken;
 
-use super::{logs, view};
+use super::view;
 use crate::cli::{exit, failure, runtime, usage, Exit};
+use crate::logging;
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -48,8 +49,8 @@ fn run(args: DemoArgs, log_json: bool) -> Exit {
     }
     let work = crate::demo::WorkFolder::create().map_err(failure)?;
     if args.verbose {
-        logs::to_stderr(log_json);
-    } else if let Err(e) = logs::to_file(&work.log_file(), log_json) {
+        logging::to_stderr(log_json);
+    } else if let Err(e) = logging::to_file(&work.log_file(), log_json) {
         let _ = std::fs::remove_dir_all(work.path());
         return Err(failure(format!(
             "demo set-up: log file {}: {e}",

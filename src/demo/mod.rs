@@ -5,11 +5,10 @@
 //! a rollout and showing at each step what goes where and the parity verdict.
 //!
 //! The demo shows its own view on stdout (see [`view`]); the roles' logs go
-//! to a file in its work folder (see [`logs`]), kept when the folder is
+//! to a file in its work folder (see [`crate::logging`]), kept when the folder is
 //! removed.
 
 pub mod cli;
-mod logs;
 mod traffic;
 mod view;
 
