@@ -51,8 +51,8 @@ fn main() {
             }
             let batch = [(table, &data)];
             let (a, b) = tokio::join!(
-                old.db.write_batch(&batch, &[], None),
-                new.db.write_batch(&batch, &[], None)
+                old.db.write_batch(&batch, &[], &[], None),
+                new.db.write_batch(&batch, &[], &[], None)
             );
             a.unwrap();
             b.unwrap();

@@ -201,7 +201,7 @@ async fn write_path_rate(schema: &Schema, rows: u64, batch: usize) -> f64 {
                 .push(switchyard::db::row_values(table, row).unwrap());
         }
         db.db
-            .write_batch(&[(table, &data)], &[], None)
+            .write_batch(&[(table, &data)], &[], &[], None)
             .await
             .unwrap();
     }

@@ -193,7 +193,7 @@ async fn read_back(db: &Db, key: &str) -> Result<Option<Stored>, sqlx::Error> {
             p,
             "SELECT t, g, f, s, b, u::text, j::text FROM conf_item WHERE k = $1"
         ),
-        Db::MySql(p) => fetch!(
+        Db::MySql(p, _) => fetch!(
             p,
             "SELECT t, g, f, s, b, u, CAST(j AS CHAR) FROM conf_item WHERE k = ?"
         ),
@@ -249,7 +249,7 @@ fn compare(engine: &str, sent: &Map<String, Value>, got: &Stored) -> Vec<String>
 async fn insert(db: &Db, table: &Table, row: &Map<String, Value>) -> Result<(), String> {
     let values = row_values(table, row).map_err(|e| format!("conversion: {e}"))?;
     let rows = TableRows { rows: vec![values] };
-    db.write_batch(&[(table, &rows)], &[], None)
+    db.write_batch(&[(table, &rows)], &[], &[], None)
         .await
         .map(|_| ())
         .map_err(|e| format!("insert: {e}"))

@@ -62,7 +62,7 @@ impl SinkMetrics {
             dead_letters: counter_vec(
                 reg,
                 &format!("switchyard_{role}_dead_letters_total"),
-                "Inputs sent to the dead letter, by reason (parse, schema, rejected)",
+                "Inputs sent to the dead letter, by reason (parse, schema, rejected; for load also kafka_refused)",
                 &["reason"],
             )?,
             last_commit: gauge(
@@ -72,7 +72,10 @@ impl SinkMetrics {
             )?,
         };
         zero(&m.retries, &[&["database"], &["kafka"]]);
-        zero(&m.dead_letters, &[&["parse"], &["schema"], &["rejected"]]);
+        zero(
+            &m.dead_letters,
+            &[&["parse"], &["schema"], &["rejected"], &["kafka_refused"]],
+        );
         Ok(m)
     }
 

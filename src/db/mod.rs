@@ -13,6 +13,8 @@ mod value;
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
@@ -23,6 +25,7 @@ use sqlx::Row;
 use crate::schema::{Schema, Table};
 
 pub use metrics::SinkMetrics;
+pub use replay::{Spooled, ToReplay, REPLAY_TABLE};
 pub use sql::{CHECKPOINT_TABLE, DEAD_LETTER_TABLE};
 pub use value::{row_values, Bound, ValueError};
 
@@ -136,6 +139,9 @@ fn classify(engine: Engine, e: sqlx::Error) -> DbError {
                 // HY000 data errors: incorrect value, truncated value,
                 // invalid JSON, check constraint failed.
                 || matches!(number, 1292 | 1366 | 1411 | 3140 | 3819 | 4025)
+                // A statement above max_allowed_packet: statements are sized
+                // below it, so only a single row that big gets here.
+                || number == 1153
         }
         Engine::Sqlite => code
             .parse::<i64>()
@@ -197,7 +203,9 @@ pub struct Written {
 #[derive(Clone)]
 pub enum Db {
     Postgres(PgPool),
-    MySql(MySqlPool),
+    /// With the statement size limit learnt from the server's
+    /// `max_allowed_packet` (a statement above it is refused outright).
+    MySql(MySqlPool, Arc<AtomicUsize>),
     Sqlite(SqlitePool),
 }
 
@@ -210,7 +218,7 @@ macro_rules! with_pool {
                 type $DB = sqlx::Postgres;
                 $body
             }
-            Db::MySql($pool) => {
+            Db::MySql($pool, _) => {
                 #[allow(dead_code)]
                 type $DB = sqlx::MySql;
                 $body
@@ -223,6 +231,9 @@ macro_rules! with_pool {
         }
     };
 }
+
+// After `with_pool!`, which it uses.
+mod replay;
 
 impl Db {
     /// A lazy pool: a database that is down now is retried by the callers,
@@ -250,11 +261,27 @@ impl Db {
                 let url = url.replacen("mariadb:", "mysql:", 1);
                 let opts =
                     MySqlConnectOptions::from_str(&url).map_err(|e| config(e.to_string()))?;
+                let limit = Arc::new(AtomicUsize::new(sql::MAX_STATEMENT_BYTES));
+                let learnt = limit.clone();
                 Db::MySql(
                     MySqlPoolOptions::new()
                         .max_connections(max_connections)
                         .acquire_timeout(acquire)
+                        .after_connect(move |conn, _| {
+                            let learnt = learnt.clone();
+                            Box::pin(async move {
+                                let row = sqlx::query("SELECT @@max_allowed_packet")
+                                    .fetch_one(&mut *conn)
+                                    .await?;
+                                let packet = row.try_get::<u64, _>(0).or_else(|_| {
+                                    row.try_get::<i64, _>(0).map(|v| v.max(0) as u64)
+                                })?;
+                                learnt.store(sql::statement_limit(packet), Ordering::Relaxed);
+                                Ok(())
+                            })
+                        })
                         .connect_lazy_with(opts),
+                    limit,
                 )
             }
             Engine::Sqlite => {
@@ -276,8 +303,16 @@ impl Db {
     pub fn engine(&self) -> Engine {
         match self {
             Db::Postgres(_) => Engine::Postgres,
-            Db::MySql(_) => Engine::MySql,
+            Db::MySql(..) => Engine::MySql,
             Db::Sqlite(_) => Engine::Sqlite,
+        }
+    }
+
+    /// The most bytes one multi-row statement may carry here.
+    fn statement_limit(&self) -> usize {
+        match self {
+            Db::MySql(_, limit) => limit.load(Ordering::Relaxed),
+            _ => sql::MAX_STATEMENT_BYTES,
         }
     }
 
@@ -304,11 +339,11 @@ impl Db {
     /// Checks that every declared table and the bookkeeping tables exist.
     pub async fn check_tables(&self, schema: &Schema, url: &str) -> Result<(), DbError> {
         let engine = self.engine();
-        let names = schema
-            .tables()
-            .iter()
-            .map(|t| t.name.as_str())
-            .chain([CHECKPOINT_TABLE, DEAD_LETTER_TABLE]);
+        let names = schema.tables().iter().map(|t| t.name.as_str()).chain([
+            CHECKPOINT_TABLE,
+            DEAD_LETTER_TABLE,
+            REPLAY_TABLE,
+        ]);
         for name in names {
             let probe = format!("SELECT 1 FROM {} WHERE 1 = 0", sql::quote(engine, name));
             let res =
@@ -330,22 +365,24 @@ impl Db {
         Ok(())
     }
 
-    /// Inserts `rows` into their tables, records `dead` and advances
-    /// `checkpoint`, all in one transaction.
+    /// Inserts `rows` into their tables, records `dead`, spools `replay`
+    /// for Kafka and advances `checkpoint`, all in one transaction.
     pub async fn write_batch(
         &self,
         rows: &[(&Table, &TableRows)],
         dead: &[DeadLetter],
+        replay: &[ToReplay],
         checkpoint: Option<&CheckpointUpdate>,
     ) -> Result<Vec<Written>, DbError> {
         let engine = self.engine();
         let now = now_micros();
+        let limit = self.statement_limit();
         with_pool!(self, pool, DB => {
             let mut tx = pool.begin().await.map_err(|e| classify(engine, e))?;
             let mut all = Vec::with_capacity(rows.len());
             for (table, data) in rows {
                 let mut written = Written::default();
-                for chunk in sql::chunks(engine, table, data) {
+                for chunk in sql::chunks(engine, table, data, limit) {
                     let mut qb = sql::insert::<DB>(engine, table, chunk);
                     let done = qb
                         .build()
@@ -362,6 +399,18 @@ impl Db {
                     .bind(&d.source)
                     .bind(&d.reason)
                     .bind(&d.payload)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| classify(engine, e))?;
+            }
+            let spool = replay::insert_sql(engine);
+            for r in replay {
+                sqlx::query(&spool)
+                    .bind(&r.source)
+                    .bind(r.account_id as i64)
+                    .bind(r.route)
+                    .bind(&r.envelope)
                     .bind(now)
                     .execute(&mut *tx)
                     .await
@@ -407,9 +456,10 @@ impl Db {
     /// database would take them, `Rejected` with its reason if not.
     pub async fn probe(&self, table: &Table, rows: &TableRows) -> Result<(), DbError> {
         let engine = self.engine();
+        let limit = self.statement_limit();
         with_pool!(self, pool, DB => {
             let mut tx = pool.begin().await.map_err(|e| classify(engine, e))?;
-            for chunk in sql::chunks(engine, table, rows) {
+            for chunk in sql::chunks(engine, table, rows, limit) {
                 let mut qb = sql::insert::<DB>(engine, table, chunk);
                 qb.build()
                     .execute(&mut *tx)
@@ -506,7 +556,7 @@ impl Db {
                         .await
                         .map_err(|e| classify(engine, e))?
                 }
-                Db::MySql(pool) => sql::key_in_list::<sqlx::MySql>(engine, table, part)
+                Db::MySql(pool, _) => sql::key_in_list::<sqlx::MySql>(engine, table, part)
                     .build_query_scalar::<String>()
                     .fetch_all(pool)
                     .await

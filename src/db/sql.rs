@@ -20,7 +20,16 @@ fn max_params(engine: Engine) -> usize {
 }
 
 /// Keeps one statement well under MySQL's default max_allowed_packet (16 MiB).
-const MAX_STATEMENT_BYTES: usize = 4 << 20;
+pub const MAX_STATEMENT_BYTES: usize = 4 << 20;
+
+/// The statement size limit for a MySQL server's `max_allowed_packet`: half
+/// of it (the SQL text and the protocol's own framing travel too), never
+/// above [`MAX_STATEMENT_BYTES`].
+pub fn statement_limit(max_allowed_packet: u64) -> usize {
+    usize::try_from(max_allowed_packet / 2)
+        .unwrap_or(usize::MAX)
+        .clamp(512, MAX_STATEMENT_BYTES)
+}
 
 pub fn quote(engine: Engine, ident: &str) -> String {
     match engine {
@@ -141,6 +150,7 @@ pub fn init_statements(engine: Engine, schema: &Schema) -> Vec<String> {
          payload {text} NOT NULL, created_at {bigint} NOT NULL){charset}",
         q(DEAD_LETTER_TABLE)
     ));
+    out.push(super::replay::create_sql(engine));
     out
 }
 
@@ -166,6 +176,7 @@ pub fn chunks<'a>(
     engine: Engine,
     table: &Table,
     rows: &'a TableRows,
+    max_bytes: usize,
 ) -> impl Iterator<Item = &'a [Vec<Bound>]> {
     let by_params = (max_params(engine) / table.columns.len().max(1)).max(1);
     let all = &rows.rows[..];
@@ -178,7 +189,7 @@ pub fn chunks<'a>(
         let mut bytes = 0;
         while end < all.len() && end - start < by_params {
             let b = row_bytes(&all[end]);
-            if end > start && bytes + b > MAX_STATEMENT_BYTES {
+            if end > start && bytes + b > max_bytes {
                 break;
             }
             bytes += b;
@@ -388,7 +399,9 @@ mod tests {
         let rows = TableRows {
             rows: vec![row; 20_000],
         };
-        let sizes: Vec<usize> = chunks(Engine::Sqlite, t, &rows).map(|c| c.len()).collect();
+        let sizes: Vec<usize> = chunks(Engine::Sqlite, t, &rows, MAX_STATEMENT_BYTES)
+            .map(|c| c.len())
+            .collect();
         assert!(sizes
             .iter()
             .all(|&n| n * t.columns.len() <= 32_766 && n * 2_500 <= MAX_STATEMENT_BYTES));
@@ -412,7 +425,7 @@ mod tests {
         all.extend((0..1_930).map(|_| row(10)));
         let rows = TableRows { rows: all };
         let mut total = 0;
-        for c in chunks(Engine::MySql, t, &rows) {
+        for c in chunks(Engine::MySql, t, &rows, MAX_STATEMENT_BYTES) {
             let size: usize = c.iter().map(|r| row_bytes(r)).sum();
             assert!(size <= MAX_STATEMENT_BYTES, "a statement of {size} bytes");
             total += c.len();
@@ -422,7 +435,17 @@ mod tests {
         let huge = TableRows {
             rows: vec![row(10), row(MAX_STATEMENT_BYTES + 1), row(10)],
         };
-        let sizes: Vec<usize> = chunks(Engine::MySql, t, &huge).map(|c| c.len()).collect();
+        let sizes: Vec<usize> = chunks(Engine::MySql, t, &huge, MAX_STATEMENT_BYTES)
+            .map(|c| c.len())
+            .collect();
         assert_eq!(sizes, vec![1, 1, 1]);
+    }
+
+    #[test]
+    fn statement_limit_follows_the_servers_packet_limit() {
+        assert_eq!(statement_limit(16 << 20), MAX_STATEMENT_BYTES);
+        assert_eq!(statement_limit(64 << 10), 32 << 10);
+        assert_eq!(statement_limit(1_024), 512);
+        assert_eq!(statement_limit(u64::MAX), MAX_STATEMENT_BYTES);
     }
 }

@@ -284,7 +284,7 @@ impl Ingest<'_> {
                 .map(|(t, (r, _))| (&self.schema.tables()[*t], r))
                 .collect();
             let started = Instant::now();
-            match self.db.write_batch(&tables, &dead, None).await {
+            match self.db.write_batch(&tables, &dead, &[], None).await {
                 Ok(written) => {
                     let tables = rows
                         .keys()

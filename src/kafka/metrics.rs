@@ -1,16 +1,17 @@
 //! Producer metrics (`switchyard_<role>_kafka_*`: the router produces, the loader replays).
 
-use prometheus::{Histogram, IntCounterVec, IntGauge, Registry};
+use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, Registry};
 
-use crate::metrics::{counter_vec, histogram, int_gauge, zero};
+use crate::metrics::{counter, counter_vec, histogram, int_gauge, zero};
 
 /// Delivery failure kinds (`DeliveryError::kind`).
-pub const DELIVERY_ERROR_KINDS: [&str; 5] = [
+pub const DELIVERY_ERROR_KINDS: [&str; 6] = [
     "timeout",
     "queue_full",
     "broker",
     "canceled",
     "breaker_open",
+    "refused",
 ];
 
 /// Kafka producer metrics.
@@ -20,6 +21,8 @@ pub struct KafkaMetrics {
     pub delivery_errors: IntCounterVec,
     /// 1 while deliveries are being skipped after failures (breaker open).
     pub breaker_open: IntGauge,
+    /// Producers rebuilt after librdkafka reported a fatal error.
+    pub producer_renewals: IntCounter,
 }
 
 impl KafkaMetrics {
@@ -41,6 +44,11 @@ impl KafkaMetrics {
                 reg,
                 &format!("switchyard_{role}_kafka_breaker_open"),
                 "1 while Kafka deliveries are skipped after failures",
+            )?,
+            producer_renewals: counter(
+                reg,
+                &format!("switchyard_{role}_kafka_producer_renewals_total"),
+                "Producers rebuilt after a fatal producer error (fenced, sequence gap)",
             )?,
         };
         for k in DELIVERY_ERROR_KINDS {

@@ -1,11 +1,8 @@
 //! The Kafka sink: an idempotent rdkafka producer (acks=all), keyed by
 //! account so one account's payloads stay on one partition, in order.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-
-use std::sync::Mutex;
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
@@ -16,7 +13,10 @@ use rdkafka::util::Timeout;
 
 use crate::config::KafkaSettings;
 pub mod args;
+pub mod breaker;
 mod metrics;
+
+use breaker::{Admit, Breaker};
 
 use crate::routing::Route;
 pub use metrics::{KafkaMetrics, DELIVERY_ERROR_KINDS};
@@ -107,24 +107,68 @@ pub enum SinkError {
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{kind}: {message}")]
 pub struct DeliveryError {
-    /// Bounded: `timeout`, `queue_full`, `broker`, `canceled`, `breaker_open`.
+    /// Bounded: `timeout`, `queue_full`, `broker`, `canceled`,
+    /// `breaker_open`, `refused`.
     pub kind: &'static str,
     pub message: String,
+}
+
+impl DeliveryError {
+    /// Kafka answered and refused this message for good (authorisation, a
+    /// missing topic, a message too large): retrying cannot help, and it says
+    /// nothing about Kafka's health.
+    pub fn is_permanent(&self) -> bool {
+        self.kind == "refused"
+    }
+}
+
+/// Delivery error codes that refuse one message for good. Everything else
+/// (timeouts, transport, leader changes, a fenced or fatal producer) is an
+/// outage to wait out.
+fn refused(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::MessageSizeTooLarge
+            | C::InvalidMessageSize
+            | C::MessageBatchTooLarge
+            | C::InvalidMessage
+            | C::InvalidRecord
+            | C::UnknownTopic
+            | C::UnknownTopicOrPartition
+            | C::InvalidTopic
+            | C::TopicAuthorizationFailed
+            | C::ClusterAuthorizationFailed
+    )
+}
+
+fn error_kind(e: &KafkaError) -> &'static str {
+    match e.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::MessageTimedOut) => "timeout",
+        Some(RDKafkaErrorCode::QueueFull) => "queue_full",
+        Some(code) if refused(code) => "refused",
+        _ => "broker",
+    }
 }
 
 /// The producer, its topic and a breaker that skips Kafka for a while after a
 /// failure so requests do not each wait a full delivery timeout.
 #[derive(Clone)]
 pub struct KafkaSink {
-    producer: FutureProducer<QuietContext>,
+    /// Replaced when librdkafka reports a fatal error: an idempotent
+    /// producer that hit one (fenced, or a sequence gap after an outage)
+    /// refuses every later message, so it must be built anew.
+    producer: Arc<Mutex<FutureProducer<QuietContext>>>,
+    config: Arc<ClientConfig>,
     topic: Arc<str>,
     brokers: Arc<str>,
     metrics: KafkaMetrics,
     delivery_timeout: Duration,
-    breaker_cooldown: Duration,
-    started: Instant,
-    /// Milliseconds since `started` until which the breaker is open.
-    open_until_ms: Arc<AtomicU64>,
+    breaker: Arc<Mutex<Breaker>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl KafkaSink {
@@ -170,16 +214,47 @@ impl KafkaSink {
         let producer: FutureProducer<QuietContext> = cfg
             .create_with_context(QuietContext::default())
             .map_err(SinkError::Config)?;
+        let delivery_timeout = Duration::from_millis(settings.delivery_timeout_ms);
         Ok(KafkaSink {
-            producer,
+            producer: Arc::new(Mutex::new(producer)),
+            config: Arc::new(cfg),
             topic: settings.topic.as_str().into(),
             brokers: brokers.into(),
             metrics,
-            delivery_timeout: Duration::from_millis(settings.delivery_timeout_ms),
-            breaker_cooldown: Duration::from_millis(settings.breaker_cooldown_ms),
-            started: Instant::now(),
-            open_until_ms: Arc::new(AtomicU64::new(0)),
+            delivery_timeout,
+            breaker: Arc::new(Mutex::new(Breaker::new(
+                Duration::from_millis(settings.breaker_cooldown_ms),
+                // A probe resolves within the delivery timeout; the margin
+                // covers librdkafka's own scheduling.
+                delivery_timeout + Duration::from_secs(5),
+            ))),
         })
+    }
+
+    fn producer(&self) -> FutureProducer<QuietContext> {
+        lock(&self.producer).clone()
+    }
+
+    /// Builds a fresh producer if `used` is in a fatal state (and nobody
+    /// replaced it yet). Messages still in the old one fail with it.
+    fn renew_if_fatal(&self, used: &FutureProducer<QuietContext>) {
+        let Some((code, reason)) = used.client().fatal_error() else {
+            return;
+        };
+        let mut current = lock(&self.producer);
+        if !std::ptr::eq(current.client().native_ptr(), used.client().native_ptr()) {
+            return;
+        }
+        match self.config.create_with_context(QuietContext::default()) {
+            Ok(p) => {
+                *current = p;
+                self.metrics.producer_renewals.inc();
+                tracing::warn!(?code, %reason, "the Kafka producer hit a fatal error; replaced it with a new one");
+            }
+            Err(e) => {
+                tracing::error!(?code, %reason, error = %e, "the Kafka producer hit a fatal error and a new one cannot be built");
+            }
+        }
     }
 
     pub fn topic(&self) -> &str {
@@ -189,7 +264,7 @@ impl KafkaSink {
     /// Checks that the topic exists (without creating it: metadata for all
     /// topics never triggers auto-creation). Returns its partition count.
     pub async fn check_topic(&self, timeout: Duration) -> Result<usize, SinkError> {
-        let producer = self.producer.clone();
+        let producer = self.producer();
         let topic = self.topic.to_string();
         let brokers = self.brokers.to_string();
         let md = tokio::task::spawn_blocking(move || {
@@ -219,21 +294,27 @@ impl KafkaSink {
         Ok(t.partitions().len())
     }
 
-    fn now_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
-    }
-
-    /// True while deliveries are skipped after a failure.
+    /// True while deliveries are skipped after a failure (open, or a probe
+    /// in flight).
     pub fn breaker_open(&self) -> bool {
-        let open = self.now_ms() < self.open_until_ms.load(Ordering::Relaxed);
+        let open = lock(&self.breaker).is_skipping(Instant::now());
         self.metrics.breaker_open.set(i64::from(open));
         open
     }
 
-    fn trip(&self) {
-        let until = self.now_ms() + self.breaker_cooldown.as_millis() as u64;
-        self.open_until_ms.fetch_max(until, Ordering::Relaxed);
-        self.metrics.breaker_open.set(1);
+    fn admit(&self) -> Admit {
+        let admit = lock(&self.breaker).admit(Instant::now());
+        self.metrics
+            .breaker_open
+            .set(i64::from(admit != Admit::Pass));
+        admit
+    }
+
+    fn record(&self, admitted: Admit, healthy: bool) {
+        let mut b = lock(&self.breaker);
+        let now = Instant::now();
+        b.record(admitted, healthy, now);
+        self.metrics.breaker_open.set(i64::from(b.is_skipping(now)));
     }
 
     /// Produces every message and waits for every acknowledgement. Results
@@ -243,17 +324,23 @@ impl KafkaSink {
         &self,
         messages: &[(u64, &[u8], Route)],
     ) -> Vec<Result<(), DeliveryError>> {
-        if self.breaker_open() {
+        let admitted = self.admit();
+        if admitted == Admit::Skip {
+            self.metrics
+                .delivery_errors
+                .with_label_values(&["breaker_open"])
+                .inc_by(messages.len() as u64);
             return messages
                 .iter()
                 .map(|_| {
                     Err(DeliveryError {
                         kind: "breaker_open",
-                        message: "Kafka failed recently; skipping it during the cool-down".into(),
+                        message: "Kafka failed recently; skipping it until a probe succeeds".into(),
                     })
                 })
                 .collect();
         }
+        let producer = self.producer();
         let deadline = Instant::now() + self.delivery_timeout;
         let started = Instant::now();
         let mut pending = Vec::with_capacity(messages.len());
@@ -268,7 +355,7 @@ impl KafkaSink {
                 .payload(*value)
                 .headers(headers);
             let fut = loop {
-                match self.producer.send_result(record) {
+                match producer.send_result(record) {
                     Ok(f) => break Ok(f),
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r))
                         if Instant::now() < deadline =>
@@ -277,14 +364,8 @@ impl KafkaSink {
                         tokio::time::sleep(Duration::from_millis(2)).await;
                     }
                     Err((e, _)) => {
-                        let kind = match e {
-                            KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => {
-                                "queue_full"
-                            }
-                            _ => "broker",
-                        };
                         break Err(DeliveryError {
-                            kind,
+                            kind: error_kind(&e),
                             message: e.to_string(),
                         });
                     }
@@ -303,18 +384,10 @@ impl KafkaSink {
                             .observe(started.elapsed().as_secs_f64());
                         Ok(())
                     }
-                    Ok(Err((e, _msg))) => {
-                        let kind = match e {
-                            KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut) => {
-                                "timeout"
-                            }
-                            _ => "broker",
-                        };
-                        Err(DeliveryError {
-                            kind,
-                            message: e.to_string(),
-                        })
-                    }
+                    Ok(Err((e, _msg))) => Err(DeliveryError {
+                        kind: error_kind(&e),
+                        message: e.to_string(),
+                    }),
                     Err(_canceled) => Err(DeliveryError {
                         kind: "canceled",
                         message: "the producer was dropped before the delivery report".into(),
@@ -329,15 +402,19 @@ impl KafkaSink {
             }
             out.push(r);
         }
-        if out.iter().any(|r| r.is_err()) {
-            self.trip();
+        let unwell = out
+            .iter()
+            .any(|r| r.as_ref().is_err_and(|e| !e.is_permanent()));
+        if unwell {
+            self.renew_if_fatal(&producer);
         }
+        self.record(admitted, !unwell);
         out
     }
 
     /// Waits for everything in flight to be acknowledged (or to fail).
     pub async fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
-        let producer = self.producer.clone();
+        let producer = self.producer();
         tokio::task::spawn_blocking(move || producer.flush(Timeout::After(timeout)))
             .await
             .unwrap_or(Err(KafkaError::Canceled))
@@ -345,7 +422,7 @@ impl KafkaSink {
 
     /// Messages not yet acknowledged.
     pub fn in_flight(&self) -> i32 {
-        self.producer.in_flight_count()
+        lock(&self.producer).in_flight_count()
     }
 }
 

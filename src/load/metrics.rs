@@ -21,6 +21,10 @@ pub struct LoadMetrics {
     /// Fallback lines whose Kafka leg was not replayed (`--no-replay`), by
     /// the payload's route: NEW will never hold these rows.
     pub replay_skipped: IntCounterVec,
+    /// Lines in the replay spool, waiting for Kafka.
+    pub replay_backlog: IntGauge,
+    /// Age of the oldest line in the replay spool (0 when empty).
+    pub replay_oldest_seconds: Gauge,
     pub kafka: KafkaMetrics,
 }
 
@@ -69,6 +73,16 @@ impl LoadMetrics {
                 "switchyard_load_replay_skipped_total",
                 "Kafka fallback lines not replayed to Kafka (--no-replay), by the payload's route: rows NEW will not have",
                 &["route"],
+            )?,
+            replay_backlog: int_gauge(
+                reg,
+                "switchyard_load_replay_backlog_lines",
+                "Kafka fallback lines in the replay spool, waiting for Kafka",
+            )?,
+            replay_oldest_seconds: gauge(
+                reg,
+                "switchyard_load_replay_oldest_seconds",
+                "Age of the oldest line in the replay spool (0 when empty)",
             )?,
             kafka: KafkaMetrics::new(reg, "load")?,
         };

@@ -9,6 +9,7 @@
 pub mod cli;
 mod metrics;
 mod progress;
+mod replay;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -20,9 +21,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::KafkaSettings;
-use crate::db::{self, row_values, Checkpoint, CheckpointUpdate, Db, DbError, TableRows};
-use crate::kafka::KafkaSink;
+use crate::db::{self, row_values, Checkpoint, CheckpointUpdate, Db, DbError, TableRows, ToReplay};
 
 use crate::offline::{self, line_route};
 use crate::routing::Route;
@@ -31,6 +30,8 @@ use crate::shutdown::Backoff;
 
 pub use metrics::LoadMetrics;
 pub use progress::Progress;
+pub use replay::Replay;
+use replay::{Replayer, Signals};
 
 /// How the loader runs.
 #[derive(Debug, Clone)]
@@ -51,26 +52,6 @@ pub struct LoadOptions {
     pub progress: bool,
 }
 
-/// Where Kafka-fallback lines are replayed. Without it they are loaded into
-/// the old database like any other line.
-#[derive(Clone)]
-pub struct Replay {
-    pub sink: KafkaSink,
-}
-
-impl Replay {
-    pub fn new(
-        brokers: &str,
-        settings: &KafkaSettings,
-        extra: &[(String, String)],
-        metrics: &LoadMetrics,
-    ) -> Result<Replay, crate::kafka::SinkError> {
-        Ok(Replay {
-            sink: KafkaSink::new(brokers, settings, extra, metrics.kafka.clone())?,
-        })
-    }
-}
-
 /// Why the loader stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -89,7 +70,10 @@ pub struct LoadSummary {
     pub lines: u64,
     pub inserted: u64,
     pub duplicates: u64,
+    /// Fallback lines produced to Kafka from the replay spool.
     pub replayed: u64,
+    /// Fallback lines committed to the replay spool with their batch.
+    pub spooled: u64,
     pub dead_letters: u64,
 }
 
@@ -110,6 +94,7 @@ struct Loader<'a> {
     schema: &'a Schema,
     db: &'a Db,
     replay: Option<&'a Replay>,
+    signals: &'a Signals,
     metrics: &'a LoadMetrics,
     shutdown: &'a CancellationToken,
     progress: Arc<Progress>,
@@ -117,7 +102,8 @@ struct Loader<'a> {
     dead: Option<File>,
 }
 
-/// Loads until `shutdown` is cancelled (or, with `once`, until the folder is empty).
+/// Loads until `shutdown` is cancelled (or, with `once`, until the folder is
+/// empty and, with replay, the replay spool too).
 pub async fn run(
     opts: LoadOptions,
     schema: &Schema,
@@ -146,18 +132,52 @@ pub async fn run(
     let display = opts
         .progress
         .then(|| progress.spawn_display(shutdown.clone()));
+    let signals = Signals::new();
     let mut loader = Loader {
         opts: &opts,
         schema,
         db,
         replay: replay.as_ref(),
+        signals: &signals,
         metrics: &metrics,
         shutdown: &shutdown,
         progress,
         summary: LoadSummary::default(),
         dead: None,
     };
-    let res = loader.run().await;
+    // The replayer stops with the process, or when the loader fails.
+    let stop_replayer = shutdown.child_token();
+    let loading = async {
+        let res = loader.run().await;
+        if res.is_err() {
+            stop_replayer.cancel();
+        }
+        signals
+            .loading_done
+            .store(true, std::sync::atomic::Ordering::Release);
+        signals.spooled.notify_one();
+        res
+    };
+    let replaying = async {
+        match &replay {
+            Some(r) => {
+                Replayer {
+                    db,
+                    replay: r,
+                    metrics: &metrics,
+                    stop: &stop_replayer,
+                    signals: &signals,
+                    poll: opts.poll,
+                }
+                .run()
+                .await
+            }
+            None => Default::default(),
+        }
+    };
+    let (res, replayed) = tokio::join!(loading, replaying);
+    loader.summary.replayed = replayed.delivered;
+    loader.summary.dead_letters += replayed.refused;
     if let Some(d) = display {
         d.abort();
         let _ = d.await;
@@ -325,7 +345,7 @@ impl Loader<'_> {
     ) -> Result<BatchEnd, LoadError> {
         let n_lines = raw.len() as u64;
         let mut rows: BTreeMap<usize, (TableRows, Vec<u64>, Vec<usize>)> = BTreeMap::new();
-        let mut replays: Vec<(u64, Vec<u8>, Route)> = Vec::new();
+        let mut replays: Vec<ToReplay> = Vec::new();
         let mut dead: Vec<DeadLine> = Vec::new();
         for (i, (at, line)) in raw.iter().enumerate() {
             match self.classify(line) {
@@ -339,7 +359,12 @@ impl Loader<'_> {
                     account,
                     envelope,
                     route,
-                }) => replays.push((account, envelope, route)),
+                }) => replays.push(ToReplay {
+                    source: format!("{name}:{at}"),
+                    account_id: account,
+                    route: route.as_str(),
+                    envelope,
+                }),
                 Ok(LineAction::Skip) => {}
                 Err((reason, why)) => {
                     self.metrics
@@ -356,9 +381,6 @@ impl Loader<'_> {
                 }
             }
         }
-        if !replays.is_empty() && !self.replay_all(&replays).await {
-            return Ok(BatchEnd::Cancelled);
-        }
         self.write_dead(&dead)?;
         let mut backoff = Backoff::default();
         loop {
@@ -367,7 +389,11 @@ impl Loader<'_> {
                 .map(|(t, (r, _, _))| (&self.schema.tables()[*t], r))
                 .collect();
             let started = Instant::now();
-            match self.db.write_batch(&tables, &[], Some(update)).await {
+            match self
+                .db
+                .write_batch(&tables, &[], &replays, Some(update))
+                .await
+            {
                 Ok(written) => {
                     let tables = rows
                         .keys()
@@ -380,7 +406,10 @@ impl Loader<'_> {
                     self.summary.inserted += total.inserted;
                     self.summary.duplicates += total.duplicates;
                     self.summary.lines += n_lines;
-                    self.summary.replayed += replays.len() as u64;
+                    self.summary.spooled += replays.len() as u64;
+                    if !replays.is_empty() {
+                        self.signals.spooled.notify_one();
+                    }
                     self.summary.dead_letters += dead.len() as u64;
                     self.progress.loaded(n_lines, bytes);
                     return Ok(BatchEnd::Committed);
@@ -478,7 +507,7 @@ impl Loader<'_> {
                 let Some(account) = parsed.account_id else {
                     return Err(("schema", "a Kafka fallback line without account_id".into()));
                 };
-                let envelope = serde_json::to_vec(&serde_json::json!({
+                let envelope = serde_json::to_string(&serde_json::json!({
                     "account_id": account,
                     "table": parsed.table,
                     "row": parsed.row,
@@ -509,47 +538,6 @@ impl Loader<'_> {
             }
             _ => Ok(LineAction::Insert { table: t, values }),
         }
-    }
-
-    /// Produces every replay until all are acknowledged. False if cancelled.
-    async fn replay_all(&mut self, replays: &[(u64, Vec<u8>, Route)]) -> bool {
-        let Some(replay) = self.replay else {
-            return true;
-        };
-        let mut todo: Vec<&(u64, Vec<u8>, Route)> = replays.iter().collect();
-        let mut backoff = Backoff::default();
-        while !todo.is_empty() {
-            let msgs: Vec<(u64, &[u8], Route)> = todo
-                .iter()
-                .map(|(a, e, r)| (*a, e.as_slice(), *r))
-                .collect();
-            let results = replay.sink.deliver(&msgs).await;
-            let mut failed = Vec::new();
-            let mut first_error = None;
-            for (r, res) in todo.iter().zip(results) {
-                match res {
-                    Ok(()) => self
-                        .metrics
-                        .replayed
-                        .with_label_values(&[r.2.as_str()])
-                        .inc(),
-                    Err(e) => {
-                        first_error.get_or_insert(e);
-                        failed.push(*r);
-                    }
-                }
-            }
-            todo = failed;
-            if let Some(e) = first_error {
-                if !backoff
-                    .pause(self.shutdown, &self.metrics.sink.retries, "kafka", &e)
-                    .await
-                {
-                    return false;
-                }
-            }
-        }
-        true
     }
 
     fn write_dead(&mut self, dead: &[DeadLine]) -> Result<(), LoadError> {
@@ -644,9 +632,10 @@ enum LineAction {
         table: usize,
         values: Vec<db::Bound>,
     },
+    /// Bound for Kafka: goes to the replay spool with the batch.
     Replay {
         account: u64,
-        envelope: Vec<u8>,
+        envelope: String,
         route: Route,
     },
     /// A dual payload's Kafka leg, when replay is off: its dual line loads it.

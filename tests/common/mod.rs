@@ -19,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 use switchyard::config::PipelineConfig;
 use switchyard::route::{self, RouteOptions};
 
+pub mod scratch;
+
 /// The tansu binary: `$SWITCHYARD_TANSU`, else `tansu` on PATH or in ~/.cargo/bin.
 /// Missing is a failure, never a skip: `scripts/services` installs it.
 pub fn tansu_bin() -> PathBuf {
@@ -700,6 +702,15 @@ pub const MARIADB_ADMIN: &str = "mysql://root@127.0.0.1:3306/test";
 
 impl TestDb {
     async fn create(admin: &str, scheme: &str, prefix: &str) -> TestDb {
+        let host = if scheme == "postgres" {
+            "postgres@127.0.0.1:5432"
+        } else {
+            "root@127.0.0.1:3306"
+        };
+        Self::create_on(admin, scheme, host, prefix).await
+    }
+
+    async fn create_on(admin: &str, scheme: &str, host: &str, prefix: &str) -> TestDb {
         use sqlx::Connection;
         let name = unique(prefix).replace(['-', '.'], "_");
         let create = format!("CREATE DATABASE {name}");
@@ -717,11 +728,6 @@ impl TestDb {
         if let Err(e) = res {
             panic!("cannot create a test database on {admin} ({e}); run scripts/services");
         }
-        let host = if scheme == "postgres" {
-            "postgres@127.0.0.1:5432"
-        } else {
-            "root@127.0.0.1:3306"
-        };
         let url = format!("{scheme}://{host}/{name}");
         let db = switchyard::db::Db::connect(&url, 4).expect("pool");
         TestDb {
@@ -743,6 +749,17 @@ impl TestDb {
     pub async fn mariadb(schema: &switchyard::schema::Schema) -> TestDb {
         let t = Self::create(MARIADB_ADMIN, "mysql", "sy").await;
         t.db.init(schema).await.expect("db init (mariadb)");
+        t
+    }
+
+    /// A fresh database with the schema initialised on a scratch MariaDB.
+    pub async fn mariadb_on(
+        server: &scratch::ScratchMariadb,
+        schema: &switchyard::schema::Schema,
+    ) -> TestDb {
+        let host = format!("root@127.0.0.1:{}", server.port);
+        let t = Self::create_on(&server.url("mysql"), "mysql", &host, "sy").await;
+        t.db.init(schema).await.expect("db init (scratch mariadb)");
         t
     }
 
