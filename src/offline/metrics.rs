@@ -2,7 +2,7 @@
 
 use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, Registry};
 
-use crate::metrics::{counter, counter_vec, histogram, int_gauge};
+use crate::metrics::{counter, counter_vec, histogram, int_gauge, zero};
 
 /// Offline file writer metrics.
 #[derive(Clone)]
@@ -15,11 +15,12 @@ pub struct OfflineMetrics {
     pub lines: IntCounter,
     pub bytes: IntCounter,
     pub current_file_bytes: IntGauge,
+    pub close_retries: IntCounterVec,
 }
 
 impl OfflineMetrics {
     pub fn new(reg: &Registry) -> prometheus::Result<OfflineMetrics> {
-        Ok(OfflineMetrics {
+        let m = OfflineMetrics {
             rotations: counter_vec(
                 reg,
                 "switchyard_route_offline_rotations_total",
@@ -61,6 +62,14 @@ impl OfflineMetrics {
                 "switchyard_route_offline_current_file_bytes",
                 "Size of the offline file being written",
             )?,
-        })
+            close_retries: counter_vec(
+                reg,
+                "switchyard_route_offline_close_retries_total",
+                "Retried closes of offline files left open by a failed sync, rename or folder sync, by outcome (ok, failed)",
+                &["outcome"],
+            )?,
+        };
+        zero(&m.close_retries, &[&["ok"], &["failed"]]);
+        Ok(m)
     }
 }

@@ -162,6 +162,7 @@ pub async fn run(
             fsync: cfg.offline.fsync,
             group_commit: Duration::from_millis(cfg.offline.group_commit_ms),
             queue_depth: cfg.offline.queue_depth,
+            close_retry: Duration::from_secs(1),
         },
         metrics.offline.clone(),
     )
