@@ -696,10 +696,20 @@ impl Writer {
                 s.file.sync_data()?;
                 s.synced = true;
             }
-            if s.keep_len == 0 {
-                self.disk.remove_file(&s.open_path)?;
+            let res = if s.keep_len == 0 {
+                self.disk.remove_file(&s.open_path)
             } else {
-                self.disk.rename(&s.open_path, &s.closed_path)?;
+                self.disk.rename(&s.open_path, &s.closed_path)
+            };
+            match res {
+                Ok(()) => {}
+                // Renamed or removed by someone else (an operator, a repair
+                // run by hand): nothing is left to close, and retrying
+                // would fail forever.
+                Err(e) if e.kind() == io::ErrorKind::NotFound && !s.open_path.exists() => {
+                    tracing::warn!(file = %s.open_path.display(), "an offline file waiting to be closed was moved away by someone else");
+                }
+                Err(e) => return Err(e),
             }
             s.renamed = true;
         }
