@@ -32,6 +32,15 @@ pub fn failure(message: impl std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// A secret from a file, as Kubernetes mounts one: the content without its
+/// trailing line break. An error names the flag and the path, never content.
+pub fn secret_file(flag: &str, path: &Path) -> Result<String, ExitCode> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Ok(s.trim_end_matches(['\n', '\r']).to_string()),
+        Err(e) => Err(usage(format!("--{flag} {}: {e}", path.display()))),
+    }
+}
+
 /// The pipeline configuration (`--config`, else the embedded default).
 pub fn config(path: Option<&Path>) -> Result<PipelineConfig, ExitCode> {
     PipelineConfig::load(path).map_err(|e| usage(format!("configuration: {e}")))

@@ -232,6 +232,26 @@ pub fn parse_properties(raw: &[String]) -> Result<Vec<(String, String)>, String>
     Ok(out)
 }
 
+/// A properties file as Kubernetes mounts a secret: `key=value` lines, blank
+/// lines and `#` or `!` comments. An error names the line, never its value
+/// (it may be a password).
+pub fn parse_properties_file(text: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim_start();
+        if line.is_empty() || line.starts_with('#') || line.starts_with('!') {
+            continue;
+        }
+        match line.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => {
+                out.push((k.trim().to_string(), v.trim_end_matches('\r').to_string()))
+            }
+            _ => return Err(format!("line {}: expected key=value", i + 1)),
+        }
+    }
+    Ok(out)
+}
+
 pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
@@ -263,6 +283,22 @@ impl Default for FlagKeys {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn properties_files_take_comments_and_never_echo_a_value() {
+        let text = "# Confluent Cloud\nsecurity.protocol=SASL_SSL\n\n! also a comment\n  sasl.password=p=w#rd\r\nsasl.mechanisms = PLAIN\n";
+        assert_eq!(
+            parse_properties_file(text).unwrap(),
+            vec![
+                ("security.protocol".into(), "SASL_SSL".into()),
+                ("sasl.password".into(), "p=w#rd".into()),
+                ("sasl.mechanisms".into(), " PLAIN".into()),
+            ]
+        );
+        let e = parse_properties_file("a=1\nhunter2\n").unwrap_err();
+        assert_eq!(e, "line 2: expected key=value");
+    }
+
     use super::*;
 
     #[test]

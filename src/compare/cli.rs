@@ -150,6 +150,7 @@ fn run(args: CompareArgs) -> Exit {
             Err(e @ (CompareError::Topic { .. } | CompareError::Config(_))) => {
                 Err(usage(format!("compare: {e}")))
             }
+            Err(CompareError::Db(e)) if e.is_config() => Err(usage(format!("compare: {e}"))),
             Err(e) => Err(failure(format!("compare: {e}"))),
         };
         admin_port.finish().await;

@@ -36,6 +36,14 @@ pub struct DbArgs {
     /// Database password: prefer the environment variable (never logged).
     #[arg(long, env = "SWITCHYARD_DB_PASSWORD", hide_env_values = true)]
     db_password: Option<String>,
+    /// A file holding the database password (a mounted secret), for
+    /// --db-host/--db-user or a --db-url without a password.
+    #[arg(
+        long,
+        env = "SWITCHYARD_DB_PASSWORD_FILE",
+        conflicts_with = "db_password"
+    )]
+    db_password_file: Option<std::path::PathBuf>,
     /// Database name (with sqlite: the file).
     #[arg(long, env = "SWITCHYARD_DB_NAME")]
     db_name: Option<String>,
@@ -45,10 +53,27 @@ pub struct DbArgs {
 }
 
 impl DbArgs {
-    /// The URL, or a usage error that says what is missing.
-    pub fn url(&self, default_engine: Engine) -> Result<String, String> {
+    /// The password from --db-password or --db-password-file.
+    fn password(&self) -> Result<Option<String>, ExitCode> {
+        match &self.db_password_file {
+            Some(path) => crate::cli::secret_file("db-password-file", path).map(Some),
+            None => Ok(self.db_password.clone()),
+        }
+    }
+
+    /// The URL, or the usage exit code with what is missing.
+    pub fn url(&self, default_engine: Engine) -> Result<String, ExitCode> {
+        let password = self.password()?;
+        self.url_with(default_engine, password.as_deref())
+            .map_err(usage)
+    }
+
+    fn url_with(&self, default_engine: Engine, password: Option<&str>) -> Result<String, String> {
         if let Some(u) = &self.db_url {
-            return Ok(u.clone());
+            return match password {
+                None => Ok(u.clone()),
+                Some(p) => super::url_with_password(u, p),
+            };
         }
         let engine = match self.db_engine.as_deref() {
             None => default_engine,
@@ -65,7 +90,7 @@ impl DbArgs {
             host,
             self.db_port,
             self.db_user.as_deref(),
-            self.db_password.as_deref(),
+            password,
             name,
         ))
     }
@@ -79,7 +104,7 @@ pub fn prepare(
 ) -> Result<(PipelineConfig, Schema, String, Db), ExitCode> {
     let cfg = crate::cli::config(config)?;
     let schema = cfg.schema().map_err(|e| usage(format!("schema: {e}")))?;
-    let url = db.url(default_engine).map_err(usage)?;
+    let url = db.url(default_engine)?;
     if db.db_pool == 0 {
         return Err(usage("--db-pool must be at least 1"));
     }
@@ -98,6 +123,9 @@ pub async fn wait_databases(
         match super::wait_ready(db, schema, url, shutdown).await {
             Ok(true) => {}
             Ok(false) => return Ok(false),
+            Err(e @ super::DbError::Access(_)) => {
+                return Err(usage(format!("{}: {e}", super::redact_url(url))))
+            }
             Err(e) => return Err(usage(e)),
         }
     }

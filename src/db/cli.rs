@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 
-use crate::cli::{exit, failure, runtime, Exit};
+use crate::cli::{exit, failure, runtime, usage, Exit};
 use crate::db::args::{prepare, DbArgs};
 use crate::db::{self, Engine};
 
@@ -34,9 +34,14 @@ fn init(config: Option<PathBuf>, args: DbArgs) -> Exit {
     let _enter = rt.enter();
     let (_, schema, url, pool) = prepare(config.as_deref(), &args, Engine::Postgres)?;
     rt.block_on(async move {
-        pool.init(&schema)
-            .await
-            .map_err(|e| failure(format!("db init {}: {e}", db::redact_url(&url))))?;
+        pool.init(&schema).await.map_err(|e| {
+            let message = format!("db init {}: {e}", db::redact_url(&url));
+            if e.is_config() {
+                usage(message)
+            } else {
+                failure(message)
+            }
+        })?;
         let tables: Vec<&str> = schema.tables().iter().map(|t| t.name.as_str()).collect();
         println!(
             "initialised {} ({}): {} and the bookkeeping tables",

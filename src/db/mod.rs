@@ -97,6 +97,11 @@ pub enum DbError {
     /// The database is down, unreachable or busy: retry later.
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// The server refused the connection itself: TLS (a certificate that
+    /// does not verify, TLS required or unsupported) or the credentials or
+    /// grants. A configuration error: retrying cannot help.
+    #[error("the database refused the connection (check its TLS settings and credentials): {0}")]
+    Access(String),
     /// A declared table is missing: `switchyard db init` has not run.
     #[error("table {table} does not exist in {url}; run `switchyard db init --db-url …` first")]
     MissingTable { table: String, url: String },
@@ -107,6 +112,15 @@ impl DbError {
         matches!(self, DbError::Unavailable(_))
     }
 
+    /// An error in how the database is configured or reached (exit 2), not
+    /// in the data and not an outage.
+    pub fn is_config(&self) -> bool {
+        matches!(
+            self,
+            DbError::Config { .. } | DbError::Access(_) | DbError::MissingTable { .. }
+        )
+    }
+
     /// A bounded label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -114,6 +128,7 @@ impl DbError {
             DbError::Rejected(_) => "rejected",
             DbError::Conflict(_) => "conflict",
             DbError::Unavailable(_) => "unavailable",
+            DbError::Access(_) => "access",
             DbError::MissingTable { .. } => "missing_table",
         }
     }
@@ -122,10 +137,18 @@ impl DbError {
 /// Sorts a driver error into "the data is bad" and "try again later".
 fn classify(engine: Engine, e: sqlx::Error) -> DbError {
     let sqlx::Error::Database(db) = &e else {
-        return DbError::Unavailable(e.to_string());
+        return match e {
+            // A handshake that fails, a certificate that does not verify,
+            // or options the driver cannot honour.
+            sqlx::Error::Tls(_) | sqlx::Error::Configuration(_) => DbError::Access(e.to_string()),
+            _ => DbError::Unavailable(e.to_string()),
+        };
     };
     let message = db.message().to_string();
     let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+    if refuses_access(engine, db.as_ref(), &code) {
+        return DbError::Access(format!("{message} (code {code})"));
+    }
     let rejected = match engine {
         // SQLSTATE classes 22 (data exception), 23 (integrity constraint)
         // and 44 (check option) are about the row, not the server.
@@ -153,6 +176,27 @@ fn classify(engine: Engine, e: sqlx::Error) -> DbError {
         DbError::Rejected(message)
     } else {
         DbError::Unavailable(format!("{message} (code {code})"))
+    }
+}
+
+/// Authentication, authorisation, an unknown database, or a server that
+/// demands TLS: the connection is refused for its configuration.
+fn refuses_access(engine: Engine, db: &dyn sqlx::error::DatabaseError, code: &str) -> bool {
+    match engine {
+        // 28: invalid authorisation (bad password, no pg_hba entry, which
+        // covers "hostssl only"); 3D000: no such database; 42501: no grant.
+        Engine::Postgres => code.starts_with("28") || code == "3D000" || code == "42501",
+        Engine::MySql => {
+            let number = db
+                .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+                .map(|m| m.number())
+                .unwrap_or(0);
+            // Access denied (to the server, a database, a table), unknown
+            // database, and "connections using insecure transport are
+            // prohibited" (require_secure_transport).
+            code.starts_with("28") || matches!(number, 1044 | 1045 | 1049 | 1142 | 3159)
+        }
+        Engine::Sqlite => false,
     }
 }
 
@@ -680,6 +724,43 @@ pub async fn wait_ready(
     }
 }
 
+/// `url` with `password` put in its user part (percent-encoded). The URL
+/// must name a user and hold no password already.
+pub fn url_with_password(url: &str, password: &str) -> Result<String, String> {
+    let start = url
+        .find("://")
+        .map(|i| i + 3)
+        .ok_or("a password needs a URL with a user: scheme://user@host/…")?;
+    let rest = &url[start..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return Err("the database URL names no user to give the password to".into());
+    };
+    if rest[..at].contains(':') {
+        return Err("the database URL already holds a password; give it in one place".into());
+    }
+    Ok(format!(
+        "{}{}:{}{}",
+        &url[..start],
+        &rest[..at],
+        enc(password),
+        &rest[at..]
+    ))
+}
+
+/// Percent-encoding for a URL's user, password or path: everything but the
+/// unreserved characters.
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// A URL from separate parts (the seed's `--db-host --db-user …` flags). The
 /// user and password are percent-encoded.
 pub fn url_from_parts(
@@ -690,16 +771,6 @@ pub fn url_from_parts(
     password: Option<&str>,
     name: &str,
 ) -> String {
-    fn enc(s: &str) -> String {
-        s.bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                    (b as char).to_string()
-                }
-                _ => format!("%{b:02X}"),
-            })
-            .collect()
-    }
     if engine == Engine::Sqlite {
         return format!("sqlite:{name}");
     }
@@ -808,6 +879,18 @@ mod tests {
             url_from_parts(Engine::MySql, "127.0.0.1", None, Some("root"), None, "test"),
             "mysql://root@127.0.0.1/test"
         );
+    }
+
+    #[test]
+    fn a_password_from_a_file_goes_into_the_url_encoded() {
+        assert_eq!(
+            url_with_password("postgres://ingest@db:5432/raw?sslmode=require", "p@ss/w:rd")
+                .unwrap(),
+            "postgres://ingest:p%40ss%2Fw%3Ard@db:5432/raw?sslmode=require"
+        );
+        assert!(url_with_password("postgres://db/raw", "x").is_err());
+        assert!(url_with_password("postgres://u:p@db/raw", "x").is_err());
+        assert!(url_with_password("sqlite:x.db", "x").is_err());
     }
 
     #[test]

@@ -21,6 +21,14 @@ pub struct StoreArgs {
     /// instead of the local folder (never logged).
     #[arg(long, env = "LD_API_TOKEN", hide_env_values = true, global = true)]
     ld_api_token: Option<String>,
+    /// A file holding the LaunchDarkly API access token (a mounted secret).
+    #[arg(
+        long,
+        env = "LD_API_TOKEN_FILE",
+        global = true,
+        conflicts_with = "ld_api_token"
+    )]
+    ld_api_token_file: Option<PathBuf>,
     /// LaunchDarkly API base URI.
     #[arg(
         long,
@@ -50,7 +58,11 @@ impl StoreArgs {
             cfg.flags.dir = d.clone();
         }
         let keys = cfg.flags.keys.clone();
-        Ok(match &self.ld_api_token {
+        let token = match &self.ld_api_token_file {
+            Some(path) => Some(crate::cli::secret_file("ld-api-token-file", path)?),
+            None => self.ld_api_token.clone(),
+        };
+        Ok(match &token {
             Some(token) => FlagStore::LaunchDarkly(Api::new(
                 &self.ld_api_uri,
                 token.clone(),

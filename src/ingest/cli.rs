@@ -109,6 +109,9 @@ fn run(args: IngestArgs) -> Exit {
                         e @ (super::IngestError::TopicMissing { .. }
                         | super::IngestError::Config(_)),
                     ) => Err(usage(format!("ingest: {e}"))),
+                    Err(super::IngestError::Db(e)) if e.is_config() => {
+                        Err(usage(format!("ingest: {e}")))
+                    }
                     Err(e) => Err(failure(format!("ingest: {e}"))),
                 }
             },

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use crate::config::parse_properties;
+use crate::config::{parse_properties, parse_properties_file};
 
 /// How to reach Kafka: the same two flags for every role that talks to it.
 #[derive(Args, Clone)]
@@ -24,12 +24,30 @@ pub struct KafkaArgs {
         hide_env_values = true
     )]
     pub kafka_config: Vec<String>,
+    /// A properties file (`key=value` lines, `#` comments) of librdkafka
+    /// properties, e.g. a mounted secret with the SASL credentials;
+    /// `--kafka-config` entries win over it.
+    #[arg(long = "kafka-config-file", env = "SWITCHYARD_KAFKA_CONFIG_FILE")]
+    pub kafka_config_file: Option<std::path::PathBuf>,
 }
 
 impl KafkaArgs {
-    /// The `--kafka-config` properties, or the usage exit code.
+    /// The `--kafka-config-file` then `--kafka-config` properties (later
+    /// wins), or the usage exit code.
     pub fn props(&self) -> Result<Vec<(String, String)>, ExitCode> {
-        parse_properties(&self.kafka_config)
-            .map_err(|e| crate::cli::usage(format!("--kafka-config: {e}")))
+        let mut props = match &self.kafka_config_file {
+            Some(path) => {
+                let text = crate::cli::secret_file("kafka-config-file", path)?;
+                parse_properties_file(&text).map_err(|e| {
+                    crate::cli::usage(format!("--kafka-config-file {}: {e}", path.display()))
+                })?
+            }
+            None => Vec::new(),
+        };
+        props.extend(
+            parse_properties(&self.kafka_config)
+                .map_err(|e| crate::cli::usage(format!("--kafka-config: {e}")))?,
+        );
+        Ok(props)
     }
 }

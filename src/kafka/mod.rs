@@ -30,6 +30,28 @@ fn is_secret(key: &str) -> bool {
     k.contains("password") || k.contains("secret") || k.contains("key") && !k.ends_with(".location")
 }
 
+/// A 2xx promises the broker acknowledged under `acks=all` with the
+/// idempotent producer; a property that weakens either is refused, naming it.
+fn keeps_guarantees<'a>(
+    props: impl Iterator<Item = (&'a String, &'a String)>,
+) -> Result<(), String> {
+    for (k, v) in props {
+        let v = v.trim().to_ascii_lowercase();
+        let weakened = match k.trim() {
+            "acks" | "request.required.acks" => v != "all" && v != "-1",
+            "enable.idempotence" => v != "true",
+            _ => false,
+        };
+        if weakened {
+            return Err(format!(
+                "the Kafka property {k}={v} is refused: a 2xx promises that the broker acknowledged \
+                 the message with acks=all and enable.idempotence=true, and only those values are allowed"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// librdkafka reports a down broker many times a second; an operator needs it
 /// once, with a count. Errors and logs are let through at most every 10 s.
 #[derive(Default)]
@@ -91,6 +113,8 @@ impl rdkafka::consumer::ConsumerContext for QuietContext {}
 pub enum SinkError {
     #[error("invalid Kafka producer configuration: {0}")]
     Config(KafkaError),
+    #[error("{0}")]
+    Weakened(String),
     #[error("cannot reach the Kafka brokers {brokers} within {timeout_ms} ms: {source}")]
     Unreachable {
         brokers: String,
@@ -180,6 +204,13 @@ impl KafkaSink {
         extra: &[(String, String)],
         metrics: KafkaMetrics,
     ) -> Result<KafkaSink, SinkError> {
+        keeps_guarantees(
+            settings
+                .properties
+                .iter()
+                .chain(extra.iter().map(|(k, v)| (k, v))),
+        )
+        .map_err(SinkError::Weakened)?;
         let mut cfg = ClientConfig::new();
         cfg.set("bootstrap.servers", brokers)
             .set("acks", "all")
@@ -429,6 +460,23 @@ impl KafkaSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn properties_that_weaken_the_acknowledgement_are_refused() {
+        let check = |k: &str, v: &str| {
+            let (k, v) = (k.to_string(), v.to_string());
+            keeps_guarantees(std::iter::once((&k, &v)))
+        };
+        assert!(check("acks", "all").is_ok());
+        assert!(check("acks", "-1").is_ok());
+        assert!(check("enable.idempotence", "true").is_ok());
+        assert!(check("compression.type", "zstd").is_ok());
+        let e = check("acks", "1").unwrap_err();
+        assert!(e.contains("acks=1"), "{e}");
+        assert!(check("request.required.acks", "0").is_err());
+        assert!(check("enable.idempotence", "false").is_err());
+        assert!(check("acks", "ALL").is_ok());
+    }
 
     #[test]
     fn secrets_are_recognised() {

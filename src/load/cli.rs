@@ -118,6 +118,7 @@ fn run(args: LoadArgs) -> Exit {
                     tracing::info!(files = s.files, lines = s.lines, inserted = s.inserted, duplicates = s.duplicates, replayed = s.replayed, dead_letters = s.dead_letters, "loader stopped");
                     Ok(ExitCode::SUCCESS)
                 }
+                Err(super::LoadError::Db(e)) if e.is_config() => Err(usage(format!("load: {e}"))),
                 Err(e) => Err(failure(format!("load: {e}"))),
             }
             }

@@ -42,6 +42,9 @@ pub struct RouteArgs {
     /// streaming service instead of the local folder (never logged).
     #[arg(long, env = "LD_SDK_KEY", hide_env_values = true)]
     ld_sdk_key: Option<String>,
+    /// A file holding the LaunchDarkly SDK key (a mounted secret).
+    #[arg(long, env = "LD_SDK_KEY_FILE", conflicts_with = "ld_sdk_key")]
+    ld_sdk_key_file: Option<PathBuf>,
     /// LaunchDarkly streaming URI (a Relay Proxy or a private instance).
     #[arg(long, env = "LD_STREAM_URI")]
     ld_stream_uri: Option<String>,
@@ -83,7 +86,11 @@ fn run(args: RouteArgs) -> Exit {
         let admin = bind(args.admin_listen).await?;
         let shutdown = CancellationToken::new();
         crate::shutdown::cancel_on_signal(shutdown.clone());
-        let launchdarkly = args.ld_sdk_key.clone().map(|sdk_key| LaunchDarklyOptions {
+        let sdk_key = match &args.ld_sdk_key_file {
+            Some(path) => Some(crate::cli::secret_file("ld-sdk-key-file", path)?),
+            None => args.ld_sdk_key.clone(),
+        };
+        let launchdarkly = sdk_key.map(|sdk_key| LaunchDarklyOptions {
             sdk_key,
             stream_uri: args.ld_stream_uri.clone(),
             base_uri: args.ld_base_uri.clone(),
