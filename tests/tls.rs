@@ -1,0 +1,406 @@
+//! Real TLS, no mocks. Kafka: tansu behind stunnel (tansu's own TLS flags are
+//! unusable), with a throwaway CA made by `openssl`; the router produces
+//! zstd-compressed batches over TLS with CA verification and ingest reads them
+//! back over TLS; with a CA that does not verify the broker, the router falls
+//! back to the offline file. PostgreSQL: the local server's certificate with
+//! `sslmode=verify-ca`, checked from the server side (`pg_stat_ssl`); a
+//! certificate that does not verify, or credentials it refuses, exit 2 naming
+//! the cause.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use switchyard::admin::Health;
+use switchyard::ingest::{self, IngestMetrics, IngestOptions};
+use tokio_util::sync::CancellationToken;
+
+const SNAKEOIL: &str = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl (scripts/services installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA (`<name>-ca.pem`) and a server certificate it signed for
+/// 127.0.0.1 and localhost (`<name>-server.pem`, `<name>-server.key`).
+fn make_ca(dir: &Path, name: &str) -> PathBuf {
+    let ca_key = format!("{name}-ca.key");
+    let ca = format!("{name}-ca.pem");
+    let key = format!("{name}-server.key");
+    let csr = format!("{name}-server.csr");
+    let crt = format!("{name}-server.pem");
+    let ext = dir.join(format!("{name}.ext"));
+    std::fs::write(&ext, "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &ca_key,
+            "-out",
+            &ca,
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name} test CA"),
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            "/CN=localhost",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-out",
+            &crt,
+            "-days",
+            "2",
+            "-extfile",
+            ext.to_str().unwrap(),
+        ],
+    );
+    dir.join(ca)
+}
+
+/// stunnel accepting TLS on `port` and forwarding to `upstream`.
+struct Terminator {
+    child: Child,
+}
+
+impl Terminator {
+    fn start(dir: &Path, name: &str, port: u16, upstream: u16) -> Terminator {
+        let conf = dir.join("stunnel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "foreground = yes\npid =\n[kafka]\naccept = 127.0.0.1:{port}\nconnect = 127.0.0.1:{upstream}\ncert = {}\nkey = {}\n",
+                dir.join(format!("{name}-server.pem")).display(),
+                dir.join(format!("{name}-server.key")).display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("stunnel4")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn stunnel4 (scripts/services installs it)");
+        assert!(
+            wait_for_port(port, Duration::from_secs(10)),
+            "stunnel did not listen"
+        );
+        Terminator { child }
+    }
+}
+
+impl Drop for Terminator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tls_props(ca: &Path) -> Vec<(String, String)> {
+    vec![
+        ("security.protocol".into(), "SSL".into()),
+        ("ssl.ca.location".into(), ca.display().to_string()),
+        (
+            "ssl.endpoint.identification.algorithm".into(),
+            "https".into(),
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_and_ingest_speak_tls_to_kafka_and_zstd_batches_go_through() {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = make_ca(certs.path(), "kafka");
+    let other_ca = make_ca(certs.path(), "other");
+    let tls_port = free_port();
+    let broker = Broker::start_advertising(tls_port);
+    let _stunnel = Terminator::start(certs.path(), "kafka", tls_port, broker.port);
+    let topic = unique("tls");
+    // Created on the plain port, as an operator would on the cluster.
+    let out = Command::new(tansu_bin())
+        .args([
+            "topic",
+            "create",
+            "--broker",
+            &format!("tcp://127.0.0.1:{}", broker.port),
+            "--partitions",
+            "2",
+            &topic,
+        ])
+        .output()
+        .expect("tansu topic create");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let dirs = Dirs::new();
+    let cfg = config(&dirs, &topic);
+    let schema = cfg.schema().unwrap();
+    set_flag(&dirs.flags, "switchyard-kafka-only", json!(100));
+    let mut opts = options(cfg.clone(), &broker.brokers());
+    opts.kafka_extra = tls_props(&ca);
+    opts.kafka_extra
+        .push(("compression.type".into(), "zstd".into()));
+    let router = InProcess::start_opts(opts).await;
+    let client = reqwest::Client::new();
+    let mut body = String::new();
+    for seq in 0..40u64 {
+        body.push_str(&envelope(seq % 9, seq, 500).to_string());
+        body.push('\n');
+    }
+    let r = client
+        .post(router.url())
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        (v["kafka"].as_u64(), v["fallbacks"].as_u64()),
+        (Some(40), Some(0)),
+        "{v}"
+    );
+    router.stop().await;
+
+    // ingest reads them over TLS into NEW.
+    let new = TestDb::postgres(&schema).await;
+    let m = IngestMetrics::new(&prometheus::Registry::new()).unwrap();
+    let s = ingest::run(
+        IngestOptions {
+            brokers: broker.brokers(),
+            topics: vec![topic.clone()],
+            group: unique("g"),
+            batch_size: 100,
+            consumer_timeout: Duration::from_millis(100),
+            extra: tls_props(&ca),
+            idle_exit: Some(Duration::from_secs(2)),
+        },
+        &schema,
+        &new.db,
+        m,
+        Health::default(),
+        CancellationToken::new(),
+    )
+    .await
+    .expect("ingest over TLS");
+    assert_eq!(s.inserted, 40);
+    assert_eq!(new.count().await, 40);
+
+    // A CA that does not verify the broker: deliveries fail, so Kafka-only
+    // payloads land in the offline file, counted.
+    let dirs2 = Dirs::new();
+    let mut cfg2 = config(&dirs2, &topic);
+    cfg2.kafka.delivery_timeout_ms = 1_500;
+    set_flag(&dirs2.flags, "switchyard-kafka-only", json!(100));
+    let mut opts = options(cfg2, &broker.brokers());
+    opts.kafka_extra = tls_props(&other_ca);
+    let router = InProcess::start_opts(opts).await;
+    let mut body = String::new();
+    for seq in 100..105u64 {
+        body.push_str(&envelope(seq, seq, 100).to_string());
+        body.push('\n');
+    }
+    let r = client
+        .post(router.url())
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["fallbacks"].as_u64(), Some(5), "{v}");
+    assert_eq!(
+        router.counter("switchyard_route_fallbacks_total", &[("route", "kafka")]),
+        5.0
+    );
+    router.stop().await;
+    let lines = offline_lines(&dirs2.offline);
+    assert_eq!(lines.len(), 5);
+    assert!(lines
+        .iter()
+        .all(|l| l.route.as_deref() == Some("kafka-fallback")));
+}
+
+fn switchyard(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    cmd.args(args).env("RUST_LOG", "warn");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run switchyard");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_over_verified_tls_and_refusals_exit_2() {
+    use sqlx::{Connection, Row};
+    let dirs = Dirs::new();
+    let cfg = config(&dirs, "unused");
+    let schema = cfg.schema().unwrap();
+    let db = TestDb::postgres(&schema).await;
+    let tls_url = format!("{}?sslmode=verify-ca&sslrootcert={SNAKEOIL}", db.url);
+
+    // db init over verified TLS.
+    let (code, out) = switchyard(&["db", "init", "--db-url", &tls_url], &[]);
+    assert_eq!(code, 0, "{out}");
+
+    // A long-running role: every connection it holds to this database is TLS.
+    let broker = Broker::start();
+    let topic = unique("pgtls");
+    create_topic(&broker.brokers(), &topic, 1).await;
+    let ingest = Role::spawn(&[
+        "ingest",
+        "--kafka-brokers",
+        &broker.brokers(),
+        "--kafka-topics",
+        &topic,
+        "--kafka-group",
+        &unique("g"),
+        "--db-url",
+        &tls_url,
+    ]);
+    let mut admin = sqlx::PgConnection::connect(PG_ADMIN).await.unwrap();
+    let rows = sqlx::query(
+        "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.datname = $1",
+    )
+    .bind(&db.name)
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    let ssl: Vec<bool> = rows.iter().map(|r| r.get(0)).collect();
+    assert!(
+        !ssl.is_empty() && ssl.iter().all(|s| *s),
+        "connections of ingest: {ssl:?}"
+    );
+    drop(ingest);
+
+    // A certificate that does not verify: exit 2, naming TLS, at once. The
+    // snakeoil certificate names localhost only, so verify-full against
+    // 127.0.0.1 fails. (A wrong sslrootcert alone would not show it here:
+    // OpenSSL keeps the system's roots, and Debian's store holds snakeoil.)
+    let certs = tempfile::tempdir().unwrap();
+    let bad = format!("{}?sslmode=verify-full&sslrootcert={SNAKEOIL}", db.url);
+    let started = std::time::Instant::now();
+    let (code, out) = switchyard(&["db", "init", "--db-url", &bad], &[]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("TLS") || out.to_lowercase().contains("certificate"),
+        "{out}"
+    );
+    let (code, out) = switchyard(
+        &[
+            "load",
+            "--db-url",
+            &bad,
+            "--no-replay",
+            "--offline-dir",
+            dirs.offline.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 2, "load retries a TLS refusal as an outage? {out}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+
+    // Refused credentials, with the password from a file: exit 2, the
+    // cause named, the password nowhere.
+    let secret = certs.path().join("password");
+    std::fs::write(&secret, "file-s3cret-9\n").unwrap();
+    let (code, out) = switchyard(
+        &[
+            "db",
+            "init",
+            "--db-url",
+            "postgres://no_such_role@127.0.0.1:5432/postgres",
+            "--db-password-file",
+            secret.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("refused the connection"), "{out}");
+    assert!(!out.contains("file-s3cret-9"), "{out}");
+}
+
+/// Secrets given as files never show in errors either: a properties file
+/// with a SASL password that librdkafka refuses to use.
+#[test]
+fn a_kafka_properties_file_is_read_and_its_secrets_never_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let props = dir.path().join("kafka.properties");
+    std::fs::write(
+        &props,
+        "# mounted secret\nsecurity.protocol=SASL_SSL\nsasl.mechanisms=SCRAM-SHA-512\nsasl.username=u\nsasl.password=kafka-file-s3cret\nacks=1\n",
+    )
+    .unwrap();
+    let dirs = Dirs::new();
+    let (code, out) = switchyard(
+        &[
+            "route",
+            "--kafka-config-file",
+            props.to_str().unwrap(),
+            "--offline-dir",
+            dirs.offline.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("acks=1"),
+        "the weakened guarantee is named: {out}"
+    );
+    assert!(!out.contains("kafka-file-s3cret"), "{out}");
+}
