@@ -575,14 +575,17 @@ async fn a_running_loader_follows_the_folder_and_archives() {
     assert!(switchyard::offline::closed_files(&dirs.offline)
         .unwrap()
         .is_empty());
-    assert_eq!(
-        metric_value(&registry, "switchyard_load_files_total", &[]),
-        2.0
-    );
-    assert_eq!(
-        metric_value(&registry, "switchyard_load_files_pending", &[]),
-        0.0
-    );
+    // The counters follow the archive step and the next scan of the folder:
+    // wait for them rather than race them.
+    eventually(
+        "files counted and none pending",
+        Duration::from_secs(5),
+        || async {
+            metric_value(&registry, "switchyard_load_files_total", &[]) == 2.0
+                && metric_value(&registry, "switchyard_load_files_pending", &[]) == 0.0
+        },
+    )
+    .await;
     assert_eq!(
         metric_value(
             &registry,

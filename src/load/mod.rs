@@ -593,12 +593,12 @@ impl Loader<'_> {
         if let Err(e) = offline::sync_dir(&self.opts.dir) {
             tracing::warn!(error = %e, "cannot sync the offline folder");
         }
+        self.metrics.files_loaded.inc();
+        self.summary.files += 1;
         // A leftover row only costs a little space: never fatal.
         if let Err(e) = self.db.forget_checkpoint(name).await {
             tracing::warn!(file = name, error = %e, "cannot forget a finished checkpoint");
         }
-        self.metrics.files_loaded.inc();
-        self.summary.files += 1;
         tracing::info!(
             file = name,
             archived = self.opts.archive_dir.is_some(),
