@@ -151,25 +151,17 @@ impl Stack {
 
     /// Posts `n` payloads (seq from `seq0`) in batches of 25; returns (dual, kafka) as routed.
     async fn send(&self, seq0: u64, n: u64) -> (u64, u64) {
-        let client = reqwest::Client::new();
         let router = self.router.as_ref().unwrap();
         let (mut dual, mut kafka) = (0, 0);
         for b in 0..n / 25 {
-            let mut body = String::new();
-            for i in 0..25 {
-                let seq = seq0 + b * 25 + i;
-                body.push_str(&envelope(seq % 173, seq, 200).to_string());
-                body.push('\n');
-            }
-            let r = client
-                .post(router.url())
-                .header("content-type", "application/x-ndjson")
-                .body(body)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
-            let v: serde_json::Value = r.json().await.unwrap();
+            let batch: Vec<_> = (0..25)
+                .map(|i| {
+                    let seq = seq0 + b * 25 + i;
+                    envelope(seq % 173, seq, 200)
+                })
+                .collect();
+            let (status, v) = post_ndjson(&router.url(), ndjson(&batch)).await;
+            assert_eq!(status, 200, "{v}");
             assert_eq!(v["fallbacks"], 0);
             dual += v["dual"].as_u64().unwrap();
             kafka += v["kafka"].as_u64().unwrap();

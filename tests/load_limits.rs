@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::scratch::ScratchMariadb;
 use common::*;
 use serde_json::json;
-use switchyard::load::{self, DeadLine, LoadMetrics, LoadOptions, DEAD_LETTER_FILE};
+use switchyard::load::{self, LoadMetrics, LoadOptions};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -33,18 +33,14 @@ async fn a_check_violation_in_a_batch_above_max_allowed_packet_is_isolated() {
             e["row"]["version"] = json!(-1);
             bad_offset = text.len() as u64;
         }
-        text.push_str(
-            &json!({"table": "raw_item", "row": e["row"], "account_id": e["account_id"], "route": "legacy", "counter": seq + 1})
-                .to_string(),
-        );
-        text.push('\n');
+        text.push_str(&offline_line(&e, "legacy", seq + 1));
     }
     assert!(
         text.len() > 10 * 65_536,
         "the batch is far above the packet limit"
     );
     let name = "offline-0000000000000001-000001.ndjson";
-    std::fs::write(dirs.offline.join(name), &text).unwrap();
+    write_closed_file(&dirs.offline, name, &text);
 
     let registry = prometheus::Registry::new();
     let metrics = LoadMetrics::new(&registry).unwrap();
@@ -73,12 +69,7 @@ async fn a_check_violation_in_a_batch_above_max_allowed_packet_is_isolated() {
     .expect("load");
     assert_eq!(old.count().await, LINES as i64 - 1);
     assert_eq!(summary.dead_letters, 1);
-    let dead: Vec<DeadLine> =
-        std::fs::read_to_string(dirs.offline.join("dead-letter").join(DEAD_LETTER_FILE))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+    let dead = dead_lines(&dirs.offline);
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!((dead[0].file.as_str(), dead[0].offset), (name, bad_offset));
     assert!(

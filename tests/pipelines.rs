@@ -14,7 +14,7 @@ use switchyard::db::Db;
 use switchyard::ingest::IngestMetrics;
 use switchyard::ingest::{self, IngestOptions, IngestSummary};
 use switchyard::load::LoadMetrics;
-use switchyard::load::{self, DeadLine, LoadOptions, LoadSummary, Replay, DEAD_LETTER_FILE};
+use switchyard::load::{self, LoadOptions, LoadSummary, Replay};
 use switchyard::routing::{bucket, decide, FlagValues, Route};
 use switchyard::schema::Schema;
 use tokio_util::sync::CancellationToken;
@@ -104,25 +104,17 @@ async fn router_to_both_databases_end_to_end() {
         dual_write: 60.0,
     };
     let router = InProcess::start(cfg.clone(), &broker.brokers()).await;
-    let client = reqwest::Client::new();
     let mut sent: Vec<(String, u64)> = Vec::new();
     for batch in 0..20u64 {
-        let mut body = String::new();
+        let mut envelopes = Vec::new();
         for i in 0..30u64 {
             let account = (batch * 31 + i * 7) % 240;
             let e = envelope(account, batch * 1000 + i, 400);
             sent.push((e["row"]["uuid"].as_str().unwrap().to_string(), account));
-            body.push_str(&e.to_string());
-            body.push('\n');
+            envelopes.push(e);
         }
-        let r = client
-            .post(router.url())
-            .header("content-type", "application/x-ndjson")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+        let (status, answer) = post_ndjson(&router.url(), ndjson(&envelopes)).await;
+        assert_eq!(status, 200, "{answer}");
     }
     router.stop().await;
 
@@ -219,11 +211,7 @@ async fn fallback_lines_are_replayed_to_kafka() {
             _ => vec!["legacy"],
         };
         for route in &lines {
-            text.push_str(
-                &json!({"table":"raw_item","row":e["row"],"account_id":i,"route":route,"counter":i})
-                    .to_string(),
-            );
-            text.push('\n');
+            text.push_str(&offline_line(&e, route, i));
         }
         match i % 3 {
             0 => expect_new.push(uuid),
@@ -407,12 +395,7 @@ async fn unloadable_lines_go_to_the_dead_letter_file() {
     let s = load_once(load_options(&dirs.offline, 8), &schema, &old.db, None).await;
     assert_eq!(s.dead_letters, 3, "{s:?}");
     assert_eq!(old.count().await, 20);
-    let dead: Vec<DeadLine> =
-        std::fs::read_to_string(dirs.offline.join("dead-letter").join(DEAD_LETTER_FILE))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+    let dead = dead_lines(&dirs.offline);
     assert_eq!(dead.len(), 3, "{dead:?}");
     assert!(dead[0].reason.contains("not an offline line"), "{dead:?}");
     assert!(
@@ -627,7 +610,7 @@ async fn four_byte_utf8_arrives_byte_for_byte_in_both_databases() {
         "combining e\u{301} vs é, zero-width joiner 👩\u{200d}💻",
         "quote \" backslash \\ tab \t newline \n and \u{1f} control",
     ];
-    let mut body = String::new();
+    let mut envelopes = Vec::new();
     let mut want = HashMap::new();
     for (i, t) in texts.iter().enumerate() {
         let mut e = envelope(i as u64, i as u64, 0);
@@ -636,17 +619,10 @@ async fn four_byte_utf8_arrives_byte_for_byte_in_both_databases() {
             e["row"]["uuid"].as_str().unwrap().to_string(),
             t.to_string(),
         );
-        body.push_str(&e.to_string());
-        body.push('\n');
+        envelopes.push(e);
     }
-    let r = reqwest::Client::new()
-        .post(router.url())
-        .header("content-type", "application/x-ndjson")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let (status, answer) = post_ndjson(&router.url(), ndjson(&envelopes)).await;
+    assert_eq!(status, 200, "{answer}");
     router.stop().await;
 
     load_once(load_options(&dirs.offline, 100), &schema, &old.db, None).await;

@@ -186,21 +186,9 @@ async fn route_and_ingest_speak_tls_to_kafka_and_zstd_batches_go_through() {
     opts.kafka_extra
         .push(("compression.type".into(), "zstd".into()));
     let router = InProcess::start_opts(opts).await;
-    let client = reqwest::Client::new();
-    let mut body = String::new();
-    for seq in 0..40u64 {
-        body.push_str(&envelope(seq % 9, seq, 500).to_string());
-        body.push('\n');
-    }
-    let r = client
-        .post(router.url())
-        .header("content-type", "application/x-ndjson")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let v: serde_json::Value = r.json().await.unwrap();
+    let sent: Vec<_> = (0..40u64).map(|seq| envelope(seq % 9, seq, 500)).collect();
+    let (status, v) = post_ndjson(&router.url(), ndjson(&sent)).await;
+    assert_eq!(status, 200, "{v}");
     assert_eq!(
         (v["kafka"].as_u64(), v["fallbacks"].as_u64()),
         (Some(40), Some(0)),
@@ -241,20 +229,9 @@ async fn route_and_ingest_speak_tls_to_kafka_and_zstd_batches_go_through() {
     let mut opts = options(cfg2, &broker.brokers());
     opts.kafka_extra = tls_props(&other_ca);
     let router = InProcess::start_opts(opts).await;
-    let mut body = String::new();
-    for seq in 100..105u64 {
-        body.push_str(&envelope(seq, seq, 100).to_string());
-        body.push('\n');
-    }
-    let r = client
-        .post(router.url())
-        .header("content-type", "application/x-ndjson")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let v: serde_json::Value = r.json().await.unwrap();
+    let sent: Vec<_> = (100..105u64).map(|seq| envelope(seq, seq, 100)).collect();
+    let (status, v) = post_ndjson(&router.url(), ndjson(&sent)).await;
+    assert_eq!(status, 200, "{v}");
     assert_eq!(v["fallbacks"].as_u64(), Some(5), "{v}");
     assert_eq!(
         router.counter("switchyard_route_fallbacks_total", &[("route", "kafka")]),
@@ -299,6 +276,9 @@ async fn postgres_over_verified_tls_and_refusals_exit_2() {
     assert_eq!(code, 0, "{out}");
 
     // A long-running role: every connection it holds to this database is TLS.
+    // The test's own pool is closed first, so the only connections left to
+    // this database are the role's.
+    db.db.close().await;
     let broker = Broker::start();
     let topic = unique("pgtls");
     create_topic(&broker.brokers(), &topic, 1).await;

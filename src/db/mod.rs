@@ -134,7 +134,8 @@ impl DbError {
     }
 }
 
-/// Sorts a driver error into "the data is bad" and "try again later".
+/// Sorts a driver error into "the connection is misconfigured", "the data
+/// is bad" and "try again later".
 fn classify(engine: Engine, e: sqlx::Error) -> DbError {
     let sqlx::Error::Database(db) = &e else {
         return match e {
@@ -146,19 +147,48 @@ fn classify(engine: Engine, e: sqlx::Error) -> DbError {
     };
     let message = db.message().to_string();
     let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
-    if refuses_access(engine, db.as_ref(), &code) {
-        return DbError::Access(format!("{message} (code {code})"));
+    let number = db
+        .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+        .map_or(0, |m| m.number());
+    match class_of(engine, &code, number) {
+        Class::Access => DbError::Access(format!("{message} (code {code})")),
+        Class::Rejected => DbError::Rejected(message),
+        Class::Unavailable => DbError::Unavailable(format!("{message} (code {code})")),
     }
+}
+
+/// What a database error says, from its SQLSTATE `code` (SQLite: its result
+/// code) and, on MySQL, its error `number`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    /// The connection is refused for its configuration: authentication,
+    /// authorisation, an unknown database, TLS demanded.
+    Access,
+    /// The row is refused: a type, range or constraint error.
+    Rejected,
+    /// Anything else: the server is down, busy or failing; retry.
+    Unavailable,
+}
+
+fn class_of(engine: Engine, code: &str, number: u16) -> Class {
+    // SQLSTATE class 28: invalid authorisation (a bad password, no pg_hba
+    // entry, which covers "hostssl only"; MySQL's access denied).
+    let access = code.starts_with("28")
+        || match engine {
+            // 3D000: no such database; 42501: no grant.
+            Engine::Postgres => code == "3D000" || code == "42501",
+            // Access denied (to a database, a table), unknown database, and
+            // "connections using insecure transport are prohibited".
+            Engine::MySql => matches!(number, 1044 | 1045 | 1049 | 1142 | 3159),
+            Engine::Sqlite => false,
+        };
+    // SQLSTATE classes 22 (data exception), 23 (integrity constraint) and
+    // 44 (check option) are about the row, not the server.
+    let data_class = ["22", "23", "44"].iter().any(|c| code.starts_with(c));
     let rejected = match engine {
-        // SQLSTATE classes 22 (data exception), 23 (integrity constraint)
-        // and 44 (check option) are about the row, not the server.
-        Engine::Postgres => ["22", "23", "44"].iter().any(|c| code.starts_with(c)),
+        Engine::Postgres => data_class,
         Engine::MySql => {
-            let number = db
-                .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
-                .map(|m| m.number())
-                .unwrap_or(0);
-            ["22", "23", "44"].iter().any(|c| code.starts_with(c))
+            data_class
                 // HY000 data errors: incorrect value, truncated value,
                 // invalid JSON, check constraint failed.
                 || matches!(number, 1292 | 1366 | 1411 | 3140 | 3819 | 4025)
@@ -172,31 +202,12 @@ fn classify(engine: Engine, e: sqlx::Error) -> DbError {
             .map(|c| matches!(c & 0xff, 18..=20))
             .unwrap_or(false),
     };
-    if rejected {
-        DbError::Rejected(message)
+    if access {
+        Class::Access
+    } else if rejected {
+        Class::Rejected
     } else {
-        DbError::Unavailable(format!("{message} (code {code})"))
-    }
-}
-
-/// Authentication, authorisation, an unknown database, or a server that
-/// demands TLS: the connection is refused for its configuration.
-fn refuses_access(engine: Engine, db: &dyn sqlx::error::DatabaseError, code: &str) -> bool {
-    match engine {
-        // 28: invalid authorisation (bad password, no pg_hba entry, which
-        // covers "hostssl only"); 3D000: no such database; 42501: no grant.
-        Engine::Postgres => code.starts_with("28") || code == "3D000" || code == "42501",
-        Engine::MySql => {
-            let number = db
-                .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
-                .map(|m| m.number())
-                .unwrap_or(0);
-            // Access denied (to the server, a database, a table), unknown
-            // database, and "connections using insecure transport are
-            // prohibited" (require_secure_transport).
-            code.starts_with("28") || matches!(number, 1044 | 1045 | 1049 | 1142 | 3159)
-        }
-        Engine::Sqlite => false,
+        Class::Unavailable
     }
 }
 
@@ -891,6 +902,28 @@ mod tests {
         assert!(url_with_password("postgres://db/raw", "x").is_err());
         assert!(url_with_password("postgres://u:p@db/raw", "x").is_err());
         assert!(url_with_password("sqlite:x.db", "x").is_err());
+    }
+
+    #[test]
+    fn error_codes_sort_into_access_row_and_outage() {
+        use Class::*;
+        let pg = |code| class_of(Engine::Postgres, code, 0);
+        let my = |code, n| class_of(Engine::MySql, code, n);
+        assert_eq!(pg("28P01"), Access);
+        assert_eq!(pg("3D000"), Access);
+        assert_eq!(pg("42501"), Access);
+        assert_eq!(pg("23505"), Rejected);
+        assert_eq!(pg("22003"), Rejected);
+        assert_eq!(pg("57P01"), Unavailable);
+        assert_eq!(pg("40001"), Unavailable);
+        assert_eq!(my("28000", 1045), Access);
+        assert_eq!(my("42000", 1049), Access);
+        assert_eq!(my("HY000", 3159), Access);
+        assert_eq!(my("HY000", 4025), Rejected);
+        assert_eq!(my("08S01", 1153), Rejected);
+        assert_eq!(my("HY000", 1205), Unavailable);
+        assert_eq!(class_of(Engine::Sqlite, "275", 0), Rejected);
+        assert_eq!(class_of(Engine::Sqlite, "5", 0), Unavailable);
     }
 
     #[test]

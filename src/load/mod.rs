@@ -423,15 +423,7 @@ impl Loader<'_> {
                         let bad = match db::find_rejected(self.db, table, r).await {
                             Ok(b) => b,
                             Err(e) if e.is_transient() => {
-                                if !backoff
-                                    .pause(
-                                        self.shutdown,
-                                        &self.metrics.sink.retries,
-                                        "database",
-                                        &e,
-                                    )
-                                    .await
-                                {
+                                if !self.wait_database(&mut backoff, &e).await {
                                     return Ok(BatchEnd::Cancelled);
                                 }
                                 break;
@@ -457,31 +449,31 @@ impl Loader<'_> {
                     self.summary.dead_letters += rejected.len() as u64;
                     // Refused as a whole but no row alone is: wait rather
                     // than retry at once, as for an outage.
-                    if rejected.is_empty()
-                        && !backoff
-                            .pause(
-                                self.shutdown,
-                                &self.metrics.sink.retries,
-                                "database",
-                                &reason,
-                            )
-                            .await
-                    {
+                    if rejected.is_empty() && !self.wait_database(&mut backoff, &reason).await {
                         return Ok(BatchEnd::Cancelled);
                     }
                     self.write_dead(&rejected)?;
                 }
                 Err(e) if e.is_transient() => {
-                    if !backoff
-                        .pause(self.shutdown, &self.metrics.sink.retries, "database", &e)
-                        .await
-                    {
+                    if !self.wait_database(&mut backoff, &e).await {
                         return Ok(BatchEnd::Cancelled);
                     }
                 }
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// Counts a database retry and waits its backoff step. False if shut
+    /// down first.
+    async fn wait_database(
+        &self,
+        backoff: &mut Backoff,
+        error: &(dyn std::fmt::Display + Sync),
+    ) -> bool {
+        backoff
+            .pause(self.shutdown, &self.metrics.sink.retries, "database", error)
+            .await
     }
 
     fn classify(&self, line: &[u8]) -> Result<LineAction, (&'static str, String)> {
@@ -614,10 +606,7 @@ impl Loader<'_> {
             match self.db.checkpoint(name).await {
                 Ok(c) => return Ok(Some(c)),
                 Err(e) if e.is_transient() => {
-                    if !backoff
-                        .pause(self.shutdown, &self.metrics.sink.retries, "database", &e)
-                        .await
-                    {
+                    if !self.wait_database(&mut backoff, &e).await {
                         return Ok(None);
                     }
                 }

@@ -189,13 +189,8 @@ impl Replayer<'_> {
                 }
             }
         }
-        let refused: Vec<(&Spooled, String)> = round
-            .refused
-            .iter()
-            .map(|(s, why)| (*s, why.clone()))
-            .collect();
         loop {
-            match self.db.replay_refused(&refused).await {
+            match self.db.replay_refused(&round.refused).await {
                 Ok(()) => break,
                 Err(e) => {
                     if !self.pause_db(&mut backoff, &e).await {
@@ -208,7 +203,7 @@ impl Replayer<'_> {
             .sink
             .dead_letters
             .with_label_values(&["kafka_refused"])
-            .inc_by(refused.len() as u64);
+            .inc_by(round.refused.len() as u64);
         true
     }
 

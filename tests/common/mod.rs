@@ -863,36 +863,85 @@ impl Drop for TestDb {
 /// Writes offline files by hand: `files` closed files of `lines` raw_item
 /// lines each (route `legacy`). Returns every uuid written.
 pub fn write_offline_files(dir: &Path, files: usize, lines: usize, body_len: usize) -> Vec<String> {
-    use std::io::Write;
     let mut uuids = Vec::new();
     for f in 0..files {
-        let path = dir.join(format!(
-            "offline-{:016}-{:06}.ndjson",
-            1_700_000_000_000_000u64 + f as u64,
-            0
-        ));
-        // Written under the `.open` name and renamed when whole, as the
-        // router does: a running loader never sees a half-written file.
-        let open = path.with_extension("ndjson.open");
-        let mut out = std::io::BufWriter::new(std::fs::File::create(&open).expect("create"));
+        let mut text = String::new();
         for l in 0..lines {
             let account = ((f * lines + l) % 300) as u64;
             let e = envelope(account, (f * lines + l) as u64, body_len);
             uuids.push(e["row"]["uuid"].as_str().unwrap().to_string());
-            let line = serde_json::json!({
-                "table": "raw_item",
-                "row": e["row"],
-                "account_id": account,
-                "route": "legacy",
-                "counter": l,
-            });
-            writeln!(out, "{line}").expect("write");
+            text.push_str(&offline_line(&e, "legacy", l as u64));
         }
-        out.flush().expect("flush");
-        drop(out);
-        std::fs::rename(&open, &path).expect("rename");
+        let name = format!(
+            "offline-{:016}-{:06}.ndjson",
+            1_700_000_000_000_000u64 + f as u64,
+            0
+        );
+        write_closed_file(dir, &name, &text);
     }
     uuids
+}
+
+/// One offline line (with its newline) for an [`envelope`], as the router
+/// writes it.
+pub fn offline_line(e: &serde_json::Value, route: &str, counter: u64) -> String {
+    let mut line = serde_json::json!({
+        "table": e["table"],
+        "row": e["row"],
+        "account_id": e["account_id"],
+        "route": route,
+        "counter": counter,
+    })
+    .to_string();
+    line.push('\n');
+    line
+}
+
+/// A closed offline file `name` holding `text`: written under the `.open`
+/// name and renamed when whole, as the router does, so a running loader
+/// never sees it half-written.
+pub fn write_closed_file(dir: &Path, name: &str, text: &str) {
+    let path = dir.join(name);
+    let open = path.with_extension("ndjson.open");
+    std::fs::write(&open, text).expect("write offline file");
+    std::fs::rename(&open, &path).expect("rename offline file");
+}
+
+/// The loader's dead-letter file under `offline_dir` (its default place).
+pub fn dead_lines(offline_dir: &Path) -> Vec<switchyard::load::DeadLine> {
+    let path = offline_dir
+        .join("dead-letter")
+        .join(switchyard::load::DEAD_LETTER_FILE);
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a dead-letter line"))
+        .collect()
+}
+
+/// One NDJSON body of envelopes, as a client batches them.
+pub fn ndjson<'a>(envelopes: impl IntoIterator<Item = &'a serde_json::Value>) -> String {
+    let mut body = String::new();
+    for e in envelopes {
+        body.push_str(&e.to_string());
+        body.push('\n');
+    }
+    body
+}
+
+/// POSTs an NDJSON body to the router: the status and the JSON answer.
+pub async fn post_ndjson(url: &str, body: String) -> (u16, serde_json::Value) {
+    let r = reqwest::Client::new()
+        .post(url)
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await
+        .expect("POST to the router");
+    let status = r.status().as_u16();
+    let text = r.text().await.expect("the router's answer");
+    let value = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+    (status, value)
 }
 
 /// A database role (`load`, `ingest`) as a child process, ready when its
