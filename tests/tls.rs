@@ -2,12 +2,17 @@
 //! unusable), with a throwaway CA made by `openssl`; the router produces
 //! zstd-compressed batches over TLS with CA verification and ingest reads them
 //! back over TLS; with a CA that does not verify the broker, the router falls
-//! back to the offline file. PostgreSQL: the local server's certificate with
-//! `sslmode=verify-ca`, checked from the server side (`pg_stat_ssl`); a
-//! certificate that does not verify, or credentials it refuses, exit 2 naming
-//! the cause.
+//! back to the offline file, and the consumers (ingest, compare) exit 2.
+//! PostgreSQL: the local server's certificate with `sslmode=verify-ca`,
+//! checked from the server side (`pg_stat_ssl`). MariaDB: a throwaway server
+//! with its own certificate that refuses any connection without TLS; the
+//! loader loads into it with `ssl-mode=VERIFY_CA` while replaying to Kafka over
+//! TLS, and the comparator reads all three over TLS. A certificate that does
+//! not verify, or credentials a server refuses, exit 2 naming the cause.
 
 mod common;
+
+use common::scratch::ScratchMariadb;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -138,6 +143,29 @@ impl Drop for Terminator {
     }
 }
 
+/// Creates a topic on the broker's own (plain) port, as an operator would on
+/// the cluster: its metadata names the terminator's port, which a plain
+/// client could not follow.
+fn create_topic_behind(broker: &Broker, topic: &str, partitions: u32) {
+    let out = Command::new(tansu_bin())
+        .args([
+            "topic",
+            "create",
+            "--broker",
+            &format!("tcp://127.0.0.1:{}", broker.port),
+            "--partitions",
+            &partitions.to_string(),
+            topic,
+        ])
+        .output()
+        .expect("tansu topic create");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn tls_props(ca: &Path) -> Vec<(String, String)> {
     vec![
         ("security.protocol".into(), "SSL".into()),
@@ -158,24 +186,7 @@ async fn route_and_ingest_speak_tls_to_kafka_and_zstd_batches_go_through() {
     let broker = Broker::start_advertising(tls_port);
     let _stunnel = Terminator::start(certs.path(), "kafka", tls_port, broker.port);
     let topic = unique("tls");
-    // Created on the plain port, as an operator would on the cluster.
-    let out = Command::new(tansu_bin())
-        .args([
-            "topic",
-            "create",
-            "--broker",
-            &format!("tcp://127.0.0.1:{}", broker.port),
-            "--partitions",
-            "2",
-            &topic,
-        ])
-        .output()
-        .expect("tansu topic create");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    create_topic_behind(&broker, &topic, 2);
 
     let dirs = Dirs::new();
     let cfg = config(&dirs, &topic);
@@ -383,4 +394,321 @@ fn a_kafka_properties_file_is_read_and_its_secrets_never_shown() {
         "the weakened guarantee is named: {out}"
     );
     assert!(!out.contains("kafka-file-s3cret"), "{out}");
+}
+
+/// The legacy path and the comparator over TLS end to end: the loader into a
+/// MariaDB that refuses plain connections (`ssl-mode=VERIFY_CA`) while its
+/// replayer produces Kafka-fallback lines over TLS; ingest into PostgreSQL
+/// over verify-ca; `compare --once` reading Kafka, MariaDB and PostgreSQL over
+/// TLS. Then the refusals: a MariaDB CA that does not verify, and a Kafka CA
+/// that does not verify for both consumers, exit 2 naming TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loader_replayer_and_comparator_speak_tls_to_mariadb_postgres_and_kafka() {
+    use std::os::unix::fs::PermissionsExt;
+    let certs = tempfile::tempdir().unwrap();
+    let kafka_ca = make_ca(certs.path(), "kafka");
+    let other_ca = make_ca(certs.path(), "other");
+    let db_ca = make_ca(certs.path(), "db");
+    // mariadbd runs as `mysql` and must read its certificate and key.
+    std::fs::set_permissions(certs.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    for f in std::fs::read_dir(certs.path()).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let at = |f: &str| certs.path().join(f).display().to_string();
+    let server = ScratchMariadb::start(&[
+        &format!("--ssl-ca={}", db_ca.display()),
+        &format!("--ssl-cert={}", at("db-server.pem")),
+        &format!("--ssl-key={}", at("db-server.key")),
+        "--require-secure-transport=ON",
+    ]);
+
+    let dirs = Dirs::new();
+    let tls_port = free_port();
+    let broker = Broker::start_advertising(tls_port);
+    let _stunnel = Terminator::start(certs.path(), "kafka", tls_port, broker.port);
+    let topic = unique("tlsold");
+    create_topic_behind(&broker, &topic, 2);
+    let cfg = config(&dirs, &topic);
+    let schema = cfg.schema().unwrap();
+    // sqlx prefers TLS by default, so the test's own connections get through.
+    let old = TestDb::mariadb_on(&server, &schema).await;
+    let plain = format!("{}?ssl-mode=DISABLED", old.url);
+    let (code, out) = switchyard(&["db", "init", "--db-url", &plain], &[]);
+    assert_eq!(code, 2, "the server takes plain connections? {out}");
+    let old_tls = format!("{}?ssl-mode=VERIFY_CA&ssl-ca={}", old.url, db_ca.display());
+    let new = TestDb::postgres(&schema).await;
+    let new_tls = format!("{}?sslmode=verify-ca&sslrootcert={SNAKEOIL}", new.url);
+
+    // 30 payloads dual-written over TLS, then 5 Kafka-only ones that fall
+    // back to the offline file (a CA that does not verify the broker).
+    set_flag(&dirs.flags, "switchyard-dual-write", json!(100));
+    let mut opts = options(cfg.clone(), &broker.brokers());
+    opts.kafka_extra = tls_props(&kafka_ca);
+    let router = InProcess::start_opts(opts).await;
+    let dual: Vec<_> = (0..30u64).map(|seq| envelope(seq % 7, seq, 300)).collect();
+    let (status, v) = post_ndjson(&router.url(), ndjson(&dual)).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["fallbacks"].as_u64(), Some(0), "{v}");
+    router.stop().await;
+    set_flag(&dirs.flags, "switchyard-kafka-only", json!(100));
+    let mut cfg_bad = cfg.clone();
+    cfg_bad.kafka.delivery_timeout_ms = 1_500;
+    let mut opts = options(cfg_bad, &broker.brokers());
+    opts.kafka_extra = tls_props(&other_ca);
+    let router = InProcess::start_opts(opts).await;
+    let fallen: Vec<_> = (100..105u64).map(|seq| envelope(seq, seq, 300)).collect();
+    let (status, v) = post_ndjson(&router.url(), ndjson(&fallen)).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["fallbacks"].as_u64(), Some(5), "{v}");
+    router.stop().await;
+
+    // The loader: dual lines into MariaDB over verified TLS, the fallback
+    // lines replayed to Kafka over TLS.
+    let kafka_tls = |ca: &Path| -> Vec<String> {
+        tls_props(ca)
+            .into_iter()
+            .flat_map(|(k, v)| ["--kafka-config".to_string(), format!("{k}={v}")])
+            .collect()
+    };
+    let mut load: Vec<String> = [
+        "load",
+        "--once",
+        "--db-url",
+        &old_tls,
+        "--offline-dir",
+        dirs.offline.to_str().unwrap(),
+        "--kafka-brokers",
+        &broker.brokers(),
+        "--kafka-topic",
+        &topic,
+    ]
+    .map(String::from)
+    .to_vec();
+    load.extend(kafka_tls(&kafka_ca));
+    let load: Vec<&str> = load.iter().map(String::as_str).collect();
+    let status = Role::run_to_end(&load, Duration::from_secs(120));
+    assert!(status.success(), "load over TLS: {status}");
+    assert_eq!(old.count().await, 30);
+
+    // ingest over TLS into PostgreSQL over verify-ca: the 30 dual-written
+    // messages and the 5 replayed ones.
+    let m = IngestMetrics::new(&prometheus::Registry::new()).unwrap();
+    let s = ingest::run(
+        IngestOptions {
+            brokers: broker.brokers(),
+            topics: vec![topic.clone()],
+            group: unique("g"),
+            batch_size: 100,
+            consumer_timeout: Duration::from_millis(100),
+            extra: tls_props(&kafka_ca),
+            idle_exit: Some(Duration::from_secs(2)),
+        },
+        &schema,
+        &switchyard::db::Db::connect(&new_tls, 2).unwrap(),
+        m,
+        Health::default(),
+        CancellationToken::new(),
+    )
+    .await
+    .expect("ingest over TLS");
+    assert_eq!(s.inserted, 35);
+
+    // The comparator, over TLS to all three: parity holds.
+    let compare = |ca: &Path, old_url: &str| -> (i32, String) {
+        let mut args: Vec<String> = [
+            "compare",
+            "--once",
+            "--old-db-url",
+            old_url,
+            "--new-db-url",
+            &new_tls,
+            "--kafka-brokers",
+            &broker.brokers(),
+            "--kafka-topic",
+            &topic,
+            "--kafka-group",
+            &unique("cmp"),
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(kafka_tls(ca));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        switchyard(&args, &[])
+    };
+    let (code, out) = compare(&kafka_ca, &old_tls);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ok"), "{out}");
+
+    // Refusals exit 2 and name TLS: MariaDB's certificate against another CA…
+    let bad_old = format!(
+        "{}?ssl-mode=VERIFY_CA&ssl-ca={}",
+        old.url,
+        other_ca.display()
+    );
+    let (code, out) = switchyard(&["db", "init", "--db-url", &bad_old], &[]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("TLS") || out.to_lowercase().contains("certificate"),
+        "{out}"
+    );
+    // …and the broker's against another CA, for both consumers.
+    let (code, out) = compare(&other_ca, &old_tls);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("refused the connection (TLS or SASL)"),
+        "{out}"
+    );
+    let mut ingest_args: Vec<String> = [
+        "ingest",
+        "--db-url",
+        &new_tls,
+        "--kafka-brokers",
+        &broker.brokers(),
+        "--kafka-topics",
+        &topic,
+        "--kafka-group",
+        &unique("g"),
+    ]
+    .map(String::from)
+    .to_vec();
+    ingest_args.extend(kafka_tls(&other_ca));
+    let ingest_args: Vec<&str> = ingest_args.iter().map(String::as_str).collect();
+    let (code, out) = switchyard(&ingest_args, &[]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("refused the connection (TLS or SASL)"),
+        "{out}"
+    );
+}
+
+fn sasl_props(ca: &Path, mechanism: &str, user: &str, password: &str) -> Vec<(String, String)> {
+    let mut props = tls_props(ca);
+    props[0].1 = "SASL_SSL".into();
+    props.extend([
+        ("sasl.mechanism".into(), mechanism.into()),
+        ("sasl.username".into(), user.into()),
+        ("sasl.password".into(), password.into()),
+    ]);
+    props
+}
+
+/// SASL/SCRAM over TLS end to end, as Amazon MSK and Aiven run it: tansu
+/// requiring SCRAM behind the TLS terminator; the router produces with
+/// SCRAM-SHA-512 and ingest consumes with SCRAM-SHA-256, the password read
+/// from a properties file. A password the broker does not know stops ingest
+/// with exit 2, naming the refusal and not the password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sasl_scram_over_tls_end_to_end() {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = make_ca(certs.path(), "kafka");
+    let tls_port = free_port();
+    let topic = unique("sasl");
+    let broker = Broker::start_sasl(tls_port, &[("alice", "alice-s3cret")], &[(&topic, 2)]);
+    let _stunnel = Terminator::start(certs.path(), "kafka", tls_port, broker.port);
+
+    let dirs = Dirs::new();
+    let cfg = config(&dirs, &topic);
+    let schema = cfg.schema().unwrap();
+    set_flag(&dirs.flags, "switchyard-kafka-only", json!(100));
+    let mut opts = options(cfg.clone(), &broker.brokers());
+    opts.kafka_extra = sasl_props(&ca, "SCRAM-SHA-512", "alice", "alice-s3cret");
+    let router = InProcess::start_opts(opts).await;
+    let sent: Vec<_> = (0..20u64).map(|seq| envelope(seq % 5, seq, 200)).collect();
+    let (status, v) = post_ndjson(&router.url(), ndjson(&sent)).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        (v["kafka"].as_u64(), v["fallbacks"].as_u64()),
+        (Some(20), Some(0)),
+        "{v}"
+    );
+    router.stop().await;
+
+    let new = TestDb::postgres(&schema).await;
+    let props = |password: &str| -> PathBuf {
+        let path = certs.path().join(format!("{password}.properties"));
+        let text: String = sasl_props(&ca, "SCRAM-SHA-256", "alice", password)
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}\n"))
+            .collect();
+        std::fs::write(&path, format!("# mounted secret\n{text}")).unwrap();
+        path
+    };
+    let ingest = |props: &Path| -> (i32, String) {
+        switchyard(
+            &[
+                "ingest",
+                "--db-url",
+                &new.url,
+                "--kafka-brokers",
+                &broker.brokers(),
+                "--kafka-topics",
+                &topic,
+                "--kafka-group",
+                &unique("g"),
+                "--kafka-config-file",
+                props.to_str().unwrap(),
+                "--idle-exit",
+                "2",
+            ],
+            &[],
+        )
+    };
+    let (code, out) = ingest(&props("alice-s3cret"));
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(new.count().await, 20);
+
+    let (code, out) = ingest(&props("not-alices-password"));
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("refused the connection (TLS or SASL)"),
+        "{out}"
+    );
+    assert!(!out.contains("not-alices-password"), "{out}");
+}
+
+/// What the build of librdkafka supports, whatever broker is at hand: every
+/// SASL mechanism the README promises can be configured, each compression
+/// codec too, and Kerberos is refused (not built) rather than failing later.
+#[test]
+fn the_built_librdkafka_offers_the_promised_mechanisms_and_codecs() {
+    use rdkafka::consumer::BaseConsumer;
+    let make = |props: &[(&str, &str)]| -> Result<BaseConsumer, String> {
+        let mut cfg = rdkafka::ClientConfig::new();
+        cfg.set("bootstrap.servers", "127.0.0.1:9")
+            .set("group.id", "build-check");
+        for (k, v) in props {
+            cfg.set(*k, *v);
+        }
+        cfg.create().map_err(|e| e.to_string())
+    };
+    for mechanism in ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] {
+        let mut props = vec![
+            ("security.protocol", "SASL_SSL"),
+            ("sasl.mechanism", mechanism),
+            ("sasl.username", "u"),
+            ("sasl.password", "p"),
+        ];
+        if mechanism == "OAUTHBEARER" {
+            props.truncate(2);
+            props.push(("enable.sasl.oauthbearer.unsecure.jwt", "true"));
+        }
+        if let Err(e) = make(&props) {
+            panic!("{mechanism}: {e}");
+        }
+    }
+    let gssapi = make(&[
+        ("security.protocol", "SASL_SSL"),
+        ("sasl.mechanism", "GSSAPI"),
+    ]);
+    assert!(gssapi.is_err(), "GSSAPI is not built");
+    for codec in ["gzip", "snappy", "lz4", "zstd"] {
+        let mut cfg = rdkafka::ClientConfig::new();
+        cfg.set("bootstrap.servers", "127.0.0.1:9")
+            .set("compression.type", codec);
+        let made: Result<rdkafka::producer::BaseProducer, _> = cfg.create();
+        if let Err(e) = made {
+            panic!("{codec}: {e}");
+        }
+    }
 }

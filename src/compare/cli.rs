@@ -38,6 +38,13 @@ pub struct CompareArgs {
     /// The NEW database URL.
     #[arg(long, env = "SWITCHYARD_NEW_DB_URL", hide_env_values = true)]
     new_db_url: String,
+    /// A file holding the OLD database's password (a mounted secret), for an
+    /// --old-db-url without one.
+    #[arg(long, env = "SWITCHYARD_OLD_DB_PASSWORD_FILE")]
+    old_db_password_file: Option<PathBuf>,
+    /// A file holding the NEW database's password, for a --new-db-url without one.
+    #[arg(long, env = "SWITCHYARD_NEW_DB_PASSWORD_FILE")]
+    new_db_password_file: Option<PathBuf>,
     /// Window width, in units of the time column (seconds).
     #[arg(long, default_value_t = 60)]
     window_secs: i64,
@@ -91,8 +98,18 @@ fn run(args: CompareArgs) -> Exit {
     let kafka_extra = args.kafka.props()?;
     let cfg = config(args.config.as_deref())?;
     let schema = cfg.schema().map_err(|e| usage(format!("schema: {e}")))?;
-    let old = Db::connect(&args.old_db_url, 4).map_err(usage)?;
-    let new = Db::connect(&args.new_db_url, 4).map_err(usage)?;
+    let old_url = with_password_file(
+        &args.old_db_url,
+        "old-db-password-file",
+        &args.old_db_password_file,
+    )?;
+    let new_url = with_password_file(
+        &args.new_db_url,
+        "new-db-password-file",
+        &args.new_db_password_file,
+    )?;
+    let old = Db::connect(&old_url, 4).map_err(usage)?;
+    let new = Db::connect(&new_url, 4).map_err(usage)?;
     if args.window_secs <= 0 {
         return Err(usage("--window-secs must be positive"));
     }
@@ -114,10 +131,7 @@ fn run(args: CompareArgs) -> Exit {
         let metrics = metrics_or_exit(CompareMetrics::new(&registry))?;
         let shutdown = CancellationToken::new();
         crate::shutdown::cancel_on_signal(shutdown.clone());
-        let dbs = [
-            (&old, args.old_db_url.as_str()),
-            (&new, args.new_db_url.as_str()),
-        ];
+        let dbs = [(&old, old_url.as_str()), (&new, new_url.as_str())];
         if !wait_databases(&dbs, &schema, &shutdown).await? {
             return Ok(ExitCode::SUCCESS);
         }
@@ -126,8 +140,12 @@ fn run(args: CompareArgs) -> Exit {
             let from = args.from.unwrap_or(i64::MIN);
             let to = args.to.unwrap_or(i64::MAX);
             let p = cmp.once(from, to).await.map_err(|e| {
-                eprintln!("switchyard: compare: {e}");
-                ExitCode::from(3)
+                if is_config(&e) {
+                    usage(format!("compare: {e}"))
+                } else {
+                    eprintln!("switchyard: compare: {e}");
+                    ExitCode::from(3)
+                }
             })?;
             if args.json {
                 match serde_json::to_string_pretty(&p) {
@@ -147,13 +165,31 @@ fn run(args: CompareArgs) -> Exit {
         let admin_port = AdminPort::start(args.admin_listen, router).await?;
         let res = match cmp.run(shutdown).await {
             Ok(()) => Ok(ExitCode::SUCCESS),
-            Err(e @ (CompareError::Topic { .. } | CompareError::Config(_))) => {
-                Err(usage(format!("compare: {e}")))
-            }
-            Err(CompareError::Db(e)) if e.is_config() => Err(usage(format!("compare: {e}"))),
+            Err(e) if is_config(&e) => Err(usage(format!("compare: {e}"))),
             Err(e) => Err(failure(format!("compare: {e}"))),
         };
         admin_port.finish().await;
         res
     })
+}
+
+/// Errors that exit 2: a topic that cannot be read, a refused TLS or SASL
+/// handshake, a consumer or database configuration to fix.
+fn is_config(e: &CompareError) -> bool {
+    match e {
+        CompareError::Topic { .. } | CompareError::Config(_) | CompareError::Refused { .. } => true,
+        CompareError::Db(e) => e.is_config(),
+    }
+}
+
+/// The URL with the password read from `file` put into it, when one is given.
+fn with_password_file(url: &str, flag: &str, file: &Option<PathBuf>) -> Result<String, ExitCode> {
+    match file {
+        None => Ok(url.to_string()),
+        Some(path) => {
+            let password = crate::cli::secret_file(flag, path)?;
+            crate::db::url_with_password(url, &password)
+                .map_err(|e| usage(format!("--{flag}: {e}")))
+        }
+    }
 }

@@ -65,6 +65,11 @@ pub enum CompareError {
         brokers: String,
         message: String,
     },
+    #[error("the Kafka brokers {brokers} refused the connection (TLS or SASL): {source}")]
+    Refused {
+        brokers: String,
+        source: rdkafka::error::KafkaError,
+    },
     #[error(transparent)]
     Db(#[from] DbError),
 }
@@ -341,6 +346,13 @@ impl Comparator {
             .map_err(CompareError::Config)
     }
 
+    fn refused(&self, source: rdkafka::error::KafkaError) -> CompareError {
+        CompareError::Refused {
+            brokers: self.opts.brokers.clone(),
+            source,
+        }
+    }
+
     /// Assigns every partition of the topic from its beginning; returns the
     /// partitions' end offsets at that moment.
     async fn assign_all(
@@ -376,8 +388,20 @@ impl Comparator {
             Ok(ends)
         })
         .await
-        .map_err(|e| topic_err(e.to_string()))?
-        .map_err(topic_err)?;
+        .map_err(|e| topic_err(e.to_string()))?;
+        let ends = match ends {
+            Ok(ends) => ends,
+            Err(message) => {
+                // A refused TLS or SASL handshake waits in the consumer's
+                // queue: name it rather than the timeout it caused.
+                if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(1), c.recv()).await {
+                    if crate::kafka::is_refusal(&e) {
+                        return Err(self.refused(e));
+                    }
+                }
+                return Err(topic_err(message));
+            }
+        };
         let mut tpl = TopicPartitionList::new();
         for p in ends.keys() {
             tpl.add_partition_offset(&self.opts.topic, *p, Offset::Beginning)
@@ -435,6 +459,7 @@ impl Comparator {
                     }
                     self.observe_message(&m, now);
                 }
+                Err(e) if crate::kafka::is_refusal(&e) => return Err(self.refused(e)),
                 Err(e) => {
                     tracing::debug!(error = %e, "comparator consumer error");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -467,7 +492,11 @@ impl Comparator {
                     message: "no message for 30 s before reaching the end of the topic".into(),
                 });
             };
-            let Ok(m) = m else { continue };
+            let m = match m {
+                Ok(m) => m,
+                Err(e) if crate::kafka::is_refusal(&e) => return Err(self.refused(e)),
+                Err(_) => continue,
+            };
             self.observe_message(&m, now_unix());
             if remaining
                 .get(&m.partition())

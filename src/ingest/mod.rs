@@ -53,6 +53,11 @@ pub enum IngestError {
     Config(rdkafka::error::KafkaError),
     #[error("topic {topic:?} does not exist on {brokers}")]
     TopicMissing { topic: String, brokers: String },
+    #[error("the Kafka brokers {brokers} refused the connection (TLS or SASL): {source}")]
+    Refused {
+        brokers: String,
+        source: rdkafka::error::KafkaError,
+    },
     #[error(transparent)]
     Db(#[from] DbError),
 }
@@ -151,6 +156,12 @@ pub async fn run(
                 };
                 batch.push(msg);
                 deadline.get_or_insert_with(|| Instant::now() + opts.consumer_timeout);
+            }
+            Ok(Err(e)) if crate::kafka::is_refusal(&e) => {
+                return Err(IngestError::Refused {
+                    brokers: opts.brokers.clone(),
+                    source: e,
+                });
             }
             Ok(Err(e)) => {
                 consumer.context().report_error(&e);

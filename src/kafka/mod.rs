@@ -166,6 +166,17 @@ fn refused(code: RDKafkaErrorCode) -> bool {
     )
 }
 
+/// A TLS handshake the client refused (a certificate that does not verify, no
+/// shared protocol) or SASL credentials the broker refused: configuration to
+/// fix, never an outage to wait out. librdkafka reports a connection lost
+/// during the handshake as a transport error, not as these.
+pub fn is_refusal(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::SSL | RDKafkaErrorCode::Authentication)
+    )
+}
+
 fn error_kind(e: &KafkaError) -> &'static str {
     match e.rdkafka_error_code() {
         Some(RDKafkaErrorCode::MessageTimedOut) => "timeout",
@@ -476,6 +487,21 @@ mod tests {
         assert!(check("request.required.acks", "0").is_err());
         assert!(check("enable.idempotence", "false").is_err());
         assert!(check("acks", "ALL").is_ok());
+    }
+
+    #[test]
+    fn tls_and_sasl_refusals_are_configuration() {
+        use rdkafka::error::KafkaError as E;
+        assert!(is_refusal(&E::MessageConsumption(RDKafkaErrorCode::SSL)));
+        assert!(is_refusal(&E::Global(RDKafkaErrorCode::Authentication)));
+        assert!(is_refusal(&E::MessageConsumptionFatal(
+            RDKafkaErrorCode::SSL
+        )));
+        assert!(!is_refusal(&E::MessageConsumption(
+            RDKafkaErrorCode::BrokerTransportFailure
+        )));
+        assert!(!is_refusal(&E::Global(RDKafkaErrorCode::AllBrokersDown)));
+        assert!(!is_refusal(&E::PartitionEOF(0)));
     }
 
     #[test]

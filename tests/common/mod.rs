@@ -69,6 +69,8 @@ pub struct Broker {
     advertised: u16,
     child: Option<Child>,
     storage: String,
+    /// Started with `--authentication` (SASL/SCRAM required).
+    authentication: bool,
     _dir: tempfile::TempDir,
 }
 
@@ -99,6 +101,7 @@ impl Broker {
             advertised: port,
             child: None,
             storage,
+            authentication: false,
             _dir: dir,
         };
         b.resume();
@@ -113,8 +116,57 @@ impl Broker {
             advertised: proxy_port,
             child: None,
             storage: "memory://tansu/".to_string(),
+            authentication: false,
             _dir: tempfile::tempdir().expect("tempdir"),
         };
+        b.resume();
+        b
+    }
+
+    /// A broker that requires SASL/SCRAM (SHA-256 and SHA-512) of every
+    /// client, for the `users` given, and tells clients to reach it through
+    /// `proxy_port` (a TLS terminator). tansu keeps SCRAM credentials only in
+    /// its SQLite or PostgreSQL storage, and refuses to store them from an
+    /// unauthenticated client once authentication is on: the users and the
+    /// `topics` are made first, then the broker restarts with
+    /// `--authentication`.
+    pub fn start_sasl(proxy_port: u16, users: &[(&str, &str)], topics: &[(&str, u32)]) -> Broker {
+        let mut b = Self::start_persistent();
+        for (topic, partitions) in topics {
+            let out = Command::new(tansu_bin())
+                .args([
+                    "topic",
+                    "create",
+                    topic,
+                    "--partitions",
+                    &partitions.to_string(),
+                ])
+                .args(["--broker", &format!("tcp://127.0.0.1:{}", b.port)])
+                .output()
+                .expect("tansu topic create");
+            assert!(
+                out.status.success(),
+                "tansu topic create {topic}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        for (user, password) in users {
+            for mechanism in ["scram256", "scram512"] {
+                let out = Command::new(tansu_bin())
+                    .args(["user", "create", user, password, "--mechanism", mechanism])
+                    .args(["--broker", &format!("tcp://127.0.0.1:{}", b.port)])
+                    .output()
+                    .expect("tansu user create");
+                assert!(
+                    out.status.success(),
+                    "tansu user create {user}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        b.stop();
+        b.advertised = proxy_port;
+        b.authentication = true;
         b.resume();
         b
     }
@@ -146,6 +198,7 @@ impl Broker {
                 "--storage-engine",
                 &self.storage,
             ])
+            .args(self.authentication.then_some("--authentication"))
             .env("RUST_LOG", "warn")
             .current_dir(self._dir.path())
             .stdout(Stdio::null())
