@@ -13,6 +13,7 @@ pub struct CompareMetrics {
     pub rows_verified: IntCounter,
     pub check_seconds: Histogram,
     pub check_errors: IntCounter,
+    pub acks: IntCounter,
     pub expected: IntGaugeVec,
     pub found: IntGaugeVec,
     pub missing: IntGaugeVec,
@@ -58,6 +59,11 @@ impl CompareMetrics {
                 "switchyard_compare_check_errors_total",
                 "Passes that failed (a database unreachable)",
             )?,
+            acks: counter(
+                reg,
+                "switchyard_compare_acks_total",
+                "Mismatched windows acknowledged by a person (POST /parity/ack)",
+            )?,
             expected: gauge_vec(
                 "switchyard_compare_expected_rows",
                 "Rows expected in checked windows, by table and database",
@@ -80,7 +86,7 @@ impl CompareMetrics {
             )?,
             windows: gauge_vec(
                 "switchyard_compare_windows",
-                "Windows held, by table and status (open, ok, pending, mismatch)",
+                "Windows held, by table and status (open, ok, pending, mismatch, acknowledged)",
                 &["table", "status"],
             )?,
             parity_ratio: fgauge_vec(

@@ -28,7 +28,7 @@ use crate::schema::{ColumnType, Schema, Table};
 pub use metrics::CompareMetrics;
 
 pub use report::{Parity, TableParity, WindowReport};
-use state::{judge, verdict, Sent, Status, Windows};
+use state::{judge, verdict, AckError, Sent, Snapshot, Status, Windows};
 
 /// How the comparator runs.
 #[derive(Debug, Clone)]
@@ -82,22 +82,55 @@ fn now_unix() -> f64 {
 }
 
 /// `GET /parity[?from=T&to=T]`: the last report, optionally only the windows
-/// overlapping `[from, to)`.
+/// overlapping `[from, to)`. `POST /parity/ack?table=T&window=START[&by=WHO]`
+/// acknowledges a mismatched window: 200, 404 for no such window, 409 for a
+/// window that is not mismatched.
 pub fn parity_router(cmp: Arc<Comparator>) -> axum::Router {
     use axum::extract::{Query, State};
+    use axum::http::StatusCode;
     #[derive(serde::Deserialize)]
     struct Range {
         from: Option<i64>,
         to: Option<i64>,
     }
+    #[derive(serde::Deserialize)]
+    struct AckQuery {
+        table: String,
+        window: i64,
+        by: Option<String>,
+    }
     async fn parity(
         State(cmp): State<Arc<Comparator>>,
         Query(r): Query<Range>,
     ) -> axum::Json<Parity> {
-        axum::Json(cmp.parity().between(r.from, r.to))
+        axum::Json(match (r.from, r.to) {
+            (None, None) => cmp.parity(),
+            (from, to) => cmp.parity_between(from.unwrap_or(i64::MIN), to.unwrap_or(i64::MAX)),
+        })
+    }
+    async fn ack(
+        State(cmp): State<Arc<Comparator>>,
+        Query(q): Query<AckQuery>,
+    ) -> (StatusCode, axum::Json<Value>) {
+        let by = q.by.as_deref().unwrap_or("unknown");
+        match cmp.ack(&q.table, q.window, by) {
+            Ok(()) => (
+                StatusCode::OK,
+                axum::Json(serde_json::json!({"acknowledged": {"table": q.table, "window": q.window, "by": by}})),
+            ),
+            Err(AckError::NoSuchWindow) => (
+                StatusCode::NOT_FOUND,
+                axum::Json(serde_json::json!({"error": format!("no window of table {:?} starts at {}", q.table, q.window)})),
+            ),
+            Err(AckError::NotMismatched(status)) => (
+                StatusCode::CONFLICT,
+                axum::Json(serde_json::json!({"error": format!("the window is {}, not a mismatch", status.as_str())})),
+            ),
+        }
     }
     axum::Router::new()
         .route("/parity", axum::routing::get(parity))
+        .route("/parity/ack", axum::routing::post(ack))
         .with_state(cmp)
 }
 
@@ -112,11 +145,10 @@ pub struct Comparator {
     parity: RwLock<Parity>,
 }
 
-/// A window to check, copied out of the lock: every key, and the dual ones.
+/// A window to check, copied out of the lock.
 struct DueWindow {
     key: (String, i64),
-    all: Vec<String>,
-    dual: Vec<String>,
+    snap: Snapshot,
 }
 
 /// A message as the comparator reads it.
@@ -166,6 +198,30 @@ impl Comparator {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// The report over the windows overlapping `[from, to)` only, from every
+    /// window held (the rollout controller asks about the windows written
+    /// during one step, however many there are).
+    pub fn parity_between(&self, from: i64, to: i64) -> Parity {
+        let ws = self.windows();
+        report::build(
+            &ws,
+            &self.schema,
+            now_unix(),
+            self.opts.settle.as_secs_f64(),
+            Some((from, to)),
+        )
+    }
+
+    /// Acknowledges a mismatched window: it stops counting in the overall
+    /// verdict (a known, accepted difference) and may be forgotten.
+    pub fn ack(&self, table: &str, start: i64, by: &str) -> Result<(), AckError> {
+        self.windows().ack(table, start, by, now_unix())?;
+        self.metrics.acks.inc();
+        tracing::warn!(table, window_start = start, by, "mismatch acknowledged");
+        self.publish(now_unix());
+        Ok(())
     }
 
     /// Records one message. Returns false for a message it cannot read.
@@ -233,33 +289,27 @@ impl Comparator {
                                 (Some(c), _) => now - c.at >= recheck,
                             })
                 })
-                .map(|(k, w)| {
-                    let all: Vec<String> = w.rows.keys().cloned().collect();
-                    let dual: Vec<String> = w
-                        .rows
-                        .iter()
-                        .filter(|(_, e)| e.sent == Sent::Dual)
-                        .map(|(k, _)| k.clone())
-                        .collect();
-                    DueWindow {
-                        key: k.clone(),
-                        all,
-                        dual,
-                    }
+                .map(|(k, w)| DueWindow {
+                    key: k.clone(),
+                    snap: w.snapshot(),
                 })
                 .collect()
         };
         let mut verified = 0u64;
         for DueWindow {
             key: (table_name, start),
-            all,
-            dual,
+            snap,
         } in todo
         {
             let Some(table) = self.schema.table(&table_name) else {
                 continue;
             };
-            let dual_refs: Vec<&str> = dual.iter().map(String::as_str).collect();
+            let dual_refs: Vec<&str> = snap
+                .rows
+                .iter()
+                .filter(|(_, e)| e.sent == Sent::Dual)
+                .map(|(k, _)| k.as_str())
+                .collect();
             let end = start + self.opts.window_secs;
             let (found_new, found_old) = tokio::try_join!(
                 // NEW holds little else than what the stream announced: one
@@ -280,39 +330,42 @@ impl Comparator {
                 },
             )?;
             let in_new = found_new.len() as i64;
-            verified += (all.len() + dual.len()) as u64;
+            verified += (snap.rows.len() + dual_refs.len()) as u64;
             let check_now = now_unix();
-            let mut ws = self.windows();
-            let Some(w) = ws.map.get_mut(&(table_name.clone(), start)) else {
-                continue;
-            };
-            let c = judge(
-                w,
+            let j = judge(
+                &snap,
                 &found_old,
                 &found_new,
                 in_new,
                 self.opts.max_ids,
                 check_now,
             );
+            let mut ws = self.windows();
+            let Some(w) = ws.map.get_mut(&(table_name.clone(), start)) else {
+                continue;
+            };
             let due = *w.due.get_or_insert(w.due_at(settle).min(check_now));
             let lateness = if force {
                 0.0
             } else {
                 self.opts.max_lateness.as_secs_f64()
             };
-            let missing = c.missing_old + c.missing_new;
-            // Rows added since the snapshot stay unjudged until the next pass.
-            let status = verdict(missing, w.was_ok, check_now, due, lateness);
+            let status = verdict(
+                j.missing(),
+                j.loss,
+                j.earliest_missing,
+                check_now,
+                due,
+                lateness,
+            );
+            let c = &j.checked;
             if status == Status::Mismatch && w.status != Status::Mismatch {
                 tracing::warn!(table = %table_name, window_start = start, missing_old = c.missing_old,
-                    missing_new = c.missing_new, ids_new = ?c.missing_ids_new.iter().take(5).collect::<Vec<_>>(),
+                    missing_new = c.missing_new, lost = j.loss, ids_new = ?c.missing_ids_new.iter().take(5).collect::<Vec<_>>(),
                     ids_old = ?c.missing_ids_old.iter().take(5).collect::<Vec<_>>(), "parity mismatch");
             }
-            if status == Status::Ok {
-                w.was_ok = true;
-            }
-            w.status = status;
-            w.last = Some(c);
+            w.settle_check(&snap, &j, status);
+            w.last = Some(j.checked);
         }
         self.metrics.rows_verified.inc_by(verified);
         self.metrics
@@ -326,7 +379,7 @@ impl Comparator {
     fn publish(&self, now: f64) {
         let parity = {
             let ws = self.windows();
-            report::build(&ws, &self.schema, now, self.opts.settle.as_secs_f64())
+            report::build(&ws, &self.schema, now, self.opts.settle.as_secs_f64(), None)
         };
         self.metrics.set(&parity, &self.schema);
         *self.parity.write().unwrap_or_else(|p| p.into_inner()) = parity;
@@ -354,18 +407,18 @@ impl Comparator {
     }
 
     /// Assigns every partition of the topic from its beginning; returns the
-    /// partitions' end offsets at that moment.
+    /// partitions' (low, high) watermarks at that moment.
     async fn assign_all(
         &self,
         c: &Arc<StreamConsumer<QuietContext>>,
-    ) -> Result<HashMap<i32, i64>, CompareError> {
+    ) -> Result<HashMap<i32, (i64, i64)>, CompareError> {
         let topic_err = |message: String| CompareError::Topic {
             topic: self.opts.topic.clone(),
             brokers: self.opts.brokers.clone(),
             message,
         };
         let (cc, topic) = (c.clone(), self.opts.topic.clone());
-        let ends = tokio::task::spawn_blocking(move || -> Result<HashMap<i32, i64>, String> {
+        let ends = tokio::task::spawn_blocking(move || -> Result<HashMap<i32, (i64, i64)>, String> {
             let timeout = rdkafka::util::Timeout::After(Duration::from_secs(10));
             let md = cc
                 .fetch_metadata(Some(&topic), timeout)
@@ -380,10 +433,10 @@ impl Comparator {
             }
             let mut ends = HashMap::new();
             for p in t.partitions() {
-                let (_, hi) = cc
+                let marks = cc
                     .fetch_watermarks(&topic, p.id(), timeout)
                     .map_err(|e| e.to_string())?;
-                ends.insert(p.id(), hi);
+                ends.insert(p.id(), marks);
             }
             Ok(ends)
         })
@@ -475,7 +528,13 @@ impl Comparator {
     pub async fn once(self: &Arc<Self>, from: i64, to: i64) -> Result<Parity, CompareError> {
         let consumer = Arc::new(self.consumer()?);
         let ends = self.assign_all(&consumer).await?;
-        let mut remaining: HashMap<i32, i64> = ends.into_iter().filter(|(_, hi)| *hi > 0).collect();
+        // A partition whose retained log is empty (low = high, whatever
+        // the offset) has nothing to read.
+        let mut remaining: HashMap<i32, i64> = ends
+            .into_iter()
+            .filter(|(_, (lo, hi))| hi > lo)
+            .map(|(p, (_, hi))| (p, hi))
+            .collect();
         // Up to every partition's end, then on until the topic has been quiet
         // for a second: a broker whose high watermark lags its log (tansu's
         // memory engine does) must not cut the read short.

@@ -5,8 +5,11 @@ use std::fmt::Write;
 
 use serde::Serialize;
 
-use super::state::{Checked, Status, Windows};
+use super::state::{Ack, Checked, Status, Windows};
 use crate::schema::Schema;
+
+/// The window count label of a mismatch someone acknowledged.
+const ACKNOWLEDGED: &str = "acknowledged";
 
 /// Windows listed per table in the report, newest first.
 const MAX_WINDOWS: usize = 500;
@@ -16,6 +19,9 @@ pub struct WindowReport {
     pub start: i64,
     pub end: i64,
     pub status: Status,
+    /// Who acknowledged the mismatch, if someone did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acked: Option<Ack>,
     /// Rows the stream announced for this window.
     pub rows: usize,
     pub check: Option<Checked>,
@@ -43,8 +49,8 @@ pub struct TableParity {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Parity {
-    /// The worst verdict of any checked window: ok, pending, mismatch (open
-    /// when nothing was checked yet).
+    /// The worst verdict of any checked window not acknowledged: ok,
+    /// pending, mismatch (open when nothing was checked yet).
     pub status: Status,
     pub generated_at: f64,
     pub tables: Vec<TableParity>,
@@ -68,7 +74,15 @@ fn ratio(found: usize, expected: usize) -> f64 {
     }
 }
 
-pub fn build(ws: &Windows, schema: &Schema, now: f64, settle: f64) -> Parity {
+/// The report over every window held, or only those overlapping `range`
+/// (`[from, to)` of the time column).
+pub fn build(
+    ws: &Windows,
+    schema: &Schema,
+    now: f64,
+    settle: f64,
+    range: Option<(i64, i64)>,
+) -> Parity {
     let mut tables: Vec<TableParity> = schema
         .tables()
         .iter()
@@ -76,18 +90,30 @@ pub fn build(ws: &Windows, schema: &Schema, now: f64, settle: f64) -> Parity {
             table: t.name.clone(),
             windows: [Status::Open, Status::Ok, Status::Pending, Status::Mismatch]
                 .iter()
-                .map(|s| (s.as_str(), 0))
+                .map(|s| s.as_str())
+                .chain([ACKNOWLEDGED])
+                .map(|s| (s, 0))
                 .collect(),
             ..TableParity::default()
         })
         .collect();
     let mut overall = Status::Open;
-    for w in ws.map.values().rev() {
+    let windows = ws
+        .map
+        .values()
+        .rev()
+        .filter(|w| range.is_none_or(|(from, to)| w.end > from && w.start < to));
+    for w in windows {
         let Some(t) = tables.iter_mut().find(|t| t.table == w.table) else {
             continue;
         };
-        *t.windows.entry(w.status.as_str()).or_default() += 1;
-        if w.status != Status::Open {
+        let label = if w.acked.is_some() {
+            ACKNOWLEDGED
+        } else {
+            w.status.as_str()
+        };
+        *t.windows.entry(label).or_default() += 1;
+        if w.status != Status::Open && w.acked.is_none() {
             overall = overall.max(w.status);
         }
         if let Some(c) = &w.last {
@@ -111,6 +137,7 @@ pub fn build(ws: &Windows, schema: &Schema, now: f64, settle: f64) -> Parity {
                 start: w.start,
                 end: w.end,
                 status: w.status,
+                acked: w.acked.clone(),
                 rows: w.rows.len(),
                 check: w.last.clone(),
             });
@@ -129,26 +156,6 @@ pub fn build(ws: &Windows, schema: &Schema, now: f64, settle: f64) -> Parity {
 }
 
 impl Parity {
-    /// Windows matching `[from, to)` only (the controller asks about the
-    /// windows written during one step).
-    pub fn between(&self, from: Option<i64>, to: Option<i64>) -> Parity {
-        let mut p = self.clone();
-        let mut overall = Status::Open;
-        for t in &mut p.tables {
-            t.details
-                .retain(|w| from.is_none_or(|f| w.end > f) && to.is_none_or(|e| w.start < e));
-            for w in &t.details {
-                if w.status != Status::Open {
-                    overall = overall.max(w.status);
-                }
-            }
-        }
-        if from.is_some() || to.is_some() {
-            p.status = overall;
-        }
-        p
-    }
-
     /// The one-shot table a person reads.
     pub fn table(&self) -> String {
         let mut out = String::new();
@@ -179,7 +186,11 @@ impl Parity {
                     "{:<16} {:>23}  {:<8} {:>15} {:>15} {:>15} {:>7}",
                     t.table,
                     format!("{}–{}", w.start, w.end),
-                    w.status.as_str(),
+                    if w.acked.is_some() {
+                        "acked"
+                    } else {
+                        w.status.as_str()
+                    },
                     e,
                     f,
                     m,

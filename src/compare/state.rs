@@ -44,13 +44,25 @@ impl Status {
     }
 }
 
-/// The verdict for a window that was just checked.
-/// `due` is when it became checkable; `was_ok` whether a check already found
-/// everything (then a missing row is a loss, not lateness).
-pub fn verdict(missing: usize, was_ok: bool, now: f64, due: f64, max_lateness: f64) -> Status {
+/// The verdict for the rows one check looked for.
+///
+/// `missing` rows were not found where they are due. A `loss` is a row that an
+/// earlier check had found and this one did not: a mismatch at once. Otherwise
+/// missing rows are late, not lost, until `max_lateness` after the later of
+/// the window's due time and the arrival of the earliest-announced missing row
+/// (`earliest_missing`): a row announced after the window was judged gets its
+/// own full allowance.
+pub fn verdict(
+    missing: usize,
+    loss: bool,
+    earliest_missing: f64,
+    now: f64,
+    due: f64,
+    max_lateness: f64,
+) -> Status {
     if missing == 0 {
         Status::Ok
-    } else if was_ok || now >= due + max_lateness {
+    } else if loss || now >= due.max(earliest_missing) + max_lateness {
         Status::Mismatch
     } else {
         Status::Pending
@@ -62,6 +74,24 @@ pub fn verdict(missing: usize, was_ok: bool, now: f64, due: f64, max_lateness: f
 pub struct Expected {
     pub group: String,
     pub sent: Sent,
+    /// Unix time the stream announced it (or raised it from Kafka-only to dual).
+    pub arrived: f64,
+    /// A check found it everywhere it is due: its absence later is a loss.
+    pub found: bool,
+}
+
+/// Who acknowledged a mismatched window, and when.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ack {
+    pub by: String,
+    pub at: f64,
+}
+
+/// Why a window could not be acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckError {
+    NoSuchWindow,
+    NotMismatched(Status),
 }
 
 /// The result of the last check of a window.
@@ -94,10 +124,15 @@ pub struct Window {
     /// Unix time the last row arrived (a window settles after its last row).
     pub last_arrival: f64,
     pub status: Status,
-    pub was_ok: bool,
+    /// Bumped whenever what is expected changes: a check judges the revision
+    /// it snapshot, and rows announced meanwhile wait for the next check.
+    pub revision: u64,
     /// Unix time the window became checkable, fixed at its first check.
     pub due: Option<f64>,
     pub last: Option<Checked>,
+    /// A person acknowledged the mismatch: it no longer counts in the overall
+    /// verdict and the window may be forgotten.
+    pub acked: Option<Ack>,
 }
 
 impl Window {
@@ -123,7 +158,8 @@ impl Windows {
     }
 
     /// Records a row the stream announced. A row seen again (a replay or a
-    /// redelivery) keeps its strongest expectation (dual over Kafka-only).
+    /// redelivery) keeps its strongest expectation (dual over Kafka-only); a
+    /// redelivery that changes nothing leaves the window as it was.
     pub fn expect(
         &mut self,
         table: &str,
@@ -144,41 +180,142 @@ impl Windows {
                 rows: HashMap::new(),
                 last_arrival: now,
                 status: Status::Open,
-                was_ok: false,
+                revision: 0,
                 due: None,
                 last: None,
+                acked: None,
             });
-        w.last_arrival = now;
-        let e = w.rows.entry(key).or_insert(Expected {
-            group: group.clone(),
-            sent,
-        });
-        if sent == Sent::Dual {
-            e.sent = Sent::Dual;
-        }
-        // New rows reopen the question for a window already judged.
-        if w.status == Status::Ok {
-            w.status = Status::Open;
+        let changed = match w.rows.get_mut(&key) {
+            None => {
+                w.rows.insert(
+                    key,
+                    Expected {
+                        group,
+                        sent,
+                        arrived: now,
+                        found: false,
+                    },
+                );
+                true
+            }
+            Some(e) if sent == Sent::Dual && e.sent == Sent::Kafka => {
+                // Now due in OLD too: not found there yet.
+                e.sent = Sent::Dual;
+                e.arrived = now;
+                e.found = false;
+                true
+            }
+            Some(_) => false,
+        };
+        if changed {
+            w.last_arrival = now;
+            w.revision += 1;
+            // New expectations reopen the question for a window judged ok.
+            if w.status == Status::Ok {
+                w.status = Status::Open;
+            }
         }
     }
 
-    /// Forgets windows whose last row arrived before `before`.
+    /// Forgets windows verified ok (or acknowledged) whose last row arrived
+    /// before `before`. Open and pending windows are kept until judged, and a
+    /// mismatch until it is resolved or acknowledged, whatever their age.
     pub fn prune(&mut self, before: f64) -> usize {
         let n = self.map.len();
-        self.map.retain(|_, w| w.last_arrival >= before);
+        self.map.retain(|_, w| {
+            let settled = w.status == Status::Ok || w.acked.is_some();
+            !(settled && w.last_arrival < before)
+        });
         n - self.map.len()
+    }
+
+    /// Acknowledges a mismatched window.
+    pub fn ack(&mut self, table: &str, start: i64, by: &str, now: f64) -> Result<(), AckError> {
+        let w = self
+            .map
+            .get_mut(&(table.to_string(), start))
+            .ok_or(AckError::NoSuchWindow)?;
+        if w.status != Status::Mismatch {
+            return Err(AckError::NotMismatched(w.status));
+        }
+        w.acked = Some(Ack {
+            by: by.to_string(),
+            at: now,
+        });
+        Ok(())
     }
 }
 
-/// Builds a window's check result from what each database holds.
+/// What a check looked for: the window's expectations at one revision.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub revision: u64,
+    pub rows: Vec<(String, Expected)>,
+}
+
+impl Window {
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            revision: self.revision,
+            rows: self
+                .rows
+                .iter()
+                .map(|(k, e)| (k.clone(), e.clone()))
+                .collect(),
+        }
+    }
+
+    /// Applies the verdict of a check of `snap`: rows found where due are
+    /// remembered as found (unless their expectation changed meanwhile), and a
+    /// window that changed since the snapshot is not ok until checked again.
+    /// An acknowledgement holds while the window stays mismatched.
+    pub fn settle_check(&mut self, snap: &Snapshot, j: &Judgement, status: Status) {
+        for (key, sent) in &j.found {
+            if let Some(e) = self.rows.get_mut(key) {
+                if e.sent == *sent {
+                    e.found = true;
+                }
+            }
+        }
+        let status = if status == Status::Ok && self.revision != snap.revision {
+            Status::Open
+        } else {
+            status
+        };
+        if status != Status::Mismatch {
+            self.acked = None;
+        }
+        self.status = status;
+    }
+}
+
+/// A check's findings about one snapshot.
+#[derive(Debug, Clone)]
+pub struct Judgement {
+    pub checked: Checked,
+    /// Keys found everywhere they were due at the snapshot.
+    pub found: Vec<(String, Sent)>,
+    /// A row found by an earlier check is missing now.
+    pub loss: bool,
+    /// The earliest arrival among the missing rows.
+    pub earliest_missing: f64,
+}
+
+impl Judgement {
+    pub fn missing(&self) -> usize {
+        self.checked.missing_old + self.checked.missing_new
+    }
+}
+
+/// Judges a snapshot against what each database holds.
 pub fn judge(
-    w: &Window,
+    snap: &Snapshot,
     found_old: &std::collections::HashSet<String>,
     found_new: &std::collections::HashSet<String>,
     in_new_by_time: i64,
     max_ids: usize,
     now: f64,
-) -> Checked {
+) -> Judgement {
     let mut c = Checked {
         at: now,
         ..Checked::default()
@@ -186,7 +323,10 @@ pub fn judge(
     let mut by_group: HashMap<&str, usize> = HashMap::new();
     let mut ids_old = Vec::new();
     let mut ids_new = Vec::new();
-    for (key, e) in &w.rows {
+    let mut found = Vec::new();
+    let mut loss = false;
+    let mut earliest_missing = f64::INFINITY;
+    for (key, e) in &snap.rows {
         let mut missing_here = false;
         c.expected_new += 1;
         if found_new.contains(key) {
@@ -208,6 +348,10 @@ pub fn judge(
         }
         if missing_here {
             *by_group.entry(e.group.as_str()).or_default() += 1;
+            loss |= e.found;
+            earliest_missing = earliest_missing.min(e.arrived);
+        } else {
+            found.push((key.clone(), e.sent));
         }
     }
     ids_old.sort();
@@ -224,7 +368,12 @@ pub fn judge(
     groups.truncate(5);
     c.worst_groups = groups;
     c.extra_new = (in_new_by_time - c.found_new as i64).max(0);
-    c
+    Judgement {
+        checked: c,
+        found,
+        loss,
+        earliest_missing,
+    }
 }
 
 #[cfg(test)]
@@ -236,13 +385,33 @@ mod tests {
         keys.iter().map(|k| k.to_string()).collect()
     }
 
+    fn w0(ws: &mut Windows) -> &mut Window {
+        ws.map.get_mut(&("t".to_string(), 0)).unwrap()
+    }
+
+    /// One check of window [0, 60) as the comparator runs it: snapshot,
+    /// judge, verdict, settle.
+    fn check(ws: &mut Windows, old: &[&str], new: &[&str], now: f64, lateness: f64) -> Status {
+        let w = w0(ws);
+        let snap = w.snapshot();
+        let j = judge(&snap, &set(old), &set(new), new.len() as i64, 10, now);
+        let due = *w.due.get_or_insert(now);
+        let status = verdict(j.missing(), j.loss, j.earliest_missing, now, due, lateness);
+        w.settle_check(&snap, &j, status);
+        w.status
+    }
+
     #[test]
     fn verdicts() {
-        assert_eq!(verdict(0, false, 100.0, 90.0, 60.0), Status::Ok);
-        assert_eq!(verdict(3, false, 100.0, 90.0, 60.0), Status::Pending);
-        assert_eq!(verdict(3, false, 150.0, 90.0, 60.0), Status::Mismatch);
+        let inf = f64::INFINITY;
+        assert_eq!(verdict(0, false, inf, 100.0, 90.0, 60.0), Status::Ok);
+        assert_eq!(verdict(3, false, 80.0, 100.0, 90.0, 60.0), Status::Pending);
+        assert_eq!(verdict(3, false, 80.0, 150.0, 90.0, 60.0), Status::Mismatch);
         // Found before, missing now: a loss, at once.
-        assert_eq!(verdict(1, true, 91.0, 90.0, 60.0), Status::Mismatch);
+        assert_eq!(verdict(1, true, 80.0, 91.0, 90.0, 60.0), Status::Mismatch);
+        // Announced long after the window was due: its own allowance.
+        assert_eq!(verdict(1, false, 140.0, 150.0, 90.0, 60.0), Status::Pending);
+        assert_eq!(verdict(1, false, 140.0, 200.0, 90.0, 60.0), Status::Mismatch);
     }
 
     #[test]
@@ -254,7 +423,8 @@ mod tests {
         assert_eq!(ws.map.len(), 1, "one window: [180, 240)");
         let w = &ws.map[&("t".to_string(), 180)];
         assert_eq!((w.start, w.end), (180, 240));
-        let c = judge(w, &set(&["a"]), &set(&["a", "b"]), 2, 10, 2.0);
+        let j = judge(&w.snapshot(), &set(&["a"]), &set(&["a", "b"]), 2, 10, 2.0);
+        let c = j.checked;
         assert_eq!((c.expected_old, c.expected_new), (1, 2));
         assert_eq!((c.missing_old, c.missing_new, c.extra_new), (0, 0, 0));
     }
@@ -266,32 +436,141 @@ mod tests {
             ws.expect("t", 10, k.into(), g.into(), Sent::Dual, 1.0);
         }
         let w = &ws.map[&("t".to_string(), 0)];
-        let c = judge(
-            w,
+        let j = judge(
+            &w.snapshot(),
             &set(&["k1", "k2", "k3", "k4"]),
             &set(&["k3", "k4"]),
             5,
             1,
             2.0,
         );
+        let c = j.checked;
         assert_eq!(c.missing_new, 2);
         assert_eq!(c.missing_old, 0);
         assert_eq!(c.missing_ids_new, vec!["k1".to_string()], "bounded to 1");
         assert_eq!(c.worst_groups, vec![("p1".to_string(), 2)]);
         assert_eq!(c.extra_new, 3, "5 in NEW by time, 2 of them expected");
+        assert!(!j.loss);
+        assert_eq!(j.earliest_missing, 1.0);
     }
 
     #[test]
     fn a_replay_keeps_the_strongest_expectation_and_reopens() {
         let mut ws = Windows::new(60);
         ws.expect("t", 1, "k".into(), "g".into(), Sent::Kafka, 1.0);
-        ws.map.get_mut(&("t".to_string(), 0)).unwrap().status = Status::Ok;
+        assert_eq!(check(&mut ws, &[], &["k"], 70.0, 300.0), Status::Ok);
+        // The same announcement again changes nothing.
+        ws.expect("t", 1, "k".into(), "g".into(), Sent::Kafka, 2.0);
+        assert_eq!(w0(&mut ws).status, Status::Ok);
         ws.expect("t", 1, "k".into(), "g".into(), Sent::Dual, 5.0);
-        let w = &ws.map[&("t".to_string(), 0)];
+        let w = w0(&mut ws);
         assert_eq!(w.rows["k"].sent, Sent::Dual);
+        assert!(!w.rows["k"].found, "not looked for in OLD yet");
         assert_eq!(w.status, Status::Open);
         assert_eq!(w.due_at(10.0), 70.0, "after the window's end");
-        assert_eq!(ws.prune(6.0), 1);
+    }
+
+    #[test]
+    fn a_late_row_after_ok_is_pending_from_its_arrival_then_ok_or_a_mismatch() {
+        let mut ws = Windows::new(60);
+        ws.expect("t", 10, "a".into(), "g".into(), Sent::Dual, 50.0);
+        assert_eq!(check(&mut ws, &["a"], &["a"], 100.0, 300.0), Status::Ok);
+        // Long after the window was due, one more row; not in NEW yet.
+        ws.expect("t", 20, "b".into(), "g".into(), Sent::Dual, 1000.0);
+        assert_eq!(w0(&mut ws).status, Status::Open);
+        assert_eq!(
+            check(&mut ws, &["a", "b"], &["a"], 1010.0, 300.0),
+            Status::Pending,
+            "late, not lost: its clock starts at its arrival"
+        );
+        let mut lands = Windows {
+            width: 60,
+            map: ws.map.clone(),
+        };
+        assert_eq!(
+            check(&mut lands, &["a", "b"], &["a", "b"], 1200.0, 300.0),
+            Status::Ok
+        );
+        assert_eq!(
+            check(&mut ws, &["a", "b"], &["a"], 1300.0, 300.0),
+            Status::Mismatch,
+            "past the allowance from its arrival"
+        );
+    }
+
+    #[test]
+    fn a_row_found_then_missing_is_a_loss_at_once() {
+        let mut ws = Windows::new(60);
+        ws.expect("t", 10, "a".into(), "g".into(), Sent::Dual, 50.0);
+        ws.expect("t", 11, "b".into(), "g".into(), Sent::Dual, 50.0);
+        assert_eq!(check(&mut ws, &["a", "b"], &["a", "b"], 100.0, 300.0), Status::Ok);
+        assert_eq!(
+            check(&mut ws, &["a", "b"], &["a"], 110.0, 300.0),
+            Status::Mismatch
+        );
+        // A row never found stays merely late.
+        ws.expect("t", 12, "c".into(), "g".into(), Sent::Dual, 120.0);
+        let w = w0(&mut ws);
+        let j = judge(&w.snapshot(), &set(&["a", "b"]), &set(&["a", "b"]), 2, 10, 130.0);
+        assert!(!j.loss);
+        assert_eq!(j.earliest_missing, 120.0);
+    }
+
+    #[test]
+    fn a_check_judges_the_snapshot_it_queried_for() {
+        let mut ws = Windows::new(60);
+        ws.expect("t", 10, "a".into(), "g".into(), Sent::Dual, 50.0);
+        let snap = w0(&mut ws).snapshot();
+        // Announced while the databases were being queried: not in them.
+        ws.expect("t", 11, "b".into(), "g".into(), Sent::Dual, 100.5);
+        let j = judge(&snap, &set(&["a"]), &set(&["a"]), 1, 10, 101.0);
+        assert_eq!(j.missing(), 0, "b was not asked about");
+        let status = verdict(j.missing(), j.loss, j.earliest_missing, 101.0, 100.0, 300.0);
+        assert_eq!(status, Status::Ok);
+        let w = w0(&mut ws);
+        w.settle_check(&snap, &j, status);
+        assert_eq!(w.status, Status::Open, "b still to be judged");
+        assert!(w.rows["a"].found && !w.rows["b"].found);
+    }
+
+    #[test]
+    fn only_settled_windows_are_forgotten() {
+        let mut ws = Windows::new(60);
+        for (start, status) in [
+            (0, Status::Ok),
+            (60, Status::Pending),
+            (120, Status::Mismatch),
+            (180, Status::Open),
+            (240, Status::Mismatch),
+        ] {
+            ws.expect("t", start, "k".into(), "g".into(), Sent::Kafka, 1.0);
+            ws.map.get_mut(&("t".to_string(), start)).unwrap().status = status;
+        }
+        // A window stamped far ahead arrives; it is not due for an hour.
+        ws.expect("t", 1_000_000, "f".into(), "g".into(), Sent::Kafka, 1.0);
+        ws.ack("t", 240, "ops", 2.0).unwrap();
+        assert_eq!(ws.prune(10.0), 2, "the ok and the acknowledged window");
+        let left: Vec<i64> = ws.map.keys().map(|(_, s)| *s).collect();
+        assert_eq!(left, vec![60, 120, 180, 999_960]);
+        assert_eq!(ws.prune(10.0), 0);
+    }
+
+    #[test]
+    fn only_a_mismatch_is_acknowledged_and_a_recovery_clears_it() {
+        let mut ws = Windows::new(60);
+        ws.expect("t", 10, "a".into(), "g".into(), Sent::Dual, 50.0);
+        assert_eq!(ws.ack("t", 60, "ops", 1.0), Err(AckError::NoSuchWindow));
+        assert_eq!(
+            ws.ack("t", 0, "ops", 1.0),
+            Err(AckError::NotMismatched(Status::Open))
+        );
+        assert_eq!(check(&mut ws, &[], &["a"], 100.0, 0.0), Status::Mismatch);
+        ws.ack("t", 0, "ops", 101.0).unwrap();
+        assert_eq!(w0(&mut ws).acked.as_ref().map(|a| a.by.as_str()), Some("ops"));
+        assert_eq!(check(&mut ws, &[], &["a"], 160.0, 0.0), Status::Mismatch);
+        assert!(w0(&mut ws).acked.is_some(), "still the acknowledged mismatch");
+        assert_eq!(check(&mut ws, &["a"], &["a"], 220.0, 0.0), Status::Ok);
+        assert!(w0(&mut ws).acked.is_none());
     }
 
     #[test]
