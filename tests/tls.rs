@@ -569,6 +569,8 @@ async fn loader_replayer_and_comparator_speak_tls_to_mariadb_postgres_and_kafka(
         &topic,
         "--kafka-group",
         &unique("g"),
+        "--admin-listen",
+        "127.0.0.1:0",
     ]
     .map(String::from)
     .to_vec();
@@ -650,6 +652,8 @@ async fn sasl_scram_over_tls_end_to_end() {
                 props.to_str().unwrap(),
                 "--idle-exit",
                 "2",
+                "--admin-listen",
+                "127.0.0.1:0",
             ],
             &[],
         )

@@ -116,15 +116,21 @@ pub fn parity_router(cmp: Arc<Comparator>) -> axum::Router {
         match cmp.ack(&q.table, q.window, by) {
             Ok(()) => (
                 StatusCode::OK,
-                axum::Json(serde_json::json!({"acknowledged": {"table": q.table, "window": q.window, "by": by}})),
+                axum::Json(
+                    serde_json::json!({"acknowledged": {"table": q.table, "window": q.window, "by": by}}),
+                ),
             ),
             Err(AckError::NoSuchWindow) => (
                 StatusCode::NOT_FOUND,
-                axum::Json(serde_json::json!({"error": format!("no window of table {:?} starts at {}", q.table, q.window)})),
+                axum::Json(
+                    serde_json::json!({"error": format!("no window of table {:?} starts at {}", q.table, q.window)}),
+                ),
             ),
             Err(AckError::NotMismatched(status)) => (
                 StatusCode::CONFLICT,
-                axum::Json(serde_json::json!({"error": format!("the window is {}, not a mismatch", status.as_str())})),
+                axum::Json(
+                    serde_json::json!({"error": format!("the window is {}, not a mismatch", status.as_str())}),
+                ),
             ),
         }
     }
@@ -418,30 +424,31 @@ impl Comparator {
             message,
         };
         let (cc, topic) = (c.clone(), self.opts.topic.clone());
-        let ends = tokio::task::spawn_blocking(move || -> Result<HashMap<i32, (i64, i64)>, String> {
-            let timeout = rdkafka::util::Timeout::After(Duration::from_secs(10));
-            let md = cc
-                .fetch_metadata(Some(&topic), timeout)
-                .map_err(|e| e.to_string())?;
-            let t = md
-                .topics()
-                .iter()
-                .find(|t| t.name() == topic)
-                .ok_or("no metadata for the topic")?;
-            if t.error().is_some() || t.partitions().is_empty() {
-                return Err("the topic does not exist".into());
-            }
-            let mut ends = HashMap::new();
-            for p in t.partitions() {
-                let marks = cc
-                    .fetch_watermarks(&topic, p.id(), timeout)
+        let ends =
+            tokio::task::spawn_blocking(move || -> Result<HashMap<i32, (i64, i64)>, String> {
+                let timeout = rdkafka::util::Timeout::After(Duration::from_secs(10));
+                let md = cc
+                    .fetch_metadata(Some(&topic), timeout)
                     .map_err(|e| e.to_string())?;
-                ends.insert(p.id(), marks);
-            }
-            Ok(ends)
-        })
-        .await
-        .map_err(|e| topic_err(e.to_string()))?;
+                let t = md
+                    .topics()
+                    .iter()
+                    .find(|t| t.name() == topic)
+                    .ok_or("no metadata for the topic")?;
+                if t.error().is_some() || t.partitions().is_empty() {
+                    return Err("the topic does not exist".into());
+                }
+                let mut ends = HashMap::new();
+                for p in t.partitions() {
+                    let marks = cc
+                        .fetch_watermarks(&topic, p.id(), timeout)
+                        .map_err(|e| e.to_string())?;
+                    ends.insert(p.id(), marks);
+                }
+                Ok(ends)
+            })
+            .await
+            .map_err(|e| topic_err(e.to_string()))?;
         let ends = match ends {
             Ok(ends) => ends,
             Err(message) => {

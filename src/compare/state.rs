@@ -411,7 +411,10 @@ mod tests {
         assert_eq!(verdict(1, true, 80.0, 91.0, 90.0, 60.0), Status::Mismatch);
         // Announced long after the window was due: its own allowance.
         assert_eq!(verdict(1, false, 140.0, 150.0, 90.0, 60.0), Status::Pending);
-        assert_eq!(verdict(1, false, 140.0, 200.0, 90.0, 60.0), Status::Mismatch);
+        assert_eq!(
+            verdict(1, false, 140.0, 200.0, 90.0, 60.0),
+            Status::Mismatch
+        );
     }
 
     #[test]
@@ -503,7 +506,10 @@ mod tests {
         let mut ws = Windows::new(60);
         ws.expect("t", 10, "a".into(), "g".into(), Sent::Dual, 50.0);
         ws.expect("t", 11, "b".into(), "g".into(), Sent::Dual, 50.0);
-        assert_eq!(check(&mut ws, &["a", "b"], &["a", "b"], 100.0, 300.0), Status::Ok);
+        assert_eq!(
+            check(&mut ws, &["a", "b"], &["a", "b"], 100.0, 300.0),
+            Status::Ok
+        );
         assert_eq!(
             check(&mut ws, &["a", "b"], &["a"], 110.0, 300.0),
             Status::Mismatch
@@ -511,7 +517,14 @@ mod tests {
         // A row never found stays merely late.
         ws.expect("t", 12, "c".into(), "g".into(), Sent::Dual, 120.0);
         let w = w0(&mut ws);
-        let j = judge(&w.snapshot(), &set(&["a", "b"]), &set(&["a", "b"]), 2, 10, 130.0);
+        let j = judge(
+            &w.snapshot(),
+            &set(&["a", "b"]),
+            &set(&["a", "b"]),
+            2,
+            10,
+            130.0,
+        );
         assert!(!j.loss);
         assert_eq!(j.earliest_missing, 120.0);
     }
@@ -566,9 +579,15 @@ mod tests {
         );
         assert_eq!(check(&mut ws, &[], &["a"], 100.0, 0.0), Status::Mismatch);
         ws.ack("t", 0, "ops", 101.0).unwrap();
-        assert_eq!(w0(&mut ws).acked.as_ref().map(|a| a.by.as_str()), Some("ops"));
+        assert_eq!(
+            w0(&mut ws).acked.as_ref().map(|a| a.by.as_str()),
+            Some("ops")
+        );
         assert_eq!(check(&mut ws, &[], &["a"], 160.0, 0.0), Status::Mismatch);
-        assert!(w0(&mut ws).acked.is_some(), "still the acknowledged mismatch");
+        assert!(
+            w0(&mut ws).acked.is_some(),
+            "still the acknowledged mismatch"
+        );
         assert_eq!(check(&mut ws, &["a"], &["a"], 220.0, 0.0), Status::Ok);
         assert!(w0(&mut ws).acked.is_none());
     }
