@@ -397,74 +397,96 @@ async fn a_stopped_consumer_is_pending_then_mismatch_then_recovers() {
 /// a mismatch only after the allowance, counted from its own arrival. A
 /// mismatch is then acknowledged over the admin API (404 and 409 for the
 /// wrong windows) and stops counting in the verdict.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_late_row_is_pending_from_its_arrival_then_ok_or_a_mismatch() {
-    use switchyard::db::{row_values, TableRows};
-    let dirs = Dirs::new();
-    let cfg = config(&dirs, "unused");
-    let schema = cfg.schema().unwrap();
-    let old = TestDb::mariadb(&schema).await;
-    let new = TestDb::postgres(&schema).await;
-    let table = schema.table("raw_item").unwrap();
-    let insert = |db: &switchyard::db::Db, e: &serde_json::Value| {
+/// A comparator fed directly with what the topic would announce, against
+/// real databases, so that every step is ordered by the test.
+struct Direct {
+    old: TestDb,
+    new: TestDb,
+    schema: switchyard::schema::Schema,
+    /// The start of a window long past, so it is due at once.
+    base: i64,
+}
+
+impl Direct {
+    async fn start() -> Direct {
+        let dirs = Dirs::new();
+        let schema = config(&dirs, "unused").schema().unwrap();
+        Direct {
+            old: TestDb::mariadb(&schema).await,
+            new: TestDb::postgres(&schema).await,
+            schema,
+            base: (unix() as i64 - 3600) / 60 * 60,
+        }
+    }
+
+    fn row(&self, seq: u64) -> serde_json::Value {
+        let mut e = envelope(seq, seq, 50);
+        e["row"]["timestamp"] = json!(self.base + seq as i64);
+        e
+    }
+
+    async fn insert(&self, db: &switchyard::db::Db, e: &serde_json::Value) {
+        use switchyard::db::{row_values, TableRows};
+        let table = self.schema.table("raw_item").unwrap();
         let values = row_values(table, e["row"].as_object().unwrap()).unwrap();
         let rows = TableRows { rows: vec![values] };
-        let db = db.clone();
-        async move {
-            db.write_batch(&[(table, &rows)], &[], &[], None)
-                .await
-                .unwrap();
-        }
-    };
-    let comparator = |lateness: Duration| {
+        db.write_batch(&[(table, &rows)], &[], &[], None)
+            .await
+            .unwrap();
+    }
+
+    fn comparator(&self, lateness: Duration) -> (Arc<Comparator>, prometheus::Registry) {
         let mut opts = compare_options("127.0.0.1:9", "unused");
         opts.settle = Duration::ZERO;
         opts.max_lateness = lateness;
         let registry = prometheus::Registry::new();
         let m = CompareMetrics::new(&registry).unwrap();
-        (
-            Comparator::new(schema.clone(), old.db.clone(), new.db.clone(), opts, m),
-            registry,
-        )
-    };
-    // Rows stamped in a window long past, so it is due at once.
-    let base = (unix() as i64 - 3600) / 60 * 60;
-    let row = |seq: u64| {
-        let mut e = envelope(seq, seq, 50);
-        e["row"]["timestamp"] = json!(base + seq as i64);
-        e
-    };
-    let announce = |cmp: &Comparator, e: &serde_json::Value| {
-        assert!(cmp.observe(e.to_string().as_bytes(), Some(b"dual"), unix()));
-    };
+        let cmp = Comparator::new(
+            self.schema.clone(),
+            self.old.db.clone(),
+            self.new.db.clone(),
+            opts,
+            m,
+        );
+        (cmp, registry)
+    }
+}
 
-    let (cmp, _) = comparator(Duration::from_secs(600));
-    let a = row(1);
-    insert(&old.db, &a).await;
-    insert(&new.db, &a).await;
+fn announce(cmp: &Comparator, e: &serde_json::Value) {
+    assert!(cmp.observe(e.to_string().as_bytes(), Some(b"dual"), unix()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_row_is_pending_from_its_arrival_then_ok_or_a_mismatch() {
+    let d = Direct::start().await;
+    let base = d.base;
+    let (cmp, _) = d.comparator(Duration::from_secs(600));
+    let a = d.row(1);
+    d.insert(&d.old.db, &a).await;
+    d.insert(&d.new.db, &a).await;
     announce(&cmp, &a);
     cmp.check(false, None).await.unwrap();
     assert_eq!(cmp.parity().status, Status::Ok);
     // Late: in OLD already, not yet in NEW.
-    let b = row(2);
-    insert(&old.db, &b).await;
+    let b = d.row(2);
+    d.insert(&d.old.db, &b).await;
     announce(&cmp, &b);
     cmp.check(false, None).await.unwrap();
     let p = cmp.parity();
     assert_eq!(p.status, Status::Pending, "{}", p.table());
-    insert(&new.db, &b).await;
+    d.insert(&d.new.db, &b).await;
     cmp.check(false, None).await.unwrap();
     let p = cmp.parity();
     assert_eq!(p.status, Status::Ok, "{}", p.table());
 
     // A one-second allowance: still late, not lost, then lost after it.
-    let (short, registry) = comparator(Duration::from_secs(1));
+    let (short, registry) = d.comparator(Duration::from_secs(1));
     announce(&short, &a);
     announce(&short, &b);
     short.check(false, None).await.unwrap();
     assert_eq!(short.parity().status, Status::Ok);
-    let c = row(3);
-    insert(&old.db, &c).await;
+    let c = d.row(3);
+    d.insert(&d.old.db, &c).await;
     let arrived = Instant::now();
     announce(&short, &c);
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -512,9 +534,55 @@ async fn a_late_row_is_pending_from_its_arrival_then_ok_or_a_mismatch() {
         1.0
     );
     // The row lands: the window is ok, and no longer a mismatch to acknowledge.
-    insert(&new.db, &c).await;
+    d.insert(&d.new.db, &c).await;
     short.check(true, None).await.unwrap();
     assert_eq!(short.parity().status, Status::Ok);
     assert_eq!(ack("raw_item", base).await.unwrap().status(), 409);
     server.abort();
+}
+
+/// A row that reached NEW with another body under the same key (a
+/// truncation, a conversion) is found but differs: the window is a mismatch
+/// at once, and the report names the key, apart from missing rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_stored_with_other_content_differs_and_is_named() {
+    let d = Direct::start().await;
+    let (cmp, registry) = d.comparator(Duration::from_secs(600));
+    let rows: Vec<_> = (1..=3).map(|seq| d.row(seq)).collect();
+    for e in &rows {
+        d.insert(&d.old.db, e).await;
+        announce(&cmp, e);
+    }
+    d.insert(&d.new.db, &rows[0]).await;
+    d.insert(&d.new.db, &rows[2]).await;
+    let mut altered = rows[1].clone();
+    let body = altered["row"]["body"].as_str().unwrap().to_string();
+    altered["row"]["body"] = json!(body[..body.len() - 1]);
+    d.insert(&d.new.db, &altered).await;
+    cmp.check(false, None).await.unwrap();
+    let p = cmp.parity();
+    assert_eq!(p.status, Status::Mismatch, "{}", p.table());
+    let t = &p.tables[0];
+    assert_eq!(
+        (t.missing_old, t.missing_new, t.differs_old, t.differs_new),
+        (0, 0, 0, 1),
+        "{}",
+        p.table()
+    );
+    let key = rows[1]["row"]["uuid"].as_str().unwrap().to_string();
+    let c = t.details[0].check.as_ref().unwrap();
+    assert_eq!(c.differing_ids_new, vec![key.clone()]);
+    assert!(
+        p.table().contains(&format!("differs in NEW: {key}")),
+        "{}",
+        p.table()
+    );
+    assert_eq!(
+        metric_value(
+            &registry,
+            "switchyard_compare_differing_rows",
+            &[("table", "raw_item"), ("db", "new")]
+        ),
+        1.0
+    );
 }

@@ -17,6 +17,7 @@ pub struct CompareMetrics {
     pub expected: IntGaugeVec,
     pub found: IntGaugeVec,
     pub missing: IntGaugeVec,
+    pub differs: IntGaugeVec,
     pub extra: IntGaugeVec,
     pub windows: IntGaugeVec,
     pub parity_ratio: GaugeVec,
@@ -79,6 +80,11 @@ impl CompareMetrics {
                 "Expected rows not found in checked windows, by table and database",
                 &["table", "db"],
             )?,
+            differs: gauge_vec(
+                "switchyard_compare_differing_rows",
+                "Expected rows found with other content than the stream announced, by table and database",
+                &["table", "db"],
+            )?,
             extra: gauge_vec(
                 "switchyard_compare_extra_rows",
                 "Rows in NEW in checked windows that the stream did not announce",
@@ -106,12 +112,13 @@ impl CompareMetrics {
     pub fn set(&self, p: &Parity, _schema: &crate::schema::Schema) {
         for t in &p.tables {
             let tb = t.table.as_str();
-            for (db, e, f, m, r) in [
+            for (db, e, f, m, d, r) in [
                 (
                     "old",
                     t.expected_old,
                     t.found_old,
                     t.missing_old,
+                    t.differs_old,
                     t.parity_old,
                 ),
                 (
@@ -119,9 +126,11 @@ impl CompareMetrics {
                     t.expected_new,
                     t.found_new,
                     t.missing_new,
+                    t.differs_new,
                     t.parity_new,
                 ),
             ] {
+                self.differs.with_label_values(&[tb, db]).set(d as i64);
                 self.expected.with_label_values(&[tb, db]).set(e as i64);
                 self.found.with_label_values(&[tb, db]).set(f as i64);
                 self.missing.with_label_values(&[tb, db]).set(m as i64);

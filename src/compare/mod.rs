@@ -11,7 +11,7 @@ mod metrics;
 mod report;
 pub mod state;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -22,13 +22,14 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
+use crate::db::digest::{self, Digest};
 use crate::db::{Db, DbError};
 use crate::kafka::{QuietContext, ROUTE_HEADER};
 use crate::schema::{ColumnType, Schema, Table};
 pub use metrics::CompareMetrics;
 
 pub use report::{Parity, TableParity, WindowReport};
-use state::{judge, verdict, AckError, Sent, Snapshot, Status, Windows};
+use state::{judge, verdict, AckError, Expected, Sent, Snapshot, Status, Windows};
 
 /// How the comparator runs.
 #[derive(Debug, Clone)]
@@ -233,7 +234,7 @@ impl Comparator {
     /// Records one message. Returns false for a message it cannot read.
     pub fn observe(&self, payload: &[u8], route: Option<&[u8]>, now: f64) -> bool {
         self.metrics.messages.inc();
-        let Some((table, time, key, group)) = self.parse(payload) else {
+        let Some((table, time, key, group, digest)) = self.parse(payload) else {
             self.metrics.bad_messages.inc();
             return false;
         };
@@ -241,8 +242,12 @@ impl Comparator {
             Some(b"dual") => Sent::Dual,
             _ => Sent::Kafka,
         };
-        self.windows()
-            .expect(&table.name, time, key, group, sent, now);
+        self.windows().expect(
+            &table.name,
+            time,
+            key,
+            Expected::new(group, sent, digest, now),
+        );
         true
     }
 
@@ -256,7 +261,7 @@ impl Comparator {
         self.observe(m.payload().unwrap_or_default(), route, now)
     }
 
-    fn parse(&self, payload: &[u8]) -> Option<(&Table, i64, String, String)> {
+    fn parse(&self, payload: &[u8]) -> Option<(&Table, i64, String, String, Option<Digest>)> {
         let env: Envelope = serde_json::from_slice(payload).ok()?;
         let table = self.schema.table(&env.table)?;
         let key_col = table.column(&table.key)?.ty;
@@ -267,7 +272,8 @@ impl Comparator {
             Some(v) => v.to_string(),
             None => String::new(),
         };
-        Some((table, time, key, group))
+        let digest = digest::canon_of_json(table, &env.row).map(|v| digest::digest(&v));
+        Some((table, time, key, group, digest))
     }
 
     /// Checks every window that is due (all of them, at once, with `force`:
@@ -320,18 +326,18 @@ impl Comparator {
             let (found_new, found_old) = tokio::try_join!(
                 // NEW holds little else than what the stream announced: one
                 // covering range scan, and the extra rows fall out of it.
-                self.new.keys_in_time_range(table, start, end),
+                self.new.digests_in_time_range(table, start, end),
                 async {
                     if dual_refs.is_empty() {
-                        return Ok(HashSet::new());
+                        return Ok(HashMap::new());
                     }
                     // OLD also holds every legacy row: scan the range only
                     // when dual rows are a good share of it, else look keys up.
                     let in_range = self.old.count_time_range(table, start, end).await?;
                     if (dual_refs.len() as i64) * 4 >= in_range {
-                        self.old.keys_in_time_range(table, start, end).await
+                        self.old.digests_in_time_range(table, start, end).await
                     } else {
-                        self.old.existing_keys(table, &dual_refs).await
+                        self.old.digests_of_keys(table, &dual_refs).await
                     }
                 },
             )?;
@@ -358,6 +364,7 @@ impl Comparator {
             };
             let status = verdict(
                 j.missing(),
+                j.differs(),
                 j.loss,
                 j.earliest_missing,
                 check_now,
@@ -367,7 +374,9 @@ impl Comparator {
             let c = &j.checked;
             if status == Status::Mismatch && w.status != Status::Mismatch {
                 tracing::warn!(table = %table_name, window_start = start, missing_old = c.missing_old,
-                    missing_new = c.missing_new, lost = j.loss, ids_new = ?c.missing_ids_new.iter().take(5).collect::<Vec<_>>(),
+                    missing_new = c.missing_new, differs_old = c.differs_old, differs_new = c.differs_new,
+                    lost = j.loss, differ_new = ?c.differing_ids_new.iter().take(5).collect::<Vec<_>>(),
+                    differ_old = ?c.differing_ids_old.iter().take(5).collect::<Vec<_>>(), ids_new = ?c.missing_ids_new.iter().take(5).collect::<Vec<_>>(),
                     ids_old = ?c.missing_ids_old.iter().take(5).collect::<Vec<_>>(), "parity mismatch");
             }
             w.settle_check(&snap, &j, status);

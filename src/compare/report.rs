@@ -38,6 +38,8 @@ pub struct TableParity {
     pub found_new: usize,
     pub missing_old: usize,
     pub missing_new: usize,
+    pub differs_old: usize,
+    pub differs_new: usize,
     pub extra_new: i64,
     /// found / expected over checked windows (1 when nothing is expected).
     pub parity_old: f64,
@@ -123,6 +125,8 @@ pub fn build(
             t.found_new += c.found_new;
             t.missing_old += c.missing_old;
             t.missing_new += c.missing_new;
+            t.differs_old += c.differs_old;
+            t.differs_new += c.differs_new;
             t.extra_new += c.extra_new;
         }
         if w.status == Status::Ok {
@@ -205,7 +209,23 @@ impl Parity {
                         let _ =
                             writeln!(out, "    missing in NEW: {}", c.missing_ids_new.join(", "));
                     }
-                    if !c.worst_groups.is_empty() && (c.missing_old + c.missing_new) > 0 {
+                    if !c.differing_ids_old.is_empty() {
+                        let _ = writeln!(
+                            out,
+                            "    differs in OLD: {}",
+                            c.differing_ids_old.join(", ")
+                        );
+                    }
+                    if !c.differing_ids_new.is_empty() {
+                        let _ = writeln!(
+                            out,
+                            "    differs in NEW: {}",
+                            c.differing_ids_new.join(", ")
+                        );
+                    }
+                    if !c.worst_groups.is_empty()
+                        && (c.missing_old + c.missing_new + c.differs_old + c.differs_new) > 0
+                    {
                         let groups: Vec<String> = c
                             .worst_groups
                             .iter()
@@ -217,7 +237,7 @@ impl Parity {
             }
             let _ = writeln!(
                 out,
-                "{:<16} total: expected {}/{}, found {}/{}, missing {}/{}, extra {}; parity OLD {:.6}, NEW {:.6}",
+                "{:<16} total: expected {}/{}, found {}/{}, missing {}/{}, differs {}/{}, extra {}; parity OLD {:.6}, NEW {:.6}",
                 t.table,
                 t.expected_old,
                 t.expected_new,
@@ -225,6 +245,8 @@ impl Parity {
                 t.found_new,
                 t.missing_old,
                 t.missing_new,
+                t.differs_old,
+                t.differs_new,
                 t.extra_new,
                 t.parity_old,
                 t.parity_new

@@ -8,6 +8,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 
+use crate::db::digest::Digest;
+
 /// Where a row must be found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -46,6 +48,8 @@ impl Status {
 
 /// The verdict for the rows one check looked for.
 ///
+/// A row stored with other content than the stream announced `differs`: a
+/// mismatch at once, as no later write changes a stored row.
 /// `missing` rows were not found where they are due. A `loss` is a row that an
 /// earlier check had found and this one did not: a mismatch at once. Otherwise
 /// missing rows are late, not lost, until `max_lateness` after the later of
@@ -54,15 +58,16 @@ impl Status {
 /// own full allowance.
 pub fn verdict(
     missing: usize,
+    differs: usize,
     loss: bool,
     earliest_missing: f64,
     now: f64,
     due: f64,
     max_lateness: f64,
 ) -> Status {
-    if missing == 0 {
+    if missing == 0 && differs == 0 {
         Status::Ok
-    } else if loss || now >= due.max(earliest_missing) + max_lateness {
+    } else if differs > 0 || loss || now >= due.max(earliest_missing) + max_lateness {
         Status::Mismatch
     } else {
         Status::Pending
@@ -78,6 +83,22 @@ pub struct Expected {
     pub arrived: f64,
     /// A check found it everywhere it is due: its absence later is a loss.
     pub found: bool,
+    /// The content the stream announced (None: not readable as the
+    /// schema's types, so only its presence is checked).
+    pub digest: Option<Digest>,
+}
+
+impl Expected {
+    /// A row the stream announced at `now`.
+    pub fn new(group: String, sent: Sent, digest: Option<Digest>, now: f64) -> Expected {
+        Expected {
+            group,
+            sent,
+            arrived: now,
+            found: false,
+            digest,
+        }
+    }
 }
 
 /// Who acknowledged a mismatched window, and when.
@@ -103,6 +124,9 @@ pub struct Checked {
     pub found_new: usize,
     pub missing_old: usize,
     pub missing_new: usize,
+    /// Rows present with other content than the stream announced.
+    pub differs_old: usize,
+    pub differs_new: usize,
     /// Rows in NEW in this window that the stream did not announce.
     pub extra_new: i64,
     /// The group values with the most missing rows: (group, missing).
@@ -110,6 +134,9 @@ pub struct Checked {
     /// A bounded list of missing keys, per database.
     pub missing_ids_old: Vec<String>,
     pub missing_ids_new: Vec<String>,
+    /// A bounded list of keys whose content differs, per database.
+    pub differing_ids_old: Vec<String>,
+    pub differing_ids_new: Vec<String>,
     /// Unix time of the check.
     pub at: f64,
 }
@@ -160,15 +187,8 @@ impl Windows {
     /// Records a row the stream announced. A row seen again (a replay or a
     /// redelivery) keeps its strongest expectation (dual over Kafka-only); a
     /// redelivery that changes nothing leaves the window as it was.
-    pub fn expect(
-        &mut self,
-        table: &str,
-        time: i64,
-        key: String,
-        group: String,
-        sent: Sent,
-        now: f64,
-    ) {
+    pub fn expect(&mut self, table: &str, time: i64, key: String, row: Expected) {
+        let now = row.arrived;
         let start = time.div_euclid(self.width) * self.width;
         let w = self
             .map
@@ -187,18 +207,10 @@ impl Windows {
             });
         let changed = match w.rows.get_mut(&key) {
             None => {
-                w.rows.insert(
-                    key,
-                    Expected {
-                        group,
-                        sent,
-                        arrived: now,
-                        found: false,
-                    },
-                );
+                w.rows.insert(key, row);
                 true
             }
-            Some(e) if sent == Sent::Dual && e.sent == Sent::Kafka => {
+            Some(e) if row.sent == Sent::Dual && e.sent == Sent::Kafka => {
                 // Now due in OLD too: not found there yet.
                 e.sent = Sent::Dual;
                 e.arrived = now;
@@ -305,13 +317,17 @@ impl Judgement {
     pub fn missing(&self) -> usize {
         self.checked.missing_old + self.checked.missing_new
     }
+
+    pub fn differs(&self) -> usize {
+        self.checked.differs_old + self.checked.differs_new
+    }
 }
 
 /// Judges a snapshot against what each database holds.
 pub fn judge(
     snap: &Snapshot,
-    found_old: &std::collections::HashSet<String>,
-    found_new: &std::collections::HashSet<String>,
+    found_old: &HashMap<String, Digest>,
+    found_new: &HashMap<String, Digest>,
     in_new_by_time: i64,
     max_ids: usize,
     now: f64,
@@ -323,34 +339,56 @@ pub fn judge(
     let mut by_group: HashMap<&str, usize> = HashMap::new();
     let mut ids_old = Vec::new();
     let mut ids_new = Vec::new();
+    let mut diff_old = Vec::new();
+    let mut diff_new = Vec::new();
     let mut found = Vec::new();
     let mut loss = false;
     let mut earliest_missing = f64::INFINITY;
     for (key, e) in &snap.rows {
         let mut missing_here = false;
+        let mut differs_here = false;
+        let differs = |stored: &Digest| e.digest.is_some_and(|d| d != *stored);
         c.expected_new += 1;
-        if found_new.contains(key) {
-            c.found_new += 1;
-        } else {
-            c.missing_new += 1;
-            ids_new.push(key.clone());
-            missing_here = true;
-        }
-        if e.sent == Sent::Dual {
-            c.expected_old += 1;
-            if found_old.contains(key) {
-                c.found_old += 1;
-            } else {
-                c.missing_old += 1;
-                ids_old.push(key.clone());
+        match found_new.get(key) {
+            Some(d) => {
+                c.found_new += 1;
+                if differs(d) {
+                    c.differs_new += 1;
+                    diff_new.push(key.clone());
+                    differs_here = true;
+                }
+            }
+            None => {
+                c.missing_new += 1;
+                ids_new.push(key.clone());
                 missing_here = true;
             }
         }
-        if missing_here {
+        if e.sent == Sent::Dual {
+            c.expected_old += 1;
+            match found_old.get(key) {
+                Some(d) => {
+                    c.found_old += 1;
+                    if differs(d) {
+                        c.differs_old += 1;
+                        diff_old.push(key.clone());
+                        differs_here = true;
+                    }
+                }
+                None => {
+                    c.missing_old += 1;
+                    ids_old.push(key.clone());
+                    missing_here = true;
+                }
+            }
+        }
+        if missing_here || differs_here {
             *by_group.entry(e.group.as_str()).or_default() += 1;
+        }
+        if missing_here {
             loss |= e.found;
             earliest_missing = earliest_missing.min(e.arrived);
-        } else {
+        } else if !differs_here {
             found.push((key.clone(), e.sent));
         }
     }
@@ -360,6 +398,12 @@ pub fn judge(
     ids_new.truncate(max_ids);
     c.missing_ids_old = ids_old;
     c.missing_ids_new = ids_new;
+    for ids in [&mut diff_old, &mut diff_new] {
+        ids.sort();
+        ids.truncate(max_ids);
+    }
+    c.differing_ids_old = diff_old;
+    c.differing_ids_new = diff_new;
     let mut groups: Vec<(String, usize)> = by_group
         .into_iter()
         .map(|(g, n)| (g.to_string(), n))
@@ -379,10 +423,14 @@ pub fn judge(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashSet;
 
-    fn set(keys: &[&str]) -> HashSet<String> {
-        keys.iter().map(|k| k.to_string()).collect()
+    /// Rows stored with the content each key was announced with.
+    fn set(keys: &[&str]) -> HashMap<String, Digest> {
+        keys.iter().map(|k| (k.to_string(), content(k))).collect()
+    }
+
+    fn content(key: &str) -> Digest {
+        crate::db::digest::digest(&[crate::db::digest::Canon::Text(key.to_string())])
     }
 
     fn w0(ws: &mut Windows) -> &mut Window {
@@ -396,7 +444,15 @@ mod tests {
         let snap = w.snapshot();
         let j = judge(&snap, &set(old), &set(new), new.len() as i64, 10, now);
         let due = *w.due.get_or_insert(now);
-        let status = verdict(j.missing(), j.loss, j.earliest_missing, now, due, lateness);
+        let status = verdict(
+            j.missing(),
+            j.differs(),
+            j.loss,
+            j.earliest_missing,
+            now,
+            due,
+            lateness,
+        );
         w.settle_check(&snap, &j, status);
         w.status
     }
@@ -404,15 +460,27 @@ mod tests {
     #[test]
     fn verdicts() {
         let inf = f64::INFINITY;
-        assert_eq!(verdict(0, false, inf, 100.0, 90.0, 60.0), Status::Ok);
-        assert_eq!(verdict(3, false, 80.0, 100.0, 90.0, 60.0), Status::Pending);
-        assert_eq!(verdict(3, false, 80.0, 150.0, 90.0, 60.0), Status::Mismatch);
-        // Found before, missing now: a loss, at once.
-        assert_eq!(verdict(1, true, 80.0, 91.0, 90.0, 60.0), Status::Mismatch);
-        // Announced long after the window was due: its own allowance.
-        assert_eq!(verdict(1, false, 140.0, 150.0, 90.0, 60.0), Status::Pending);
+        assert_eq!(verdict(0, 0, false, inf, 100.0, 90.0, 60.0), Status::Ok);
         assert_eq!(
-            verdict(1, false, 140.0, 200.0, 90.0, 60.0),
+            verdict(3, 0, false, 80.0, 100.0, 90.0, 60.0),
+            Status::Pending
+        );
+        assert_eq!(
+            verdict(3, 0, false, 80.0, 150.0, 90.0, 60.0),
+            Status::Mismatch
+        );
+        // Found before, missing now: a loss, at once.
+        assert_eq!(
+            verdict(1, 0, true, 80.0, 91.0, 90.0, 60.0),
+            Status::Mismatch
+        );
+        // Announced long after the window was due: its own allowance.
+        assert_eq!(
+            verdict(1, 0, false, 140.0, 150.0, 90.0, 60.0),
+            Status::Pending
+        );
+        assert_eq!(
+            verdict(1, 0, false, 140.0, 200.0, 90.0, 60.0),
             Status::Mismatch
         );
     }
@@ -421,8 +489,18 @@ mod tests {
     fn a_row_is_expected_only_where_it_was_sent() {
         let mut ws = Windows::new(60);
         // Minute 0–2: account legacy, nothing in the stream. Minute 3: dual.
-        ws.expect("t", 185, "a".into(), "g1".into(), Sent::Dual, 1.0);
-        ws.expect("t", 190, "b".into(), "g1".into(), Sent::Kafka, 1.0);
+        ws.expect(
+            "t",
+            185,
+            "a".into(),
+            Expected::new("g1".into(), Sent::Dual, None, 1.0),
+        );
+        ws.expect(
+            "t",
+            190,
+            "b".into(),
+            Expected::new("g1".into(), Sent::Kafka, None, 1.0),
+        );
         assert_eq!(ws.map.len(), 1, "one window: [180, 240)");
         let w = &ws.map[&("t".to_string(), 180)];
         assert_eq!((w.start, w.end), (180, 240));
@@ -436,7 +514,12 @@ mod tests {
     fn missing_rows_are_named_and_grouped() {
         let mut ws = Windows::new(60);
         for (k, g) in [("k1", "p1"), ("k2", "p1"), ("k3", "p2"), ("k4", "p3")] {
-            ws.expect("t", 10, k.into(), g.into(), Sent::Dual, 1.0);
+            ws.expect(
+                "t",
+                10,
+                k.into(),
+                Expected::new(g.into(), Sent::Dual, None, 1.0),
+            );
         }
         let w = &ws.map[&("t".to_string(), 0)];
         let j = judge(
@@ -460,12 +543,27 @@ mod tests {
     #[test]
     fn a_replay_keeps_the_strongest_expectation_and_reopens() {
         let mut ws = Windows::new(60);
-        ws.expect("t", 1, "k".into(), "g".into(), Sent::Kafka, 1.0);
+        ws.expect(
+            "t",
+            1,
+            "k".into(),
+            Expected::new("g".into(), Sent::Kafka, None, 1.0),
+        );
         assert_eq!(check(&mut ws, &[], &["k"], 70.0, 300.0), Status::Ok);
         // The same announcement again changes nothing.
-        ws.expect("t", 1, "k".into(), "g".into(), Sent::Kafka, 2.0);
+        ws.expect(
+            "t",
+            1,
+            "k".into(),
+            Expected::new("g".into(), Sent::Kafka, None, 2.0),
+        );
         assert_eq!(w0(&mut ws).status, Status::Ok);
-        ws.expect("t", 1, "k".into(), "g".into(), Sent::Dual, 5.0);
+        ws.expect(
+            "t",
+            1,
+            "k".into(),
+            Expected::new("g".into(), Sent::Dual, None, 5.0),
+        );
         let w = w0(&mut ws);
         assert_eq!(w.rows["k"].sent, Sent::Dual);
         assert!(!w.rows["k"].found, "not looked for in OLD yet");
@@ -476,10 +574,20 @@ mod tests {
     #[test]
     fn a_late_row_after_ok_is_pending_from_its_arrival_then_ok_or_a_mismatch() {
         let mut ws = Windows::new(60);
-        ws.expect("t", 10, "a".into(), "g".into(), Sent::Dual, 50.0);
+        ws.expect(
+            "t",
+            10,
+            "a".into(),
+            Expected::new("g".into(), Sent::Dual, None, 50.0),
+        );
         assert_eq!(check(&mut ws, &["a"], &["a"], 100.0, 300.0), Status::Ok);
         // Long after the window was due, one more row; not in NEW yet.
-        ws.expect("t", 20, "b".into(), "g".into(), Sent::Dual, 1000.0);
+        ws.expect(
+            "t",
+            20,
+            "b".into(),
+            Expected::new("g".into(), Sent::Dual, None, 1000.0),
+        );
         assert_eq!(w0(&mut ws).status, Status::Open);
         assert_eq!(
             check(&mut ws, &["a", "b"], &["a"], 1010.0, 300.0),
@@ -504,8 +612,18 @@ mod tests {
     #[test]
     fn a_row_found_then_missing_is_a_loss_at_once() {
         let mut ws = Windows::new(60);
-        ws.expect("t", 10, "a".into(), "g".into(), Sent::Dual, 50.0);
-        ws.expect("t", 11, "b".into(), "g".into(), Sent::Dual, 50.0);
+        ws.expect(
+            "t",
+            10,
+            "a".into(),
+            Expected::new("g".into(), Sent::Dual, None, 50.0),
+        );
+        ws.expect(
+            "t",
+            11,
+            "b".into(),
+            Expected::new("g".into(), Sent::Dual, None, 50.0),
+        );
         assert_eq!(
             check(&mut ws, &["a", "b"], &["a", "b"], 100.0, 300.0),
             Status::Ok
@@ -515,7 +633,12 @@ mod tests {
             Status::Mismatch
         );
         // A row never found stays merely late.
-        ws.expect("t", 12, "c".into(), "g".into(), Sent::Dual, 120.0);
+        ws.expect(
+            "t",
+            12,
+            "c".into(),
+            Expected::new("g".into(), Sent::Dual, None, 120.0),
+        );
         let w = w0(&mut ws);
         let j = judge(
             &w.snapshot(),
@@ -532,13 +655,31 @@ mod tests {
     #[test]
     fn a_check_judges_the_snapshot_it_queried_for() {
         let mut ws = Windows::new(60);
-        ws.expect("t", 10, "a".into(), "g".into(), Sent::Dual, 50.0);
+        ws.expect(
+            "t",
+            10,
+            "a".into(),
+            Expected::new("g".into(), Sent::Dual, None, 50.0),
+        );
         let snap = w0(&mut ws).snapshot();
         // Announced while the databases were being queried: not in them.
-        ws.expect("t", 11, "b".into(), "g".into(), Sent::Dual, 100.5);
+        ws.expect(
+            "t",
+            11,
+            "b".into(),
+            Expected::new("g".into(), Sent::Dual, None, 100.5),
+        );
         let j = judge(&snap, &set(&["a"]), &set(&["a"]), 1, 10, 101.0);
         assert_eq!(j.missing(), 0, "b was not asked about");
-        let status = verdict(j.missing(), j.loss, j.earliest_missing, 101.0, 100.0, 300.0);
+        let status = verdict(
+            j.missing(),
+            j.differs(),
+            j.loss,
+            j.earliest_missing,
+            101.0,
+            100.0,
+            300.0,
+        );
         assert_eq!(status, Status::Ok);
         let w = w0(&mut ws);
         w.settle_check(&snap, &j, status);
@@ -556,11 +697,21 @@ mod tests {
             (180, Status::Open),
             (240, Status::Mismatch),
         ] {
-            ws.expect("t", start, "k".into(), "g".into(), Sent::Kafka, 1.0);
+            ws.expect(
+                "t",
+                start,
+                "k".into(),
+                Expected::new("g".into(), Sent::Kafka, None, 1.0),
+            );
             ws.map.get_mut(&("t".to_string(), start)).unwrap().status = status;
         }
         // A window stamped far ahead arrives; it is not due for an hour.
-        ws.expect("t", 1_000_000, "f".into(), "g".into(), Sent::Kafka, 1.0);
+        ws.expect(
+            "t",
+            1_000_000,
+            "f".into(),
+            Expected::new("g".into(), Sent::Kafka, None, 1.0),
+        );
         ws.ack("t", 240, "ops", 2.0).unwrap();
         assert_eq!(ws.prune(10.0), 2, "the ok and the acknowledged window");
         let left: Vec<i64> = ws.map.keys().map(|(_, s)| *s).collect();
@@ -571,7 +722,12 @@ mod tests {
     #[test]
     fn only_a_mismatch_is_acknowledged_and_a_recovery_clears_it() {
         let mut ws = Windows::new(60);
-        ws.expect("t", 10, "a".into(), "g".into(), Sent::Dual, 50.0);
+        ws.expect(
+            "t",
+            10,
+            "a".into(),
+            Expected::new("g".into(), Sent::Dual, None, 50.0),
+        );
         assert_eq!(ws.ack("t", 60, "ops", 1.0), Err(AckError::NoSuchWindow));
         assert_eq!(
             ws.ack("t", 0, "ops", 1.0),
@@ -593,9 +749,67 @@ mod tests {
     }
 
     #[test]
+    fn a_row_stored_with_other_content_differs_at_once_and_is_named() {
+        let mut ws = Windows::new(60);
+        for k in ["a", "b", "c"] {
+            ws.expect(
+                "t",
+                10,
+                k.into(),
+                Expected::new("g".into(), Sent::Dual, Some(content(k)), 50.0),
+            );
+        }
+        let mut new = set(&["a", "b", "c"]);
+        new.insert("b".into(), content("b, truncated"));
+        let w = w0(&mut ws);
+        let j = judge(&w.snapshot(), &set(&["a", "b", "c"]), &new, 3, 10, 60.0);
+        assert_eq!((j.missing(), j.differs()), (0, 1));
+        assert_eq!(j.checked.differing_ids_new, vec!["b".to_string()]);
+        assert!(j.checked.differing_ids_old.is_empty());
+        assert_eq!(j.found.len(), 2, "b is not remembered as found");
+        assert_eq!(
+            verdict(
+                j.missing(),
+                j.differs(),
+                j.loss,
+                j.earliest_missing,
+                60.0,
+                60.0,
+                300.0
+            ),
+            Status::Mismatch,
+            "no allowance: a stored row does not change later"
+        );
+        // A row announced without readable content is checked for presence only.
+        ws.expect(
+            "t",
+            11,
+            "d".into(),
+            Expected::new("g".into(), Sent::Kafka, None, 55.0),
+        );
+        let mut new = set(&["a", "c", "d"]);
+        new.insert("d".into(), content("anything"));
+        new.insert("b".into(), content("b"));
+        let j = judge(
+            &w0(&mut ws).snapshot(),
+            &set(&["a", "b", "c"]),
+            &new,
+            4,
+            10,
+            60.0,
+        );
+        assert_eq!((j.missing(), j.differs()), (0, 0));
+    }
+
+    #[test]
     fn negative_times_fall_in_the_right_window() {
         let mut ws = Windows::new(60);
-        ws.expect("t", -1, "k".into(), "g".into(), Sent::Kafka, 1.0);
+        ws.expect(
+            "t",
+            -1,
+            "k".into(),
+            Expected::new("g".into(), Sent::Kafka, None, 1.0),
+        );
         assert!(ws.map.contains_key(&("t".to_string(), -60)));
     }
 }

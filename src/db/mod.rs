@@ -7,6 +7,7 @@
 
 pub mod args;
 pub mod cli;
+pub mod digest;
 mod metrics;
 mod sql;
 mod value;
@@ -23,6 +24,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::Row;
 
 use crate::schema::{Schema, Table};
+use digest::Digest;
+use std::collections::HashMap;
 
 pub use metrics::SinkMetrics;
 pub use replay::{Spooled, ToReplay, REPLAY_TABLE};
@@ -265,6 +268,46 @@ pub enum Db {
 }
 
 /// Runs `$body` with `$pool` bound to the concrete pool and `DB` to its driver.
+/// Reads rows of `key_and_content` into `out`: key → digest.
+macro_rules! digest_rows {
+    ($rows:expr, $table:expr, $engine:expr, $out:expr) => {
+        for r in &$rows {
+            let read = || -> Result<(String, Digest), sqlx::Error> {
+                use crate::schema::ColumnType as T;
+                use digest::Canon;
+                let key: String = r.try_get(0)?;
+                let mut values = Vec::with_capacity($table.columns.len());
+                for (i, col) in $table.columns.iter().enumerate() {
+                    let i = i + 1;
+                    values.push(match col.ty {
+                        T::Int => r
+                            .try_get::<Option<i64>, _>(i)?
+                            .map_or(Canon::Null, Canon::Int),
+                        T::Float => r
+                            .try_get::<Option<f64>, _>(i)?
+                            .map_or(Canon::Null, Canon::Float),
+                        T::Bool => r
+                            .try_get::<Option<bool>, _>(i)?
+                            .map_or(Canon::Null, Canon::Bool),
+                        T::String => r
+                            .try_get::<Option<String>, _>(i)?
+                            .map_or(Canon::Null, Canon::Text),
+                        T::Uuid => r
+                            .try_get::<Option<String>, _>(i)?
+                            .map_or(Canon::Null, |u| Canon::Text(u.to_ascii_lowercase())),
+                        T::Json => r
+                            .try_get::<Option<String>, _>(i)?
+                            .map_or(Canon::Null, |t| digest::canon_of_json_text(&t)),
+                    });
+                }
+                Ok((key, digest::digest(&values)))
+            };
+            let (key, d) = read().map_err(|e| classify($engine, e))?;
+            $out.insert(key, d);
+        }
+    };
+}
+
 macro_rules! with_pool {
     ($db:expr, $pool:ident, $DB:ident => $body:expr) => {
         match $db {
@@ -566,13 +609,14 @@ impl Db {
         })
     }
 
-    /// Which of `keys` are present in `table` (the comparator's batched lookup
-    /// on the unique index). Keys are given and returned in their text form.
-    pub async fn existing_keys(
+    /// The content digest of each of `keys` present in `table` (the
+    /// comparator's batched lookup on the unique index). Keys are given and
+    /// returned in their text form.
+    pub async fn digests_of_keys(
         &self,
         table: &Table,
         keys: &[&str],
-    ) -> Result<std::collections::HashSet<String>, DbError> {
+    ) -> Result<HashMap<String, Digest>, DbError> {
         use crate::schema::ColumnType;
         let engine = self.engine();
         let key_col = table
@@ -580,13 +624,13 @@ impl Db {
             .map(|c| c.ty)
             .unwrap_or(ColumnType::String);
         let q = |s: &str| sql::quote(engine, s);
-        let mut found = std::collections::HashSet::with_capacity(keys.len());
+        let mut found = HashMap::with_capacity(keys.len());
         let chunk = match engine {
             Engine::Postgres => 10_000,
             Engine::MySql | Engine::Sqlite => 5_000,
         };
         for part in keys.chunks(chunk) {
-            let rows: Vec<String> = match self {
+            match self {
                 Db::Postgres(pool) => {
                     let cast = match key_col {
                         ColumnType::Uuid => "uuid[]",
@@ -595,64 +639,72 @@ impl Db {
                     };
                     let text = format!(
                         "SELECT {} FROM {} WHERE {} = ANY($1::{cast})",
-                        sql::key_text(engine, table),
+                        sql::key_and_content(engine, table),
                         q(&table.name),
                         q(&table.key)
                     );
-                    let query = sqlx::query_scalar::<_, String>(&text);
+                    let query = sqlx::query(&text);
                     let query = if key_col == ColumnType::Int {
                         let ints: Vec<i64> = part.iter().filter_map(|k| k.parse().ok()).collect();
                         query.bind(ints)
                     } else {
                         query.bind(part.to_vec())
                     };
-                    query
+                    let rows = query
                         .fetch_all(pool)
                         .await
-                        .map_err(|e| classify(engine, e))?
+                        .map_err(|e| classify(engine, e))?;
+                    digest_rows!(rows, table, engine, found);
                 }
-                Db::MySql(pool, _) => sql::key_in_list::<sqlx::MySql>(engine, table, part)
-                    .build_query_scalar::<String>()
-                    .fetch_all(pool)
-                    .await
-                    .map_err(|e| classify(engine, e))?,
-                Db::Sqlite(pool) => sql::key_in_list::<sqlx::Sqlite>(engine, table, part)
-                    .build_query_scalar::<String>()
-                    .fetch_all(pool)
-                    .await
-                    .map_err(|e| classify(engine, e))?,
-            };
-            found.extend(rows);
+                Db::MySql(pool, _) => {
+                    let rows = sql::key_in_list::<sqlx::MySql>(engine, table, part)
+                        .build()
+                        .fetch_all(pool)
+                        .await
+                        .map_err(|e| classify(engine, e))?;
+                    digest_rows!(rows, table, engine, found);
+                }
+                Db::Sqlite(pool) => {
+                    let rows = sql::key_in_list::<sqlx::Sqlite>(engine, table, part)
+                        .build()
+                        .fetch_all(pool)
+                        .await
+                        .map_err(|e| classify(engine, e))?;
+                    digest_rows!(rows, table, engine, found);
+                }
+            }
         }
         Ok(found)
     }
 
-    /// The keys of the rows whose time column is in `[from, to)`: one range
-    /// scan of the (time, key) index, which covers it.
-    pub async fn keys_in_time_range(
+    /// The content digest of every row whose time column is in `[from, to)`,
+    /// by key: one range scan.
+    pub async fn digests_in_time_range(
         &self,
         table: &Table,
         from: i64,
         to: i64,
-    ) -> Result<std::collections::HashSet<String>, DbError> {
+    ) -> Result<HashMap<String, Digest>, DbError> {
         let engine = self.engine();
-        let projection = sql::key_text(engine, table);
         let text = format!(
-            "SELECT {projection} FROM {} WHERE {t} >= {} AND {t} < {}",
+            "SELECT {} FROM {} WHERE {t} >= {} AND {t} < {}",
+            sql::key_and_content(engine, table),
             sql::quote(engine, &table.name),
             sql::placeholder(engine, 1),
             sql::placeholder(engine, 2),
             t = sql::quote(engine, &table.time),
         );
+        let mut found = HashMap::new();
         with_pool!(self, pool, DB => {
-            let keys: Vec<String> = sqlx::query_scalar::<_, String>(&text)
+            let rows = sqlx::query(&text)
                 .bind(from)
                 .bind(to)
                 .fetch_all(pool)
                 .await
                 .map_err(|e| classify(engine, e))?;
-            Ok(keys.into_iter().collect())
-        })
+            digest_rows!(rows, table, engine, found);
+        });
+        Ok(found)
     }
 
     /// Rows whose time column is in `[from, to)`.

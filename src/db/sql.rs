@@ -261,7 +261,24 @@ pub fn key_text(engine: Engine, table: &Table) -> String {
     }
 }
 
-/// `SELECT <key as text> FROM t WHERE key IN (…)` (MySQL, SQLite).
+/// The key as text, then every column in declaration order, each in a form
+/// the driver decodes for its type (UUID and JSON as text).
+pub fn key_and_content(engine: Engine, table: &Table) -> String {
+    use crate::schema::ColumnType as T;
+    let mut out = key_text(engine, table);
+    for col in &table.columns {
+        let c = quote(engine, &col.name);
+        out.push_str(", ");
+        out.push_str(&match (engine, col.ty) {
+            (Engine::Postgres, T::Uuid | T::Json) => format!("{c}::text"),
+            (Engine::MySql, T::Json) => format!("CAST({c} AS CHAR)"),
+            _ => c,
+        });
+    }
+    out
+}
+
+/// `SELECT <key and content> FROM t WHERE key IN (…)` (MySQL, SQLite).
 pub fn key_in_list<'a, DB>(
     engine: Engine,
     table: &Table,
@@ -273,7 +290,7 @@ where
 {
     let mut qb = QueryBuilder::new(format!(
         "SELECT {} FROM {} WHERE {} IN (",
-        key_text(engine, table),
+        key_and_content(engine, table),
         quote(engine, &table.name),
         quote(engine, &table.key)
     ));
