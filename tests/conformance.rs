@@ -360,3 +360,68 @@ fn the_known_unstorable_rows_are_refused() {
         assert_eq!(e.code(), "invalid_value", "{r:?}");
     }
 }
+
+/// String keys compare byte for byte on every engine: keys that differ only
+/// in case, accents, trailing spaces or one emoji are distinct rows, and the
+/// write path counts every one as inserted. On MariaDB a key column left
+/// with a case-insensitive collation by an older `db init` is refused at
+/// start, naming the `ALTER TABLE` that fixes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_that_differ_only_in_case_accent_space_or_emoji_are_distinct_rows() {
+    let schema = schema();
+    let table = schema.table("conf_item").expect("table").clone();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pg = TestDb::postgres(&schema).await;
+    let my = TestDb::mariadb(&schema).await;
+    let lite = Db::connect(
+        &format!("sqlite:{}", dir.path().join("keys.db").display()),
+        2,
+    )
+    .expect("sqlite");
+    lite.init(&schema).await.expect("sqlite init");
+    let keys = ["abc", "ABC", "abc ", "ábc", "Abc", "key😀", "key😁"];
+    for (engine, db) in [
+        ("postgresql", &pg.db),
+        ("mariadb", &my.db),
+        ("sqlite", &lite),
+    ] {
+        let rows = TableRows {
+            rows: keys
+                .iter()
+                .map(|k| {
+                    let r = json!({"k": k, "t": 1, "g": 1});
+                    row_values(&table, r.as_object().unwrap()).unwrap()
+                })
+                .collect(),
+        };
+        let written = db
+            .write_batch(&[(&table, &rows)], &[], &[], None)
+            .await
+            .unwrap_or_else(|e| panic!("{engine}: {e}"));
+        assert_eq!(written[0].inserted, keys.len() as u64, "{engine}");
+        let refs: Vec<&str> = keys.to_vec();
+        let found = db.digests_of_keys(&table, &refs).await.unwrap();
+        assert_eq!(found.len(), keys.len(), "{engine}: {found:?}");
+        assert!(db.check_tables(&schema, "test").await.is_ok(), "{engine}");
+    }
+    // A table made with the server's default collation, as `db init` did
+    // before (emptied first: under it the keys above collide).
+    my.exec("DELETE FROM conf_item").await;
+    my.exec("ALTER TABLE conf_item MODIFY k VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_general_ci NOT NULL")
+        .await;
+    let e = my.db.check_tables(&schema, "test").await.unwrap_err();
+    assert!(e.is_config(), "{e}");
+    let text = e.to_string();
+    assert!(text.contains("utf8mb4_general_ci"), "{text}");
+    let alter = text
+        .split("run: ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no statement in {text}"))
+        .to_string();
+    assert!(alter.starts_with("ALTER TABLE"), "{text}");
+    my.exec(&alter).await;
+    my.db
+        .check_tables(&schema, "test")
+        .await
+        .expect("fixed by the statement it named");
+}

@@ -189,7 +189,9 @@ fn class_of(engine: Engine, code: &str, number: u16) -> Class {
     // 44 (check option) are about the row, not the server.
     let data_class = ["22", "23", "44"].iter().any(|c| code.starts_with(c));
     let rejected = match engine {
-        Engine::Postgres => data_class,
+        // 54000: a row beyond an engine limit (an index row too big for a
+        // B-tree page: a 10 KB key): no retry stores it.
+        Engine::Postgres => data_class || code == "54000",
         Engine::MySql => {
             data_class
                 // HY000 data errors: incorrect value, truncated value,
@@ -422,7 +424,8 @@ impl Db {
     /// bookkeeping tables. Safe to run again.
     pub async fn init(&self, schema: &Schema) -> Result<(), DbError> {
         let engine = self.engine();
-        let statements = sql::init_statements(engine, schema);
+        let collation = self.exact_collation().await?;
+        let statements = sql::init_statements(engine, schema, &collation);
         with_pool!(self, pool, DB => {
             for s in &statements {
                 sqlx::query(s)
@@ -432,6 +435,28 @@ impl Db {
             }
             Ok(())
         })
+    }
+
+    /// The collation text is stored with: on MySQL, the best of
+    /// [`sql::MYSQL_EXACT_COLLATIONS`] the server has (else `utf8mb4_bin`,
+    /// which pads trailing spaces); empty for the other engines.
+    async fn exact_collation(&self) -> Result<String, DbError> {
+        let Db::MySql(pool, _) = self else {
+            return Ok(String::new());
+        };
+        let have: Vec<String> = sqlx::query_scalar(
+            "SELECT COLLATION_NAME FROM information_schema.COLLATIONS WHERE COLLATION_NAME IN (?, ?)",
+        )
+        .bind(sql::MYSQL_EXACT_COLLATIONS[0])
+        .bind(sql::MYSQL_EXACT_COLLATIONS[1])
+        .fetch_all(pool)
+        .await
+        .map_err(|e| classify(Engine::MySql, e))?;
+        Ok(sql::MYSQL_EXACT_COLLATIONS
+            .iter()
+            .find(|c| have.iter().any(|h| h == *c))
+            .unwrap_or(&"utf8mb4_bin")
+            .to_string())
     }
 
     /// Checks that every declared table and the bookkeeping tables exist.
@@ -458,6 +483,41 @@ impl Db {
                     })
                 }
                 Err(e) => return Err(classify(engine, e)),
+            }
+        }
+        if let Db::MySql(pool, _) = self {
+            let exact = self.exact_collation().await?;
+            // UUID keys are validated and lower-cased: no two differ only
+            // in case or padding, whatever the collation.
+            let string_keys = schema.tables().iter().filter(|t| {
+                t.column(&t.key)
+                    .is_some_and(|c| c.ty == crate::schema::ColumnType::String)
+            });
+            for t in string_keys {
+                let collation: Option<Option<String>> = sqlx::query_scalar(
+                    "SELECT COLLATION_NAME FROM information_schema.COLUMNS \
+                     WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND COLUMN_NAME = ?",
+                )
+                .bind(&t.name)
+                .bind(&t.key)
+                .fetch_optional(pool)
+                .await
+                .map_err(|e| classify(engine, e))?;
+                if let Some(Some(collation)) = collation {
+                    if collation != exact {
+                        return Err(DbError::Config {
+                            url: redact_url(url),
+                            message: format!(
+                                "the key column {}.{} compares text with the collation {collation}, under \
+                                 which keys that differ only in case, accents or trailing spaces can be one \
+                                 key and rows are lost; run: {}",
+                                t.name,
+                                t.key,
+                                sql::mysql_exact_key(t, &exact).unwrap_or_default()
+                            ),
+                        });
+                    }
+                }
             }
         }
         Ok(())
@@ -965,6 +1025,8 @@ mod tests {
         assert_eq!(pg("3D000"), Access);
         assert_eq!(pg("42501"), Access);
         assert_eq!(pg("23505"), Rejected);
+        assert_eq!(pg("54000"), Rejected);
+        assert_eq!(pg("54001"), Unavailable);
         assert_eq!(pg("22003"), Rejected);
         assert_eq!(pg("57P01"), Unavailable);
         assert_eq!(pg("40001"), Unavailable);

@@ -45,6 +45,26 @@ pub fn placeholder(engine: Engine, n: usize) -> String {
     }
 }
 
+/// MySQL's binary collations without trailing-space padding, best first:
+/// MariaDB's, then MySQL 8's. Under the server's default collation
+/// (`utf8mb4_general_ci`) a unique key treats `abc`, `ABC` and `ábc` as one
+/// value and silently skips the "duplicates"; under `utf8mb4_bin`, which pads,
+/// `abc` and `abc ` still collide.
+pub const MYSQL_EXACT_COLLATIONS: [&str; 2] = ["utf8mb4_nopad_bin", "utf8mb4_0900_bin"];
+
+const MYSQL_TABLE_OPTIONS: &str = " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4";
+
+/// The statement that gives an existing MySQL key column `collation`.
+pub fn mysql_exact_key(table: &Table, collation: &str) -> Option<String> {
+    let col = table.column(&table.key)?;
+    Some(format!(
+        "ALTER TABLE {} MODIFY {} {} CHARACTER SET utf8mb4 COLLATE {collation} NOT NULL",
+        quote(Engine::MySql, &table.name),
+        quote(Engine::MySql, &col.name),
+        column_type(Engine::MySql, col, true)
+    ))
+}
+
 fn column_type(engine: Engine, col: &Column, is_key: bool) -> &'static str {
     use ColumnType as T;
     match (engine, col.ty) {
@@ -78,18 +98,36 @@ fn index_name(table: &str, column: &str, suffix: &str) -> String {
     }
 }
 
-pub fn init_statements(engine: Engine, schema: &Schema) -> Vec<String> {
+/// `collation`: the MySQL key columns' collation (one of
+/// [`MYSQL_EXACT_COLLATIONS`] the server has); the other engines compare
+/// bytes already. Only the key gets it: the driver reads a column with a
+/// binary collation as bytes, so every other text column keeps the default.
+pub fn init_statements(engine: Engine, schema: &Schema, collation: &str) -> Vec<String> {
     let mut out = Vec::new();
+    let options = if engine == Engine::MySql {
+        MYSQL_TABLE_OPTIONS
+    } else {
+        ""
+    };
     let q = |s: &str| quote(engine, s);
     for t in schema.tables() {
         let mut cols: Vec<String> = t
             .columns
             .iter()
             .map(|c| {
+                let is_key = c.name == t.key;
+                let exact = engine == Engine::MySql
+                    && is_key
+                    && matches!(c.ty, ColumnType::String | ColumnType::Uuid);
                 format!(
-                    "{} {}{}",
+                    "{} {}{}{}",
                     q(&c.name),
-                    column_type(engine, c, c.name == t.key),
+                    column_type(engine, c, is_key),
+                    if exact {
+                        format!(" CHARACTER SET utf8mb4 COLLATE {collation}")
+                    } else {
+                        String::new()
+                    },
                     if c.nullable { "" } else { " NOT NULL" }
                 )
             })
@@ -113,11 +151,7 @@ pub fn init_statements(engine: Engine, schema: &Schema) -> Vec<String> {
             "CREATE TABLE IF NOT EXISTS {} ({}){}",
             q(&t.name),
             cols.join(", "),
-            if engine == Engine::MySql {
-                " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"
-            } else {
-                ""
-            }
+            options
         ));
         if engine != Engine::MySql {
             out.push(format!(
@@ -135,11 +169,7 @@ pub fn init_statements(engine: Engine, schema: &Schema) -> Vec<String> {
         Engine::MySql => ("BIGINT", "BOOLEAN", "LONGTEXT", "VARCHAR(512)"),
         Engine::Sqlite => ("INTEGER", "INTEGER", "TEXT", "TEXT"),
     };
-    let charset = if engine == Engine::MySql {
-        " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"
-    } else {
-        ""
-    };
+    let charset = options;
     out.push(format!(
         "CREATE TABLE IF NOT EXISTS {} (file {key} NOT NULL PRIMARY KEY, byte_offset {bigint} NOT NULL, \
          line_count {bigint} NOT NULL, done {boolean} NOT NULL, updated_at {bigint} NOT NULL){charset}",
@@ -150,7 +180,7 @@ pub fn init_statements(engine: Engine, schema: &Schema) -> Vec<String> {
          payload {text} NOT NULL, created_at {bigint} NOT NULL){charset}",
         q(DEAD_LETTER_TABLE)
     ));
-    out.push(super::replay::create_sql(engine));
+    out.push(super::replay::create_sql(engine, options));
     out
 }
 
@@ -271,7 +301,8 @@ pub fn key_and_content(engine: Engine, table: &Table) -> String {
         out.push_str(", ");
         out.push_str(&match (engine, col.ty) {
             (Engine::Postgres, T::Uuid | T::Json) => format!("{c}::text"),
-            (Engine::MySql, T::Json) => format!("CAST({c} AS CHAR)"),
+            // The key's binary collation makes the driver see bytes.
+            (Engine::MySql, T::Json | T::String | T::Uuid) => format!("CAST({c} AS CHAR)"),
             _ => c,
         });
     }
@@ -380,7 +411,7 @@ mod tests {
     #[test]
     fn ddl_per_engine() {
         let schema = PipelineConfig::load(None).unwrap().schema().unwrap();
-        let pg = init_statements(Engine::Postgres, &schema).join(";\n");
+        let pg = init_statements(Engine::Postgres, &schema, "").join(";\n");
         assert!(pg.contains("\"uuid\" UUID NOT NULL"), "{pg}");
         assert!(
             pg.contains("CONSTRAINT \"raw_item_uuid_key\" UNIQUE (\"uuid\")"),
@@ -390,13 +421,13 @@ mod tests {
             pg.contains("CREATE INDEX IF NOT EXISTS \"raw_item_timestamp_idx\""),
             "{pg}"
         );
-        let my = init_statements(Engine::MySql, &schema).join(";\n");
+        let my = init_statements(Engine::MySql, &schema, "utf8mb4_nopad_bin").join(";\n");
         assert!(my.contains("`body` LONGTEXT NOT NULL"), "{my}");
         assert!(
             my.contains("KEY `raw_item_timestamp_idx` (`timestamp`, `uuid`)"),
             "{my}"
         );
-        let lite = init_statements(Engine::Sqlite, &schema).join(";\n");
+        let lite = init_statements(Engine::Sqlite, &schema, "").join(";\n");
         assert!(lite.contains("\"project_id\" INTEGER NOT NULL"), "{lite}");
     }
 
