@@ -116,9 +116,10 @@ pub fn init_statements(engine: Engine, schema: &Schema, collation: &str) -> Vec<
             .iter()
             .map(|c| {
                 let is_key = c.name == t.key;
-                let exact = engine == Engine::MySql
-                    && is_key
-                    && matches!(c.ty, ColumnType::String | ColumnType::Uuid);
+                // UUID keys are validated and lower-cased: they cannot differ
+                // in case or padding alone, and legacy readers of OLD keep
+                // reading them as text.
+                let exact = engine == Engine::MySql && is_key && c.ty == ColumnType::String;
                 format!(
                     "{} {}{}{}",
                     q(&c.name),
