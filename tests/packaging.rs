@@ -404,11 +404,27 @@ fn check(r: &Rendered) -> Vec<String> {
                 );
             }
             if let Some(s) = v["secret"]["secretName"].as_str() {
-                assert!(
-                    r.referable("Secret", s).is_some(),
-                    "{file}: volume {}: Secret {s}",
+                let secret = r
+                    .referable("Secret", s)
+                    .unwrap_or_else(|| panic!("{file}: volume {}: Secret {s}", v["name"]));
+                // Readable by the pod's group only, which must be the user's.
+                assert_eq!(
+                    v["secret"]["defaultMode"], 0o440,
+                    "{file}: volume {}: defaultMode 0440",
                     v["name"]
                 );
+                assert_eq!(
+                    psc["fsGroup"], 10001,
+                    "{file}: a Secret volume needs fsGroup 10001 to be readable"
+                );
+                for item in v["secret"]["items"].as_array().into_iter().flatten() {
+                    let key = item["key"].as_str().unwrap();
+                    assert!(
+                        keys_of(secret).contains(&key.to_string()),
+                        "{file}: volume {}: Secret {s} has no key {key}",
+                        v["name"]
+                    );
+                }
             }
         }
         let containers = pod["containers"].as_array().unwrap();
@@ -506,6 +522,66 @@ fn check(r: &Rendered) -> Vec<String> {
                     !(a.contains("://") && a.contains('@')) && *a != "--db-password",
                     "{file}: {role}: credentials on the command line: {a}"
                 );
+            }
+            // Secrets are files mounted from Secrets, named by the file flags:
+            // every Kafka client reads its properties so, every database
+            // client its passwords.
+            let mut file_flags: Vec<&str> = match role {
+                "load" | "ingest" => vec!["--db-password-file"],
+                "compare" => vec!["--old-db-password-file", "--new-db-password-file"],
+                _ => vec![],
+            };
+            if matches!(role, "route" | "load" | "ingest" | "compare") {
+                file_flags.push("--kafka-config-file");
+            }
+            for flag in file_flags {
+                let path =
+                    arg(&args, flag).unwrap_or_else(|| panic!("{file}: {role} has no {flag}"));
+                let mount = mount_of(c, path)
+                    .unwrap_or_else(|| panic!("{file}: {role} {flag} {path} is on no volume"));
+                let volume = pod_volumes
+                    .iter()
+                    .find(|v| v["name"] == mount["name"])
+                    .unwrap_or_else(|| panic!("{file}: {role}: volume {}", mount["name"]));
+                assert!(
+                    volume["secret"]["secretName"].is_string(),
+                    "{file}: {role} {flag} {path} is not on a Secret volume"
+                );
+                let name = path.rsplit('/').next().unwrap_or_default();
+                assert!(
+                    volume["secret"]["items"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|i| i["path"] == name),
+                    "{file}: {role} {flag}: the Secret volume {} has no file {name}",
+                    mount["name"]
+                );
+            }
+            // No password in an environment variable, not even inside a URL.
+            for e in c["env"].as_array().into_iter().flatten() {
+                let ename = e["name"].as_str().unwrap();
+                assert!(
+                    !ename.contains("PASSWORD") && ename != "SWITCHYARD_KAFKA_CONFIG",
+                    "{file}: {role} {ename}: secrets come from files"
+                );
+                let r_ = &e["valueFrom"]["secretKeyRef"];
+                if let (Some(sname), Some(key)) = (r_["name"].as_str(), r_["key"].as_str()) {
+                    if let Some(url) = r
+                        .referable("Secret", sname)
+                        .and_then(|s| s["stringData"][key].as_str())
+                    {
+                        let userinfo = url
+                            .split_once("://")
+                            .and_then(|(_, rest)| rest.split_once('@'))
+                            .map(|(u, _)| u)
+                            .unwrap_or_default();
+                        assert!(
+                            !userinfo.contains(':'),
+                            "{file}: {role} {ename}: the URL holds a password"
+                        );
+                    }
+                }
             }
             // Every path the role reads or writes is on a volume (the root
             // filesystem is read-only).
@@ -775,26 +851,47 @@ fn the_production_overlay_as_applied_is_well_formed_and_hardened() {
         }
     }
 
-    // No credentials in what is applied: the placeholder Secret is deleted, and
-    // the real one is created out of band with the keys the workloads read.
+    // No credentials in what is applied: the placeholder Secrets are deleted,
+    // and the real ones are created out of band with the keys the workloads read.
     assert!(
         prod.docs.iter().all(|d| d["kind"] != "Secret"),
         "production applies no Secret"
     );
     let rendered = serde_json::to_string(&prod.docs).unwrap();
     assert!(!rendered.contains("CHANGE-ME"), "a placeholder credential");
-    let placeholder = base.get("Secret", "switchyard-db").unwrap();
-    assert_eq!(prod.deleted, std::slice::from_ref(placeholder));
-    let example = read_yaml(&repo(PRODUCTION).join("secret-db.example.yaml")).unwrap();
-    let [example] = example.as_slice() else {
-        panic!("one Secret in secret-db.example.yaml")
-    };
-    assert_eq!(id(example), id(placeholder));
-    let mut keys = keys_of(example);
-    let mut placeholder_keys = keys_of(placeholder);
-    keys.sort();
-    placeholder_keys.sort();
-    assert_eq!(keys, placeholder_keys, "the example has the base's keys");
+    let placeholders: Vec<&Value> = ["switchyard-db", "switchyard-kafka"]
+        .iter()
+        .map(|n| base.get("Secret", n).unwrap())
+        .collect();
+    assert_eq!(
+        prod.deleted.iter().collect::<Vec<_>>(),
+        placeholders,
+        "exactly the placeholder Secrets are deleted"
+    );
+    let mut examples = HashMap::new();
+    for (file, placeholder) in [
+        ("secret-db.example.yaml", placeholders[0]),
+        ("secret-kafka.example.yaml", placeholders[1]),
+    ] {
+        let docs = read_yaml(&repo(PRODUCTION).join(file)).unwrap();
+        let [example] = docs.as_slice() else {
+            panic!("one Secret in {file}")
+        };
+        assert_eq!(id(example), id(placeholder), "{file}");
+        let mut keys = keys_of(example);
+        let mut placeholder_keys = keys_of(placeholder);
+        keys.sort();
+        placeholder_keys.sort();
+        assert_eq!(keys, placeholder_keys, "{file} has the base's keys");
+        examples.insert(id(example).1, example.clone());
+    }
+    let example = &examples["switchyard-db"];
+    assert!(
+        examples["switchyard-kafka"]["stringData"]["client.properties"]
+            .as_str()
+            .is_some_and(|p| p.contains("security.protocol=SASL_SSL")),
+        "the production Kafka example is secured"
+    );
 
     // The example URLs verify the server's certificate and host name, against
     // a CA file mounted in every container that uses them.
@@ -900,7 +997,20 @@ fn the_renderer_merges_and_refuses_what_matches_nothing() {
     );
     assert_eq!(c["env"].as_array().unwrap().len(), 4);
     assert_eq!(c["env"][3]["name"], "EXTRA");
-    assert_eq!(c["volumeMounts"], Value::Array(vec![]));
+    let mounts: Vec<&str> = c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["mountPath"].as_str())
+        .collect();
+    assert_eq!(
+        mounts,
+        [
+            "/etc/switchyard/secrets/db",
+            "/etc/switchyard/secrets/kafka"
+        ],
+        "the deleted mount only"
+    );
     assert_eq!(c["args"][0], "ingest");
 
     // A misspelt container, a resource the base lacks, an unknown kind, an
