@@ -177,6 +177,36 @@ fn tls_props(ca: &Path) -> Vec<(String, String)> {
     ]
 }
 
+/// Ingest in process with client properties `extra`, until the topic is
+/// drained and idle.
+async fn ingest_until_idle(
+    broker: &Broker,
+    topic: &str,
+    extra: Vec<(String, String)>,
+    schema: &switchyard::schema::Schema,
+    db: &switchyard::db::Db,
+) -> ingest::IngestSummary {
+    let m = IngestMetrics::new(&prometheus::Registry::new()).unwrap();
+    ingest::run(
+        IngestOptions {
+            brokers: broker.brokers(),
+            topics: vec![topic.to_string()],
+            group: unique("g"),
+            batch_size: 100,
+            consumer_timeout: Duration::from_millis(100),
+            extra,
+            idle_exit: Some(Duration::from_secs(2)),
+        },
+        schema,
+        db,
+        m,
+        Health::default(),
+        CancellationToken::new(),
+    )
+    .await
+    .expect("ingest over TLS")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn route_and_ingest_speak_tls_to_kafka_and_zstd_batches_go_through() {
     let certs = tempfile::tempdir().unwrap();
@@ -209,25 +239,7 @@ async fn route_and_ingest_speak_tls_to_kafka_and_zstd_batches_go_through() {
 
     // ingest reads them over TLS into NEW.
     let new = TestDb::postgres(&schema).await;
-    let m = IngestMetrics::new(&prometheus::Registry::new()).unwrap();
-    let s = ingest::run(
-        IngestOptions {
-            brokers: broker.brokers(),
-            topics: vec![topic.clone()],
-            group: unique("g"),
-            batch_size: 100,
-            consumer_timeout: Duration::from_millis(100),
-            extra: tls_props(&ca),
-            idle_exit: Some(Duration::from_secs(2)),
-        },
-        &schema,
-        &new.db,
-        m,
-        Health::default(),
-        CancellationToken::new(),
-    )
-    .await
-    .expect("ingest over TLS");
+    let s = ingest_until_idle(&broker, &topic, tls_props(&ca), &schema, &new.db).await;
     assert_eq!(s.inserted, 40);
     assert_eq!(new.count().await, 40);
 
@@ -493,25 +505,8 @@ async fn loader_replayer_and_comparator_speak_tls_to_mariadb_postgres_and_kafka(
 
     // ingest over TLS into PostgreSQL over verify-ca: the 30 dual-written
     // messages and the 5 replayed ones.
-    let m = IngestMetrics::new(&prometheus::Registry::new()).unwrap();
-    let s = ingest::run(
-        IngestOptions {
-            brokers: broker.brokers(),
-            topics: vec![topic.clone()],
-            group: unique("g"),
-            batch_size: 100,
-            consumer_timeout: Duration::from_millis(100),
-            extra: tls_props(&kafka_ca),
-            idle_exit: Some(Duration::from_secs(2)),
-        },
-        &schema,
-        &switchyard::db::Db::connect(&new_tls, 2).unwrap(),
-        m,
-        Health::default(),
-        CancellationToken::new(),
-    )
-    .await
-    .expect("ingest over TLS");
+    let new_db = switchyard::db::Db::connect(&new_tls, 2).unwrap();
+    let s = ingest_until_idle(&broker, &topic, tls_props(&kafka_ca), &schema, &new_db).await;
     assert_eq!(s.inserted, 35);
 
     // The comparator, over TLS to all three: parity holds.
