@@ -158,6 +158,62 @@ struct DueWindow {
     snap: Snapshot,
 }
 
+/// One window's reads from one database.
+struct Lookup<'a> {
+    table: &'a Table,
+    start: i64,
+    end: i64,
+    /// The stream's digest of each announced row.
+    expected: &'a HashMap<&'a str, Digest>,
+}
+
+impl Lookup<'_> {
+    /// Key → content digest of the rows of `wanted` in `db` (all the rows
+    /// in the window's range with `scan`), reading the content only of
+    /// `unverified` rows. A row verified before counts as the stream's
+    /// content: it is only looked for.
+    async fn read(
+        &self,
+        db: &Db,
+        wanted: &[&str],
+        unverified: &[&str],
+        scan: bool,
+    ) -> Result<HashMap<String, Digest>, DbError> {
+        let (t, from, to) = (self.table, self.start, self.end);
+        // Mostly new rows: one read of rows and content.
+        if unverified.len() * 4 >= wanted.len() {
+            return if scan {
+                db.digests_in_time_range(t, from, to).await
+            } else {
+                db.digests_of_keys(t, wanted).await
+            };
+        }
+        // Mostly verified rows: the keys alone (a covering index), and the
+        // content of the few new ones.
+        let present = if scan {
+            db.keys_in_time_range(t, from, to).await?
+        } else {
+            db.existing_keys(t, wanted).await?
+        };
+        let content = if unverified.is_empty() {
+            HashMap::new()
+        } else {
+            db.digests_of_keys(t, unverified).await?
+        };
+        Ok(present
+            .into_iter()
+            .map(|k| {
+                let d = content
+                    .get(&k)
+                    .or_else(|| self.expected.get(k.as_str()))
+                    .copied()
+                    .unwrap_or_default();
+                (k, d)
+            })
+            .collect())
+    }
+}
+
 /// A message as the comparator reads it.
 #[derive(serde::Deserialize)]
 struct Envelope {
@@ -322,11 +378,33 @@ impl Comparator {
                 .filter(|(_, e)| e.sent == Sent::Dual)
                 .map(|(k, _)| k.as_str())
                 .collect();
+            // Content is read once per row, while no check has found it;
+            // rows verified before are only looked for, to find deletions.
+            let all: Vec<&str> = snap.rows.iter().map(|(k, _)| k.as_str()).collect();
+            let unverified = |dual_only: bool| -> Vec<&str> {
+                snap.rows
+                    .iter()
+                    .filter(|(_, e)| !e.found && (!dual_only || e.sent == Sent::Dual))
+                    .map(|(k, _)| k.as_str())
+                    .collect()
+            };
+            let expected: HashMap<&str, Digest> = snap
+                .rows
+                .iter()
+                .filter_map(|(k, e)| Some((k.as_str(), e.digest?)))
+                .collect();
+            let (new_unverified, old_unverified) = (unverified(false), unverified(true));
             let end = start + self.opts.window_secs;
+            let window = Lookup {
+                table,
+                start,
+                end,
+                expected: &expected,
+            };
             let (found_new, found_old) = tokio::try_join!(
                 // NEW holds little else than what the stream announced: one
-                // covering range scan, and the extra rows fall out of it.
-                self.new.digests_in_time_range(table, start, end),
+                // range scan, and the extra rows fall out of it.
+                window.read(&self.new, &all, &new_unverified, true),
                 async {
                     if dual_refs.is_empty() {
                         return Ok(HashMap::new());
@@ -334,11 +412,10 @@ impl Comparator {
                     // OLD also holds every legacy row: scan the range only
                     // when dual rows are a good share of it, else look keys up.
                     let in_range = self.old.count_time_range(table, start, end).await?;
-                    if (dual_refs.len() as i64) * 4 >= in_range {
-                        self.old.digests_in_time_range(table, start, end).await
-                    } else {
-                        self.old.digests_of_keys(table, &dual_refs).await
-                    }
+                    let scan = (dual_refs.len() as i64) * 4 >= in_range;
+                    window
+                        .read(&self.old, &dual_refs, &old_unverified, scan)
+                        .await
                 },
             )?;
             let in_new = found_new.len() as i64;

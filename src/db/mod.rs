@@ -669,6 +669,105 @@ impl Db {
         })
     }
 
+    /// Which of `keys` are present in `table` (the comparator's batched lookup
+    /// on the unique index). Keys are given and returned in their text form.
+    pub async fn existing_keys(
+        &self,
+        table: &Table,
+        keys: &[&str],
+    ) -> Result<std::collections::HashSet<String>, DbError> {
+        use crate::schema::ColumnType;
+        let engine = self.engine();
+        let key_col = table
+            .column(&table.key)
+            .map(|c| c.ty)
+            .unwrap_or(ColumnType::String);
+        let q = |s: &str| sql::quote(engine, s);
+        let mut found = std::collections::HashSet::with_capacity(keys.len());
+        let chunk = match engine {
+            Engine::Postgres => 10_000,
+            Engine::MySql | Engine::Sqlite => 5_000,
+        };
+        for part in keys.chunks(chunk) {
+            let rows: Vec<String> = match self {
+                Db::Postgres(pool) => {
+                    let cast = match key_col {
+                        ColumnType::Uuid => "uuid[]",
+                        ColumnType::Int => "bigint[]",
+                        _ => "text[]",
+                    };
+                    let text = format!(
+                        "SELECT {} FROM {} WHERE {} = ANY($1::{cast})",
+                        sql::key_text(engine, table),
+                        q(&table.name),
+                        q(&table.key)
+                    );
+                    let query = sqlx::query_scalar::<_, String>(&text);
+                    let query = if key_col == ColumnType::Int {
+                        let ints: Vec<i64> = part.iter().filter_map(|k| k.parse().ok()).collect();
+                        query.bind(ints)
+                    } else {
+                        query.bind(part.to_vec())
+                    };
+                    query
+                        .fetch_all(pool)
+                        .await
+                        .map_err(|e| classify(engine, e))?
+                }
+                Db::MySql(pool, _) => sql::key_in_list::<sqlx::MySql>(
+                    engine,
+                    &sql::key_text(engine, table),
+                    table,
+                    part,
+                )
+                .build_query_scalar::<String>()
+                .fetch_all(pool)
+                .await
+                .map_err(|e| classify(engine, e))?,
+                Db::Sqlite(pool) => sql::key_in_list::<sqlx::Sqlite>(
+                    engine,
+                    &sql::key_text(engine, table),
+                    table,
+                    part,
+                )
+                .build_query_scalar::<String>()
+                .fetch_all(pool)
+                .await
+                .map_err(|e| classify(engine, e))?,
+            };
+            found.extend(rows);
+        }
+        Ok(found)
+    }
+
+    /// The keys of the rows whose time column is in `[from, to)`: one range
+    /// scan of the (time, key) index, which covers it.
+    pub async fn keys_in_time_range(
+        &self,
+        table: &Table,
+        from: i64,
+        to: i64,
+    ) -> Result<std::collections::HashSet<String>, DbError> {
+        let engine = self.engine();
+        let projection = sql::key_text(engine, table);
+        let text = format!(
+            "SELECT {projection} FROM {} WHERE {t} >= {} AND {t} < {}",
+            sql::quote(engine, &table.name),
+            sql::placeholder(engine, 1),
+            sql::placeholder(engine, 2),
+            t = sql::quote(engine, &table.time),
+        );
+        with_pool!(self, pool, DB => {
+            let keys: Vec<String> = sqlx::query_scalar::<_, String>(&text)
+                .bind(from)
+                .bind(to)
+                .fetch_all(pool)
+                .await
+                .map_err(|e| classify(engine, e))?;
+            Ok(keys.into_iter().collect())
+        })
+    }
+
     /// The content digest of each of `keys` present in `table` (the
     /// comparator's batched lookup on the unique index). Keys are given and
     /// returned in their text form.
@@ -717,19 +816,29 @@ impl Db {
                     digest_rows!(rows, table, engine, found);
                 }
                 Db::MySql(pool, _) => {
-                    let rows = sql::key_in_list::<sqlx::MySql>(engine, table, part)
-                        .build()
-                        .fetch_all(pool)
-                        .await
-                        .map_err(|e| classify(engine, e))?;
+                    let rows = sql::key_in_list::<sqlx::MySql>(
+                        engine,
+                        &sql::key_and_content(engine, table),
+                        table,
+                        part,
+                    )
+                    .build()
+                    .fetch_all(pool)
+                    .await
+                    .map_err(|e| classify(engine, e))?;
                     digest_rows!(rows, table, engine, found);
                 }
                 Db::Sqlite(pool) => {
-                    let rows = sql::key_in_list::<sqlx::Sqlite>(engine, table, part)
-                        .build()
-                        .fetch_all(pool)
-                        .await
-                        .map_err(|e| classify(engine, e))?;
+                    let rows = sql::key_in_list::<sqlx::Sqlite>(
+                        engine,
+                        &sql::key_and_content(engine, table),
+                        table,
+                        part,
+                    )
+                    .build()
+                    .fetch_all(pool)
+                    .await
+                    .map_err(|e| classify(engine, e))?;
                     digest_rows!(rows, table, engine, found);
                 }
             }

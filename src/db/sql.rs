@@ -310,9 +310,10 @@ pub fn key_and_content(engine: Engine, table: &Table) -> String {
     out
 }
 
-/// `SELECT <key and content> FROM t WHERE key IN (…)` (MySQL, SQLite).
+/// `SELECT <projection> FROM t WHERE key IN (…)` (MySQL, SQLite).
 pub fn key_in_list<'a, DB>(
     engine: Engine,
+    projection: &str,
     table: &Table,
     keys: &'a [&'a str],
 ) -> QueryBuilder<'a, DB>
@@ -322,7 +323,7 @@ where
 {
     let mut qb = QueryBuilder::new(format!(
         "SELECT {} FROM {} WHERE {} IN (",
-        key_and_content(engine, table),
+        projection,
         quote(engine, &table.name),
         quote(engine, &table.key)
     ));
