@@ -649,3 +649,44 @@ async fn four_byte_utf8_arrives_byte_for_byte_in_both_databases() {
         }
     }
 }
+
+/// An archive folder on another filesystem (a volume of its own): `rename`
+/// fails with EXDEV, so the loader copies, syncs and then removes the file,
+/// instead of failing on every restart after its checkpoint said done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_are_archived_across_filesystems() {
+    use std::os::unix::fs::MetadataExt;
+    let dirs = Dirs::new();
+    let schema = config(&dirs, "unused").schema().unwrap();
+    let old = TestDb::mariadb(&schema).await;
+    let archive = tempfile::tempdir_in("/dev/shm").expect("a tmpfs at /dev/shm");
+    let dev = |p: &std::path::Path| std::fs::metadata(p).unwrap().dev();
+    assert_ne!(
+        dev(&dirs.offline),
+        dev(archive.path()),
+        "the archive must be on another filesystem for this test"
+    );
+    let uuids = write_offline_files(&dirs.offline, 3, 40, 100);
+    let sent: Vec<Vec<u8>> = switchyard::offline::closed_files(&dirs.offline)
+        .unwrap()
+        .iter()
+        .map(|f| std::fs::read(f).unwrap())
+        .collect();
+    let mut opts = load_options(&dirs.offline, 50);
+    opts.archive_dir = Some(archive.path().to_path_buf());
+    let s = load_once(opts, &schema, &old.db, None).await;
+    assert_eq!(s.inserted as usize, uuids.len(), "{s:?}");
+    assert!(switchyard::offline::closed_files(&dirs.offline)
+        .unwrap()
+        .is_empty());
+    let mut archived: Vec<Vec<u8>> = std::fs::read_dir(archive.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .inspect(|p| assert!(!p.to_string_lossy().ends_with(".partial"), "{p:?}"))
+        .map(|p| std::fs::read(p).unwrap())
+        .collect();
+    let mut sent = sent;
+    archived.sort();
+    sent.sort();
+    assert_eq!(archived, sent, "every file archived whole");
+}

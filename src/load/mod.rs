@@ -567,9 +567,10 @@ impl Loader<'_> {
     }
 
     /// Deletes or archives a fully loaded file, then forgets its checkpoint.
+    /// A file already gone (archived before a crash) is not an error.
     async fn finish(&mut self, path: &Path, name: &str) -> Result<(), LoadError> {
         let res = match &self.opts.archive_dir {
-            Some(a) => fs::rename(path, a.join(name)),
+            Some(a) => archive(path, a, name),
             None => fs::remove_file(path),
         };
         match res {
@@ -662,6 +663,29 @@ fn line_at(raw: &[(u64, Vec<u8>)], at: u64) -> String {
         .find(|(o, _)| *o == at)
         .map(|(_, l)| String::from_utf8_lossy(l).into_owned())
         .unwrap_or_default()
+}
+
+/// Moves a loaded file into the archive folder. `rename` when both are on
+/// one filesystem; across filesystems (EXDEV: an archive volume of its own) a
+/// copy under a temporary name, synced and renamed into place, then the
+/// original removed. A crash leaves the file in one place or in both, never
+/// in neither, and the next attempt finishes the move.
+fn archive(path: &Path, dir: &Path, name: &str) -> io::Result<()> {
+    let to = dir.join(name);
+    match fs::rename(path, &to) {
+        Err(e) if e.kind() == io::ErrorKind::CrossesDevices => {
+            let partial = dir.join(format!("{name}.partial"));
+            fs::copy(path, &partial)?;
+            fs::File::open(&partial)?.sync_all()?;
+            fs::rename(&partial, &to)?;
+            crate::offline::sync_dir(dir)?;
+            fs::remove_file(path)
+        }
+        res => {
+            res?;
+            crate::offline::sync_dir(dir)
+        }
+    }
 }
 
 /// The loader can run on a spawned task (the demo runs every role in one process).
