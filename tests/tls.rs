@@ -8,7 +8,8 @@
 //! with its own certificate that refuses any connection without TLS; the
 //! loader loads into it with `ssl-mode=VERIFY_CA` while replaying to Kafka over
 //! TLS, and the comparator reads all three over TLS. A certificate that does
-//! not verify, or credentials a server refuses, exit 2 naming the cause.
+//! not verify, or credentials a server refuses, exit 2 naming the cause, as
+//! does a consumer property that would commit offsets on its own.
 
 mod common;
 
@@ -709,5 +710,34 @@ fn the_built_librdkafka_offers_the_promised_mechanisms_and_codecs() {
         if let Err(e) = made {
             panic!("{codec}: {e}");
         }
+    }
+}
+
+/// `--kafka-config` cannot turn on librdkafka's own offset commits for
+/// ingest: offsets move only after the database committed their batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_refuses_properties_that_commit_offsets_on_their_own() {
+    let dirs = Dirs::new();
+    let schema = config(&dirs, "unused").schema().unwrap();
+    let new = TestDb::postgres(&schema).await;
+    for prop in ["enable.auto.commit=true", "enable.auto.offset.store=true"] {
+        let (code, out) = switchyard(
+            &[
+                "ingest",
+                "--db-url",
+                &new.url,
+                "--kafka-brokers",
+                "127.0.0.1:9",
+                "--kafka-topics",
+                "t",
+                "--kafka-config",
+                prop,
+                "--admin-listen",
+                "127.0.0.1:0",
+            ],
+            &[],
+        );
+        assert_eq!(code, 2, "{prop}: {out}");
+        assert!(out.contains(&format!("{prop} is refused")), "{out}");
     }
 }

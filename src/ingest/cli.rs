@@ -108,6 +108,7 @@ fn run(args: IngestArgs) -> Exit {
                     Err(
                         e @ (super::IngestError::TopicMissing { .. }
                         | super::IngestError::Refused { .. }
+                        | super::IngestError::Weakened(_)
                         | super::IngestError::Config(_)),
                     ) => Err(usage(format!("ingest: {e}"))),
                     Err(super::IngestError::Db(e)) if e.is_config() => {

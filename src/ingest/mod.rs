@@ -53,6 +53,8 @@ pub enum IngestError {
     Config(rdkafka::error::KafkaError),
     #[error("topic {topic:?} does not exist on {brokers}")]
     TopicMissing { topic: String, brokers: String },
+    #[error("{0}")]
+    Weakened(String),
     #[error("the Kafka brokers {brokers} refused the connection (TLS or SASL): {source}")]
     Refused {
         brokers: String,
@@ -98,6 +100,7 @@ pub async fn run(
     health: Health,
     shutdown: CancellationToken,
 ) -> Result<IngestSummary, IngestError> {
+    crate::kafka::keeps_consumer_guarantees(&opts.extra).map_err(IngestError::Weakened)?;
     let ctx = IngestContext::new(metrics.clone());
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", &opts.brokers)

@@ -24,6 +24,24 @@ pub use metrics::{KafkaMetrics, DELIVERY_ERROR_KINDS};
 /// Header carrying the route decision (`dual` or `kafka`).
 pub const ROUTE_HEADER: &str = "switchyard-route";
 
+/// A consumer stores and commits its offsets itself, only after the database
+/// committed the batch (at least once); a property that lets librdkafka do
+/// either on its own is refused, naming it.
+pub fn keeps_consumer_guarantees<'a>(
+    props: impl IntoIterator<Item = &'a (String, String)>,
+) -> Result<(), String> {
+    for (k, v) in props {
+        let v = v.trim().to_ascii_lowercase();
+        if matches!(k.trim(), "enable.auto.commit" | "enable.auto.offset.store") && v != "false" {
+            return Err(format!(
+                "the Kafka property {k}={v} is refused: offsets are committed only after the \
+                 database committed their batch, and only {k}=false allows that"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Properties that carry secrets: never logged.
 fn is_secret(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
@@ -487,6 +505,16 @@ mod tests {
         assert!(check("request.required.acks", "0").is_err());
         assert!(check("enable.idempotence", "false").is_err());
         assert!(check("acks", "ALL").is_ok());
+    }
+
+    #[test]
+    fn consumer_properties_that_commit_on_their_own_are_refused() {
+        let p = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
+        assert!(keeps_consumer_guarantees(&p("enable.auto.commit", "false")).is_ok());
+        assert!(keeps_consumer_guarantees(&p("session.timeout.ms", "45000")).is_ok());
+        let e = keeps_consumer_guarantees(&p("enable.auto.commit", "true")).unwrap_err();
+        assert!(e.contains("enable.auto.commit=true"), "{e}");
+        assert!(keeps_consumer_guarantees(&p("enable.auto.offset.store", "TRUE")).is_err());
     }
 
     #[test]
