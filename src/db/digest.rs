@@ -5,10 +5,11 @@
 //! The canonical form is the table's columns in declaration order, each a
 //! type tag and its value: integers as 64-bit integers, floats by their
 //! 64-bit value (`-0` as `0`), booleans as one byte, strings as their UTF-8
-//! bytes, UUIDs lower-case, JSON with object keys sorted and numbers by value
-//! (an integral float is written as the integer it equals, so `1.0` and `1`,
-//! or `-1.3e16` and `-13000000000000000`, agree: `jsonb` and MySQL's JSON
-//! print either). Whitespace and key
+//! bytes, UUIDs lower-case, JSON with object keys sorted and numbers by their
+//! 64-bit float value (so `1.0` and `1`, or `-1.3e16` and
+//! `-13000000000000000`, agree: `jsonb` and MySQL's JSON print either; two
+//! integers beyond 2^53 that round to one double are not told apart).
+//! Whitespace and key
 //! order inside JSON are what the engines legitimately change; nothing else is
 //! normalised, so a truncated, re-encoded or converted value differs.
 
@@ -61,23 +62,16 @@ pub fn canonical_json(v: &Value) -> String {
     fn write(v: &Value, out: &mut String) {
         match v {
             Value::Number(n) => {
-                if let Some(i) = n.as_i64() {
-                    out.push_str(&i.to_string());
-                } else if let Some(u) = n.as_u64() {
-                    out.push_str(&u.to_string());
+                // Integers a double holds exactly stay integers; every other
+                // number is its 64-bit float value, shortest form. So `1.0`
+                // and `1` agree, and `-1.44e18` and `-1440000000000000000`
+                // (what jsonb prints for it) agree.
+                const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53
+                let f = n.as_f64().unwrap_or(f64::NAN);
+                if f.fract() == 0.0 && f.abs() <= EXACT {
+                    out.push_str(&(f as i64).to_string());
                 } else {
-                    // An integral float is the integer it equals (exactly:
-                    // the cast of an integral in-range float is exact), as
-                    // an engine may print it either way.
-                    let f = n.as_f64().unwrap_or(f64::NAN);
-                    const I64: f64 = 9_223_372_036_854_775_808.0;
-                    if f.fract() == 0.0 && (-I64..I64).contains(&f) {
-                        out.push_str(&(f as i64).to_string());
-                    } else if f.fract() == 0.0 && (0.0..2.0 * I64).contains(&f) {
-                        out.push_str(&(f as u64).to_string());
-                    } else {
-                        out.push_str(&Value::from(f).to_string());
-                    }
+                    out.push_str(&Value::from(f).to_string());
                 }
             }
             Value::Array(items) => {
@@ -234,12 +228,12 @@ mod tests {
 
     #[test]
     fn json_as_the_engines_print_it_matches_what_was_sent() {
-        let sent = json!({"b": [1, 2.5, {"d": true, "c": "x"}], "a": 12345678901234u64, "e": -1.357624582551067e16});
+        let sent = json!({"b": [1, 2.5, {"d": true, "c": "x"}], "a": 12345678901234u64, "e": -1.357624582551067e16, "f": -1.4399638062441423e18});
         let want = Canon::Text(canonical_json(&sent));
         // PostgreSQL jsonb and MySQL JSON reorder keys and space them out.
         for stored in [
-            r#"{"a": 12345678901234, "b": [1, 2.5, {"c": "x", "d": true}], "e": -13576245825510670}"#,
-            r#"{"e":-1.357624582551067e16,"b":[1.0,2.5,{"d":true,"c":"x"}],"a":12345678901234}"#,
+            r#"{"a": 12345678901234, "b": [1, 2.5, {"c": "x", "d": true}], "e": -13576245825510670, "f": -1439963806244142300}"#,
+            r#"{"f":-1.4399638062441423e18,"e":-1.357624582551067e16,"b":[1.0,2.5,{"d":true,"c":"x"}],"a":12345678901234}"#,
         ] {
             assert_eq!(canon_of_json_text(stored), want, "{stored}");
         }
