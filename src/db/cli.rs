@@ -34,14 +34,18 @@ fn init(config: Option<PathBuf>, args: DbArgs) -> Exit {
     let _enter = rt.enter();
     let (_, schema, url, pool) = prepare(config.as_deref(), &args, Engine::Postgres)?;
     rt.block_on(async move {
-        pool.init(&schema).await.map_err(|e| {
+        let exit = |e: db::DbError| {
             let message = format!("db init {}: {e}", db::redact_url(&url));
             if e.is_config() {
                 usage(message)
             } else {
                 failure(message)
             }
-        })?;
+        };
+        pool.init(&schema).await.map_err(exit)?;
+        // Tables that existed before are left as they are: say what in them
+        // the roles would refuse (a key collation that is not exact).
+        pool.check_tables(&schema, &url).await.map_err(exit)?;
         let tables: Vec<&str> = schema.tables().iter().map(|t| t.name.as_str()).collect();
         println!(
             "initialised {} ({}): {} and the bookkeeping tables",
