@@ -226,7 +226,7 @@ async fn load_rate(schema: &Schema, rows: u64, batch: usize) -> f64 {
         dir: dirs.offline.clone(),
         batch_size: batch,
         archive_dir: None,
-        dead_letter_dir: dirs.offline.join("dead-letter"),
+        loader_id: "bench".to_string(),
         poll: Duration::from_millis(50),
         once: true,
         progress: false,

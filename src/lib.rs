@@ -15,6 +15,7 @@ pub mod logging;
 pub mod metrics;
 pub mod offline;
 pub mod plan;
+pub mod rawjson;
 pub mod rollout;
 pub mod route;
 pub mod routing;

@@ -143,6 +143,23 @@ pub struct Table {
     pub group: String,
     /// Largest accepted row, as compact JSON bytes.
     pub max_row_bytes: usize,
+    /// What the consumers do with a row whose key is stored with other content.
+    pub on_conflict: OnConflict,
+}
+
+/// What both pipelines do when a row arrives whose key is already stored
+/// with other content (a fallback replayed late, a client that reuses keys).
+/// Either way the conflict is counted and logged with its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnConflict {
+    /// The stored row stays; the refused one is recorded in the dead-letter
+    /// table (`reason` says conflict), so nothing sent is lost.
+    #[default]
+    KeepFirst,
+    /// The arriving row replaces the stored one, in the same transaction
+    /// (arrival order at the consumer, which a replay can reverse).
+    LastWriteWins,
 }
 
 impl Table {
@@ -166,6 +183,9 @@ pub struct TableConfig {
     /// Largest accepted row in bytes of compact JSON.
     #[serde(default = "default_max_row_bytes")]
     pub max_row_bytes: usize,
+    /// `keep-first` (default) or `last-write-wins`: see [`OnConflict`].
+    #[serde(default)]
+    pub on_conflict: OnConflict,
     /// Column name → type: `int`, `float`, `string`, `bool`, `uuid`, `json`;
     /// a trailing `?` makes the column nullable (it may be absent or null).
     pub columns: BTreeMap<String, String>,
@@ -258,6 +278,7 @@ impl Schema {
                 time: t.time.clone(),
                 group: t.group.clone(),
                 max_row_bytes: t.max_row_bytes,
+                on_conflict: t.on_conflict,
             };
             for (role, col) in [("key", &t.key), ("time", &t.time), ("group", &t.group)] {
                 if table.column(col).is_none() {

@@ -82,7 +82,7 @@ impl Stack {
                 dir: dirs.offline.clone(),
                 batch_size: 500,
                 archive_dir: None,
-                dead_letter_dir: dirs.offline.join("dead-letter"),
+                loader_id: "test".to_string(),
                 poll: Duration::from_millis(100),
                 once: false,
                 progress: false,
@@ -429,7 +429,10 @@ impl Direct {
         use switchyard::db::{row_values, TableRows};
         let table = self.schema.table("raw_item").unwrap();
         let values = row_values(table, e["row"].as_object().unwrap()).unwrap();
-        let rows = TableRows { rows: vec![values] };
+        let rows = TableRows {
+            rows: vec![values],
+            sources: Vec::new(),
+        };
         db.write_batch(&[(table, &rows)], &[], &[], None)
             .await
             .unwrap();

@@ -250,7 +250,10 @@ fn compare(engine: &str, sent: &Map<String, Value>, got: &Stored) -> Vec<String>
 
 async fn insert(db: &Db, table: &Table, row: &Map<String, Value>) -> Result<(), String> {
     let values = row_values(table, row).map_err(|e| format!("conversion: {e}"))?;
-    let rows = TableRows { rows: vec![values] };
+    let rows = TableRows {
+        rows: vec![values],
+        sources: Vec::new(),
+    };
     db.write_batch(&[(table, &rows)], &[], &[], None)
         .await
         .map(|_| ())
@@ -393,6 +396,7 @@ async fn keys_that_differ_only_in_case_accent_space_or_emoji_are_distinct_rows()
                     row_values(&table, r.as_object().unwrap()).unwrap()
                 })
                 .collect(),
+            sources: Vec::new(),
         };
         let written = db
             .write_batch(&[(&table, &rows)], &[], &[], None)

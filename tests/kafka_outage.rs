@@ -23,7 +23,7 @@ fn load_options(dir: &std::path::Path, once: bool) -> LoadOptions {
         dir: dir.to_path_buf(),
         batch_size: 64,
         archive_dir: None,
-        dead_letter_dir: dir.join("dead-letter"),
+        loader_id: "test".to_string(),
         poll: Duration::from_millis(50),
         once,
         progress: false,
@@ -258,8 +258,12 @@ async fn a_line_kafka_refuses_goes_to_the_dead_letter_table_not_an_endless_retry
     assert_eq!(old.db.replay_backlog().await.unwrap(), (0, None));
     let dead = old.db.dead_letters().await.unwrap();
     assert_eq!(dead.len(), 1, "{dead:?}");
-    assert_eq!(dead[0].0, format!("replay:{name}:{}", offsets[2]));
-    assert!(dead[0].1.starts_with("refused by Kafka"), "{}", dead[0].1);
+    assert_eq!(dead[0].source, format!("replay:{name}:{}", offsets[2]));
+    assert!(
+        dead[0].reason.starts_with("refused by Kafka"),
+        "{}",
+        dead[0].reason
+    );
     assert_eq!(
         metric_value(
             &registry,

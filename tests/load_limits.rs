@@ -48,7 +48,7 @@ async fn a_check_violation_in_a_batch_above_max_allowed_packet_is_isolated() {
         dir: dirs.offline.clone(),
         batch_size: LINES as usize,
         archive_dir: None,
-        dead_letter_dir: dirs.offline.join("dead-letter"),
+        loader_id: "test".to_string(),
         poll: Duration::from_millis(50),
         once: true,
         progress: false,
@@ -69,13 +69,13 @@ async fn a_check_violation_in_a_batch_above_max_allowed_packet_is_isolated() {
     .expect("load");
     assert_eq!(old.count().await, LINES as i64 - 1);
     assert_eq!(summary.dead_letters, 1);
-    let dead = dead_lines(&dirs.offline);
+    let dead = dead_lines(&old.db).await;
     assert_eq!(dead.len(), 1, "{dead:?}");
-    assert_eq!((dead[0].file.as_str(), dead[0].offset), (name, bad_offset));
+    assert_eq!(dead[0].0, (name.to_string(), bad_offset));
     assert!(
-        dead[0].reason.contains("version_not_negative"),
+        dead[0].1.reason.contains("version_not_negative"),
         "{}",
-        dead[0].reason
+        dead[0].1.reason
     );
     assert_eq!(
         metric_value(

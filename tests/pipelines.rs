@@ -24,7 +24,7 @@ fn load_options(dir: &std::path::Path, batch: usize) -> LoadOptions {
         dir: dir.to_path_buf(),
         batch_size: batch,
         archive_dir: None,
-        dead_letter_dir: dir.join("dead-letter"),
+        loader_id: "test".to_string(),
         poll: Duration::from_millis(50),
         once: true,
         progress: false,
@@ -334,7 +334,7 @@ async fn poison_messages_and_rejected_rows_go_to_the_dead_letter_table() {
     assert_eq!(new.count().await, 40);
     let dead = new.db.dead_letters().await.unwrap();
     assert_eq!(dead.len(), 4, "{dead:?}");
-    let reasons: Vec<&str> = dead.iter().map(|(_, r)| r.as_str()).collect();
+    let reasons: Vec<&str> = dead.iter().map(|d| d.reason.as_str()).collect();
     for want in [
         "not a switchyard envelope",
         "unknown table \"nope\"",
@@ -348,7 +348,7 @@ async fn poison_messages_and_rejected_rows_go_to_the_dead_letter_table() {
     }
     assert!(dead
         .iter()
-        .all(|(src, _)| src.starts_with(&format!("{topic}/"))));
+        .all(|d| d.source.starts_with(&format!("{topic}/"))));
     // Offsets were committed past the poison: a second run finds nothing.
     let again = ingest_until_idle(
         ingest_options(&broker.brokers(), &topic, &group, 500),
@@ -360,7 +360,7 @@ async fn poison_messages_and_rejected_rows_go_to_the_dead_letter_table() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unloadable_lines_go_to_the_dead_letter_file() {
+async fn unloadable_lines_go_to_the_dead_letter_table_once() {
     let dirs = Dirs::new();
     let schema = config(&dirs, "unused").schema().unwrap();
     let old = TestDb::mariadb(&schema).await;
@@ -395,24 +395,33 @@ async fn unloadable_lines_go_to_the_dead_letter_file() {
     let s = load_once(load_options(&dirs.offline, 8), &schema, &old.db, None).await;
     assert_eq!(s.dead_letters, 3, "{s:?}");
     assert_eq!(old.count().await, 20);
-    let dead = dead_lines(&dirs.offline);
+    let dead = dead_lines(&old.db).await;
     assert_eq!(dead.len(), 3, "{dead:?}");
-    assert!(dead[0].reason.contains("not an offline line"), "{dead:?}");
+    assert!(dead[0].1.reason.contains("not an offline line"), "{dead:?}");
     assert!(
-        dead[1].reason.contains("unknown table \"other\""),
+        dead[1].1.reason.contains("unknown table \"other\""),
         "{dead:?}"
     );
     assert!(
-        dead[2].reason.contains("rejected by the database"),
+        dead[2].1.reason.contains("rejected by the database"),
         "{dead:?}"
     );
-    assert!(dead[2].line.contains("4242"));
-    let at = &text[dead[1].offset as usize..];
+    assert!(dead[2].1.payload.contains("4242"));
+    let at = &text[dead[1].0 .1 as usize..];
     assert_eq!(
         at.lines().next(),
-        Some(dead[1].line.as_str()),
+        Some(dead[1].1.payload.as_str()),
         "the offset points at the line"
     );
+    // Loading the file again (a crash before the files were removed, say)
+    // records nothing twice: a dead letter is recorded with its batch.
+    std::fs::write(
+        dirs.offline.join("offline-0000000000000002-000001.ndjson"),
+        &text,
+    )
+    .unwrap();
+    load_once(load_options(&dirs.offline, 8), &schema, &old.db, None).await;
+    assert_eq!(dead_lines(&old.db).await.len(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

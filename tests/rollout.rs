@@ -84,7 +84,7 @@ impl Live {
                 dir: dirs.offline.clone(),
                 batch_size: 500,
                 archive_dir: None,
-                dead_letter_dir: dirs.root.path().join("dead"),
+                loader_id: "test".to_string(),
                 poll: Duration::from_millis(100),
                 once: false,
                 progress: false,

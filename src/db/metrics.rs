@@ -23,6 +23,9 @@ pub struct SinkMetrics {
     pub dead_letters: IntCounterVec,
     /// Unix time of the last database commit.
     pub last_commit: Gauge,
+    /// Rows whose key was stored with other content, by table and what was
+    /// done (`kept`: the stored row stays; `replaced`: last write wins).
+    pub conflicts: IntCounterVec,
 }
 
 impl SinkMetrics {
@@ -65,6 +68,12 @@ impl SinkMetrics {
                 "Inputs sent to the dead letter, by reason (parse, schema, rejected; for load also kafka_refused)",
                 &["reason"],
             )?,
+            conflicts: counter_vec(
+                reg,
+                &format!("switchyard_{role}_conflicts_total"),
+                "Rows whose key was already stored with other content, by table and resolution (kept: the stored row stays and the arriving one is dead-lettered; replaced: last write wins)",
+                &["table", "resolution"],
+            )?,
             last_commit: gauge(
                 reg,
                 &format!("switchyard_{role}_last_commit_timestamp_seconds"),
@@ -97,8 +106,13 @@ impl SinkMetrics {
             self.rows
                 .with_label_values(&[table, "duplicate"])
                 .inc_by(w.duplicates);
+            for c in &w.conflicts {
+                let how = if c.replaced { "replaced" } else { "kept" };
+                self.conflicts.with_label_values(&[table, how]).inc();
+            }
             total.inserted += w.inserted;
             total.duplicates += w.duplicates;
+            total.conflicts.extend(w.conflicts.iter().cloned());
         }
         self.batches.inc();
         self.last_commit.set(

@@ -23,14 +23,14 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use sqlx::Row;
 
-use crate::schema::{Schema, Table};
+use crate::schema::{OnConflict, Schema, Table};
 use digest::Digest;
 use std::collections::HashMap;
 
 pub use metrics::SinkMetrics;
 pub use replay::{Spooled, ToReplay, REPLAY_TABLE};
 pub use sql::{CHECKPOINT_TABLE, DEAD_LETTER_TABLE};
-pub use value::{row_values, Bound, ValueError};
+pub use value::{row_values, row_values_exact, Bound, ValueError};
 
 /// Which SQL dialect a URL speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -216,6 +216,30 @@ fn class_of(engine: Engine, code: &str, number: u16) -> Class {
     }
 }
 
+/// A row's key in the text form the databases return it in.
+fn key_of(table: &Table, row: &[Bound]) -> String {
+    let i = table
+        .columns
+        .iter()
+        .position(|c| c.name == table.key)
+        .unwrap_or(0);
+    match row.get(i) {
+        Some(Bound::Int(Some(v))) => v.to_string(),
+        Some(Bound::Text(Some(t))) => t.clone(),
+        Some(Bound::Float(Some(f))) => f.to_string(),
+        Some(Bound::Bool(Some(b))) => b.to_string(),
+        _ => String::new(),
+    }
+}
+
+/// At most 200 characters of a value, for messages.
+pub fn short(s: &str) -> String {
+    match s.char_indices().nth(200) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
 /// One dead-lettered input: where it came from, why, and the bytes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeadLetter {
@@ -229,6 +253,9 @@ pub struct DeadLetter {
 /// A file checkpoint to advance in the same transaction as its rows.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CheckpointUpdate {
+    /// The loader identity (`load --loader-id`): loaders of different
+    /// folders keep apart checkpoints of files that share a name.
+    pub loader: String,
     pub file: String,
     /// The offset this loader read from; None for a file not yet started.
     pub from: Option<u64>,
@@ -249,14 +276,46 @@ pub struct Checkpoint {
 #[derive(Debug, Default, Clone)]
 pub struct TableRows {
     pub rows: Vec<Vec<Bound>>,
+    /// Where each row came from (`topic/partition/offset`, `file:offset`),
+    /// row for row: a conflict is recorded under it. Empty: not recorded.
+    pub sources: Vec<String>,
+}
+
+impl TableRows {
+    pub fn push(&mut self, row: Vec<Bound>, source: String) {
+        self.rows.push(row);
+        self.sources.push(source);
+    }
+
+    /// Takes out row `i` and its source.
+    pub fn remove(&mut self, i: usize) -> Vec<Bound> {
+        if i < self.sources.len() {
+            self.sources.remove(i);
+        }
+        self.rows.remove(i)
+    }
+}
+
+/// A row whose key was stored already with other content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    pub key: String,
+    /// Where the arriving row came from (empty when not given).
+    pub source: String,
+    /// The arriving row replaced the stored one (`last-write-wins`).
+    pub replaced: bool,
 }
 
 /// What a transaction did to one table.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Written {
     pub inserted: u64,
-    /// Rows already present (a replay or a redelivery): skipped.
+    /// Rows whose key was already present with the same content (a replay
+    /// or a redelivery): skipped.
     pub duplicates: u64,
+    /// Rows whose key was already present with other content, handled by
+    /// the table's `on_conflict`.
+    pub conflicts: Vec<Conflict>,
 }
 
 /// A connection pool to one database.
@@ -538,17 +597,93 @@ impl Db {
         with_pool!(self, pool, DB => {
             let mut tx = pool.begin().await.map_err(|e| classify(engine, e))?;
             let mut all = Vec::with_capacity(rows.len());
+            let count_dups = format!("SET @{} = 0", sql::MYSQL_DUPS);
+            let read_dups = format!("SELECT CAST(@{} AS SIGNED)", sql::MYSQL_DUPS);
             for (table, data) in rows {
                 let mut written = Written::default();
+                let mut at = 0;
                 for chunk in sql::chunks(engine, table, data, limit) {
+                    let start = at;
+                    at += chunk.len();
+                    if engine == Engine::MySql {
+                        sqlx::query(&count_dups)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(|e| classify(engine, e))?;
+                    }
                     let mut qb = sql::insert::<DB>(engine, table, chunk);
                     let done = qb
                         .build()
                         .execute(&mut *tx)
                         .await
                         .map_err(|e| classify(engine, e))?;
-                    written.inserted += done.rows_affected();
-                    written.duplicates += chunk.len() as u64 - done.rows_affected().min(chunk.len() as u64);
+                    let n = chunk.len() as u64;
+                    let skipped = if engine == Engine::MySql {
+                        let d: Option<i64> = sqlx::query_scalar(&read_dups)
+                            .fetch_one(&mut *tx)
+                            .await
+                            .map_err(|e| classify(engine, e))?;
+                        (d.unwrap_or(0).max(0) as u64).min(n)
+                    } else {
+                        n - done.rows_affected().min(n)
+                    };
+                    written.inserted += n - skipped;
+                    if skipped == 0 {
+                        continue;
+                    }
+                    // Some keys were there already: with the same content (a
+                    // duplicate) or not (a conflict). Only read when it happens.
+                    let keys: Vec<String> = chunk.iter().map(|r| key_of(table, r)).collect();
+                    let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+                    let projection = sql::key_and_content(engine, table);
+                    let found = sql::key_in_list::<DB>(engine, &projection, table, &refs)
+                        .build()
+                        .fetch_all(&mut *tx)
+                        .await
+                        .map_err(|e| classify(engine, e))?;
+                    let mut stored: HashMap<String, Digest> = HashMap::with_capacity(found.len());
+                    digest_rows!(found, table, engine, stored);
+                    let mut conflicts = 0;
+                    for (i, row) in chunk.iter().enumerate() {
+                        let mine = digest::digest(&digest::canon_of_bound(table, row));
+                        match stored.get(&keys[i]) {
+                            Some(d) if *d != mine => {}
+                            _ => continue,
+                        }
+                        conflicts += 1;
+                        let source = data.sources.get(start + i).cloned().unwrap_or_default();
+                        let replaced = table.on_conflict == OnConflict::LastWriteWins;
+                        if replaced {
+                            sql::update_row::<DB>(engine, table, row)
+                                .build()
+                                .execute(&mut *tx)
+                                .await
+                                .map_err(|e| classify(engine, e))?;
+                            stored.insert(keys[i].clone(), mine);
+                        } else if !source.is_empty() {
+                            // Kept the first: the refused version is recorded,
+                            // once even if it is delivered again.
+                            sqlx::query(&sql::dead_letter_insert(engine))
+                                .bind(&source)
+                                .bind(format!(
+                                    "conflict: table {} already holds key {} with other content; \
+                                     the stored row was kept (on_conflict = keep-first)",
+                                    table.name,
+                                    short(&keys[i])
+                                ))
+                                .bind(value::row_json(table, row))
+                                .bind(now)
+                                .execute(&mut *tx)
+                                .await
+                                .map_err(|e| classify(engine, e))?;
+                        }
+                        written.conflicts.push(Conflict {
+                            key: keys[i].clone(),
+                            source,
+                            replaced,
+                        });
+                    }
+                    written.duplicates += skipped.saturating_sub(conflicts);
                 }
                 all.push(written);
             }
@@ -577,6 +712,7 @@ impl Db {
             if let Some(c) = checkpoint {
                 let affected = match c.from {
                     None => sqlx::query(&sql::checkpoint_insert(engine))
+                        .bind(&c.loader)
                         .bind(&c.file)
                         .bind(c.to as i64)
                         .bind(c.lines as i64)
@@ -589,6 +725,7 @@ impl Db {
                         .bind(c.lines as i64)
                         .bind(c.done)
                         .bind(now)
+                        .bind(&c.loader)
                         .bind(&c.file)
                         .bind(from as i64)
                         .execute(&mut *tx)
@@ -630,11 +767,16 @@ impl Db {
     }
 
     /// The stored checkpoint of an offline file.
-    pub async fn checkpoint(&self, file: &str) -> Result<Option<Checkpoint>, DbError> {
+    pub async fn checkpoint(
+        &self,
+        loader: &str,
+        file: &str,
+    ) -> Result<Option<Checkpoint>, DbError> {
         let engine = self.engine();
         let q = sql::checkpoint_select(engine);
         let row: Option<(i64, i64, bool)> = with_pool!(self, pool, DB => {
             let r = sqlx::query(&q)
+                .bind(loader)
                 .bind(file)
                 .fetch_optional(pool)
                 .await
@@ -656,11 +798,12 @@ impl Db {
     }
 
     /// Forgets a file's checkpoint once the file itself is gone.
-    pub async fn forget_checkpoint(&self, file: &str) -> Result<(), DbError> {
+    pub async fn forget_checkpoint(&self, loader: &str, file: &str) -> Result<(), DbError> {
         let engine = self.engine();
         let q = sql::checkpoint_delete(engine);
         with_pool!(self, pool, DB => {
             sqlx::query(&q)
+                .bind(loader)
                 .bind(file)
                 .execute(pool)
                 .await
@@ -912,20 +1055,21 @@ impl Db {
     }
 
     /// Dead letters recorded in the database: (source, reason), oldest first.
-    pub async fn dead_letters(&self) -> Result<Vec<(String, String)>, DbError> {
+    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, DbError> {
         let engine = self.engine();
         let q = format!(
-            "SELECT source, reason FROM {} ORDER BY created_at, source",
+            "SELECT source, reason, payload FROM {} ORDER BY created_at, source",
             sql::quote(engine, DEAD_LETTER_TABLE)
         );
         with_pool!(self, pool, DB => {
             let rows = sqlx::query(&q).fetch_all(pool).await.map_err(|e| classify(engine, e))?;
             rows.iter()
                 .map(|r| {
-                    Ok((
-                        r.try_get::<String, _>(0).map_err(|e| classify(engine, e))?,
-                        r.try_get::<String, _>(1).map_err(|e| classify(engine, e))?,
-                    ))
+                    Ok(DeadLetter {
+                        source: r.try_get::<String, _>(0).map_err(|e| classify(engine, e))?,
+                        reason: r.try_get::<String, _>(1).map_err(|e| classify(engine, e))?,
+                        payload: r.try_get::<String, _>(2).map_err(|e| classify(engine, e))?,
+                    })
                 })
                 .collect()
         })
@@ -1022,6 +1166,28 @@ fn now_micros() -> i64 {
         .unwrap_or(0)
 }
 
+/// Logs each conflict of a committed batch once, with its key and source
+/// (the first 100 of a batch one by one, the rest as a count).
+pub fn log_conflicts(table: &str, conflicts: &[Conflict]) {
+    const EACH: usize = 100;
+    for c in conflicts.iter().take(EACH) {
+        tracing::warn!(
+            table,
+            key = %short(&c.key),
+            source = %c.source,
+            resolution = if c.replaced { "replaced" } else { "kept" },
+            "a row arrived whose key is stored with other content"
+        );
+    }
+    if conflicts.len() > EACH {
+        tracing::warn!(
+            table,
+            more = conflicts.len() - EACH,
+            "more conflicting rows in this batch"
+        );
+    }
+}
+
 /// Why one input did not make it into the database: the pipeline dead-letters
 /// it and moves on.
 pub fn reject_reason(e: &DbError) -> Option<String> {
@@ -1047,6 +1213,7 @@ pub async fn find_rejected(
         }
         let part = TableRows {
             rows: rows.rows[lo..hi].to_vec(),
+            sources: Vec::new(),
         };
         match db.probe(table, &part).await {
             Ok(()) => {}

@@ -6,8 +6,10 @@ use sqlx::{Database, Encode, QueryBuilder, Type};
 use super::{Bound, Engine, TableRows};
 use crate::schema::{Column, ColumnType, Schema, Table};
 
-/// Offline-file checkpoints of the loader.
-pub const CHECKPOINT_TABLE: &str = "switchyard_checkpoint";
+/// Offline-file checkpoints of the loaders, by loader identity and file
+/// name, compared byte for byte. (`switchyard_checkpoint`, keyed by the file
+/// name alone in the server's collation, is what versions before it used.)
+pub const CHECKPOINT_TABLE: &str = "switchyard_file_checkpoint";
 /// Inputs that could not be inserted, with the reason.
 pub const DEAD_LETTER_TABLE: &str = "switchyard_dead_letter";
 
@@ -171,9 +173,18 @@ pub fn init_statements(engine: Engine, schema: &Schema, collation: &str) -> Vec<
         Engine::Sqlite => ("INTEGER", "INTEGER", "TEXT", "TEXT"),
     };
     let charset = options;
+    // Two hosts' files may share a name, and `A.ndjson` is not `a.ndjson`.
+    let (loader, file) = match engine {
+        Engine::MySql => (
+            format!("VARCHAR(128) CHARACTER SET utf8mb4 COLLATE {collation}"),
+            format!("VARCHAR(512) CHARACTER SET utf8mb4 COLLATE {collation}"),
+        ),
+        Engine::Postgres | Engine::Sqlite => ("TEXT".to_string(), "TEXT".to_string()),
+    };
     out.push(format!(
-        "CREATE TABLE IF NOT EXISTS {} (file {key} NOT NULL PRIMARY KEY, byte_offset {bigint} NOT NULL, \
-         line_count {bigint} NOT NULL, done {boolean} NOT NULL, updated_at {bigint} NOT NULL){charset}",
+        "CREATE TABLE IF NOT EXISTS {} (loader {loader} NOT NULL, file {file} NOT NULL, \
+         byte_offset {bigint} NOT NULL, line_count {bigint} NOT NULL, done {boolean} NOT NULL, \
+         updated_at {bigint} NOT NULL, PRIMARY KEY (loader, file)){charset}",
         q(CHECKPOINT_TABLE)
     ));
     out.push(format!(
@@ -232,6 +243,77 @@ pub fn chunks<'a>(
     })
 }
 
+/// The MySQL session variable that counts the duplicates of one insert.
+pub const MYSQL_DUPS: &str = "sy_dups";
+
+/// The PostgreSQL cast a bound text parameter needs for a column of `ty`.
+fn pg_cast(ty: ColumnType) -> Option<&'static str> {
+    match ty {
+        ColumnType::Uuid => Some("::uuid"),
+        ColumnType::Json => Some("::jsonb"),
+        _ => None,
+    }
+}
+
+/// `UPDATE t SET every column = … WHERE key = …`: one row replaced by its
+/// newer version (`on_conflict = "last-write-wins"`).
+pub fn update_row<'a, DB>(engine: Engine, table: &Table, row: &'a [Bound]) -> QueryBuilder<'a, DB>
+where
+    DB: Database,
+    Option<i64>: Encode<'a, DB> + Type<DB>,
+    Option<f64>: Encode<'a, DB> + Type<DB>,
+    Option<&'a str>: Encode<'a, DB> + Type<DB>,
+    Option<bool>: Encode<'a, DB> + Type<DB>,
+{
+    let q = |s: &str| quote(engine, s);
+    let mut qb = QueryBuilder::new(format!("UPDATE {} SET ", q(&table.name)));
+    let mut key = None;
+    let mut first = true;
+    for (col, v) in table.columns.iter().zip(row) {
+        if col.name == table.key {
+            key = Some((col, v));
+            continue;
+        }
+        if !first {
+            qb.push(", ");
+        }
+        first = false;
+        qb.push(format!("{} = ", q(&col.name)));
+        push_bound(&mut qb, v);
+        if engine == Engine::Postgres {
+            if let Some(c) = pg_cast(col.ty) {
+                qb.push(c);
+            }
+        }
+    }
+    if let Some((col, v)) = key {
+        qb.push(format!(" WHERE {} = ", q(&col.name)));
+        push_bound(&mut qb, v);
+        if engine == Engine::Postgres {
+            if let Some(c) = pg_cast(col.ty) {
+                qb.push(c);
+            }
+        }
+    }
+    qb
+}
+
+fn push_bound<'a, DB>(qb: &mut QueryBuilder<'a, DB>, v: &'a Bound)
+where
+    DB: Database,
+    Option<i64>: Encode<'a, DB> + Type<DB>,
+    Option<f64>: Encode<'a, DB> + Type<DB>,
+    Option<&'a str>: Encode<'a, DB> + Type<DB>,
+    Option<bool>: Encode<'a, DB> + Type<DB>,
+{
+    match v {
+        Bound::Int(x) => qb.push_bind(*x),
+        Bound::Float(x) => qb.push_bind(*x),
+        Bound::Text(x) => qb.push_bind(x.as_deref()),
+        Bound::Bool(x) => qb.push_bind(*x),
+    };
+}
+
 /// `INSERT … VALUES (…), (…)` that skips rows whose key is already present.
 pub fn insert<'a, DB>(engine: Engine, table: &Table, rows: &'a [Vec<Bound>]) -> QueryBuilder<'a, DB>
 where
@@ -251,9 +333,8 @@ where
     let casts: Vec<Option<&'static str>> = table
         .columns
         .iter()
-        .map(|c| match (engine, c.ty) {
-            (Engine::Postgres, ColumnType::Uuid) => Some("::uuid"),
-            (Engine::Postgres, ColumnType::Json) => Some("::jsonb"),
+        .map(|c| match engine {
+            Engine::Postgres => pg_cast(c.ty),
             _ => None,
         })
         .collect();
@@ -271,8 +352,11 @@ where
         }
     });
     match engine {
+        // The server reports a duplicate as an affected row (the driver asks
+        // for found rows), so each one is counted in a session variable
+        // instead: `SET @sy_dups = 0` before, `SELECT @sy_dups` after.
         Engine::MySql => qb.push(format!(
-            " ON DUPLICATE KEY UPDATE {k} = {k}",
+            " ON DUPLICATE KEY UPDATE {k} = IF((@{MYSQL_DUPS} := @{MYSQL_DUPS} + 1) > 0, {k}, {k})",
             k = q(&table.key)
         )),
         Engine::Postgres | Engine::Sqlite => {
@@ -310,7 +394,8 @@ pub fn key_and_content(engine: Engine, table: &Table) -> String {
     out
 }
 
-/// `SELECT <projection> FROM t WHERE key IN (…)` (MySQL, SQLite).
+/// `SELECT <projection> FROM t WHERE key IN (…)`, keys bound as text (cast
+/// to the key's type on PostgreSQL).
 pub fn key_in_list<'a, DB>(
     engine: Engine,
     projection: &str,
@@ -327,9 +412,18 @@ where
         quote(engine, &table.name),
         quote(engine, &table.key)
     ));
+    let cast = match engine {
+        Engine::Postgres => match table.column(&table.key).map(|c| c.ty) {
+            Some(ColumnType::Uuid) => "::uuid",
+            Some(ColumnType::Int) => "::bigint",
+            _ => "",
+        },
+        _ => "",
+    };
     let mut sep = qb.separated(", ");
     for k in keys {
         sep.push_bind(*k);
+        sep.push_unseparated(cast);
     }
     qb.push(")");
     qb
@@ -357,13 +451,15 @@ pub fn dead_letter_insert(engine: Engine) -> String {
 pub fn checkpoint_insert(engine: Engine) -> String {
     let p = |n| placeholder(engine, n);
     format!(
-        "INSERT INTO {} (file, byte_offset, line_count, done, updated_at) VALUES ({}, {}, {}, {}, {})",
+        "INSERT INTO {} (loader, file, byte_offset, line_count, done, updated_at) \
+         VALUES ({}, {}, {}, {}, {}, {})",
         quote(engine, CHECKPOINT_TABLE),
         p(1),
         p(2),
         p(3),
         p(4),
-        p(5)
+        p(5),
+        p(6)
     )
 }
 
@@ -373,7 +469,7 @@ pub fn checkpoint_advance(engine: Engine) -> String {
     let p = |n| placeholder(engine, n);
     format!(
         "UPDATE {} SET byte_offset = {}, line_count = {}, done = {}, updated_at = {} \
-         WHERE file = {} AND byte_offset = {} AND done = {}",
+         WHERE loader = {} AND file = {} AND byte_offset = {} AND done = {}",
         quote(engine, CHECKPOINT_TABLE),
         p(1),
         p(2),
@@ -381,6 +477,7 @@ pub fn checkpoint_advance(engine: Engine) -> String {
         p(4),
         p(5),
         p(6),
+        p(7),
         if engine == Engine::Postgres {
             "false"
         } else {
@@ -391,17 +488,19 @@ pub fn checkpoint_advance(engine: Engine) -> String {
 
 pub fn checkpoint_select(engine: Engine) -> String {
     format!(
-        "SELECT byte_offset, line_count, done FROM {} WHERE file = {}",
+        "SELECT byte_offset, line_count, done FROM {} WHERE loader = {} AND file = {}",
         quote(engine, CHECKPOINT_TABLE),
-        placeholder(engine, 1)
+        placeholder(engine, 1),
+        placeholder(engine, 2)
     )
 }
 
 pub fn checkpoint_delete(engine: Engine) -> String {
     format!(
-        "DELETE FROM {} WHERE file = {}",
+        "DELETE FROM {} WHERE loader = {} AND file = {}",
         quote(engine, CHECKPOINT_TABLE),
-        placeholder(engine, 1)
+        placeholder(engine, 1),
+        placeholder(engine, 2)
     )
 }
 
@@ -448,6 +547,7 @@ mod tests {
         row[0] = Bound::Text(Some("x".repeat(2_500)));
         let rows = TableRows {
             rows: vec![row; 20_000],
+            sources: Vec::new(),
         };
         let sizes: Vec<usize> = chunks(Engine::Sqlite, t, &rows, MAX_STATEMENT_BYTES)
             .map(|c| c.len())
@@ -473,7 +573,10 @@ mod tests {
         };
         let mut all: Vec<Vec<Bound>> = (0..70).map(|_| row(250_000)).collect();
         all.extend((0..1_930).map(|_| row(10)));
-        let rows = TableRows { rows: all };
+        let rows = TableRows {
+            rows: all,
+            sources: Vec::new(),
+        };
         let mut total = 0;
         for c in chunks(Engine::MySql, t, &rows, MAX_STATEMENT_BYTES) {
             let size: usize = c.iter().map(|r| row_bytes(r)).sum();
@@ -484,6 +587,7 @@ mod tests {
         // One row above the limit still goes, alone.
         let huge = TableRows {
             rows: vec![row(10), row(MAX_STATEMENT_BYTES + 1), row(10)],
+            sources: Vec::new(),
         };
         let sizes: Vec<usize> = chunks(Engine::MySql, t, &huge, MAX_STATEMENT_BYTES)
             .map(|c| c.len())

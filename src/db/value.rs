@@ -82,6 +82,57 @@ pub fn row_values(table: &Table, row: &Map<String, Value>) -> Result<Vec<Bound>,
     Ok(out)
 }
 
+/// [`row_values`] with JSON columns taken from the text of `line` (an
+/// envelope or an offline line whose `row` is `row`): their numbers stay
+/// exactly as sent, whatever their precision.
+pub fn row_values_exact(
+    table: &Table,
+    row: &Map<String, Value>,
+    line: &[u8],
+) -> Result<Vec<Bound>, ValueError> {
+    let mut out = row_values(table, row)?;
+    if !table.columns.iter().any(|c| c.ty == ColumnType::Json) {
+        return Ok(out);
+    }
+    let Some(members) = crate::rawjson::row_members(line) else {
+        return Ok(out);
+    };
+    for (col, v) in table.columns.iter().zip(out.iter_mut()) {
+        if col.ty != ColumnType::Json {
+            continue;
+        }
+        if let (Bound::Text(Some(text)), Some(raw)) = (v, members.get(&col.name)) {
+            *text = crate::rawjson::minify(raw.get());
+        }
+    }
+    Ok(out)
+}
+
+/// A bound row as a JSON object, columns in declaration order (JSON
+/// columns as the text they hold): what a dead letter records of it.
+pub fn row_json(table: &Table, row: &[Bound]) -> String {
+    let mut out = String::from("{");
+    for (i, (col, v)) in table.columns.iter().zip(row).enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&Value::String(col.name.clone()).to_string());
+        out.push(':');
+        match v {
+            Bound::Int(Some(x)) => out.push_str(&x.to_string()),
+            Bound::Float(Some(x)) => out.push_str(&Value::from(*x).to_string()),
+            Bound::Bool(Some(x)) => out.push_str(if *x { "true" } else { "false" }),
+            Bound::Text(Some(t)) if col.ty == ColumnType::Json => out.push_str(t),
+            Bound::Text(Some(t)) => out.push_str(&Value::String(t.clone()).to_string()),
+            Bound::Int(None) | Bound::Float(None) | Bound::Bool(None) | Bound::Text(None) => {
+                out.push_str("null")
+            }
+        }
+    }
+    out.push('}');
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

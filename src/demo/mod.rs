@@ -275,7 +275,7 @@ async fn run_in(
             dir: cfg.offline.dir.clone(),
             batch_size: 2000,
             archive_dir: None,
-            dead_letter_dir: work.join("dead-letter"),
+            loader_id: "demo".to_string(),
             poll: Duration::from_millis(200),
             once: false,
             progress: false,

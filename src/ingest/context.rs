@@ -1,6 +1,7 @@
-//! The consumer's callbacks: rebalances (so a batch never commits for a
-//! partition this process no longer owns), statistics (lag per partition) and
-//! librdkafka's own logs, throttled.
+//! The consumer's callbacks and what it knows per partition: rebalances (so
+//! a batch never commits for a partition this process no longer owns), the
+//! lag measured from the broker's watermarks, and librdkafka's own logs,
+//! throttled.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,7 +12,6 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
-use rdkafka::statistics::Statistics;
 
 use super::IngestMetrics;
 use crate::kafka::QuietContext;
@@ -24,9 +24,12 @@ struct PartitionState {
     revoked_at: u64,
     /// Timestamp (ms) of the last message whose offset was committed.
     committed_ts: Option<i64>,
-    /// Timestamp (ms) of the first message seen since the last commit.
+    /// Timestamp (ms) of the first message received since the last commit.
     first_pending_ts: Option<i64>,
-    /// Lag from the last statistics.
+    /// The group's committed offset (the next to read) as this process
+    /// knows it: read from the coordinator once, then what it committed.
+    committed_offset: Option<i64>,
+    /// Lag from the last measurement.
     lag: Option<i64>,
 }
 
@@ -42,6 +45,32 @@ fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// Messages between the group's committed offset and the end of the
+/// partition; with no committed offset the group starts at the beginning
+/// (`auto.offset.reset = earliest`).
+pub fn lag_of(committed: Option<i64>, low: i64, high: i64) -> i64 {
+    let from = committed.filter(|c| *c >= 0).unwrap_or(low).max(low);
+    (high - from).max(0)
+}
+
+/// Age in seconds of the oldest message not committed: 0 when caught up;
+/// else from the first message received since the last commit, or the last
+/// committed one when none is in hand (an upper bound).
+pub fn lag_seconds(
+    lag: i64,
+    first_pending_ts: Option<i64>,
+    committed_ts: Option<i64>,
+    now_ms: i64,
+) -> f64 {
+    if lag == 0 {
+        return 0.0;
+    }
+    first_pending_ts
+        .or(committed_ts)
+        .map(|ts| ((now_ms - ts).max(0) as f64) / 1000.0)
+        .unwrap_or(0.0)
 }
 
 impl IngestContext {
@@ -69,6 +98,7 @@ impl IngestContext {
             .is_some_and(|p| p.revoked_at > epoch)
     }
 
+    /// A message was received: the first since the last commit dates the lag.
     pub fn seen(&self, topic: &str, partition: i32, ts: Option<i64>) {
         let mut parts = self.parts();
         let p = parts.entry((topic.to_string(), partition)).or_default();
@@ -77,16 +107,59 @@ impl IngestContext {
         }
     }
 
-    pub fn committed(&self, topic: &str, partition: i32, ts: Option<i64>) {
+    /// Offsets up to `next` were committed; `ts` is the last message's time.
+    pub fn committed(&self, topic: &str, partition: i32, next: i64, ts: Option<i64>) {
         let mut parts = self.parts();
         let p = parts.entry((topic.to_string(), partition)).or_default();
         if ts.is_some() {
             p.committed_ts = ts;
         }
+        p.committed_offset = Some(next);
         p.first_pending_ts = None;
     }
 
-    /// Every partition known from the statistics has no lag.
+    /// The committed offset this process knows for a partition, if any.
+    pub fn committed_offset(&self, topic: &str, partition: i32) -> Option<i64> {
+        self.parts()
+            .get(&(topic.to_string(), partition))
+            .and_then(|p| p.committed_offset)
+    }
+
+    /// Records what the coordinator holds for a partition not committed here yet.
+    pub fn learn_committed(&self, topic: &str, partition: i32, epoch: u64, offset: i64) {
+        let mut parts = self.parts();
+        let p = parts.entry((topic.to_string(), partition)).or_default();
+        if p.revoked_at > epoch {
+            return;
+        }
+        p.committed_offset.get_or_insert(offset);
+    }
+
+    /// A measurement of a partition's watermarks, taken for the assignment
+    /// as it was at `epoch`: sets the lag gauges, unless the partition was
+    /// revoked since.
+    pub fn measured(&self, topic: &str, partition: i32, epoch: u64, low: i64, high: i64) {
+        let now = now_ms();
+        let mut parts = self.parts();
+        let p = parts.entry((topic.to_string(), partition)).or_default();
+        if p.revoked_at > epoch {
+            return;
+        }
+        let lag = lag_of(p.committed_offset, low, high);
+        p.lag = Some(lag);
+        let secs = lag_seconds(lag, p.first_pending_ts, p.committed_ts, now);
+        let labels = [topic, &partition.to_string()];
+        self.metrics
+            .lag_messages
+            .with_label_values(&labels)
+            .set(lag);
+        self.metrics
+            .lag_seconds
+            .with_label_values(&labels)
+            .set(secs);
+    }
+
+    /// Every assigned partition was measured and has no lag.
     pub fn caught_up(&self) -> bool {
         let parts = self.parts();
         let known: Vec<i64> = parts.values().filter_map(|p| p.lag).collect();
@@ -106,54 +179,6 @@ impl ClientContext for IngestContext {
     fn error(&self, error: KafkaError, reason: &str) {
         self.quiet.error(error, reason)
     }
-
-    /// Lag per partition: the end of the partition minus the committed
-    /// offset; in seconds, the age of the oldest message not committed
-    /// (estimated from the first one this process saw after its last commit,
-    /// or the last committed one when none is in hand).
-    fn stats(&self, stats: Statistics) {
-        let now = now_ms();
-        let mut parts = self.parts();
-        for (topic, t) in &stats.topics {
-            for (pid, p) in &t.partitions {
-                if *pid < 0 || !p.desired {
-                    continue;
-                }
-                let end = p.hi_offset;
-                let from = if p.committed_offset >= 0 {
-                    p.committed_offset
-                } else if p.lo_offset >= 0 {
-                    p.lo_offset
-                } else {
-                    continue;
-                };
-                if end < 0 {
-                    continue;
-                }
-                let lag = (end - from).max(0);
-                let state = parts.entry((topic.clone(), *pid)).or_default();
-                state.lag = Some(lag);
-                let secs = if lag == 0 {
-                    0.0
-                } else {
-                    state
-                        .first_pending_ts
-                        .or(state.committed_ts)
-                        .map(|ts| ((now - ts).max(0) as f64) / 1000.0)
-                        .unwrap_or(0.0)
-                };
-                let labels = [topic.as_str(), &pid.to_string()];
-                self.metrics
-                    .lag_messages
-                    .with_label_values(&labels)
-                    .set(lag);
-                self.metrics
-                    .lag_seconds
-                    .with_label_values(&labels)
-                    .set(secs);
-            }
-        }
-    }
 }
 
 impl ConsumerContext for IngestContext {
@@ -169,6 +194,8 @@ impl ConsumerContext for IngestContext {
                     p.revoked_at = epoch;
                     p.lag = None;
                     p.first_pending_ts = None;
+                    // Its next owner commits from now on.
+                    p.committed_offset = None;
                     let labels = [e.topic(), &e.partition().to_string()];
                     // This process no longer reports for it.
                     let _ = self.metrics.lag_messages.remove_label_values(&labels);
@@ -185,5 +212,36 @@ impl ConsumerContext for IngestContext {
                 tracing::warn!(error = %e, "rebalance error");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_counts_from_the_committed_offset_or_the_start() {
+        assert_eq!(lag_of(Some(40), 0, 100), 60);
+        assert_eq!(
+            lag_of(None, 0, 100),
+            100,
+            "a new group reads from the start"
+        );
+        assert_eq!(lag_of(Some(-1001), 10, 100), 90, "no committed offset");
+        assert_eq!(
+            lag_of(Some(5), 10, 100),
+            90,
+            "retention removed what was committed"
+        );
+        assert_eq!(lag_of(Some(100), 0, 100), 0);
+        assert_eq!(lag_of(Some(120), 0, 100), 0);
+    }
+
+    #[test]
+    fn lag_seconds_date_from_the_oldest_message_in_hand() {
+        assert_eq!(lag_seconds(0, Some(1_000), Some(500), 9_000), 0.0);
+        assert_eq!(lag_seconds(3, Some(1_000), Some(500), 9_000), 8.0);
+        assert_eq!(lag_seconds(3, None, Some(500), 9_000), 8.5);
+        assert_eq!(lag_seconds(3, None, None, 9_000), 0.0);
     }
 }

@@ -9,7 +9,7 @@ pub mod cli;
 mod context;
 mod metrics;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,7 +21,7 @@ use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::Health;
-use crate::db::{self, row_values, Db, DbError, DeadLetter, TableRows};
+use crate::db::{self, row_values_exact, Db, DbError, DeadLetter, TableRows};
 
 use crate::schema::{Schema, Table};
 use crate::shutdown::Backoff;
@@ -71,6 +71,8 @@ pub struct IngestSummary {
     pub inserted: u64,
     pub duplicates: u64,
     pub dead_letters: u64,
+    /// Rows whose key was stored with other content (`on_conflict`).
+    pub conflicts: u64,
     pub batches: u64,
 }
 
@@ -83,6 +85,45 @@ struct Msg {
     payload: Vec<u8>,
     /// The revocation epoch when it was read.
     epoch: u64,
+}
+
+impl Msg {
+    /// Detaches a message, and dates the partition's lag from it.
+    fn of(m: &rdkafka::message::BorrowedMessage<'_>, ctx: &IngestContext) -> Msg {
+        let msg = Msg {
+            topic: m.topic().to_string(),
+            partition: m.partition(),
+            offset: m.offset(),
+            timestamp_ms: m.timestamp().to_millis(),
+            payload: m.payload().unwrap_or_default().to_vec(),
+            epoch: ctx.epoch(),
+        };
+        ctx.seen(&msg.topic, msg.partition, msg.timestamp_ms);
+        msg
+    }
+}
+
+/// The offset to commit per partition (one past the last message written),
+/// leaving out partitions revoked since their messages were read: their new
+/// owner commits them, and a late commit from here could move its offset
+/// back. Each with the last message's timestamp.
+fn offsets_to_commit(
+    batch: &[Msg],
+    revoked: impl Fn(&str, i32, u64) -> bool,
+) -> BTreeMap<(String, i32), (i64, Option<i64>)> {
+    let mut next: BTreeMap<(String, i32), (i64, Option<i64>)> = BTreeMap::new();
+    for m in batch {
+        if revoked(&m.topic, m.partition, m.epoch) {
+            continue;
+        }
+        let e = next
+            .entry((m.topic.clone(), m.partition))
+            .or_insert((m.offset + 1, m.timestamp_ms));
+        if m.offset + 1 >= e.0 {
+            *e = (m.offset + 1, m.timestamp_ms);
+        }
+    }
+    next
 }
 
 /// The envelope the router produces.
@@ -108,7 +149,6 @@ pub async fn run(
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("statistics.interval.ms", "1000")
         // A batch of 2,000 rows of 2.5 KB is 5 MB: fetch in pieces that size,
         // not librdkafka's 1 MB per partition.
         .set("max.partition.fetch.bytes", "8388608")
@@ -126,6 +166,11 @@ pub async fn run(
         batch_size = opts.batch_size, consumer_timeout_ms = opts.consumer_timeout.as_millis() as u64,
         "ingest consumer subscribed");
 
+    // Lag from the broker's watermarks on a timer of its own, so it keeps
+    // moving while a batch waits on the database.
+    let stop_lag = shutdown.child_token();
+    let lag = tokio::spawn(measure_lag(consumer.clone(), stop_lag.clone()));
+
     let mut ingest = Ingest {
         schema,
         db,
@@ -134,11 +179,38 @@ pub async fn run(
         shutdown: &shutdown,
         summary: IngestSummary::default(),
     };
+    let res = consume(&mut ingest, &consumer, &opts, &shutdown).await;
+    stop_lag.cancel();
+    let _ = lag.await;
+    res?;
+    Ok(ingest.summary)
+}
+
+/// The consume loop: gathers batches and flushes them.
+async fn consume(
+    ingest: &mut Ingest<'_>,
+    consumer: &Arc<StreamConsumer<IngestContext>>,
+    opts: &IngestOptions,
+    shutdown: &CancellationToken,
+) -> Result<(), IngestError> {
     let mut batch: Vec<Msg> = Vec::with_capacity(opts.batch_size);
     let mut deadline: Option<Instant> = None;
     let mut last_message = Instant::now();
     let idle_poll = Duration::from_millis(250);
     loop {
+        let due = deadline.is_some_and(|d| Instant::now() >= d);
+        if batch.len() >= opts.batch_size || (due && !batch.is_empty()) {
+            // What arrived while the batch was written starts the next one.
+            let Some(next) = ingest
+                .flush(std::mem::take(&mut batch), opts.batch_size)
+                .await?
+            else {
+                return Ok(());
+            };
+            batch = next;
+            deadline = (!batch.is_empty()).then(|| Instant::now() + opts.consumer_timeout);
+            continue;
+        }
         let wait = deadline
             .map(|d| d.saturating_duration_since(Instant::now()))
             .unwrap_or(idle_poll);
@@ -149,15 +221,7 @@ pub async fn run(
         match received {
             Ok(Ok(m)) => {
                 last_message = Instant::now();
-                let msg = Msg {
-                    topic: m.topic().to_string(),
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    timestamp_ms: m.timestamp().to_millis(),
-                    payload: m.payload().unwrap_or_default().to_vec(),
-                    epoch: consumer.context().epoch(),
-                };
-                batch.push(msg);
+                batch.push(Msg::of(&m, consumer.context()));
                 deadline.get_or_insert_with(|| Instant::now() + opts.consumer_timeout);
             }
             Ok(Err(e)) if crate::kafka::is_refusal(&e) => {
@@ -180,20 +244,76 @@ pub async fn run(
                 }
             }
         }
-        let due = deadline.is_some_and(|d| Instant::now() >= d);
-        if batch.len() >= opts.batch_size || (due && !batch.is_empty()) {
-            if !ingest.flush(std::mem::take(&mut batch)).await? {
-                return Ok(ingest.summary);
-            }
-            deadline = None;
-        }
     }
     // Shutting down: finish the batch in hand, commit, leave the group.
+    // (What arrives meanwhile is left uncommitted for the next owner.)
     if !batch.is_empty() {
-        ingest.flush(batch).await?;
+        ingest.flush(batch, usize::MAX).await?;
     }
     consumer.unsubscribe();
-    Ok(ingest.summary)
+    Ok(())
+}
+
+/// How often the lag is measured, and how long one measurement may take.
+const LAG_EVERY: Duration = Duration::from_secs(1);
+const LAG_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn measure_lag(consumer: Arc<StreamConsumer<IngestContext>>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(LAG_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let c = consumer.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || measure_once(&c)).await {
+            tracing::debug!(error = %e, "lag measurement did not complete");
+        }
+    }
+}
+
+/// One measurement: the committed offset of every assigned partition (from
+/// the coordinator for those this process has not committed yet) against
+/// the broker's high watermark.
+fn measure_once(c: &StreamConsumer<IngestContext>) {
+    let ctx = c.context();
+    let epoch = ctx.epoch();
+    let Ok(assignment) = c.assignment() else {
+        return;
+    };
+    let mut unknown = TopicPartitionList::new();
+    for e in assignment.elements() {
+        if ctx.committed_offset(e.topic(), e.partition()).is_none() {
+            unknown.add_partition(e.topic(), e.partition());
+        }
+    }
+    if unknown.count() > 0 {
+        match c.committed_offsets(unknown, rdkafka::util::Timeout::After(LAG_TIMEOUT)) {
+            Ok(tpl) => {
+                for e in tpl.elements() {
+                    let offset = match e.offset() {
+                        Offset::Offset(o) => o,
+                        _ => -1,
+                    };
+                    ctx.learn_committed(e.topic(), e.partition(), epoch, offset);
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot read the committed offsets for the lag"),
+        }
+    }
+    for e in assignment.elements() {
+        match c.fetch_watermarks(
+            e.topic(),
+            e.partition(),
+            rdkafka::util::Timeout::After(LAG_TIMEOUT),
+        ) {
+            Ok((low, high)) => ctx.measured(e.topic(), e.partition(), epoch, low, high),
+            Err(err) => {
+                tracing::debug!(topic = e.topic(), partition = e.partition(), error = %err, "cannot read the watermarks for the lag")
+            }
+        }
+    }
 }
 
 /// A missing topic is a configuration error; an unreachable broker is not
@@ -243,10 +363,20 @@ struct Ingest<'a> {
 }
 
 impl Ingest<'_> {
-    /// Writes one batch and commits its offsets. False if shutdown came while
-    /// waiting out an outage (nothing committed; the batch is redelivered).
-    async fn flush(&mut self, mut batch: Vec<Msg>) -> Result<bool, IngestError> {
-        let ctx = self.consumer.context();
+    /// Writes one batch and commits its offsets. While the database works
+    /// the consumer keeps polling, so it stays in its group however long
+    /// that takes (`max.poll.interval.ms`) and its callbacks run: messages
+    /// that arrive meanwhile are kept for the next batch, up to `limit`, and
+    /// past that their partitions are paused until the write is done.
+    /// Returns those messages, or None if shutdown came while waiting out an
+    /// outage (nothing committed; the batch is redelivered).
+    async fn flush(
+        &mut self,
+        mut batch: Vec<Msg>,
+        limit: usize,
+    ) -> Result<Option<Vec<Msg>>, IngestError> {
+        let consumer = self.consumer.clone();
+        let ctx = consumer.context();
         let before = batch.len();
         batch.retain(|m| !ctx.revoked_since(&m.topic, m.partition, m.epoch));
         let dropped = before - batch.len();
@@ -258,19 +388,76 @@ impl Ingest<'_> {
             );
         }
         if batch.is_empty() {
-            return Ok(true);
+            return Ok(Some(Vec::new()));
         }
-        // Once per partition and batch, not per message: the oldest message
-        // not yet committed, for the lag in seconds.
-        let mut first: HashMap<(&str, i32), Option<i64>> = HashMap::new();
-        for m in &batch {
-            first
-                .entry((m.topic.as_str(), m.partition))
-                .or_insert(m.timestamp_ms);
+        let mut carry: Vec<Msg> = Vec::new();
+        let mut paused = TopicPartitionList::new();
+        let written = {
+            let write = self.write(&batch);
+            tokio::pin!(write);
+            // A fresh poll at least this often, even when nothing arrives.
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    biased;
+                    r = &mut write => break r,
+                    _ = tick.tick() => {}
+                    m = consumer.recv() => match m {
+                        Ok(m) => {
+                            let msg = Msg::of(&m, ctx);
+                            if carry.len() >= limit {
+                                let known = paused.elements().iter().any(|e| {
+                                    e.topic() == msg.topic && e.partition() == msg.partition
+                                });
+                                if !known {
+                                    let mut one = TopicPartitionList::new();
+                                    one.add_partition(&msg.topic, msg.partition);
+                                    match consumer.pause(&one) {
+                                        Ok(()) => {
+                                            paused.add_partition(&msg.topic, msg.partition);
+                                        }
+                                        Err(e) => tracing::warn!(error = %e, "cannot pause a partition"),
+                                    };
+                                }
+                            }
+                            carry.push(msg);
+                        }
+                        Err(e) => {
+                            ctx.report_error(&e);
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    },
+                }
+            }
+        };
+        if paused.count() > 0 {
+            // Only what is still assigned here; a revoked one is its new owner's.
+            let assigned = consumer.assignment().unwrap_or_default();
+            let mut resume = TopicPartitionList::new();
+            for e in paused.elements() {
+                if assigned.find_partition(e.topic(), e.partition()).is_some() {
+                    resume.add_partition(e.topic(), e.partition());
+                }
+            }
+            if let Err(e) = consumer.resume(&resume) {
+                tracing::warn!(error = %e, "cannot resume the paused partitions");
+            }
         }
-        for ((topic, partition), ts) in first {
-            ctx.seen(topic, partition, ts);
+        if !written? {
+            return Ok(None);
         }
+        self.commit_offsets(&batch).await;
+        // Held since before that commit: still pending, and dating the lag.
+        for m in &carry {
+            ctx.seen(&m.topic, m.partition, m.timestamp_ms);
+        }
+        Ok(Some(carry))
+    }
+
+    /// Writes the batch, isolating rejected rows, retrying an outage. False
+    /// if shutdown came first.
+    async fn write(&mut self, batch: &[Msg]) -> Result<bool, IngestError> {
         self.metrics.messages.inc_by(batch.len() as u64);
         let mut rows: BTreeMap<usize, (TableRows, Vec<usize>)> = BTreeMap::new();
         let mut dead: Vec<DeadLetter> = Vec::new();
@@ -278,7 +465,7 @@ impl Ingest<'_> {
             match self.classify(&m.payload) {
                 Ok((t, values)) => {
                     let e = rows.entry(t).or_default();
-                    e.0.rows.push(values);
+                    e.0.push(values, source_of(m));
                     e.1.push(i);
                 }
                 Err((reason, why)) => {
@@ -300,16 +487,22 @@ impl Ingest<'_> {
             let started = Instant::now();
             match self.db.write_batch(&tables, &dead, &[], None).await {
                 Ok(written) => {
-                    let tables = rows
+                    let tables: Vec<(&str, &db::Written)> = rows
                         .keys()
                         .map(|t| self.schema.tables()[*t].name.as_str())
-                        .zip(&written);
-                    let total = self
-                        .metrics
-                        .sink
-                        .committed(started.elapsed(), batch.len(), tables);
+                        .zip(&written)
+                        .collect();
+                    for (table, w) in &tables {
+                        db::log_conflicts(table, &w.conflicts);
+                    }
+                    let total = self.metrics.sink.committed(
+                        started.elapsed(),
+                        batch.len(),
+                        tables.iter().copied(),
+                    );
                     self.summary.inserted += total.inserted;
                     self.summary.duplicates += total.duplicates;
+                    self.summary.conflicts += total.conflicts.len() as u64;
                     tracing::debug!(
                         messages = batch.len(),
                         dead_letters = dead.len(),
@@ -318,7 +511,7 @@ impl Ingest<'_> {
                     self.summary.messages += batch.len() as u64;
                     self.summary.dead_letters += dead.len() as u64;
                     self.summary.batches += 1;
-                    break;
+                    return Ok(true);
                 }
                 Err(DbError::Rejected(reason)) => {
                     tracing::warn!(%reason, "the database rejected a row; finding which");
@@ -331,7 +524,7 @@ impl Ingest<'_> {
                             Err(e) => return Err(e.into()),
                         };
                         for (i, why) in bad.into_iter().rev() {
-                            r.rows.remove(i);
+                            r.remove(i);
                             let m = &batch[idx.remove(i)];
                             dead.push(poison(m, format!("rejected by the database: {why}")));
                             found += 1;
@@ -366,8 +559,6 @@ impl Ingest<'_> {
                 Err(e) => return Err(e.into()),
             }
         }
-        self.commit_offsets(&batch).await;
-        Ok(true)
     }
 
     fn classify(&self, payload: &[u8]) -> Result<(usize, Vec<db::Bound>), (&'static str, String)> {
@@ -381,24 +572,32 @@ impl Ingest<'_> {
         else {
             return Err(("schema", format!("unknown table {:?}", env.table)));
         };
-        let values = row_values(&self.schema.tables()[t], &env.row)
+        let values = row_values_exact(&self.schema.tables()[t], &env.row, payload)
             .map_err(|e| ("schema", e.to_string()))?;
         Ok((t, values))
     }
 
-    /// Commits the next offset of every partition in the batch, after the
-    /// database commit. A failure here only means a redelivery, which the
-    /// idempotent insert absorbs.
+    /// Commits the next offset of every partition in the batch that is
+    /// still assigned here, after the database commit. A failure here only
+    /// means a redelivery, which the idempotent insert absorbs.
     async fn commit_offsets(&self, batch: &[Msg]) {
-        let mut next: HashMap<(&str, i32), i64> = HashMap::new();
-        for m in batch {
-            let e = next
-                .entry((m.topic.as_str(), m.partition))
-                .or_insert(m.offset + 1);
-            *e = (*e).max(m.offset + 1);
+        let ctx = self.consumer.context();
+        let next = offsets_to_commit(batch, |t, p, epoch| ctx.revoked_since(t, p, epoch));
+        let skipped = batch
+            .iter()
+            .filter(|m| !next.contains_key(&(m.topic.clone(), m.partition)))
+            .count();
+        if skipped > 0 {
+            tracing::info!(
+                messages = skipped,
+                "written but not committed: their partitions were revoked meanwhile (the new owner skips them as duplicates)"
+            );
+        }
+        if next.is_empty() {
+            return;
         }
         let mut tpl = TopicPartitionList::new();
-        for ((t, p), o) in &next {
+        for ((t, p), (o, _)) in &next {
             if let Err(e) = tpl.add_partition_offset(t, *p, Offset::Offset(*o)) {
                 tracing::error!(error = %e, "cannot build the offset list");
                 return;
@@ -408,10 +607,8 @@ impl Ingest<'_> {
         let res = tokio::task::spawn_blocking(move || c.commit(&tpl, CommitMode::Sync)).await;
         match res {
             Ok(Ok(())) => {
-                for m in batch {
-                    self.consumer
-                        .context()
-                        .committed(&m.topic, m.partition, m.timestamp_ms);
+                for ((t, p), (o, ts)) in &next {
+                    ctx.committed(t, *p, *o, *ts);
                 }
             }
             Ok(Err(e)) => {
@@ -426,10 +623,14 @@ impl Ingest<'_> {
     }
 }
 
+fn source_of(m: &Msg) -> String {
+    format!("{}/{}/{}", m.topic, m.partition, m.offset)
+}
+
 /// A NUL byte would make PostgreSQL reject the dead letter itself.
 fn poison(m: &Msg, reason: String) -> DeadLetter {
     DeadLetter {
-        source: format!("{}/{}/{}", m.topic, m.partition, m.offset),
+        source: source_of(m),
         reason: reason.replace('\0', "\u{fffd}"),
         payload: String::from_utf8_lossy(&m.payload).replace('\0', "\u{fffd}"),
     }
@@ -448,4 +649,35 @@ fn run_is_send(
 ) {
     fn is_send<T: Send>(_: &T) {}
     is_send(&run(o, s, d, m, h, t));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(partition: i32, offset: i64, epoch: u64) -> Msg {
+        Msg {
+            topic: "t".into(),
+            partition,
+            offset,
+            timestamp_ms: Some(offset * 10),
+            payload: Vec::new(),
+            epoch,
+        }
+    }
+
+    #[test]
+    fn commits_one_past_the_last_message_of_each_partition_still_owned() {
+        let batch = [msg(0, 5, 1), msg(1, 7, 1), msg(0, 6, 1), msg(2, 3, 0)];
+        // Partition 2 was revoked after its message was read at epoch 0.
+        let next = offsets_to_commit(&batch, |_, p, epoch| p == 2 && epoch < 1);
+        assert_eq!(
+            next.into_iter().collect::<Vec<_>>(),
+            vec![
+                (("t".to_string(), 0), (7, Some(60))),
+                (("t".to_string(), 1), (8, Some(70))),
+            ]
+        );
+        assert!(offsets_to_commit(&batch, |_, _, _| true).is_empty());
+    }
 }

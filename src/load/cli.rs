@@ -28,9 +28,11 @@ pub struct LoadArgs {
     /// Move loaded files here instead of deleting them.
     #[arg(long, env = "SWITCHYARD_LOAD_ARCHIVE_DIR")]
     archive_dir: Option<PathBuf>,
-    /// Where unloadable lines go, with the reason (default: OFFLINE_DIR/dead-letter).
-    #[arg(long, env = "SWITCHYARD_LOAD_DEAD_LETTER_DIR")]
-    dead_letter_dir: Option<PathBuf>,
+    /// This loader's name in the checkpoint table (default: the host name).
+    /// Loaders that share one offline folder must share it; loaders of
+    /// different folders must not, as their files may have the same names.
+    #[arg(long, env = "SWITCHYARD_LOADER_ID")]
+    loader_id: Option<String>,
     /// How often an idle loader looks for new files, in milliseconds.
     #[arg(long, env = "SWITCHYARD_LOAD_POLL_MS", default_value_t = 500)]
     poll_ms: u64,
@@ -87,10 +89,14 @@ fn run(args: LoadArgs) -> Exit {
         }
     };
     let opts = LoadOptions {
-        dead_letter_dir: args
-            .dead_letter_dir
-            .clone()
-            .unwrap_or_else(|| cfg.offline.dir.join("dead-letter")),
+        loader_id: match args.loader_id.as_deref().map(str::trim) {
+            Some("") => return Err(usage("--loader-id must not be empty")),
+            Some(id) if id.len() > 128 => {
+                return Err(usage("--loader-id is longer than 128 bytes"))
+            }
+            Some(id) => id.to_string(),
+            None => super::host_name(),
+        },
         dir: cfg.offline.dir.clone(),
         batch_size: args.batch_size,
         archive_dir: args.archive_dir.clone(),
@@ -112,10 +118,10 @@ fn run(args: LoadArgs) -> Exit {
         serve(args.admin_listen, registry, &pool, &url, &schema, |health, shutdown| {
             health.ready();
             async {
-            tracing::info!(dir = %opts.dir.display(), db = %db::redact_url(&url), batch_size = opts.batch_size, "loader started");
+            tracing::info!(dir = %opts.dir.display(), loader_id = %opts.loader_id, db = %db::redact_url(&url), batch_size = opts.batch_size, "loader started");
             match super::run(opts, &schema, &pool, replay, metrics, shutdown).await {
                 Ok(s) => {
-                    tracing::info!(files = s.files, lines = s.lines, inserted = s.inserted, duplicates = s.duplicates, replayed = s.replayed, dead_letters = s.dead_letters, "loader stopped");
+                    tracing::info!(files = s.files, lines = s.lines, inserted = s.inserted, duplicates = s.duplicates, conflicts = s.conflicts, replayed = s.replayed, dead_letters = s.dead_letters, "loader stopped");
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(super::LoadError::Db(e)) if e.is_config() => Err(usage(format!("load: {e}"))),

@@ -12,8 +12,8 @@ mod progress;
 mod replay;
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Seek, SeekFrom, Write};
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,7 +21,10 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::db::{self, row_values, Checkpoint, CheckpointUpdate, Db, DbError, TableRows, ToReplay};
+use crate::db::{
+    self, row_values_exact, Checkpoint, CheckpointUpdate, Db, DbError, DeadLetter, TableRows,
+    ToReplay,
+};
 
 use crate::offline::{self, line_route};
 use crate::routing::Route;
@@ -42,8 +45,10 @@ pub struct LoadOptions {
     pub batch_size: usize,
     /// Loaded files are moved here; deleted when None.
     pub archive_dir: Option<PathBuf>,
-    /// Where lines that cannot be loaded are appended, with the reason.
-    pub dead_letter_dir: PathBuf,
+    /// This loader's identity in the checkpoint table: the same for every
+    /// loader of one folder, different for each folder (a host's files may
+    /// share their names with another host's).
+    pub loader_id: String,
     /// How often an idle loader looks for new files.
     pub poll: Duration,
     /// Exit when no closed file is left (backfills, benchmarks).
@@ -57,8 +62,6 @@ pub struct LoadOptions {
 pub enum LoadError {
     #[error("offline folder {path}: {source}")]
     Folder { path: String, source: io::Error },
-    #[error("dead-letter file {path}: {source}")]
-    DeadLetter { path: String, source: io::Error },
     #[error(transparent)]
     Db(#[from] DbError),
 }
@@ -75,19 +78,13 @@ pub struct LoadSummary {
     /// Fallback lines committed to the replay spool with their batch.
     pub spooled: u64,
     pub dead_letters: u64,
+    /// Rows whose key was stored with other content (`on_conflict`).
+    pub conflicts: u64,
 }
 
-/// The name of the dead-letter file inside `dead_letter_dir`.
-pub const DEAD_LETTER_FILE: &str = "dead-letter.ndjson";
-
-/// One dead-lettered line as recorded: enough to find it and to re-feed it.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
-pub struct DeadLine {
-    pub file: String,
-    pub offset: u64,
-    pub reason: String,
-    pub line: String,
-}
+/// The most bytes of a line a dead letter keeps: statements stay under the
+/// smallest packet limit a MySQL server is run with.
+const DEAD_LETTER_MAX_BYTES: usize = 1 << 20;
 
 struct Loader<'a> {
     opts: &'a LoadOptions,
@@ -99,7 +96,6 @@ struct Loader<'a> {
     shutdown: &'a CancellationToken,
     progress: Arc<Progress>,
     summary: LoadSummary,
-    dead: Option<File>,
 }
 
 /// Loads until `shutdown` is cancelled (or, with `once`, until the folder is
@@ -143,7 +139,6 @@ pub async fn run(
         shutdown: &shutdown,
         progress,
         summary: LoadSummary::default(),
-        dead: None,
     };
     // The replayer stops with the process, or when the loader fails.
     let stop_replayer = shutdown.child_token();
@@ -311,6 +306,7 @@ impl Loader<'_> {
             }
             let at_end = reader.fill_buf().map_err(io_err)?.is_empty();
             let update = CheckpointUpdate {
+                loader: self.opts.loader_id.clone(),
                 file: name.to_string(),
                 from: started.then_some(offset),
                 to: pos,
@@ -335,7 +331,9 @@ impl Loader<'_> {
         }
     }
 
-    /// Parses, replays, dead-letters and inserts one batch with its checkpoint.
+    /// Parses, replays, dead-letters and inserts one batch with its
+    /// checkpoint, all in one transaction: a crash anywhere records nothing
+    /// twice.
     async fn load_batch(
         &mut self,
         name: &str,
@@ -344,16 +342,15 @@ impl Loader<'_> {
         bytes: u64,
     ) -> Result<BatchEnd, LoadError> {
         let n_lines = raw.len() as u64;
-        let mut rows: BTreeMap<usize, (TableRows, Vec<u64>, Vec<usize>)> = BTreeMap::new();
+        let mut rows: BTreeMap<usize, (TableRows, Vec<u64>)> = BTreeMap::new();
         let mut replays: Vec<ToReplay> = Vec::new();
-        let mut dead: Vec<DeadLine> = Vec::new();
-        for (i, (at, line)) in raw.iter().enumerate() {
+        let mut dead: Vec<DeadLetter> = Vec::new();
+        for (at, line) in &raw {
             match self.classify(line) {
                 Ok(LineAction::Insert { table, values }) => {
                     let entry = rows.entry(table).or_default();
-                    entry.0.rows.push(values);
+                    entry.0.push(values, format!("{name}:{at}"));
                     entry.1.push(*at);
-                    entry.2.push(i);
                 }
                 Ok(LineAction::Replay {
                     account,
@@ -372,39 +369,42 @@ impl Loader<'_> {
                         .dead_letters
                         .with_label_values(&[reason])
                         .inc();
-                    dead.push(DeadLine {
-                        file: name.to_string(),
-                        offset: *at,
-                        reason: why,
-                        line: String::from_utf8_lossy(line).into_owned(),
-                    });
+                    dead.push(dead_letter(name, *at, why, line));
                 }
             }
         }
-        self.write_dead(&dead)?;
         let mut backoff = Backoff::default();
         loop {
             let tables: Vec<(&Table, &TableRows)> = rows
                 .iter()
-                .map(|(t, (r, _, _))| (&self.schema.tables()[*t], r))
+                .map(|(t, (r, _))| (&self.schema.tables()[*t], r))
                 .collect();
             let started = Instant::now();
             match self
                 .db
-                .write_batch(&tables, &[], &replays, Some(update))
+                .write_batch(&tables, &dead, &replays, Some(update))
                 .await
             {
                 Ok(written) => {
-                    let tables = rows
+                    let tables: Vec<(&str, &db::Written)> = rows
                         .keys()
                         .map(|t| self.schema.tables()[*t].name.as_str())
-                        .zip(&written);
-                    let total =
-                        self.metrics
-                            .sink
-                            .committed(started.elapsed(), n_lines as usize, tables);
+                        .zip(&written)
+                        .collect();
+                    for (table, w) in &tables {
+                        db::log_conflicts(table, &w.conflicts);
+                    }
+                    for d in &dead {
+                        tracing::warn!(source = %d.source, reason = %d.reason, "dead-lettered a line");
+                    }
+                    let total = self.metrics.sink.committed(
+                        started.elapsed(),
+                        n_lines as usize,
+                        tables.iter().copied(),
+                    );
                     self.summary.inserted += total.inserted;
                     self.summary.duplicates += total.duplicates;
+                    self.summary.conflicts += total.conflicts.len() as u64;
                     self.summary.lines += n_lines;
                     self.summary.spooled += replays.len() as u64;
                     if !replays.is_empty() {
@@ -417,8 +417,8 @@ impl Loader<'_> {
                 Err(DbError::Conflict(_)) => return Ok(BatchEnd::Conflict),
                 Err(DbError::Rejected(reason)) => {
                     tracing::warn!(file = name, %reason, "the database rejected a row; finding which");
-                    let mut rejected = Vec::new();
-                    for (t, (r, offsets, _)) in rows.iter_mut() {
+                    let mut found = 0;
+                    for (t, (r, offsets)) in rows.iter_mut() {
                         let table = &self.schema.tables()[*t];
                         let bad = match db::find_rejected(self.db, table, r).await {
                             Ok(b) => b,
@@ -431,28 +431,27 @@ impl Loader<'_> {
                             Err(e) => return Err(e.into()),
                         };
                         for (i, why) in bad.into_iter().rev() {
-                            r.rows.remove(i);
+                            r.remove(i);
                             let at = offsets.remove(i);
-                            rejected.push(DeadLine {
-                                file: name.to_string(),
-                                offset: at,
-                                reason: format!("rejected by the database: {why}"),
-                                line: line_at(&raw, at),
-                            });
+                            dead.push(dead_letter(
+                                name,
+                                at,
+                                format!("rejected by the database: {why}"),
+                                line_at(&raw, at),
+                            ));
+                            found += 1;
                         }
                     }
                     self.metrics
                         .sink
                         .dead_letters
                         .with_label_values(&["rejected"])
-                        .inc_by(rejected.len() as u64);
-                    self.summary.dead_letters += rejected.len() as u64;
+                        .inc_by(found);
                     // Refused as a whole but no row alone is: wait rather
                     // than retry at once, as for an outage.
-                    if rejected.is_empty() && !self.wait_database(&mut backoff, &reason).await {
+                    if found == 0 && !self.wait_database(&mut backoff, &reason).await {
                         return Ok(BatchEnd::Cancelled);
                     }
-                    self.write_dead(&rejected)?;
                 }
                 Err(e) if e.is_transient() => {
                     if !self.wait_database(&mut backoff, &e).await {
@@ -488,7 +487,8 @@ impl Loader<'_> {
             return Err(("schema", format!("unknown table {:?}", parsed.table)));
         };
         let table = &self.schema.tables()[t];
-        let values = row_values(table, &parsed.row).map_err(|e| ("schema", e.to_string()))?;
+        let values =
+            row_values_exact(table, &parsed.row, line).map_err(|e| ("schema", e.to_string()))?;
         let replay_route = match parsed.route.as_deref() {
             Some(line_route::KAFKA_FALLBACK) => Some(Route::Kafka),
             Some(line_route::DUAL_FALLBACK) => Some(Route::Dual),
@@ -499,12 +499,18 @@ impl Loader<'_> {
                 let Some(account) = parsed.account_id else {
                     return Err(("schema", "a Kafka fallback line without account_id".into()));
                 };
-                let envelope = serde_json::to_string(&serde_json::json!({
-                    "account_id": account,
-                    "table": parsed.table,
-                    "row": parsed.row,
-                }))
-                .map_err(|e| ("parse", e.to_string()))?;
+                // The row as it was written (numbers of any precision);
+                // table names are schema identifiers, nothing to escape.
+                let row = match crate::rawjson::row_text(line) {
+                    Some(raw) => crate::rawjson::minify(raw.get()),
+                    None => {
+                        serde_json::to_string(&parsed.row).map_err(|e| ("parse", e.to_string()))?
+                    }
+                };
+                let envelope = format!(
+                    "{{\"account_id\":{account},\"table\":\"{}\",\"row\":{row}}}",
+                    table.name
+                );
                 Ok(LineAction::Replay {
                     account,
                     envelope,
@@ -532,40 +538,6 @@ impl Loader<'_> {
         }
     }
 
-    fn write_dead(&mut self, dead: &[DeadLine]) -> Result<(), LoadError> {
-        if dead.is_empty() {
-            return Ok(());
-        }
-        let path = self.opts.dead_letter_dir.join(DEAD_LETTER_FILE);
-        let err = |source| LoadError::DeadLetter {
-            path: path.display().to_string(),
-            source,
-        };
-        if self.dead.is_none() {
-            fs::create_dir_all(&self.opts.dead_letter_dir).map_err(err)?;
-            self.dead = Some(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&path)
-                    .map_err(err)?,
-            );
-        }
-        let mut buf = Vec::new();
-        for d in dead {
-            tracing::warn!(file = %d.file, offset = d.offset, reason = %d.reason, "dead-lettered a line");
-            serde_json::to_writer(&mut buf, d)
-                .map_err(|e| err(io::Error::new(io::ErrorKind::InvalidData, e)))?;
-            buf.push(b'\n');
-        }
-        if let Some(f) = self.dead.as_mut() {
-            f.write_all(&buf).map_err(err)?;
-            // Durable before the checkpoint passes these lines.
-            f.sync_data().map_err(err)?;
-        }
-        Ok(())
-    }
-
     /// Deletes or archives a fully loaded file, then forgets its checkpoint.
     /// A file already gone (archived before a crash) is not an error.
     async fn finish(&mut self, path: &Path, name: &str) -> Result<(), LoadError> {
@@ -589,7 +561,7 @@ impl Loader<'_> {
         self.metrics.files_loaded.inc();
         self.summary.files += 1;
         // A leftover row only costs a little space: never fatal.
-        if let Err(e) = self.db.forget_checkpoint(name).await {
+        if let Err(e) = self.db.forget_checkpoint(&self.opts.loader_id, name).await {
             tracing::warn!(file = name, error = %e, "cannot forget a finished checkpoint");
         }
         tracing::info!(
@@ -604,7 +576,7 @@ impl Loader<'_> {
     async fn checkpoint(&self, name: &str) -> Result<Option<Option<Checkpoint>>, LoadError> {
         let mut backoff = Backoff::default();
         loop {
-            match self.db.checkpoint(name).await {
+            match self.db.checkpoint(&self.opts.loader_id, name).await {
                 Ok(c) => return Ok(Some(c)),
                 Err(e) if e.is_transient() => {
                     if !self.wait_database(&mut backoff, &e).await {
@@ -658,11 +630,47 @@ fn same_file(file: &File, path: &Path) -> bool {
     }
 }
 
-fn line_at(raw: &[(u64, Vec<u8>)], at: u64) -> String {
+/// The machine's host name (a pod's name in Kubernetes): the default loader
+/// identity.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+fn line_at(raw: &[(u64, Vec<u8>)], at: u64) -> &[u8] {
     raw.iter()
         .find(|(o, _)| *o == at)
-        .map(|(_, l)| String::from_utf8_lossy(l).into_owned())
+        .map(|(_, l)| l.as_slice())
         .unwrap_or_default()
+}
+
+/// A line for the dead-letter table, recorded under `file:offset` (so a
+/// batch loaded again after a crash records it once). Text as the database
+/// stores it: invalid UTF-8 and NUL (which PostgreSQL refuses) replaced by
+/// U+FFFD, and at most [`DEAD_LETTER_MAX_BYTES`] of it.
+fn dead_letter(file: &str, offset: u64, reason: String, line: &[u8]) -> DeadLetter {
+    let mut text = String::from_utf8_lossy(line).replace('\0', "\u{fffd}");
+    let mut reason = reason.replace('\0', "\u{fffd}");
+    if text.len() > DEAD_LETTER_MAX_BYTES {
+        let mut cut = DEAD_LETTER_MAX_BYTES;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reason.push_str(&format!(
+            " (line of {} bytes: the first {cut} are recorded)",
+            text.len()
+        ));
+        text.truncate(cut);
+    }
+    DeadLetter {
+        source: format!("{file}:{offset}"),
+        reason,
+        payload: text,
+    }
 }
 
 /// Moves a loaded file into the archive folder. `rename` when both are on

@@ -144,8 +144,13 @@ fn parse_line(schema: &Schema, line: &[u8], n: usize) -> Result<Payload, ApiErro
     let t = schema
         .check_row(&table, &row)
         .map_err(|e| bad(422, e.code(), e.to_string()))?;
-    let row_json = serde_json::to_vec(&row)
-        .map_err(|e| bad(400, "invalid_row", format!("cannot encode row: {e}")))?;
+    // The row's own text, so numbers of any precision in JSON columns
+    // travel as sent (a `Value` would round them to a double).
+    let row_json = match crate::rawjson::row_text(line) {
+        Some(raw) => crate::rawjson::minify(raw.get()).into_bytes(),
+        None => serde_json::to_vec(&row)
+            .map_err(|e| bad(400, "invalid_row", format!("cannot encode row: {e}")))?,
+    };
     if row_json.len() > t.max_row_bytes {
         return Err(bad(
             413,

@@ -960,16 +960,25 @@ pub fn write_closed_file(dir: &Path, name: &str, text: &str) {
     std::fs::rename(&open, &path).expect("rename offline file");
 }
 
-/// The loader's dead-letter file under `offline_dir` (its default place).
-pub fn dead_lines(offline_dir: &Path) -> Vec<switchyard::load::DeadLine> {
-    let path = offline_dir
-        .join("dead-letter")
-        .join(switchyard::load::DEAD_LETTER_FILE);
-    std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a dead-letter line"))
-        .collect()
+/// The loader's dead letters in `db`, by (file, offset): the `file:offset`
+/// source split, in file and offset order.
+pub async fn dead_lines(
+    db: &switchyard::db::Db,
+) -> Vec<((String, u64), switchyard::db::DeadLetter)> {
+    let mut out: Vec<_> = db
+        .dead_letters()
+        .await
+        .expect("dead letters")
+        .into_iter()
+        .filter_map(|d| {
+            let (file, offset) = d.source.rsplit_once(':')?;
+            let offset = offset.parse().ok()?;
+            Some(((file.to_string(), offset), d))
+        })
+        .filter(|((file, _), _)| !file.starts_with("replay:"))
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
 }
 
 /// One NDJSON body of envelopes, as a client batches them.
