@@ -12,6 +12,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
+use rdkafka::statistics::Statistics;
 
 use super::IngestMetrics;
 use crate::kafka::QuietContext;
@@ -29,6 +30,9 @@ struct PartitionState {
     /// The group's committed offset (the next to read) as this process
     /// knows it: read from the coordinator once, then what it committed.
     committed_offset: Option<i64>,
+    /// The partition's end as the last fetch response gave it (librdkafka's
+    /// statistics): a second source beside the broker's answer to a query.
+    fetched_high: Option<i64>,
     /// Lag from the last measurement.
     lag: Option<i64>,
 }
@@ -138,6 +142,8 @@ impl IngestContext {
     /// A measurement of a partition's watermarks, taken for the assignment
     /// as it was at `epoch`: sets the lag gauges, unless the partition was
     /// revoked since.
+    /// `high` is the larger of what the broker answered and how far this
+    /// consumer has read (`position`): both are ends the partition reached.
     pub fn measured(&self, topic: &str, partition: i32, epoch: u64, low: i64, high: i64) {
         let now = now_ms();
         let mut parts = self.parts();
@@ -145,6 +151,7 @@ impl IngestContext {
         if p.revoked_at > epoch {
             return;
         }
+        let high = high.max(p.fetched_high.unwrap_or(0));
         let lag = lag_of(p.committed_offset, low, high);
         p.lag = Some(lag);
         let secs = lag_seconds(lag, p.first_pending_ts, p.committed_ts, now);
@@ -179,6 +186,29 @@ impl ClientContext for IngestContext {
     fn error(&self, error: KafkaError, reason: &str) {
         self.quiet.error(error, reason)
     }
+
+    fn stats(&self, stats: Statistics) {
+        self.record_fetched(&stats);
+    }
+}
+
+impl IngestContext {
+    /// The end of each partition as the fetches saw it. The lag itself is
+    /// measured on a timer ([`IngestContext::measured`]): statistics only
+    /// arrive while the consumer polls, and not for paused partitions.
+    fn record_fetched(&self, stats: &Statistics) {
+        let mut parts = self.parts();
+        for (topic, t) in &stats.topics {
+            for (pid, p) in &t.partitions {
+                if *pid < 0 || !p.desired || p.hi_offset < 0 {
+                    continue;
+                }
+                if let Some(state) = parts.get_mut(&(topic.clone(), *pid)) {
+                    state.fetched_high = Some(state.fetched_high.unwrap_or(0).max(p.hi_offset));
+                }
+            }
+        }
+    }
 }
 
 impl ConsumerContext for IngestContext {
@@ -196,6 +226,7 @@ impl ConsumerContext for IngestContext {
                     p.first_pending_ts = None;
                     // Its next owner commits from now on.
                     p.committed_offset = None;
+                    p.fetched_high = None;
                     let labels = [e.topic(), &e.partition().to_string()];
                     // This process no longer reports for it.
                     let _ = self.metrics.lag_messages.remove_label_values(&labels);

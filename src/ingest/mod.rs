@@ -149,6 +149,8 @@ pub async fn run(
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
+        // The ends of partitions as fetches see them, one source of the lag.
+        .set("statistics.interval.ms", "1000")
         // A batch of 2,000 rows of 2.5 KB is 5 MB: fetch in pieces that size,
         // not librdkafka's 1 MB per partition.
         .set("max.partition.fetch.bytes", "8388608")
@@ -302,13 +304,22 @@ fn measure_once(c: &StreamConsumer<IngestContext>) {
             Err(e) => tracing::debug!(error = %e, "cannot read the committed offsets for the lag"),
         }
     }
+    // How far this consumer has read: the partition reached at least that.
+    let position = c.position().unwrap_or_default();
     for e in assignment.elements() {
+        let read = position
+            .find_partition(e.topic(), e.partition())
+            .and_then(|p| match p.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            })
+            .unwrap_or(0);
         match c.fetch_watermarks(
             e.topic(),
             e.partition(),
             rdkafka::util::Timeout::After(LAG_TIMEOUT),
         ) {
-            Ok((low, high)) => ctx.measured(e.topic(), e.partition(), epoch, low, high),
+            Ok((low, high)) => ctx.measured(e.topic(), e.partition(), epoch, low, high.max(read)),
             Err(err) => {
                 tracing::debug!(topic = e.topic(), partition = e.partition(), error = %err, "cannot read the watermarks for the lag")
             }
