@@ -12,8 +12,8 @@ const ROLES: &[&str] = &[
 
 /// Shared modules: what roles are built from.
 const SHARED: &[&str] = &[
-    "admin", "cli", "config", "db", "flags", "kafka", "logging", "metrics", "offline", "routing",
-    "schema", "shutdown",
+    "admin", "cli", "config", "db", "flags", "kafka", "logging", "metrics", "offline", "rawjson",
+    "routing", "schema", "shutdown",
 ];
 
 fn rs_files(dir: &Path, out: &mut Vec<PathBuf>) {

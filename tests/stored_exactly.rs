@@ -409,3 +409,123 @@ async fn checkpoints_keep_apart_loaders_and_names_that_differ_in_case() {
     assert_eq!(a.lines, 7 + 6, "{a:?}");
     assert_eq!(old.count().await, 42);
 }
+
+/// A column added to the configuration: before, `db init` said
+/// "initialised" and added nothing, the roles started, and every insert
+/// failed with "undefined column", retried forever while `/readyz` said
+/// ready. Now the start-up check names it with the `ALTER TABLE` to run,
+/// `db migrate --apply` adds it, and a column dropped under a running role
+/// stops it (a configuration error) instead of being retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_added_to_the_configuration_is_reported_then_migrated_on_every_engine() {
+    let before = schema();
+    let after_config = |name: &str| -> TableConfig {
+        let mut t = table_config(name, "keep-first");
+        t.columns.insert("note".into(), "string?".into());
+        t
+    };
+    let after =
+        Schema::from_config(&[after_config("kept"), after_config("replaced")]).expect("schema");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lite_path = dir.path().join("m.db");
+    let pg = TestDb::postgres(&before).await;
+    let my = TestDb::mariadb(&before).await;
+    let lite_url = format!("sqlite:{}", lite_path.display());
+    let lite = Db::connect(&lite_url, 2).expect("sqlite");
+    lite.init(&before).await.expect("sqlite init");
+    for (engine, db, url) in [
+        ("postgres", &pg.db, pg.url.as_str()),
+        ("mariadb", &my.db, my.url.as_str()),
+        ("sqlite", &lite, lite_url.as_str()),
+    ] {
+        // `db init` creates nothing new and reports the same as a role's start.
+        db.init(&after).await.expect("init");
+        let err = db
+            .check_tables(&after, url)
+            .await
+            .expect_err("the missing column is found");
+        let text = err.to_string();
+        assert!(err.is_config(), "{engine}: {text}");
+        assert!(
+            text.contains("table kept: column note is declared but missing; run: ALTER TABLE")
+                && text.contains("ADD COLUMN")
+                && text.contains("db migrate --apply"),
+            "{engine}: {text}"
+        );
+        let applied = db.add_missing_columns(&after).await.expect("migrate");
+        assert_eq!(applied.len(), 2, "{engine}: {applied:?}");
+        db.check_tables(&after, url)
+            .await
+            .expect("the tables match now");
+        assert!(db
+            .add_missing_columns(&after)
+            .await
+            .expect("again")
+            .is_empty());
+        let table = after.table("kept").expect("kept");
+        let r = json!({"k": "n1", "ts": 1, "g": 1, "body": "b", "note": "hello"});
+        let mut data = TableRows::default();
+        data.rows
+            .push(row_values(table, r.as_object().expect("object")).expect("values"));
+        assert_eq!(write(db, table, &data).await.inserted, 1, "{engine}");
+    }
+    // A column dropped under a running role: a configuration error, not an
+    // outage to retry.
+    pg.exec("ALTER TABLE kept DROP COLUMN note").await;
+    let table = after.table("kept").expect("kept");
+    let r = json!({"k": "n2", "ts": 1, "g": 1, "body": "b", "note": "x"});
+    let mut data = TableRows::default();
+    data.rows
+        .push(row_values(table, r.as_object().expect("object")).expect("values"));
+    let err = pg
+        .db
+        .write_batch(&[(table, &data)], &[], &[], None)
+        .await
+        .expect_err("refused");
+    assert!(
+        matches!(err, switchyard::db::DbError::Schema(_)) && err.is_config(),
+        "{err:?}"
+    );
+
+    // The command line: `db migrate` lists the difference (exit 1), `--apply`
+    // adds the column, then it matches (exit 0).
+    let cfg_path = dir.path().join("after.toml");
+    let mut text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/switchyard.toml"),
+    )
+    .expect("default config");
+    let tables_at = text.find("[[tables]]").expect("tables");
+    text.truncate(tables_at);
+    for t in ["kept", "replaced"] {
+        text.push_str(&format!(
+            "[[tables]]\nname = \"{t}\"\nkey = \"k\"\ntime = \"ts\"\ngroup = \"g\"\n\
+             [tables.columns]\nk = \"string\"\nts = \"int\"\ng = \"int\"\nbody = \"string\"\n\
+             j = \"json?\"\nnote = \"string?\"\n"
+        ));
+    }
+    std::fs::write(&cfg_path, &text).expect("write config");
+    let fresh = dir.path().join("cli.db");
+    let fresh_url = format!("sqlite:{}", fresh.display());
+    let fresh_db = Db::connect(&fresh_url, 1).expect("sqlite");
+    fresh_db.init(&before).await.expect("init");
+    fresh_db.close().await;
+    let run = |apply: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
+        cmd.args(["db", "migrate", "--config"])
+            .arg(&cfg_path)
+            .args(["--db-url", &fresh_url]);
+        if apply {
+            cmd.arg("--apply");
+        }
+        cmd.output().expect("switchyard db migrate")
+    };
+    let out = run(false);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("ADD COLUMN \"note\" TEXT"), "{stdout}");
+    let out = run(true);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("applied: ALTER TABLE"), "{stdout}");
+    assert!(stdout.contains("match the configuration"), "{stdout}");
+}

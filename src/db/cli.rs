@@ -20,11 +20,61 @@ pub enum DbCommand {
         #[command(flatten)]
         db: DbArgs,
     },
+    /// Compare the declared tables with the database: columns missing, of
+    /// another type, or undeclared and NOT NULL. Prints each with what to
+    /// run; exits 1 when anything differs.
+    Migrate {
+        /// Pipeline configuration (TOML); the embedded default when absent.
+        #[arg(long, env = "SWITCHYARD_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        db: DbArgs,
+        /// Add the missing columns (nullable: the rows already there have
+        /// no value for them). Type changes are reported, never applied.
+        #[arg(long)]
+        apply: bool,
+    },
 }
 
 pub fn main(command: DbCommand) -> ExitCode {
     exit(match command {
         DbCommand::Init { config, db } => init(config, db),
+        DbCommand::Migrate { config, db, apply } => migrate(config, db, apply),
+    })
+}
+
+fn migrate(config: Option<PathBuf>, args: DbArgs, apply: bool) -> Exit {
+    let rt = runtime()?;
+    let _enter = rt.enter();
+    let (_, schema, url, pool) = prepare(config.as_deref(), &args, Engine::Postgres)?;
+    rt.block_on(async move {
+        let exit = |e: db::DbError| {
+            let message = format!("db migrate {}: {e}", db::redact_url(&url));
+            if e.is_config() {
+                usage(message)
+            } else {
+                failure(message)
+            }
+        };
+        if apply {
+            for s in pool.add_missing_columns(&schema).await.map_err(exit)? {
+                println!("applied: {s}");
+            }
+        }
+        let drift = pool.drift(&schema).await.map_err(exit)?;
+        pool.close().await;
+        if drift.is_empty() {
+            println!(
+                "{} ({}): the tables match the configuration",
+                db::redact_url(&url),
+                pool.engine()
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        for (table, d) in &drift {
+            println!("table {table}: {d}");
+        }
+        Ok(ExitCode::FAILURE)
     })
 }
 

@@ -29,7 +29,7 @@ use std::collections::HashMap;
 
 pub use metrics::SinkMetrics;
 pub use replay::{Spooled, ToReplay, REPLAY_TABLE};
-pub use sql::{CHECKPOINT_TABLE, DEAD_LETTER_TABLE};
+pub use sql::{Drift, LiveColumn, CHECKPOINT_TABLE, DEAD_LETTER_TABLE};
 pub use value::{row_values, row_values_exact, Bound, ValueError};
 
 /// Which SQL dialect a URL speaks.
@@ -105,6 +105,12 @@ pub enum DbError {
     /// grants. A configuration error: retrying cannot help.
     #[error("the database refused the connection (check its TLS settings and credentials): {0}")]
     Access(String),
+    /// A table does not match the declared schema (a column missing, say):
+    /// no retry helps, and dead-lettering would refuse every row.
+    #[error(
+        "the database does not match the configured schema ({0}); see `switchyard db migrate`"
+    )]
+    Schema(String),
     /// A declared table is missing: `switchyard db init` has not run.
     #[error("table {table} does not exist in {url}; run `switchyard db init --db-url …` first")]
     MissingTable { table: String, url: String },
@@ -120,7 +126,10 @@ impl DbError {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            DbError::Config { .. } | DbError::Access(_) | DbError::MissingTable { .. }
+            DbError::Config { .. }
+                | DbError::Access(_)
+                | DbError::MissingTable { .. }
+                | DbError::Schema(_)
         )
     }
 
@@ -133,6 +142,7 @@ impl DbError {
             DbError::Unavailable(_) => "unavailable",
             DbError::Access(_) => "access",
             DbError::MissingTable { .. } => "missing_table",
+            DbError::Schema(_) => "schema",
         }
     }
 }
@@ -153,7 +163,15 @@ fn classify(engine: Engine, e: sqlx::Error) -> DbError {
     let number = db
         .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
         .map_or(0, |m| m.number());
+    let sqlite_schema = engine == Engine::Sqlite
+        && (message.contains("no such column")
+            || message.contains("no such table")
+            || message.contains("has no column named"));
+    if sqlite_schema {
+        return DbError::Schema(message);
+    }
     match class_of(engine, &code, number) {
+        Class::Schema => DbError::Schema(format!("{message} (code {code})")),
         Class::Access => DbError::Access(format!("{message} (code {code})")),
         Class::Rejected => DbError::Rejected(message),
         Class::Unavailable => DbError::Unavailable(format!("{message} (code {code})")),
@@ -169,6 +187,8 @@ enum Class {
     Access,
     /// The row is refused: a type, range or constraint error.
     Rejected,
+    /// The statement does not fit the tables: a column or table missing.
+    Schema,
     /// Anything else: the server is down, busy or failing; retry.
     Unavailable,
 }
@@ -207,8 +227,17 @@ fn class_of(engine: Engine, code: &str, number: u16) -> Class {
             .map(|c| matches!(c & 0xff, 18..=20))
             .unwrap_or(false),
     };
+    let schema = match engine {
+        // Undefined column, undefined table.
+        Engine::Postgres => code == "42703" || code == "42P01",
+        // Unknown column, no such table.
+        Engine::MySql => matches!(number, 1054 | 1146),
+        Engine::Sqlite => false,
+    };
     if access {
         Class::Access
+    } else if schema {
+        Class::Schema
     } else if rejected {
         Class::Rejected
     } else {
@@ -518,6 +547,103 @@ impl Db {
             .to_string())
     }
 
+    /// The columns `table` has in the database (empty when it does not exist).
+    pub async fn live_columns(&self, table: &str) -> Result<Vec<sql::LiveColumn>, DbError> {
+        let engine = self.engine();
+        let err = |e| classify(engine, e);
+        let rows: Vec<(String, String, bool, bool)> = match self {
+            Db::Postgres(pool) => sqlx::query_as::<_, (String, String, String, bool)>(
+                "SELECT column_name::text, data_type::text, is_nullable::text, column_default IS NOT NULL \
+                 FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = $1",
+            )
+            .bind(table)
+            .fetch_all(pool)
+            .await
+            .map_err(err)?
+            .into_iter()
+            .map(|(n, t, null, d)| (n, t, null == "YES", d))
+            .collect(),
+            Db::MySql(pool, _) => sqlx::query_as::<_, (String, String, String, i64)>(
+                "SELECT CAST(COLUMN_NAME AS CHAR), CAST(DATA_TYPE AS CHAR), CAST(IS_NULLABLE AS CHAR), \
+                 CAST(COLUMN_DEFAULT IS NOT NULL AS SIGNED) FROM information_schema.COLUMNS \
+                 WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
+            )
+            .bind(table)
+            .fetch_all(pool)
+            .await
+            .map_err(err)?
+            .into_iter()
+            .map(|(n, t, null, d)| (n, t, null == "YES", d != 0))
+            .collect(),
+            Db::Sqlite(pool) => sqlx::query_as::<_, (String, String, i64, i64)>(
+                "SELECT name, type, \"notnull\", dflt_value IS NOT NULL FROM pragma_table_info(?)",
+            )
+            .bind(table)
+            .fetch_all(pool)
+            .await
+            .map_err(err)?
+            .into_iter()
+            .map(|(n, t, notnull, d)| (n, t, notnull == 0, d != 0))
+            .collect(),
+        };
+        Ok(rows
+            .into_iter()
+            .map(|(name, data_type, nullable, has_default)| sql::LiveColumn {
+                name,
+                data_type,
+                nullable,
+                has_default,
+            })
+            .collect())
+    }
+
+    /// How each declared table in the database differs from its declaration.
+    pub async fn drift(&self, schema: &Schema) -> Result<Vec<(String, sql::Drift)>, DbError> {
+        let mut out = Vec::new();
+        for t in schema.tables() {
+            let live = self.live_columns(&t.name).await?;
+            if live.is_empty() {
+                continue;
+            }
+            out.extend(
+                sql::drift(self.engine(), t, &live)
+                    .into_iter()
+                    .map(|d| (t.name.clone(), d)),
+            );
+        }
+        Ok(out)
+    }
+
+    /// Adds the declared columns a table lacks (`db migrate --apply`): in one
+    /// transaction where the engine allows DDL in one (PostgreSQL, SQLite;
+    /// MySQL commits each statement). Returns the statements run.
+    pub async fn add_missing_columns(&self, schema: &Schema) -> Result<Vec<String>, DbError> {
+        let engine = self.engine();
+        let statements: Vec<String> = self
+            .drift(schema)
+            .await?
+            .into_iter()
+            .filter_map(|(_, d)| match d {
+                sql::Drift::Missing { add, .. } => Some(add),
+                _ => None,
+            })
+            .collect();
+        if statements.is_empty() {
+            return Ok(statements);
+        }
+        with_pool!(self, pool, DB => {
+            let mut tx = pool.begin().await.map_err(|e| classify(engine, e))?;
+            for s in &statements {
+                sqlx::query(s)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| classify(engine, e))?;
+            }
+            tx.commit().await.map_err(|e| classify(engine, e))?;
+        });
+        Ok(statements)
+    }
+
     /// Checks that every declared table and the bookkeeping tables exist.
     pub async fn check_tables(&self, schema: &Schema, url: &str) -> Result<(), DbError> {
         let engine = self.engine();
@@ -543,6 +669,28 @@ impl Db {
                 }
                 Err(e) => return Err(classify(engine, e)),
             }
+        }
+        let drift = self.drift(schema).await?;
+        if !drift.is_empty() {
+            let lines: Vec<String> = drift
+                .iter()
+                .map(|(t, d)| format!("table {t}: {d}"))
+                .collect();
+            let missing = drift
+                .iter()
+                .any(|(_, d)| matches!(d, sql::Drift::Missing { .. }));
+            return Err(DbError::Config {
+                url: redact_url(url),
+                message: format!(
+                    "the tables differ from the configuration, and rows would be refused or lost: {}{}",
+                    lines.join("; "),
+                    if missing {
+                        " (`switchyard db migrate --apply` adds the missing columns)"
+                    } else {
+                        ""
+                    }
+                ),
+            });
         }
         if let Db::MySql(pool, _) = self {
             let exact = self.exact_collation().await?;
@@ -1312,6 +1460,10 @@ mod tests {
         assert_eq!(my("HY000", 4025), Rejected);
         assert_eq!(my("08S01", 1153), Rejected);
         assert_eq!(my("HY000", 1205), Unavailable);
+        assert_eq!(pg("42703"), Schema);
+        assert_eq!(pg("42P01"), Schema);
+        assert_eq!(my("42S22", 1054), Schema);
+        assert_eq!(my("42S02", 1146), Schema);
         assert_eq!(class_of(Engine::Sqlite, "275", 0), Rejected);
         assert_eq!(class_of(Engine::Sqlite, "5", 0), Unavailable);
     }

@@ -90,6 +90,121 @@ fn column_type(engine: Engine, col: &Column, is_key: bool) -> &'static str {
     }
 }
 
+/// A declared column as the database has it (`information_schema`, or
+/// SQLite's `pragma_table_info`): name, type as the engine names it, and
+/// whether it may be null or has a default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveColumn {
+    pub name: String,
+    pub data_type: String,
+    pub nullable: bool,
+    pub has_default: bool,
+}
+
+/// How a live table differs from its declaration, with what to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Drift {
+    /// Declared but not in the table: the statement that adds it.
+    Missing { column: String, add: String },
+    /// In the table with another type than declared.
+    Type {
+        column: String,
+        found: String,
+        declared: String,
+    },
+    /// In the table, not declared, and NOT NULL without a default: every
+    /// insert would be refused.
+    Required { column: String },
+}
+
+impl std::fmt::Display for Drift {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Drift::Missing { column, add } => {
+                write!(f, "column {column} is declared but missing; run: {add}")
+            }
+            Drift::Type {
+                column,
+                found,
+                declared,
+            } => write!(
+                f,
+                "column {column} is {found} in the database but declared {declared}: \
+                 change one of them (the data may need converting; not done automatically)"
+            ),
+            Drift::Required { column } => write!(
+                f,
+                "column {column} is not declared, but is NOT NULL without a default, so every \
+                 insert would be refused: declare it, or give it a default or let it be null"
+            ),
+        }
+    }
+}
+
+/// The type names an engine reports for a declared column type.
+fn live_type_names(engine: Engine, ty: ColumnType) -> &'static [&'static str] {
+    use ColumnType as T;
+    match (engine, ty) {
+        (Engine::Postgres, T::Int) => &["bigint"],
+        (Engine::Postgres, T::Float) => &["double precision"],
+        (Engine::Postgres, T::String) => &["text"],
+        (Engine::Postgres, T::Bool) => &["boolean"],
+        (Engine::Postgres, T::Uuid) => &["uuid"],
+        (Engine::Postgres, T::Json) => &["jsonb"],
+        (Engine::MySql, T::Int) => &["bigint"],
+        (Engine::MySql, T::Float) => &["double"],
+        (Engine::MySql, T::String) => &["varchar", "longtext"],
+        (Engine::MySql, T::Bool) => &["tinyint"],
+        (Engine::MySql, T::Uuid) => &["char"],
+        // MariaDB's JSON is LONGTEXT with a JSON_VALID check.
+        (Engine::MySql, T::Json) => &["json", "longtext"],
+        (Engine::Sqlite, T::Int | T::Bool) => &["integer"],
+        (Engine::Sqlite, T::Float) => &["real"],
+        (Engine::Sqlite, T::String | T::Uuid | T::Json) => &["text"],
+    }
+}
+
+/// What differs between `table` as declared and `live` as the database has
+/// it: missing columns (with the `ALTER TABLE` that adds each), other types,
+/// and undeclared columns that would refuse every insert.
+pub fn drift(engine: Engine, table: &Table, live: &[LiveColumn]) -> Vec<Drift> {
+    let mut out = Vec::new();
+    for col in &table.columns {
+        match live.iter().find(|l| l.name == col.name) {
+            None => out.push(Drift::Missing {
+                column: col.name.clone(),
+                // Nullable: the rows already there have no value for it; the
+                // router requires it in new rows when it is declared so.
+                add: format!(
+                    "ALTER TABLE {} ADD COLUMN {} {}",
+                    quote(engine, &table.name),
+                    quote(engine, &col.name),
+                    column_type(engine, col, col.name == table.key)
+                ),
+            }),
+            Some(l) => {
+                let found = l.data_type.to_ascii_lowercase();
+                if !live_type_names(engine, col.ty).contains(&found.as_str()) {
+                    out.push(Drift::Type {
+                        column: col.name.clone(),
+                        found,
+                        declared: column_type(engine, col, col.name == table.key)
+                            .to_ascii_lowercase(),
+                    });
+                }
+            }
+        }
+    }
+    for l in live {
+        if table.column(&l.name).is_none() && !l.nullable && !l.has_default {
+            out.push(Drift::Required {
+                column: l.name.clone(),
+            });
+        }
+    }
+    out
+}
+
 /// An index name within every engine's 63-character limit.
 fn index_name(table: &str, column: &str, suffix: &str) -> String {
     let name = format!("{table}_{column}_{suffix}");
@@ -530,6 +645,61 @@ mod tests {
         );
         let lite = init_statements(Engine::Sqlite, &schema, "").join(";\n");
         assert!(lite.contains("\"project_id\" INTEGER NOT NULL"), "{lite}");
+    }
+
+    #[test]
+    fn drift_names_what_to_run() {
+        let schema = PipelineConfig::load(None).unwrap().schema().unwrap();
+        let t = &schema.tables()[0];
+        let live = |skip: &str, retype: Option<(&str, &str)>| -> Vec<LiveColumn> {
+            t.columns
+                .iter()
+                .filter(|c| c.name != skip)
+                .map(|c| LiveColumn {
+                    name: c.name.clone(),
+                    data_type: match retype {
+                        Some((name, ty)) if name == c.name => ty.to_string(),
+                        _ => live_type_names(Engine::Postgres, c.ty)[0].to_string(),
+                    },
+                    nullable: c.nullable,
+                    has_default: false,
+                })
+                .collect()
+        };
+        assert!(drift(Engine::Postgres, t, &live("", None)).is_empty());
+        assert_eq!(
+            drift(Engine::Postgres, t, &live("billable", None)),
+            vec![Drift::Missing {
+                column: "billable".into(),
+                add: "ALTER TABLE \"raw_item\" ADD COLUMN \"billable\" BIGINT".into()
+            }]
+        );
+        assert_eq!(
+            drift(Engine::Postgres, t, &live("", Some(("version", "integer")))),
+            vec![Drift::Type {
+                column: "version".into(),
+                found: "integer".into(),
+                declared: "bigint".into()
+            }]
+        );
+        let mut extra = live("", None);
+        extra.push(LiveColumn {
+            name: "legacy_note".into(),
+            data_type: "text".into(),
+            nullable: true,
+            has_default: false,
+        });
+        assert!(
+            drift(Engine::Postgres, t, &extra).is_empty(),
+            "a nullable extra column is fine"
+        );
+        extra[t.columns.len()].nullable = false;
+        assert_eq!(
+            drift(Engine::Postgres, t, &extra),
+            vec![Drift::Required {
+                column: "legacy_note".into()
+            }]
+        );
     }
 
     #[test]
