@@ -60,6 +60,8 @@ pub enum IngestError {
         brokers: String,
         source: rdkafka::error::KafkaError,
     },
+    #[error("cannot set where a paused partition resumes ({0}); stopping so that the group redelivers from the committed offsets")]
+    Resume(String),
     #[error(transparent)]
     Db(#[from] DbError),
 }
@@ -204,7 +206,10 @@ async fn consume(
         if batch.len() >= opts.batch_size || (due && !batch.is_empty()) {
             // What arrived while the batch was written starts the next one.
             let Some(next) = ingest
-                .flush(std::mem::take(&mut batch), opts.batch_size)
+                .flush(
+                    std::mem::take(&mut batch),
+                    opts.batch_size.saturating_mul(CARRY_BATCHES),
+                )
                 .await?
             else {
                 return Ok(());
@@ -255,6 +260,14 @@ async fn consume(
     consumer.unsubscribe();
     Ok(())
 }
+
+/// While a batch is written, what arrives is kept for the next batches up
+/// to this many batches (or [`CARRY_BYTES`]); past that its partitions are
+/// paused. Resuming makes librdkafka fetch again from the position after
+/// the last message held, so it is kept for long stalls: a database that
+/// keeps up never causes it.
+const CARRY_BATCHES: usize = 4;
+const CARRY_BYTES: usize = 64 << 20;
 
 /// How often the lag is measured, and how long one measurement may take.
 const LAG_EVERY: Duration = Duration::from_secs(1);
@@ -377,8 +390,9 @@ impl Ingest<'_> {
     /// Writes one batch and commits its offsets. While the database works
     /// the consumer keeps polling, so it stays in its group however long
     /// that takes (`max.poll.interval.ms`) and its callbacks run: messages
-    /// that arrive meanwhile are kept for the next batch, up to `limit`, and
-    /// past that their partitions are paused until the write is done.
+    /// that arrive meanwhile are kept for the next batches, up to `limit`
+    /// messages, and past that their partitions are paused until the write
+    /// is done, then resume right after the last message kept.
     /// Returns those messages, or None if shutdown came while waiting out an
     /// outage (nothing committed; the batch is redelivered).
     async fn flush(
@@ -402,6 +416,7 @@ impl Ingest<'_> {
             return Ok(Some(Vec::new()));
         }
         let mut carry: Vec<Msg> = Vec::new();
+        let mut carry_bytes = 0;
         let mut paused = TopicPartitionList::new();
         let written = {
             let write = self.write(&batch);
@@ -417,7 +432,8 @@ impl Ingest<'_> {
                     m = consumer.recv() => match m {
                         Ok(m) => {
                             let msg = Msg::of(&m, ctx);
-                            if carry.len() >= limit {
+                            carry_bytes += msg.payload.len();
+                            if carry.len() >= limit || carry_bytes >= CARRY_BYTES {
                                 let known = paused.elements().iter().any(|e| {
                                     e.topic() == msg.topic && e.partition() == msg.partition
                                 });
@@ -443,13 +459,50 @@ impl Ingest<'_> {
             }
         };
         if paused.count() > 0 {
-            // Only what is still assigned here; a revoked one is its new owner's.
+            // Only what is still assigned here; a revoked one is its new
+            // owner's. Each resumes right after the last message held: a
+            // paused partition's fetch position is not trusted (messages
+            // fetched before the pause are dropped from the queue, and
+            // resuming from where fetching had got to would skip them).
             let assigned = consumer.assignment().unwrap_or_default();
             let mut resume = TopicPartitionList::new();
+            let mut from = TopicPartitionList::new();
             for e in paused.elements() {
-                if assigned.find_partition(e.topic(), e.partition()).is_some() {
-                    resume.add_partition(e.topic(), e.partition());
+                if assigned.find_partition(e.topic(), e.partition()).is_none() {
+                    continue;
                 }
+                resume.add_partition(e.topic(), e.partition());
+                let next = carry
+                    .iter()
+                    .filter(|m| m.topic == e.topic() && m.partition == e.partition())
+                    .map(|m| m.offset + 1)
+                    .max();
+                if let Some(next) = next {
+                    if let Err(err) =
+                        from.add_partition_offset(e.topic(), e.partition(), Offset::Offset(next))
+                    {
+                        tracing::warn!(error = %err, "cannot build the resume positions");
+                    }
+                }
+            }
+            let c = consumer.clone();
+            let sought = tokio::task::spawn_blocking(move || {
+                c.seek_partitions(from, rdkafka::util::Timeout::After(Duration::from_secs(10)))
+            })
+            .await;
+            // Resuming from anywhere else could skip messages: stop instead,
+            // and the group redelivers from the committed offsets.
+            let failed = match sought {
+                Ok(Ok(tpl)) => tpl.elements().iter().find_map(|e| {
+                    e.error()
+                        .err()
+                        .map(|err| format!("{} [{}]: {err}", e.topic(), e.partition()))
+                }),
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(why) = failed {
+                return Err(IngestError::Resume(why));
             }
             if let Err(e) = consumer.resume(&resume) {
                 tracing::warn!(error = %e, "cannot resume the paused partitions");
