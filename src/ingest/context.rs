@@ -11,8 +11,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::statistics::Statistics;
+use rdkafka::TopicPartitionList;
 
 use super::IngestMetrics;
 use crate::kafka::QuietContext;
@@ -212,6 +213,18 @@ impl IngestContext {
 }
 
 impl ConsumerContext for IngestContext {
+    /// The coordinator's answer to an asynchronous commit.
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        let refused = offsets.elements().iter().any(|e| e.error().is_err());
+        if let Err(e) = result {
+            self.metrics.commit_errors.inc();
+            tracing::warn!(error = %e, "offset commit failed after the database commit; the batch will be redelivered and skipped as duplicates");
+        } else if refused {
+            self.metrics.commit_errors.inc();
+            tracing::warn!("offset commit refused for some partitions after the database commit; their messages will be redelivered and skipped as duplicates");
+        }
+    }
+
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {

@@ -667,21 +667,21 @@ impl Ingest<'_> {
                 return;
             }
         }
-        let c = self.consumer.clone();
-        let res = tokio::task::spawn_blocking(move || c.commit(&tpl, CommitMode::Sync)).await;
-        match res {
-            Ok(Ok(())) => {
+        // Asynchronous: a synchronous commit waits for the coordinator
+        // without limit, holding a thread (and, at shutdown, the runtime)
+        // while it does. The group coordinator applies commits in order, and
+        // closing the consumer waits for those still outstanding; one that
+        // fails only means a redelivery, skipped as duplicates, and is
+        // counted by the commit callback.
+        match self.consumer.commit(&tpl, CommitMode::Async) {
+            Ok(()) => {
                 for ((t, p), (o, ts)) in &next {
                     ctx.committed(t, *p, *o, *ts);
                 }
             }
-            Ok(Err(e)) => {
-                self.metrics.commit_errors.inc();
-                tracing::warn!(error = %e, "offset commit failed after the database commit; the batch will be redelivered and skipped as duplicates");
-            }
             Err(e) => {
                 self.metrics.commit_errors.inc();
-                tracing::warn!(error = %e, "offset commit did not complete");
+                tracing::warn!(error = %e, "offset commit failed after the database commit; the batch will be redelivered and skipped as duplicates");
             }
         }
     }
