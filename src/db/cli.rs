@@ -43,19 +43,22 @@ pub fn main(command: DbCommand) -> ExitCode {
     })
 }
 
+/// A database error of `db <verb>` as its exit: 2 for configuration.
+fn exit_of(verb: &str, url: &str, e: db::DbError) -> ExitCode {
+    let message = format!("db {verb} {}: {e}", db::redact_url(url));
+    if e.is_config() {
+        usage(message)
+    } else {
+        failure(message)
+    }
+}
+
 fn migrate(config: Option<PathBuf>, args: DbArgs, apply: bool) -> Exit {
     let rt = runtime()?;
     let _enter = rt.enter();
     let (_, schema, url, pool) = prepare(config.as_deref(), &args, Engine::Postgres)?;
     rt.block_on(async move {
-        let exit = |e: db::DbError| {
-            let message = format!("db migrate {}: {e}", db::redact_url(&url));
-            if e.is_config() {
-                usage(message)
-            } else {
-                failure(message)
-            }
-        };
+        let exit = |e| exit_of("migrate", &url, e);
         if apply {
             for s in pool.add_missing_columns(&schema).await.map_err(exit)? {
                 println!("applied: {s}");
@@ -84,14 +87,7 @@ fn init(config: Option<PathBuf>, args: DbArgs) -> Exit {
     let _enter = rt.enter();
     let (_, schema, url, pool) = prepare(config.as_deref(), &args, Engine::Postgres)?;
     rt.block_on(async move {
-        let exit = |e: db::DbError| {
-            let message = format!("db init {}: {e}", db::redact_url(&url));
-            if e.is_config() {
-                usage(message)
-            } else {
-                failure(message)
-            }
-        };
+        let exit = |e| exit_of("init", &url, e);
         pool.init(&schema).await.map_err(exit)?;
         // Tables that existed before are left as they are: say what in them
         // the roles would refuse (a key collation that is not exact).

@@ -382,6 +382,10 @@ where
 {
     let q = |s: &str| quote(engine, s);
     let mut qb = QueryBuilder::new(format!("UPDATE {} SET ", q(&table.name)));
+    let cast = |col: &Column| match engine {
+        Engine::Postgres => pg_cast(col.ty),
+        _ => None,
+    };
     let mut key = None;
     let mut first = true;
     for (col, v) in table.columns.iter().zip(row) {
@@ -394,26 +398,17 @@ where
         }
         first = false;
         qb.push(format!("{} = ", q(&col.name)));
-        push_bound(&mut qb, v);
-        if engine == Engine::Postgres {
-            if let Some(c) = pg_cast(col.ty) {
-                qb.push(c);
-            }
-        }
+        push_bound(&mut qb, v, cast(col));
     }
     if let Some((col, v)) = key {
         qb.push(format!(" WHERE {} = ", q(&col.name)));
-        push_bound(&mut qb, v);
-        if engine == Engine::Postgres {
-            if let Some(c) = pg_cast(col.ty) {
-                qb.push(c);
-            }
-        }
+        push_bound(&mut qb, v, cast(col));
     }
     qb
 }
 
-fn push_bound<'a, DB>(qb: &mut QueryBuilder<'a, DB>, v: &'a Bound)
+/// Binds one value, followed by its PostgreSQL cast when it needs one.
+fn push_bound<'a, DB>(qb: &mut QueryBuilder<'a, DB>, v: &'a Bound, cast: Option<&str>)
 where
     DB: Database,
     Option<i64>: Encode<'a, DB> + Type<DB>,
@@ -427,6 +422,9 @@ where
         Bound::Text(x) => qb.push_bind(x.as_deref()),
         Bound::Bool(x) => qb.push_bind(*x),
     };
+    if let Some(c) = cast {
+        qb.push(c);
+    }
 }
 
 /// `INSERT … VALUES (…), (…)` that skips rows whose key is already present.
