@@ -745,20 +745,22 @@ impl Db {
         with_pool!(self, pool, DB => {
             let mut tx = pool.begin().await.map_err(|e| classify(engine, e))?;
             let mut all = Vec::with_capacity(rows.len());
-            let count_dups = format!("SET @{} = 0", sql::MYSQL_DUPS);
+            // MySQL: duplicates counted for the whole transaction, read
+            // after each statement (the difference is that statement's).
             let read_dups = format!("SELECT CAST(@{} AS SIGNED)", sql::MYSQL_DUPS);
+            let mut dups_so_far = 0u64;
+            if engine == Engine::MySql {
+                sqlx::query(&format!("SET @{} = 0", sql::MYSQL_DUPS))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| classify(engine, e))?;
+            }
             for (table, data) in rows {
                 let mut written = Written::default();
                 let mut at = 0;
                 for chunk in sql::chunks(engine, table, data, limit) {
                     let start = at;
                     at += chunk.len();
-                    if engine == Engine::MySql {
-                        sqlx::query(&count_dups)
-                            .execute(&mut *tx)
-                            .await
-                            .map_err(|e| classify(engine, e))?;
-                    }
                     let mut qb = sql::insert::<DB>(engine, table, chunk);
                     let done = qb
                         .build()
@@ -771,7 +773,10 @@ impl Db {
                             .fetch_one(&mut *tx)
                             .await
                             .map_err(|e| classify(engine, e))?;
-                        (d.unwrap_or(0).max(0) as u64).min(n)
+                        let total = d.unwrap_or(0).max(0) as u64;
+                        let this = total.saturating_sub(dups_so_far).min(n);
+                        dups_so_far = total;
+                        this
                     } else {
                         n - done.rows_affected().min(n)
                     };
