@@ -91,6 +91,21 @@ pub struct FlagSettings {
     pub poll_ms: u64,
     #[serde(default)]
     pub keys: FlagKeys,
+    /// Where the router keeps the last good flags across restarts (default:
+    /// `flags-last-good.json` in the offline folder, the router's own data
+    /// folder; the flags folder is often a read-only ConfigMap).
+    #[serde(default)]
+    pub last_good_file: Option<PathBuf>,
+}
+
+impl PipelineConfig {
+    /// The router's last good flags file.
+    pub fn flags_last_good_file(&self) -> PathBuf {
+        self.flags
+            .last_good_file
+            .clone()
+            .unwrap_or_else(|| self.offline.dir.join("flags-last-good.json"))
+    }
 }
 
 /// A configuration that cannot be used. The message names the problem.

@@ -93,6 +93,10 @@ pub fn parity_router(cmp: Arc<Comparator>) -> axum::Router {
     struct Range {
         from: Option<i64>,
         to: Option<i64>,
+        /// Only windows that received a row at or after this Unix time (the
+        /// comparator's clock: the rollout controller asks for every window
+        /// written since its step started, whatever the rows' own times).
+        arrived_since: Option<f64>,
     }
     #[derive(serde::Deserialize)]
     struct AckQuery {
@@ -104,9 +108,11 @@ pub fn parity_router(cmp: Arc<Comparator>) -> axum::Router {
         State(cmp): State<Arc<Comparator>>,
         Query(r): Query<Range>,
     ) -> axum::Json<Parity> {
-        axum::Json(match (r.from, r.to) {
-            (None, None) => cmp.parity(),
-            (from, to) => cmp.parity_between(from.unwrap_or(i64::MIN), to.unwrap_or(i64::MAX)),
+        axum::Json(match (r.from, r.to, r.arrived_since) {
+            (None, None, None) => cmp.parity(),
+            (from, to, since) => {
+                cmp.parity_filtered(from.unwrap_or(i64::MIN), to.unwrap_or(i64::MAX), since)
+            }
         })
     }
     async fn ack(
@@ -267,13 +273,23 @@ impl Comparator {
     /// window held (the rollout controller asks about the windows written
     /// during one step, however many there are).
     pub fn parity_between(&self, from: i64, to: i64) -> Parity {
+        self.parity_filtered(from, to, None)
+    }
+
+    /// The report over the windows overlapping `[from, to)` that received a
+    /// row at or after `arrived_since` (Unix time, this process's clock).
+    pub fn parity_filtered(&self, from: i64, to: i64, arrived_since: Option<f64>) -> Parity {
         let ws = self.windows();
         report::build(
             &ws,
             &self.schema,
             now_unix(),
             self.opts.settle.as_secs_f64(),
-            Some((from, to)),
+            Some(report::Filter {
+                from,
+                to,
+                arrived_since,
+            }),
         )
     }
 

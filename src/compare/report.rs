@@ -76,14 +76,23 @@ fn ratio(found: usize, expected: usize) -> f64 {
     }
 }
 
-/// The report over every window held, or only those overlapping `range`
-/// (`[from, to)` of the time column).
+/// Which windows a report covers.
+#[derive(Debug, Clone, Copy)]
+pub struct Filter {
+    /// Overlapping `[from, to)` of the time column.
+    pub from: i64,
+    pub to: i64,
+    /// And received a row at or after this Unix time (arrival clock).
+    pub arrived_since: Option<f64>,
+}
+
+/// The report over every window held, or only those `filter` selects.
 pub fn build(
     ws: &Windows,
     schema: &Schema,
     now: f64,
     settle: f64,
-    range: Option<(i64, i64)>,
+    filter: Option<Filter>,
 ) -> Parity {
     let mut tables: Vec<TableParity> = schema
         .tables()
@@ -100,11 +109,11 @@ pub fn build(
         })
         .collect();
     let mut overall = Status::Open;
-    let windows = ws
-        .map
-        .values()
-        .rev()
-        .filter(|w| range.is_none_or(|(from, to)| w.end > from && w.start < to));
+    let windows = ws.map.values().rev().filter(|w| {
+        filter.is_none_or(|f| {
+            w.end > f.from && w.start < f.to && f.arrived_since.is_none_or(|t| w.last_arrival >= t)
+        })
+    });
     for w in windows {
         let Some(t) = tables.iter_mut().find(|t| t.table == w.table) else {
             continue;

@@ -396,13 +396,14 @@ async fn run_in(
     };
     'walk: for (i, step) in PHASES.iter().enumerate() {
         let set = |w: Which, v: serde_json::Value| store.set(w, v, true, "demo");
+        // The kill switch first: a folder without one fails closed.
+        set(Which::KillSwitch, json!(step.kill))
+            .await
+            .map_err(setup("flags"))?;
         set(Which::DualWrite, json!(step.dual))
             .await
             .map_err(setup("flags"))?;
         set(Which::KafkaOnly, json!(step.kafka))
-            .await
-            .map_err(setup("flags"))?;
-        set(Which::KillSwitch, json!(step.kill))
             .await
             .map_err(setup("flags"))?;
         probe.last = counts.snapshot();

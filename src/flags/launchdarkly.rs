@@ -159,13 +159,19 @@ impl FlagSource for LaunchDarklyFlags {
 
     fn status(&self) -> SourceStatus {
         let loaded = self.client.initialized();
+        let last_error = (!loaded).then(|| {
+            "no flag payload from LaunchDarkly yet: routing on the safe default (legacy)"
+                .to_string()
+        });
         SourceStatus {
             kind: "launchdarkly",
             loaded,
-            last_error: (!loaded).then(|| {
-                "no flag payload from LaunchDarkly yet: routing on the safe default (legacy)"
-                    .to_string()
-            }),
+            // The safe default is a known state, not a broken one: the
+            // router serves (everything legacy) while the stream connects.
+            ready: true,
+            problems: last_error.iter().cloned().collect(),
+            last_error,
+            origins: Default::default(),
         }
     }
 }

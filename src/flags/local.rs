@@ -1,46 +1,45 @@
 //! Local flags: a folder of LaunchDarkly flag JSON files (one flag a file),
-//! fed into the LaunchDarkly SDK through its `TestData` data source.
+//! validated as one set ([`super::folder`]) and evaluated with the
+//! LaunchDarkly SDK's own evaluator over a snapshot, so targeting rules
+//! behave as they do in LaunchDarkly and a request sees one consistent set.
 //!
 //! The folder is polled rather than watched with inotify: polling a handful of
 //! small files every 100 ms costs nothing, and it also sees Kubernetes
 //! ConfigMap updates (a symlink swap that inotify watchers routinely miss).
-//! A file that does not parse keeps the last good value of its flag.
+//!
+//! The last good flags are persisted in the router's own data folder (flag
+//! folders are often read-only ConfigMaps): a router restarted while a file
+//! is broken serves what a running router serves, not the safe default.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use launchdarkly_server_sdk::{Client, ConfigBuilder, Flag, NullEventProcessorBuilder, TestData};
+use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
+use super::folder::{self, Files, FlagFileError, Origin, Resolved};
 use super::FlagMetrics;
-use super::{Evaluator, FlagKeys, FlagSource, SourceStatus};
+use super::{FlagKeys, FlagSource, Snapshot, SourceStatus};
 use crate::routing::FlagValues;
-
-/// A flag file that could not be used.
-#[derive(Debug, Clone, thiserror::Error, PartialEq)]
-#[error("{path}: {reason}")]
-pub struct FlagFileError {
-    pub path: String,
-    pub reason: String,
-}
 
 /// What one reload did.
 #[derive(Debug, Default, PartialEq)]
 pub struct ReloadOutcome {
-    /// Flags set or changed.
-    pub changed: usize,
-    /// Flags whose file disappeared (they now evaluate to the safe default).
-    pub removed: usize,
-    /// Files that could not be used; their flags keep their last good value.
+    /// True when what is served changed.
+    pub changed: bool,
+    /// Current problems: their flags keep their last good value.
     pub errors: Vec<FlagFileError>,
 }
 
-#[derive(Default)]
 struct State {
-    /// Path → (bytes last seen, flag key they defined if they parsed).
-    files: HashMap<PathBuf, (Vec<u8>, Option<String>)>,
+    /// The files as last read (a reload with the same bytes does nothing).
+    files: Option<Files>,
+    /// The last good flags (from files that were good, or persisted).
+    good: BTreeMap<String, Value>,
+    resolved: Option<Resolved>,
     loaded_any: bool,
     last_error: Option<String>,
 }
@@ -48,44 +47,66 @@ struct State {
 /// Flags from a local folder.
 pub struct LocalFlags {
     dir: PathBuf,
-    data: TestData,
-    client: Arc<Client>,
-    evaluator: Evaluator,
+    keys: FlagKeys,
+    /// Where the last good flags are kept across restarts (None: memory only).
+    last_good_file: Option<PathBuf>,
+    snapshot: RwLock<Arc<Snapshot>>,
     state: Mutex<State>,
     metrics: FlagMetrics,
 }
 
-/// Error starting the local source (the SDK client failed to build).
-#[derive(Debug, thiserror::Error)]
-#[error("cannot start the flag evaluator: {0}")]
-pub struct StartError(String);
+/// The last good flags file: written whole, synced, renamed.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Persisted {
+    saved_at: f64,
+    flags: BTreeMap<String, Value>,
+}
 
 impl LocalFlags {
-    /// Builds the evaluator and loads the folder once. A missing or empty
-    /// folder is not an error: every account then routes legacy.
-    pub async fn start(
+    /// Loads the persisted last good flags (if any), then the folder. A
+    /// missing or empty folder is not an error: every account then routes
+    /// legacy (the kill switch fails closed), and `/readyz` says why.
+    pub fn start(
         dir: &Path,
         keys: FlagKeys,
+        last_good_file: Option<PathBuf>,
         metrics: FlagMetrics,
-    ) -> Result<Arc<LocalFlags>, StartError> {
-        let data = TestData::new();
-        let config = ConfigBuilder::new("local-flags")
-            .data_source(&data)
-            .event_processor(&NullEventProcessorBuilder::new())
-            .build()
-            .map_err(|e| StartError(e.to_string()))?;
-        let client = Arc::new(Client::build(config).map_err(|e| StartError(e.to_string()))?);
-        client.start_with_default_executor();
-        // TestData initialises synchronously; the wait only orders us after it.
-        if client.wait_for_initialization(Duration::from_secs(5)).await != Some(true) {
-            return Err(StartError("the flag store did not initialise".into()));
+    ) -> Arc<LocalFlags> {
+        let mut good = BTreeMap::new();
+        if let Some(path) = &last_good_file {
+            match std::fs::read(path) {
+                Ok(bytes) => match serde_json::from_slice::<Persisted>(&bytes) {
+                    Ok(p) => {
+                        // Only what still passes today's checks.
+                        for (k, v) in p.flags {
+                            if folder::parse_flag(v.to_string().as_bytes(), &keys).is_ok() {
+                                good.insert(k, v);
+                            }
+                        }
+                        tracing::info!(file = %path.display(), flags = good.len(), saved_at = p.saved_at, "last good flags loaded");
+                    }
+                    Err(e) => {
+                        tracing::warn!(file = %path.display(), error = %e, "last good flags unreadable: ignored")
+                    }
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "last good flags unreadable: ignored")
+                }
+            }
         }
         let flags = Arc::new(LocalFlags {
             dir: dir.to_path_buf(),
-            data,
-            evaluator: Evaluator::new(client.clone(), keys),
-            client,
-            state: Mutex::new(State::default()),
+            keys,
+            last_good_file,
+            snapshot: RwLock::new(Arc::new(Snapshot::default())),
+            state: Mutex::new(State {
+                files: None,
+                good,
+                resolved: None,
+                loaded_any: false,
+                last_error: None,
+            }),
             metrics,
         });
         let outcome = flags.reload();
@@ -94,117 +115,102 @@ impl LocalFlags {
         }
         tracing::info!(
             dir = %dir.display(),
-            changed = outcome.changed,
             errors = outcome.errors.len(),
             "local flags loaded"
         );
-        Ok(flags)
+        flags
     }
 
     /// Reads the folder and applies what changed.
     pub fn reload(&self) -> ReloadOutcome {
-        let mut outcome = ReloadOutcome::default();
-        let mut seen: Vec<PathBuf> = Vec::new();
-        let entries = match std::fs::read_dir(&self.dir) {
-            Ok(e) => e
-                .filter_map(Result::ok)
-                .map(|e| e.path())
-                .collect::<Vec<_>>(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => {
-                outcome.errors.push(FlagFileError {
-                    path: self.dir.display().to_string(),
-                    reason: format!("cannot list the folder: {e}"),
-                });
-                Vec::new()
-            }
-        };
+        let files = folder::read_files(&self.dir);
         let mut state = match self.state.lock() {
             Ok(s) => s,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let listing_failed = !outcome.errors.is_empty();
-        for path in entries {
-            if path.extension().and_then(|e| e.to_str()) != Some("json") {
-                continue;
-            }
-            seen.push(path.clone());
-            let bytes = match std::fs::read(&path) {
-                Ok(b) => b,
-                // Renamed away between listing and reading: next poll sees it.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => {
-                    outcome.errors.push(FlagFileError {
-                        path: path.display().to_string(),
-                        reason: format!("cannot read: {e}"),
-                    });
-                    continue;
-                }
+        if state.files.as_ref() == Some(&files) {
+            let errors = state
+                .resolved
+                .as_ref()
+                .map(|r| r.problems.clone())
+                .unwrap_or_default();
+            return ReloadOutcome {
+                changed: false,
+                errors,
             };
-            if state.files.get(&path).is_some_and(|(b, _)| *b == bytes) {
-                continue;
-            }
-            match serde_json::from_slice::<Flag>(&bytes) {
-                Ok(flag) => {
-                    let key = flag.key.clone();
-                    self.data.use_preconfigured_flag(flag);
-                    state.files.insert(path, (bytes, Some(key)));
-                    outcome.changed += 1;
-                }
-                Err(e) => {
-                    outcome.errors.push(FlagFileError {
-                        path: path.display().to_string(),
-                        reason: format!("not a LaunchDarkly flag: {e}"),
-                    });
-                    // Remember the bad bytes so the error is logged once, not
-                    // every poll; keep the key of the last good version.
-                    let key = state.files.get(&path).and_then(|(_, k)| k.clone());
-                    state.files.insert(path, (bytes, key));
-                }
-            }
         }
-        if !listing_failed {
-            let gone: Vec<PathBuf> = state
-                .files
-                .keys()
-                .filter(|p| !seen.contains(p))
-                .cloned()
-                .collect();
-            for path in gone {
-                if let Some((_, Some(key))) = state.files.remove(&path) {
-                    let still_defined = state
-                        .files
-                        .values()
-                        .any(|(_, k)| k.as_deref() == Some(key.as_str()));
-                    if !still_defined {
-                        if let Some(t) = tombstone(&key) {
-                            self.data.use_preconfigured_flag(t);
-                        }
-                        outcome.removed += 1;
+        let resolved = folder::resolve(&self.dir, &files, &self.keys, &state.good);
+        state.files = Some(files);
+        let changed = state.resolved.as_ref().map(|r| &r.flags) != Some(&resolved.flags);
+        // What came from a good file is the new last good value.
+        let mut good_changed = false;
+        for (key, origin) in &resolved.origins {
+            if *origin == Origin::File {
+                if let Some(v) = resolved.flags.get(key) {
+                    if state.good.get(key) != Some(v) {
+                        state.good.insert(key.clone(), v.clone());
+                        good_changed = true;
                     }
                 }
             }
         }
-        if outcome.changed + outcome.removed > 0 {
+        if changed {
+            let snap = Snapshot::from_json(&resolved.flags);
+            *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(snap);
             state.loaded_any = true;
             self.metrics.reloads.inc();
         }
-        if outcome.errors.is_empty() {
-            if outcome.changed + outcome.removed > 0 {
-                state.last_error = None;
-            }
-        } else {
-            self.metrics
-                .reload_errors
-                .inc_by(outcome.errors.len() as u64);
-            for e in &outcome.errors {
-                tracing::error!(file = %e.path, reason = %e.reason, "flag file rejected; its flag keeps its last good value");
-            }
-            state.last_error = outcome.errors.last().map(ToString::to_string);
+        let new_problems: Vec<&FlagFileError> = resolved
+            .problems
+            .iter()
+            .filter(|p| {
+                state
+                    .resolved
+                    .as_ref()
+                    .is_none_or(|r| !r.problems.contains(p))
+            })
+            .collect();
+        for e in &new_problems {
+            tracing::error!(file = %e.path, reason = %e.reason, "flag problem; the flag keeps its last good value");
         }
+        self.metrics.reload_errors.inc_by(new_problems.len() as u64);
+        self.metrics.problems.set(resolved.problems.len() as i64);
+        state.last_error = resolved.problems.last().map(ToString::to_string);
+        for (key, origin) in &resolved.origins {
+            for o in [Origin::File, Origin::LastGood, Origin::SafeDefault] {
+                self.metrics
+                    .origin
+                    .with_label_values(&[flag_label(key, &self.keys), origin_str(o)])
+                    .set(i64::from(*origin == o));
+            }
+        }
+        let errors = resolved.problems.clone();
+        state.resolved = Some(resolved);
+        let good = good_changed.then(|| state.good.clone());
         drop(state);
+        if let Some(good) = good {
+            self.persist(&good);
+        }
         self.publish_values();
-        outcome
+        ReloadOutcome { changed, errors }
+    }
+
+    fn persist(&self, good: &BTreeMap<String, Value>) {
+        let Some(path) = &self.last_good_file else {
+            return;
+        };
+        let saved_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        let body = Persisted {
+            saved_at,
+            flags: good.clone(),
+        };
+        if let Err(e) = write_synced(path, &json!(body)) {
+            self.metrics.persist_errors.inc();
+            tracing::error!(file = %path.display(), error = %e, "cannot persist the last good flags: a restart while a flag file is broken would fall back to the safe default");
+        }
     }
 
     /// Polls the folder every `interval` until `shutdown`.
@@ -223,45 +229,75 @@ impl LocalFlags {
                     _ = tick.tick() => {
                         let me = this.clone();
                         // File reads are blocking; keep them off the request threads.
-                        let outcome = tokio::task::spawn_blocking(move || me.reload()).await;
-                        match outcome {
-                            Ok(o) if o.changed + o.removed > 0 => {
-                                tracing::info!(changed = o.changed, removed = o.removed, "flags reloaded");
-                            }
+                        match tokio::task::spawn_blocking(move || me.reload()).await {
+                            Ok(o) if o.changed => tracing::info!(problems = o.errors.len(), "flags reloaded"),
                             Ok(_) => {}
                             Err(e) => tracing::error!(error = %e, "flag reload task failed"),
                         }
                     }
                 }
             }
-            this.client.close();
         })
     }
 
+    fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     fn publish_values(&self) {
-        self.evaluator.publish(&self.metrics);
+        self.snapshot().publish(&self.keys, &self.metrics);
     }
 }
 
-/// A flag that evaluates to the caller's default: off, with no off variation.
-fn tombstone(key: &str) -> Option<Flag> {
-    serde_json::from_value(serde_json::json!({
-        "key": key,
-        "on": false,
-        "targets": [],
-        "rules": [],
-        "prerequisites": [],
-        "fallthrough": {"variation": 0},
-        "offVariation": null,
-        "variations": [],
-        "salt": "",
-    }))
-    .ok()
+fn origin_str(o: Origin) -> &'static str {
+    match o {
+        Origin::File => "file",
+        Origin::LastGood => "last-good",
+        Origin::SafeDefault => "safe-default",
+    }
+}
+
+fn flag_label(key: &str, keys: &FlagKeys) -> &'static str {
+    if key == keys.kill_switch {
+        "kill_switch"
+    } else if key == keys.kafka_only {
+        "kafka_only"
+    } else {
+        "dual_write"
+    }
+}
+
+/// Writes `value` to `path` so that a crash leaves the old file or the new
+/// one, never half: temporary file, fsync, rename, fsync of the folder.
+pub fn write_synced(path: &Path, value: &Value) -> std::io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let text = serde_json::to_string_pretty(value).map_err(std::io::Error::other)?;
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.write_all(b"\n")?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
 }
 
 impl FlagSource for LocalFlags {
     fn evaluate(&self, account_id: u64) -> FlagValues {
-        self.evaluator.evaluate(account_id)
+        self.snapshot().evaluate(&self.keys, account_id)
     }
 
     fn status(&self) -> SourceStatus {
@@ -269,10 +305,28 @@ impl FlagSource for LocalFlags {
             Ok(s) => s,
             Err(poisoned) => poisoned.into_inner(),
         };
+        let problems: Vec<String> = state
+            .resolved
+            .as_ref()
+            .map(|r| r.problems.iter().map(ToString::to_string).collect())
+            .unwrap_or_default();
+        let origins = state
+            .resolved
+            .as_ref()
+            .map(|r| {
+                r.origins
+                    .iter()
+                    .map(|(k, o)| (flag_label(k, &self.keys).to_string(), origin_str(*o)))
+                    .collect()
+            })
+            .unwrap_or_default();
         SourceStatus {
             kind: "local",
             loaded: state.loaded_any,
+            ready: problems.is_empty(),
             last_error: state.last_error.clone(),
+            problems,
+            origins,
         }
     }
 }
@@ -298,27 +352,44 @@ mod tests {
         .to_string()
     }
 
-    #[tokio::test]
-    async fn loads_targets_keeps_last_good_and_removes() {
-        let dir = tempfile::tempdir().unwrap();
-        let reg = prometheus::Registry::new();
-        let metrics = super::FlagMetrics::new(&reg).unwrap();
-        let flags = LocalFlags::start(dir.path(), FlagKeys::default(), metrics)
-            .await
-            .unwrap();
-        assert_eq!(flags.evaluate(1), FlagValues::default());
-        assert!(!flags.status().loaded);
+    fn kill_flag(on: bool) -> String {
+        serde_json::json!({
+            "key": "switchyard-kill-switch", "on": true, "targets": [], "contextTargets": [],
+            "rules": [], "prerequisites": [], "fallthrough": {"variation": 0},
+            "offVariation": 0, "variations": [on], "salt": "s", "version": 1
+        })
+        .to_string()
+    }
 
-        let file = dir.path().join("dual.json");
+    fn metrics() -> FlagMetrics {
+        FlagMetrics::new(&prometheus::Registry::new()).unwrap()
+    }
+
+    #[test]
+    fn loads_targets_keeps_last_good_and_fails_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let flags = LocalFlags::start(dir.path(), FlagKeys::default(), None, metrics());
+        // Nothing at all: killed, and not ready.
+        assert!(flags.evaluate(1).kill_switch);
+        assert!(!flags.status().ready);
+
+        std::fs::write(
+            dir.path().join("switchyard-kill-switch.json"),
+            kill_flag(false),
+        )
+        .unwrap();
+        let file = dir.path().join("switchyard-dual-write.json");
         std::fs::write(
             &file,
             pct_flag("switchyard-dual-write", 25.0, Some(("42", 100.0))),
         )
         .unwrap();
         let o = flags.reload();
-        assert_eq!(o.changed, 1);
+        assert!(o.changed && o.errors.is_empty(), "{o:?}");
+        assert!(flags.status().ready);
         assert_eq!(flags.evaluate(1).dual_write, 25.0);
         assert_eq!(flags.evaluate(42).dual_write, 100.0);
+        assert!(!flags.evaluate(1).kill_switch);
 
         std::fs::write(&file, "{ not json").unwrap();
         let o = flags.reload();
@@ -326,10 +397,46 @@ mod tests {
         assert!(o.errors[0].reason.contains("not a LaunchDarkly flag"));
         assert_eq!(flags.evaluate(1).dual_write, 25.0, "last good value kept");
         assert!(flags.status().last_error.is_some());
+        assert!(!flags.status().ready);
 
-        std::fs::remove_file(&file).unwrap();
+        // Deleting the kill switch keeps its last good value and says so.
+        std::fs::remove_file(dir.path().join("switchyard-kill-switch.json")).unwrap();
         let o = flags.reload();
-        assert_eq!(o.removed, 1);
-        assert_eq!(flags.evaluate(42).dual_write, 0.0);
+        assert!(
+            o.errors.iter().any(|e| e.reason.contains("missing")),
+            "{o:?}"
+        );
+        assert!(!flags.evaluate(1).kill_switch);
+    }
+
+    #[test]
+    fn a_restart_serves_the_persisted_last_good_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = tempfile::tempdir().unwrap();
+        let last = data.path().join("flags-last-good.json");
+        std::fs::write(
+            dir.path().join("switchyard-kill-switch.json"),
+            kill_flag(false),
+        )
+        .unwrap();
+        let file = dir.path().join("switchyard-dual-write.json");
+        std::fs::write(&file, pct_flag("switchyard-dual-write", 40.0, None)).unwrap();
+        let flags = LocalFlags::start(
+            dir.path(),
+            FlagKeys::default(),
+            Some(last.clone()),
+            metrics(),
+        );
+        assert_eq!(flags.evaluate(1).dual_write, 40.0);
+        drop(flags);
+        // Both files broken while no router runs.
+        std::fs::write(&file, "{").unwrap();
+        std::fs::write(dir.path().join("switchyard-kill-switch.json"), "").unwrap();
+        let flags = LocalFlags::start(dir.path(), FlagKeys::default(), Some(last), metrics());
+        let v = flags.evaluate(1);
+        assert_eq!(v.dual_write, 40.0);
+        assert!(!v.kill_switch);
+        assert!(!flags.status().ready);
+        assert_eq!(flags.status().origins["dual_write"], "last-good");
     }
 }

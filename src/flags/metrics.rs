@@ -1,6 +1,6 @@
 //! Flag source metrics (`switchyard_route_flag_*`: the router is their reader).
 
-use prometheus::{GaugeVec, IntCounter, IntGauge, Opts, Registry};
+use prometheus::{GaugeVec, IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
 
 use crate::metrics::{counter, int_gauge};
 
@@ -14,6 +14,14 @@ pub struct FlagMetrics {
     pub values: GaugeVec,
     /// 1 once real flag values are loaded; 0 while on the safe default.
     pub loaded: IntGauge,
+    /// Current flag problems (broken, missing or duplicate files, invalid
+    /// values); the router is not ready while it is above 0.
+    pub problems: IntGauge,
+    /// 1 for where each routing flag's value comes from (`file`,
+    /// `last-good`, `safe-default`).
+    pub origin: IntGaugeVec,
+    /// Failed writes of the persisted last good flags.
+    pub persist_errors: IntCounter,
 }
 
 impl FlagMetrics {
@@ -26,7 +34,26 @@ impl FlagMetrics {
             &["flag"],
         )?;
         reg.register(Box::new(values.clone()))?;
+        let origin = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_route_flag_origin",
+                "1 for where each routing flag's value comes from (file, last-good, safe-default)",
+            ),
+            &["flag", "origin"],
+        )?;
+        reg.register(Box::new(origin.clone()))?;
         Ok(FlagMetrics {
+            problems: int_gauge(
+                reg,
+                "switchyard_route_flag_problems",
+                "Current flag problems (broken, missing or duplicate files, invalid values); last good values are served",
+            )?,
+            origin,
+            persist_errors: counter(
+                reg,
+                "switchyard_route_flag_persist_errors_total",
+                "Failed writes of the persisted last good flags",
+            )?,
             reloads: counter(
                 reg,
                 "switchyard_route_flag_reloads_total",

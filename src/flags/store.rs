@@ -59,10 +59,10 @@ pub enum StoreError {
     Api { what: String, message: String },
 }
 
-/// Checks a new value against the rules: percentages 0–100, the kill switch a
-/// boolean, and Kafka-only never above dual-write unless forced (an account
-/// would otherwise go straight from legacy to Kafka only, skipping the
-/// parity-checked dual stage).
+/// Checks a new value against the rules: percentages 0–100 at the routing
+/// resolution (0.01), the kill switch a boolean, and Kafka-only never above
+/// dual-write unless forced (an account would otherwise go straight from
+/// legacy to Kafka only, skipping the parity-checked dual stage).
 pub fn validate(
     which: Which,
     value: &Value,
@@ -77,12 +77,7 @@ pub fn validate(
             )),
         },
         Which::KafkaOnly | Which::DualWrite => {
-            let pct = value
-                .as_f64()
-                .filter(|p| p.is_finite() && (0.0..=100.0).contains(p))
-                .ok_or_else(|| {
-                    StoreError::Invalid(format!("{value} is not a percentage between 0 and 100"))
-                })?;
+            let pct = super::folder::check_percent(value).map_err(StoreError::Invalid)?;
             let (kafka, dual) = match which {
                 Which::KafkaOnly => (pct, current.dual_write),
                 _ => (current.kafka_only, pct),
@@ -95,6 +90,17 @@ pub fn validate(
             Ok(json!(pct))
         }
     }
+}
+
+/// The flags as a store shows them, with what is wrong with them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reading {
+    /// What an untargeted account is served (problems resolved the way a
+    /// router without a last good value resolves them: the kill switch fails
+    /// closed, a percentage is 0).
+    pub current: Current,
+    /// Every problem, each naming its file (or flag) and reason.
+    pub problems: Vec<String>,
 }
 
 /// Where the flags live.
@@ -202,40 +208,65 @@ impl FlagStore {
         }
     }
 
-    pub async fn get(&self) -> Result<Current, StoreError> {
-        let keys = self.keys().clone();
-        let mut out = Current {
-            kill_switch: false,
-            kafka_only: 0.0,
-            dual_write: 0.0,
-        };
-        for which in [Which::KillSwitch, Which::KafkaOnly, Which::DualWrite] {
-            let v = self.value(which.key(&keys)).await?;
-            match which {
-                Which::KillSwitch => out.kill_switch = v.as_bool().unwrap_or(false),
-                Which::KafkaOnly => out.kafka_only = v.as_f64().unwrap_or(0.0),
-                Which::DualWrite => out.dual_write = v.as_f64().unwrap_or(0.0),
+    /// The flags and their problems.
+    pub async fn read(&self) -> Result<Reading, StoreError> {
+        match self {
+            FlagStore::Local { dir, keys } => Ok(read_folder(dir, keys)),
+            FlagStore::LaunchDarkly(api) => {
+                let keys = &api.keys;
+                let mut problems = Vec::new();
+                let mut current = Current {
+                    kill_switch: true,
+                    kafka_only: 0.0,
+                    dual_write: 0.0,
+                };
+                for which in [Which::KillSwitch, Which::KafkaOnly, Which::DualWrite] {
+                    let key = which.key(keys);
+                    let f = api.fetch(key).await?;
+                    let Some((v, _)) = api.served(&f) else {
+                        problems.push(format!(
+                            "flag {key}: serves nothing in environment {:?}",
+                            api.environment
+                        ));
+                        continue;
+                    };
+                    match which {
+                        Which::KillSwitch => match v.as_bool() {
+                            Some(b) => current.kill_switch = b,
+                            None => {
+                                problems.push(format!("flag {key}: serves {v}, not true or false"))
+                            }
+                        },
+                        Which::KafkaOnly | Which::DualWrite => {
+                            match super::folder::check_percent(&v) {
+                                Ok(p) if which == Which::KafkaOnly => current.kafka_only = p,
+                                Ok(p) => current.dual_write = p,
+                                Err(e) => problems.push(format!("flag {key}: {e}")),
+                            }
+                        }
+                    }
+                }
+                Ok(Reading { current, problems })
             }
         }
-        Ok(out)
     }
 
-    /// The served value of one flag (null when the flag does not exist).
-    async fn value(&self, key: &str) -> Result<Value, StoreError> {
-        match self {
-            FlagStore::Local { dir, .. } => Ok(match read_local(dir, key)? {
-                Some(f) => served_local(&f),
-                None => Value::Null,
-            }),
-            FlagStore::LaunchDarkly(api) => {
-                let f = api.fetch(key).await?;
-                Ok(api.served(&f).map(|(v, _)| v).unwrap_or(Value::Null))
-            }
+    /// The flags, or an error naming every problem.
+    pub async fn get(&self) -> Result<Current, StoreError> {
+        let r = self.read().await?;
+        if r.problems.is_empty() {
+            Ok(r.current)
+        } else {
+            Err(StoreError::Invalid(format!(
+                "the flags have problems: {}",
+                r.problems.join("; ")
+            )))
         }
     }
 
     /// Validates and applies one change, recording `comment` where the store
-    /// keeps one.
+    /// keeps one. The kill switch is written alone, whatever state the other
+    /// flags are in: it must always work.
     pub async fn set(
         &self,
         which: Which,
@@ -243,12 +274,52 @@ impl FlagStore {
         force: bool,
         comment: &str,
     ) -> Result<Current, StoreError> {
-        let current = self.get().await?;
-        let value = validate(which, &value, &current, force)?;
         let key = which.key(self.keys()).to_string();
+        if which == Which::KillSwitch {
+            let on = value
+                .as_bool()
+                .ok_or_else(|| StoreError::Invalid("the kill switch is true or false".into()))?;
+            self.set_kill(on, comment).await?;
+            return Ok(self.read().await?.current);
+        }
+        let reading = self.read().await?;
+        // A problem with the flag being set is what the set repairs; any
+        // other problem makes the transition rules unverifiable.
+        let own = match self {
+            FlagStore::Local { dir, .. } => flag_path(dir, &key).display().to_string(),
+            FlagStore::LaunchDarkly(_) => format!("flag {key}:"),
+        };
+        let others: Vec<&String> = reading
+            .problems
+            .iter()
+            .filter(|p| !p.starts_with(&own) && !p.contains("above dual-write"))
+            .collect();
+        if !others.is_empty() {
+            return Err(StoreError::Invalid(format!(
+                "cannot change {key} while other flags have problems: {}",
+                others
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )));
+        }
+        let value = validate(which, &value, &reading.current, force)?;
         match self {
-            FlagStore::Local { dir, .. } => {
-                let mut f = read_local(dir, &key)?.unwrap_or_else(|| new_flag(&key, &value));
+            FlagStore::Local { dir, keys } => {
+                let mut f = match read_local(dir, &key) {
+                    Ok(Some(f))
+                        if super::folder::parse_flag(f.to_string().as_bytes(), keys).is_ok() =>
+                    {
+                        f
+                    }
+                    Ok(Some(f)) => {
+                        let mut n = new_flag(&key, &value);
+                        n["version"] = json!(f["version"].as_u64().unwrap_or(0));
+                        n
+                    }
+                    _ => new_flag(&key, &value),
+                };
                 let fall = f["fallthrough"]["variation"].as_u64().unwrap_or(0) as usize;
                 let version = f["version"].as_u64().unwrap_or(0) + 1;
                 if f["variations"].get(fall).is_none() {
@@ -258,6 +329,7 @@ impl FlagStore {
                     });
                 }
                 f["variations"][fall] = value.clone();
+                f["fallthrough"] = json!({"variation": fall});
                 f["on"] = json!(true);
                 f["offVariation"] = json!(fall);
                 f["version"] = json!(version);
@@ -271,30 +343,118 @@ impl FlagStore {
                     message: format!("no environment {:?} in the flag", api.environment),
                 })?;
                 let env = &api.environment;
-                let ops = match which {
-                    Which::KillSwitch => {
-                        let idx = f["variations"]
-                            .as_array()
-                            .and_then(|vs| vs.iter().position(|v| v["value"] == value))
-                            .ok_or_else(|| StoreError::Api {
-                                what: format!("flag {key}"),
-                                message: format!("no variation with the value {value}"),
-                            })?;
-                        vec![
-                            json!({"op": "replace", "path": format!("/environments/{env}/fallthrough/variation"), "value": idx}),
-                            json!({"op": "replace", "path": format!("/environments/{env}/on"), "value": true}),
-                        ]
-                    }
-                    Which::KafkaOnly | Which::DualWrite => vec![
-                        json!({"op": "replace", "path": format!("/variations/{fall}/value"), "value": value}),
-                        json!({"op": "replace", "path": format!("/environments/{env}/on"), "value": true}),
-                    ],
-                };
+                let ops = vec![
+                    json!({"op": "replace", "path": format!("/variations/{fall}/value"), "value": value}),
+                    json!({"op": "replace", "path": format!("/environments/{env}/on"), "value": true}),
+                ];
                 api.patch(&key, comment, ops).await?;
                 tracing::info!(flag = %key, %value, comment, "flag set through the LaunchDarkly API");
             }
         }
-        self.get().await
+        Ok(self.read().await?.current)
+    }
+
+    /// Kill: the flag is turned off and serves `true` to everyone (an off
+    /// flag serves its off variation whatever its targets and rules, so
+    /// targeted accounts are killed too). Unkill: on, serving `false` by
+    /// default (targets and rules apply again).
+    async fn set_kill(&self, on: bool, comment: &str) -> Result<(), StoreError> {
+        let key = self.keys().kill_switch.clone();
+        match self {
+            FlagStore::Local { dir, keys } => {
+                let old = read_local(dir, &key).ok().flatten();
+                let version = old
+                    .as_ref()
+                    .and_then(|f| f["version"].as_u64())
+                    .unwrap_or(0)
+                    + 1;
+                let usable = old
+                    .filter(|f| super::folder::parse_flag(f.to_string().as_bytes(), keys).is_ok());
+                let mut f = usable.unwrap_or_else(|| new_flag(&key, &json!(on)));
+                let idx = variation_index(&mut f, on);
+                if on {
+                    f["on"] = json!(false);
+                    f["offVariation"] = json!(idx);
+                } else {
+                    f["on"] = json!(true);
+                    f["fallthrough"] = json!({"variation": idx});
+                    f["offVariation"] = json!(idx);
+                }
+                f["version"] = json!(version);
+                write_local(dir, &key, &f)?;
+                tracing::info!(flag = %key, killed = on, comment, "kill switch set in the local folder");
+            }
+            FlagStore::LaunchDarkly(api) => {
+                let f = api.fetch(&key).await?;
+                let idx = f["variations"]
+                    .as_array()
+                    .and_then(|vs| vs.iter().position(|v| v["value"] == json!(on)))
+                    .ok_or_else(|| StoreError::Api {
+                        what: format!("flag {key}"),
+                        message: format!("no variation with the value {on}"),
+                    })?;
+                let env = &api.environment;
+                let ops = if on {
+                    vec![
+                        json!({"op": "replace", "path": format!("/environments/{env}/offVariation"), "value": idx}),
+                        json!({"op": "replace", "path": format!("/environments/{env}/on"), "value": false}),
+                    ]
+                } else {
+                    vec![
+                        json!({"op": "replace", "path": format!("/environments/{env}/fallthrough"), "value": {"variation": idx}}),
+                        json!({"op": "replace", "path": format!("/environments/{env}/offVariation"), "value": idx}),
+                        json!({"op": "replace", "path": format!("/environments/{env}/on"), "value": true}),
+                    ]
+                };
+                api.patch(&key, comment, ops).await?;
+                tracing::info!(flag = %key, killed = on, comment, "kill switch set through the LaunchDarkly API");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The index of the variation serving `value`, added if there is none.
+fn variation_index(f: &mut Value, value: bool) -> usize {
+    if !f["variations"].is_array() {
+        f["variations"] = json!([]);
+    }
+    let vs = f["variations"].as_array_mut();
+    match vs {
+        Some(vs) => match vs.iter().position(|v| *v == json!(value)) {
+            Some(i) => i,
+            None => {
+                vs.push(json!(value));
+                vs.len() - 1
+            }
+        },
+        None => 0,
+    }
+}
+
+/// The local folder as a router without last good values resolves it.
+pub fn read_folder(dir: &Path, keys: &FlagKeys) -> Reading {
+    use super::folder;
+    let files = folder::read_files(dir);
+    let r = folder::resolve(dir, &files, keys, &Default::default());
+    let pct = |k: &str, hi: bool| {
+        r.flags
+            .get(k)
+            .and_then(folder::served_percent)
+            .map(|(lo, h)| if hi { h } else { lo })
+            .unwrap_or(0.0)
+    };
+    Reading {
+        current: Current {
+            kill_switch: r
+                .flags
+                .get(&keys.kill_switch)
+                .and_then(folder::served_kill)
+                .unwrap_or(true),
+            kafka_only: pct(&keys.kafka_only, true),
+            dual_write: pct(&keys.dual_write, false),
+        },
+        problems: r.problems.iter().map(ToString::to_string).collect(),
     }
 }
 
@@ -319,29 +479,14 @@ fn read_local(dir: &Path, key: &str) -> Result<Option<Value>, StoreError> {
     }
 }
 
-/// Written whole, then renamed over the old file: a reader never sees half.
+/// Written whole, synced, then renamed over the old file: a reader never
+/// sees half, and a crash after it returns keeps it.
 fn write_local(dir: &Path, key: &str, flag: &Value) -> Result<(), StoreError> {
     let path = flag_path(dir, key);
-    let err = |e: std::io::Error| StoreError::File {
+    super::write_synced(&path, flag).map_err(|e| StoreError::File {
         path: path.display().to_string(),
         message: e.to_string(),
-    };
-    std::fs::create_dir_all(dir).map_err(err)?;
-    let tmp = dir.join(format!(".{key}.json.tmp"));
-    let text = serde_json::to_string_pretty(flag).map_err(|e| err(std::io::Error::other(e)))?;
-    std::fs::write(&tmp, text + "\n").map_err(err)?;
-    std::fs::rename(&tmp, &path).map_err(err)?;
-    Ok(())
-}
-
-fn served_local(f: &Value) -> Value {
-    let idx = if f["on"].as_bool().unwrap_or(false) {
-        f["fallthrough"]["variation"].as_u64()
-    } else {
-        f["offVariation"].as_u64()
-    };
-    idx.and_then(|i| f["variations"].get(i as usize).cloned())
-        .unwrap_or(Value::Null)
+    })
 }
 
 fn new_flag(key: &str, value: &Value) -> Value {
@@ -368,7 +513,7 @@ mod tests {
     fn validation_names_what_is_wrong() {
         assert!(validate(Which::DualWrite, &json!(50), &cur(0.0, 0.0), false).is_ok());
         let e = validate(Which::DualWrite, &json!(101), &cur(0.0, 0.0), false).unwrap_err();
-        assert!(e.to_string().contains("between 0 and 100"), "{e}");
+        assert!(e.to_string().contains("from 0 to 100"), "{e}");
         assert!(validate(Which::DualWrite, &json!("x"), &cur(0.0, 0.0), false).is_err());
         let e = validate(Which::KafkaOnly, &json!(30), &cur(0.0, 20.0), false).unwrap_err();
         assert!(e.to_string().contains("--force"), "{e}");
@@ -385,6 +530,15 @@ mod tests {
             dir: dir.path().to_path_buf(),
             keys: FlagKeys::default(),
         };
+        // No kill-switch file: killed (fails closed), and a problem.
+        let r = store.read().await.unwrap();
+        assert!(r.current.kill_switch);
+        assert!(r.problems[0].contains("failing closed"), "{r:?}");
+        assert!(store.get().await.is_err());
+        store
+            .set(Which::KillSwitch, json!(false), false, "t")
+            .await
+            .unwrap();
         assert_eq!(store.get().await.unwrap(), cur(0.0, 0.0));
         store
             .set(Which::DualWrite, json!(25), false, "t")
@@ -415,5 +569,39 @@ mod tests {
             .set(Which::KafkaOnly, json!(30), false, "t")
             .await
             .is_err());
+        // Kill and unkill work whatever state the other files are in.
+        std::fs::write(dir.path().join("switchyard-kafka-only.json"), "{ trunc").unwrap();
+        let c = store
+            .set(Which::KillSwitch, json!(true), false, "t")
+            .await
+            .unwrap();
+        assert!(c.kill_switch);
+        assert!(store
+            .set(Which::DualWrite, json!(30), false, "t")
+            .await
+            .is_err());
+        // A truncated kill file is replaced by a good one.
+        std::fs::write(dir.path().join("switchyard-kill-switch.json"), "").unwrap();
+        store
+            .set(Which::KillSwitch, json!(true), false, "t")
+            .await
+            .unwrap();
+        let kill: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("switchyard-kill-switch.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(kill["on"], false);
+        assert_eq!(
+            kill["variations"][kill["offVariation"].as_u64().unwrap() as usize],
+            true
+        );
+    }
+
+    #[test]
+    fn sub_resolution_percentages_are_refused() {
+        let e = validate(Which::DualWrite, &json!(0.001), &cur(0.0, 0.0), false).unwrap_err();
+        assert!(e.to_string().contains("resolution"), "{e}");
+        let e = validate(Which::DualWrite, &json!("50"), &cur(0.0, 0.0), false).unwrap_err();
+        assert!(e.to_string().contains("not a number"), "{e}");
     }
 }

@@ -60,17 +60,24 @@ pub fn main(args: RolloutArgs) -> ExitCode {
 }
 
 fn promote(plan: &Path) -> Exit {
+    use super::plan::Status;
     let plan = load_plan(plan)?;
-    let state: super::plan::State = std::fs::read_to_string(&plan.state_file)
-        .map_err(|e| e.to_string())
-        .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
-        .map_err(|e| {
+    let state = super::read_state(&plan.state_file)
+        .map_err(|e| usage(format!("rollout promote: {e}")))?
+        .ok_or_else(|| {
             usage(format!(
-                "no rollout state in {}: {e}",
+                "rollout promote: no rollout state in {}: nothing waits at a gate",
                 plan.state_file.display()
             ))
         })?;
-    let next = state.step + 2;
+    let step = state.step.map(|i| i + 1).unwrap_or(0);
+    if state.status != Status::WaitingForPromotion {
+        return Err(usage(format!(
+            "rollout promote: nothing waits at a gate: the rollout is {} at step {step}",
+            state.status.as_str()
+        )));
+    }
+    let next = step + 1;
     std::fs::write(super::promote_file(&plan.state_file), next.to_string()).map_err(failure)?;
     println!("promoted: the controller goes on to step {next} at its next check");
     Ok(ExitCode::SUCCESS)
@@ -98,6 +105,7 @@ fn run(plan: &Path, admin_listen: SocketAddr, store: StoreArgs) -> Exit {
             }
             Ok(Outcome::Interrupted) => Ok(ExitCode::SUCCESS),
             Ok(Outcome::RolledBack(why)) => Err(failure(format!("rolled back: {why}"))),
+            Err(e @ super::RolloutError::Plan(_)) => Err(usage(format!("rollout: {e}"))),
             Err(e) => {
                 eprintln!("switchyard: rollout: {e}");
                 Err(ExitCode::from(3))

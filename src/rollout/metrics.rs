@@ -15,6 +15,9 @@ pub struct RolloutMetrics {
     /// Parity checks by result (passed, failed, pending).
     pub checks: IntCounterVec,
     pub last_transition: Gauge,
+    /// 1 while paused (a manual change, a kill, unreadable flags, no parity
+    /// data, an unreachable parity source): the reason is in `/status`.
+    pub paused: IntGauge,
 }
 
 impl RolloutMetrics {
@@ -42,7 +45,7 @@ impl RolloutMetrics {
             checks: counter_vec(
                 reg,
                 "switchyard_rollout_checks_total",
-                "Parity checks by result (passed, failed, pending)",
+                "Parity checks by result (passed, failed, pending, unreachable)",
                 &["result"],
             )?,
             last_transition: gauge(
@@ -50,8 +53,16 @@ impl RolloutMetrics {
                 "switchyard_rollout_last_transition_timestamp_seconds",
                 "Unix time of the last transition",
             )?,
+            paused: int_gauge(
+                reg,
+                "switchyard_rollout_paused",
+                "1 while the rollout is paused (manual change, kill, unreadable flags, no parity data, parity source down)",
+            )?,
         };
-        zero(&m.checks, &[&["passed"], &["failed"], &["pending"]]);
+        zero(
+            &m.checks,
+            &[&["passed"], &["failed"], &["pending"], &["unreachable"]],
+        );
         Ok(m)
     }
 }

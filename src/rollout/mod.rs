@@ -1,24 +1,32 @@
 //! `switchyard rollout`: raises a flag one step at a time, only after the
-//! step's dwell passed with parity verified for the windows written during
-//! it, and rolls back by itself when parity breaks past the failure limit.
-//! Its state is a file written after every change, so a restarted controller
-//! resumes where it was.
+//! step held its dwell with parity verified for every window since it
+//! started, and rolls back by itself when parity breaks past the failure
+//! limit.
+//!
+//! Its state is the plan it belongs to plus the flag levels it set, synced
+//! to disk *before* each change as an intent and confirmed after, so a crash
+//! between the two is recognised on resume. It never overrides a person:
+//! every check re-reads the flags, and a manual change, a kill or unreadable
+//! flags pause it (with the reason in `/status`, metrics and logs) until the
+//! flags are back where it left them.
 
 pub mod cli;
 mod metrics;
 pub mod plan;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::flags::store::{FlagStore, StoreError, Which};
+use crate::flags::store::{FlagStore, Reading, StoreError, Which};
 pub use metrics::RolloutMetrics;
 use plan::{
-    decide, rollback_percent, Action, Check, Plan, Rollback, Stage, State, Status, Transition,
+    check_start, decide, rollback_target, Action, Check, Intent, Levels, Plan, PlanRecord,
+    Rollback, Stage, State, Status, Transition,
 };
 
 /// Why the controller stopped with an error.
@@ -26,6 +34,9 @@ use plan::{
 pub enum RolloutError {
     #[error("state file {path}: {message}")]
     State { path: String, message: String },
+    /// The plan cannot run from here (a configuration error: exit 2).
+    #[error("{0}")]
+    Plan(String),
     #[error("flags: {0}")]
     Flags(#[from] StoreError),
 }
@@ -53,33 +64,107 @@ pub fn promote_file(state_file: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
+/// Writes the state. The default syncs file and folder; tests inject one
+/// that fails, to stop the controller between a flag change and its record.
+pub trait StateWriter: Send + Sync {
+    fn write(&self, path: &Path, state: &State) -> std::io::Result<()>;
+}
+
+/// The state file, written whole and synced.
+pub struct FileWriter;
+
+impl StateWriter for FileWriter {
+    fn write(&self, path: &Path, state: &State) -> std::io::Result<()> {
+        let v = serde_json::to_value(state).map_err(std::io::Error::other)?;
+        crate::flags::write_synced(path, &v)
+    }
+}
+
+/// Reads a state file: None when there is none.
+pub fn read_state(path: &Path) -> Result<Option<State>, RolloutError> {
+    let err = |message: String| RolloutError::State {
+        path: path.display().to_string(),
+        message,
+    };
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| {
+            err(format!(
+                "{e}: not a state this version wrote; remove it to start over"
+            ))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(err(e.to_string())),
+    }
+}
+
+fn levels(r: &Reading) -> Levels {
+    Levels {
+        dual_write: r.current.dual_write,
+        kafka_only: r.current.kafka_only,
+    }
+}
+
 pub struct Controller {
     pub plan: Plan,
     store: FlagStore,
     metrics: RolloutMetrics,
     http: reqwest::Client,
     state: Mutex<State>,
+    /// No state file: the levels before the rollout are read at start.
+    fresh: AtomicBool,
+    /// The flags as last read, for `/status`.
+    seen: Mutex<Option<Reading>>,
+    writer: Box<dyn StateWriter>,
 }
 
 impl Controller {
-    /// Loads the state file if there is one (resume), else starts at step 1.
+    /// Loads the state file if there is one (resume), else starts fresh. A
+    /// state written for another plan is refused, saying what differs.
     pub fn new(
         plan: Plan,
         store: FlagStore,
         metrics: RolloutMetrics,
     ) -> Result<Arc<Controller>, RolloutError> {
-        let state = match std::fs::read_to_string(&plan.state_file) {
-            Ok(text) => serde_json::from_str(&text).map_err(|e| RolloutError::State {
-                path: plan.state_file.display().to_string(),
-                message: e.to_string(),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::new(now_unix()),
-            Err(e) => {
-                return Err(RolloutError::State {
-                    path: plan.state_file.display().to_string(),
-                    message: e.to_string(),
-                })
+        Controller::with_writer(plan, store, metrics, Box::new(FileWriter))
+    }
+
+    pub fn with_writer(
+        plan: Plan,
+        store: FlagStore,
+        metrics: RolloutMetrics,
+        writer: Box<dyn StateWriter>,
+    ) -> Result<Arc<Controller>, RolloutError> {
+        let loaded = read_state(&plan.state_file)?;
+        let fresh = loaded.is_none();
+        let state = match loaded {
+            Some(s) => {
+                let d = s.plan.differences(&PlanRecord::of(&plan));
+                if !d.is_empty() {
+                    return Err(RolloutError::Plan(format!(
+                        "the state file {} belongs to another plan (fingerprint {}, this one {}): {}. It resumes only the plan it was written for; to start over with this plan, remove the state file (the flags stay as they are: the new rollout starts from them)",
+                        plan.state_file.display(),
+                        s.plan.fingerprint,
+                        PlanRecord::of(&plan).fingerprint,
+                        d.join("; ")
+                    )));
+                }
+                if let Some(i) = s.step.filter(|i| *i >= plan.steps.len()) {
+                    return Err(RolloutError::Plan(format!(
+                        "the state file holds step {} of a plan with {} steps",
+                        i + 1,
+                        plan.steps.len()
+                    )));
+                }
+                s
             }
+            None => State::new(
+                &plan,
+                Levels {
+                    dual_write: 0.0,
+                    kafka_only: 0.0,
+                },
+                now_unix(),
+            ),
         };
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
@@ -91,6 +176,9 @@ impl Controller {
             metrics,
             http,
             state: Mutex::new(state),
+            fresh: AtomicBool::new(fresh),
+            seen: Mutex::new(None),
+            writer,
         }))
     }
 
@@ -98,15 +186,31 @@ impl Controller {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// `/status`: the plan, the state and its history.
+    fn seen(&self) -> Option<Reading> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// `/status`: the plan, the state, the flags as they are, the history.
     pub fn status_json(&self) -> Value {
         let s = self.state();
+        let seen = self.seen();
+        let served = seen
+            .as_ref()
+            .map(|r| levels(r).stage(self.plan.stage))
+            .unwrap_or_else(|| s.percent(&self.plan));
         json!({
-            "status": s.status.as_str(),
+            "status": if s.paused.is_some() && !s.status.finished() { "paused" } else { s.status.as_str() },
+            "state": s.status.as_str(),
+            "paused": s.paused,
             "stage": self.plan.stage,
-            "step": s.step + 1,
+            "plan": s.plan.fingerprint,
+            "step": s.step.map(|i| i + 1),
             "steps": self.plan.steps,
-            "percent": self.plan.steps[s.step],
+            "percent": served,
+            "set": s.set,
+            "before": s.before,
+            "flags": seen.as_ref().map(|r| json!({"current": r.current, "problems": r.problems})),
+            "intent": s.intent,
             "step_started_at": s.step_started_at,
             "failures_on_step": s.failures,
             "failure_limit": self.plan.failure_limit,
@@ -118,23 +222,29 @@ impl Controller {
 
     fn save(&self, s: &State) -> Result<(), RolloutError> {
         let path = &self.plan.state_file;
-        let err = |e: String| RolloutError::State {
-            path: path.display().to_string(),
-            message: e,
-        };
-        let text = serde_json::to_string_pretty(s).map_err(|e| err(e.to_string()))?;
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        std::fs::write(&tmp, text).map_err(|e| err(e.to_string()))?;
-        std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))?;
+        self.writer
+            .write(path, s)
+            .map_err(|e| RolloutError::State {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
         *self.state.lock().unwrap_or_else(|p| p.into_inner()) = s.clone();
         self.publish(s);
         Ok(())
     }
 
     fn publish(&self, s: &State) {
-        self.metrics.step.set((s.step + 1) as i64);
-        self.metrics.percent.set(self.plan.steps[s.step]);
+        self.metrics
+            .step
+            .set(s.step.map(|i| i as i64 + 1).unwrap_or(0));
+        let served = self
+            .seen()
+            .map(|r| levels(&r).stage(self.plan.stage))
+            .unwrap_or_else(|| s.percent(&self.plan));
+        self.metrics.percent.set(served);
+        self.metrics
+            .paused
+            .set(i64::from(s.paused.is_some() && !s.status.finished()));
         for st in [
             Status::Running,
             Status::WaitingForPromotion,
@@ -162,21 +272,22 @@ impl Controller {
         &self,
         s: &mut State,
         event: &str,
-        percent: f64,
         reason: String,
     ) -> Result<(), RolloutError> {
+        let percent = s.percent(&self.plan);
         let t = Transition {
             at: now_unix(),
             event: event.to_string(),
             percent,
             reason,
         };
-        tracing::info!(event, percent, reason = %t.reason, step = s.step + 1, "rollout transition");
+        tracing::info!(event, percent, reason = %t.reason, step = s.step.map(|i| i + 1), "rollout transition");
         s.history.push(t.clone());
         self.save(s)?;
         for url in &self.plan.webhooks {
-            let body = json!({"event": event, "stage": self.plan.stage, "step": s.step + 1,
-                "percent": percent, "reason": t.reason, "at": t.at, "status": s.status.as_str()});
+            let body = json!({"event": event, "stage": self.plan.stage, "step": s.step.map(|i| i + 1),
+                "percent": percent, "reason": t.reason, "at": t.at, "status": s.status.as_str(),
+                "paused": s.paused});
             if let Err(e) = self
                 .http
                 .post(url)
@@ -185,31 +296,41 @@ impl Controller {
                 .await
                 .and_then(|r| r.error_for_status())
             {
-                tracing::warn!(%url, error = %e, "webhook failed");
+                tracing::warn!(url = %crate::db::redact_url(url), error = %e.without_url(), "webhook failed");
             }
         }
         Ok(())
     }
 
-    /// Parity for the windows written during the current step.
+    /// Parity for every window that received rows since the step started,
+    /// by the comparator's own arrival clock.
     async fn check(&self, s: &State) -> Check {
-        let from = s.step_started_at.floor() as i64;
-        let to = (s.step_started_at + self.plan.dwell_secs).ceil() as i64;
         if let Some(base) = &self.plan.parity_url {
             let url = format!("{}/parity", base.trim_end_matches('/'));
             let r = self
                 .http
                 .get(&url)
-                .query(&[("from", from), ("to", to)])
+                .query(&[("arrived_since", s.step_started_at)])
                 .send()
                 .await
                 .and_then(|r| r.error_for_status());
             let body: Value = match r {
                 Ok(r) => match r.json().await {
                     Ok(b) => b,
-                    Err(e) => return Check::NotYet(format!("parity report unreadable: {e}")),
+                    Err(e) => {
+                        return Check::Unreachable(format!(
+                            "parity report unreadable: {}",
+                            e.without_url()
+                        ))
+                    }
                 },
-                Err(e) => return Check::NotYet(format!("comparator unreachable: {e}")),
+                Err(e) => {
+                    return Check::Unreachable(format!(
+                        "comparator at {}: {}",
+                        crate::db::redact_url(base),
+                        e.without_url()
+                    ))
+                }
             };
             return parity_check(&body);
         }
@@ -220,63 +341,39 @@ impl Controller {
                 .get(&url)
                 .query(&[("query", q.as_str())])
                 .send()
-                .await;
+                .await
+                .and_then(|r| r.error_for_status());
             let body: Value = match r {
-                Ok(r) => r.json().await.unwrap_or(Value::Null),
-                Err(e) => return Check::NotYet(format!("prometheus unreachable: {e}")),
+                Ok(r) => match r.json().await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        return Check::Unreachable(format!(
+                            "prometheus answer unreadable: {}",
+                            e.without_url()
+                        ))
+                    }
+                },
+                Err(e) => {
+                    return Check::Unreachable(format!(
+                        "prometheus at {}: {}",
+                        crate::db::redact_url(base),
+                        e.without_url()
+                    ))
+                }
             };
-            let v = body["data"]["result"][0]["value"][1]
-                .as_str()
-                .and_then(|v| v.parse::<f64>().ok());
-            return match v {
-                Some(v) if v >= 1.0 => Check::Verified,
-                Some(_) => Check::Breach(format!("prometheus query {q:?} returned 0")),
-                None => Check::NotYet("prometheus query returned no data".into()),
-            };
+            return prometheus_check(q, &body);
         }
-        Check::NotYet("no parity source".into())
+        Check::Unreachable("no parity source".into())
     }
 
-    /// Runs the plan until it is done, rolled back, or `shutdown`.
+    /// Starts (or resumes) and runs the plan until it is done, rolled back,
+    /// or `shutdown`.
     pub async fn run(
         self: &Arc<Self>,
         shutdown: CancellationToken,
     ) -> Result<Outcome, RolloutError> {
-        let mut s = self.state();
-        self.publish(&s);
-        match s.status {
-            Status::Done => return Ok(Outcome::Done),
-            Status::RolledBack => {
-                let why = s
-                    .history
-                    .last()
-                    .map(|t| t.reason.clone())
-                    .unwrap_or_default();
-                return Ok(Outcome::RolledBack(why));
-            }
-            _ => {}
-        }
-        // Apply (again, after a restart) the step being held.
-        let pct = self.plan.steps[s.step];
-        self.store
-            .set(
-                self.stage_flag(),
-                json!(pct),
-                false,
-                &format!("rollout step {} ({pct}%)", s.step + 1),
-            )
-            .await?;
-        if s.history.is_empty() {
-            self.transition(
-                &mut s,
-                "start",
-                pct,
-                format!("step 1 of {}", self.plan.steps.len()),
-            )
-            .await?;
-        } else {
-            let why = format!("resumed at step {}", s.step + 1);
-            self.transition(&mut s, "resume", pct, why).await?;
+        if let Some(done) = self.start().await? {
+            return Ok(done);
         }
         let every = Duration::from_secs_f64(self.plan.check_interval_secs);
         loop {
@@ -284,132 +381,386 @@ impl Controller {
                 _ = shutdown.cancelled() => return Ok(Outcome::Interrupted),
                 _ = tokio::time::sleep(every) => {}
             }
-            if s.status == Status::WaitingForPromotion {
-                if let Ok(text) = std::fs::read_to_string(promote_file(&self.plan.state_file)) {
-                    if let Ok(n) = text.trim().parse::<usize>() {
-                        s.promoted = Some(n.saturating_sub(1));
-                        let _ = std::fs::remove_file(promote_file(&self.plan.state_file));
-                        s.status = Status::Running;
-                        let pct = self.plan.steps[s.step];
-                        self.transition(
-                            &mut s,
-                            "promoted",
-                            pct,
-                            format!("step {n} promoted by hand"),
-                        )
-                        .await?;
-                    }
-                }
-            }
-            let check = self.check(&s).await;
-            match &check {
-                Check::Verified => {
-                    s.checks_passed += 1;
-                    self.metrics.checks.with_label_values(&["passed"]).inc();
-                }
-                Check::Breach(why) => {
-                    s.checks_failed += 1;
-                    s.failures += 1;
-                    self.metrics.checks.with_label_values(&["failed"]).inc();
-                    tracing::warn!(step = s.step + 1, failures = s.failures, limit = self.plan.failure_limit, %why, "parity check failed");
-                }
-                Check::NotYet(why) => {
-                    self.metrics.checks.with_label_values(&["pending"]).inc();
-                    tracing::debug!(%why, "parity not verified yet");
-                }
-            }
-            // `decide` counts the breach itself: judge on the state before it.
-            let mut before = s.clone();
-            if matches!(check, Check::Breach(_)) {
-                before.failures -= 1;
-            }
-            match decide(&self.plan, &before, &check, now_unix()) {
-                Action::Hold => self.save(&s)?,
-                Action::Advance(n) => {
-                    let pct = self.plan.steps[n];
-                    self.store
-                        .set(
-                            self.stage_flag(),
-                            json!(pct),
-                            false,
-                            &format!("rollout step {} ({pct}%)", n + 1),
-                        )
-                        .await?;
-                    s.step = n;
-                    s.step_started_at = now_unix();
-                    s.failures = 0;
-                    self.transition(
-                        &mut s,
-                        "advance",
-                        pct,
-                        format!(
-                            "step {} held {} s with parity verified",
-                            n, self.plan.dwell_secs
-                        ),
-                    )
-                    .await?;
-                }
-                Action::WaitForPromotion(n) => {
-                    if s.status != Status::WaitingForPromotion {
-                        s.status = Status::WaitingForPromotion;
-                        let pct = self.plan.steps[s.step];
-                        let why = format!(
-                            "step {} ({}%) is a manual gate: run `switchyard rollout promote`",
-                            n + 1,
-                            self.plan.steps[n]
-                        );
-                        self.transition(&mut s, "waiting-for-promotion", pct, why)
-                            .await?;
-                    } else {
-                        self.save(&s)?;
-                    }
-                }
-                Action::Finish => {
-                    s.status = Status::Done;
-                    let pct = self.plan.steps[s.step];
-                    self.transition(
-                        &mut s,
-                        "done",
-                        pct,
-                        "last step held with parity verified".into(),
-                    )
-                    .await?;
-                    return Ok(Outcome::Done);
-                }
-                Action::RollBack(why) => {
-                    let pct = match self.plan.rollback {
-                        Rollback::Previous => {
-                            let back = rollback_percent(&self.plan, &s);
-                            self.store
-                                .set(
-                                    self.stage_flag(),
-                                    json!(back),
-                                    true,
-                                    &format!("rollback: {why}"),
-                                )
-                                .await?;
-                            back
-                        }
-                        Rollback::Kill => {
-                            self.store
-                                .set(
-                                    Which::KillSwitch,
-                                    json!(true),
-                                    true,
-                                    &format!("rollback: {why}"),
-                                )
-                                .await?;
-                            self.plan.steps[s.step]
-                        }
-                    };
-                    s.status = Status::RolledBack;
-                    tracing::error!(%why, "rolled back");
-                    self.transition(&mut s, "rolled-back", pct, why.clone())
-                        .await?;
-                    return Ok(Outcome::RolledBack(why));
-                }
+            if let Some(done) = self.tick(None).await? {
+                return Ok(done);
             }
         }
+    }
+
+    fn finished(&self, s: &State) -> Option<Outcome> {
+        match s.status {
+            Status::Done => Some(Outcome::Done),
+            Status::RolledBack => Some(Outcome::RolledBack(
+                s.history
+                    .iter()
+                    .rev()
+                    .find(|t| t.event == "rolled-back")
+                    .map(|t| t.reason.clone())
+                    .unwrap_or_default(),
+            )),
+            _ => None,
+        }
+    }
+
+    /// Start-up: a fresh plan reads the levels it starts from and applies
+    /// its first step; a resumed one completes (or recognises) an
+    /// interrupted change. Returns an outcome if the plan is already over.
+    pub async fn start(&self) -> Result<Option<Outcome>, RolloutError> {
+        let mut s = self.state();
+        self.publish(&s);
+        if let Some(done) = self.finished(&s) {
+            return Ok(Some(done));
+        }
+        let reading = self.store.read().await?;
+        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(reading.clone());
+        if self.fresh.swap(false, Ordering::SeqCst) {
+            if !reading.problems.is_empty() {
+                return Err(RolloutError::Plan(format!(
+                    "cannot start while the flags have problems: {}",
+                    reading.problems.join("; ")
+                )));
+            }
+            if reading.current.kill_switch {
+                return Err(RolloutError::Plan(
+                    "the kill switch is on: release it (`switchyard flags unkill`) before starting a rollout".into(),
+                ));
+            }
+            let now = levels(&reading);
+            check_start(&self.plan, now).map_err(RolloutError::Plan)?;
+            s = State::new(&self.plan, now, now_unix());
+            // A promotion left from an earlier rollout opens no gate here.
+            let _ = std::fs::remove_file(promote_file(&self.plan.state_file));
+            self.save(&s)?;
+            let pct = self.plan.steps[0];
+            self.apply(
+                &mut s,
+                Intent {
+                    event: "start".into(),
+                    step: Some(0),
+                    levels: Levels::of(self.plan.stage, now, pct),
+                    kill: false,
+                    reason: format!(
+                        "step 1 of {} ({pct}%), from dual-write {} % / kafka-only {} %",
+                        self.plan.steps.len(),
+                        now.dual_write,
+                        now.kafka_only
+                    ),
+                },
+                &reading,
+            )
+            .await?;
+            return Ok(None);
+        }
+        if let Some(intent) = s.intent.clone() {
+            let at = levels(&reading);
+            let done = at == intent.levels && (!intent.kill || reading.current.kill_switch);
+            if done && reading.problems.is_empty() {
+                tracing::warn!(event = %intent.event, "resuming: the interrupted change was applied; recording it");
+                self.confirm(&mut s, &intent).await?;
+            } else if at == s.set && reading.problems.is_empty() {
+                tracing::warn!(event = %intent.event, "resuming: the interrupted change was not applied; applying it");
+                self.apply(&mut s, intent, &reading).await?;
+            } else {
+                s.intent = None;
+                self.pause(
+                    &mut s,
+                    format!(
+                        "on resume the flags are neither what the controller last set nor what it was setting ({}): a manual change; it does not override it",
+                        describe(&reading)
+                    ),
+                )
+                .await?;
+            }
+            return Ok(self.finished(&self.state()));
+        }
+        let why = format!("resumed at step {}", s.step.map(|i| i + 1).unwrap_or(0));
+        self.transition(&mut s, "resume", why).await?;
+        Ok(None)
+    }
+
+    /// Writes the intent (synced), changes the flags, confirms.
+    async fn apply(
+        &self,
+        s: &mut State,
+        intent: Intent,
+        reading: &Reading,
+    ) -> Result<(), RolloutError> {
+        s.intent = Some(intent.clone());
+        self.save(s)?;
+        let comment = format!("rollout {}: {}", intent.event, intent.reason);
+        if intent.kill && !reading.current.kill_switch {
+            self.store
+                .set(Which::KillSwitch, json!(true), false, &comment)
+                .await?;
+        }
+        let from = levels(reading);
+        let to = intent.levels;
+        // Lowering: Kafka-only first; raising: dual-write first, so that
+        // Kafka-only is never above dual-write in between.
+        let order = if to.dual_write < from.dual_write || to.kafka_only < from.kafka_only {
+            [Which::KafkaOnly, Which::DualWrite]
+        } else {
+            [Which::DualWrite, Which::KafkaOnly]
+        };
+        for w in order {
+            let (want, have) = match w {
+                Which::DualWrite => (to.dual_write, from.dual_write),
+                _ => (to.kafka_only, from.kafka_only),
+            };
+            if want != have || w == self.stage_flag() {
+                self.store.set(w, json!(want), false, &comment).await?;
+            }
+        }
+        self.confirm(s, &intent).await
+    }
+
+    async fn confirm(&self, s: &mut State, intent: &Intent) -> Result<(), RolloutError> {
+        s.set = intent.levels;
+        s.step = intent.step;
+        s.step_started_at = now_unix();
+        s.failures = 0;
+        s.intent = None;
+        s.paused = None;
+        s.no_data_since = None;
+        s.source_down_since = None;
+        if intent.event == "rollback" {
+            s.status = Status::RolledBack;
+            self.transition(s, "rolled-back", intent.reason.clone())
+                .await
+        } else {
+            s.status = Status::Running;
+            self.transition(s, &intent.event, intent.reason.clone())
+                .await
+        }
+    }
+
+    async fn pause(&self, s: &mut State, why: String) -> Result<(), RolloutError> {
+        if s.paused.as_deref() == Some(why.as_str()) {
+            return self.save(s);
+        }
+        let first = s.paused.is_none();
+        s.paused = Some(why.clone());
+        if first {
+            tracing::error!(reason = %why, "rollout paused");
+        }
+        self.transition(s, "paused", why).await
+    }
+
+    /// Consumes a promotion for the gate being waited at; a stale one (for
+    /// another step) is removed and ignored.
+    fn take_promotion(&self, s: &State) -> Option<usize> {
+        let path = promote_file(&self.plan.state_file);
+        let text = std::fs::read_to_string(&path).ok()?;
+        let _ = std::fs::remove_file(&path);
+        let waiting_for = s.step.map(|i| i + 1).unwrap_or(0);
+        match text.trim().parse::<usize>() {
+            Ok(n) if s.status == Status::WaitingForPromotion && n == waiting_for + 1 => {
+                Some(waiting_for)
+            }
+            _ => {
+                tracing::warn!(promotion = %text.trim(), "a promotion for another step was ignored");
+                None
+            }
+        }
+    }
+
+    /// One check: re-reads the flags, asks for parity (unless `check` is
+    /// given), decides, acts. Returns an outcome when the plan is over.
+    pub async fn tick(&self, check: Option<Check>) -> Result<Option<Outcome>, RolloutError> {
+        let mut s = self.state();
+        if let Some(done) = self.finished(&s) {
+            return Ok(Some(done));
+        }
+        if s.status == Status::WaitingForPromotion {
+            if let Some(n) = self.take_promotion(&s) {
+                s.promoted = Some(n);
+                s.status = Status::Running;
+                self.transition(
+                    &mut s,
+                    "promoted",
+                    format!("step {} promoted by hand", n + 1),
+                )
+                .await?;
+            }
+        }
+        let reading = self.store.read().await;
+        let flag_pause = match &reading {
+            Err(e) => Some(format!("flags unreadable: {e}")),
+            Ok(r) if !r.problems.is_empty() => {
+                Some(format!("flag problems: {}", r.problems.join("; ")))
+            }
+            Ok(r) if r.current.kill_switch => Some("the kill switch is on".to_string()),
+            Ok(r) if levels(r) != s.set => Some(format!(
+                "manual change: {}, the controller last set dual-write {} % / kafka-only {} %; it does not override a person: set them back to resume, or remove the state file to start over",
+                describe(r),
+                s.set.dual_write,
+                s.set.kafka_only
+            )),
+            Ok(_) => None,
+        };
+        if let Ok(r) = &reading {
+            *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(r.clone());
+        }
+        if let Some(why) = flag_pause {
+            self.pause(&mut s, why).await?;
+            return Ok(None);
+        }
+        let Ok(reading) = reading else {
+            return Ok(None);
+        };
+        let check = match check {
+            Some(c) => c,
+            None => self.check(&s).await,
+        };
+        let now = now_unix();
+        match &check {
+            Check::Verified => {
+                s.checks_passed += 1;
+                self.metrics.checks.with_label_values(&["passed"]).inc();
+            }
+            Check::Breach(why) => {
+                s.checks_failed += 1;
+                self.metrics.checks.with_label_values(&["failed"]).inc();
+                tracing::warn!(step = s.step.map(|i| i + 1), failures = s.failures + 1, limit = self.plan.failure_limit, %why, "parity check failed");
+            }
+            Check::NotYet(why) | Check::NoData(why) => {
+                self.metrics.checks.with_label_values(&["pending"]).inc();
+                tracing::debug!(%why, "parity not verified yet");
+            }
+            Check::Unreachable(why) => {
+                self.metrics
+                    .checks
+                    .with_label_values(&["unreachable"])
+                    .inc();
+                tracing::warn!(%why, "parity source unreachable");
+            }
+        }
+        match &check {
+            Check::NoData(_) => {
+                s.no_data_since.get_or_insert(now);
+            }
+            Check::Unreachable(_) => {}
+            _ => s.no_data_since = None,
+        }
+        match &check {
+            Check::Unreachable(_) => {
+                s.source_down_since.get_or_insert(now);
+            }
+            _ => s.source_down_since = None,
+        }
+        let action = decide(&self.plan, &s, &check, now);
+        if matches!(check, Check::Breach(_)) {
+            s.failures += 1;
+        }
+        if s.paused.is_some() && !matches!(action, Action::Pause(_) | Action::RollBack(_)) {
+            // The cause is gone: the step's clock starts again, since what
+            // was served meanwhile was not what the step is.
+            s.paused = None;
+            s.step_started_at = now;
+            s.failures = 0;
+            self.transition(
+                &mut s,
+                "unpaused",
+                "flags and parity source as expected again".into(),
+            )
+            .await?;
+            return Ok(None);
+        }
+        match action {
+            Action::Hold => self.save(&s)?,
+            Action::Pause(why) => self.pause(&mut s, why).await?,
+            Action::Advance(n) => {
+                let pct = self.plan.steps[n];
+                let to = Levels::of(self.plan.stage, s.set, pct);
+                let why = format!(
+                    "step {} ({pct}%): step {} held {} s with parity verified",
+                    n + 1,
+                    n,
+                    self.plan.dwell_secs
+                );
+                self.apply(
+                    &mut s,
+                    Intent {
+                        event: "advance".into(),
+                        step: Some(n),
+                        levels: to,
+                        kill: false,
+                        reason: why,
+                    },
+                    &reading,
+                )
+                .await?;
+            }
+            Action::WaitForPromotion(n) => {
+                if s.status != Status::WaitingForPromotion {
+                    s.status = Status::WaitingForPromotion;
+                    let why = format!(
+                        "step {} ({}%) is a manual gate: run `switchyard rollout promote`",
+                        n + 1,
+                        self.plan.steps[n]
+                    );
+                    self.transition(&mut s, "waiting-for-promotion", why)
+                        .await?;
+                } else {
+                    self.save(&s)?;
+                }
+            }
+            Action::Finish => {
+                s.status = Status::Done;
+                self.transition(&mut s, "done", "last step held with parity verified".into())
+                    .await?;
+            }
+            Action::RollBack(why) => {
+                let (step, to) = rollback_target(&self.plan, &s);
+                tracing::error!(%why, dual_write = to.dual_write, kafka_only = to.kafka_only, "rolling back");
+                self.apply(
+                    &mut s,
+                    Intent {
+                        event: "rollback".into(),
+                        step,
+                        levels: to,
+                        kill: self.plan.rollback == Rollback::Kill,
+                        reason: why,
+                    },
+                    &reading,
+                )
+                .await?;
+            }
+        }
+        Ok(self.finished(&self.state()))
+    }
+}
+
+fn describe(r: &Reading) -> String {
+    format!(
+        "dual-write {} % / kafka-only {} %{}",
+        r.current.dual_write,
+        r.current.kafka_only,
+        if r.current.kill_switch {
+            ", killed"
+        } else {
+            ""
+        }
+    )
+}
+
+/// A Prometheus instant query → a check: 1 while parity holds, 0 on a
+/// breach, no sample: no data.
+pub fn prometheus_check(query: &str, body: &Value) -> Check {
+    if body["status"] != "success" {
+        return Check::Unreachable(format!(
+            "prometheus answered {}: {}",
+            body["status"],
+            body["error"].as_str().unwrap_or("no error message")
+        ));
+    }
+    let v = body["data"]["result"][0]["value"][1]
+        .as_str()
+        .and_then(|v| v.parse::<f64>().ok());
+    match v {
+        Some(v) if v >= 1.0 => Check::Verified,
+        Some(v) => Check::Breach(format!("prometheus query {query:?} returned {v}")),
+        None => Check::NoData(format!("prometheus query {query:?} returned no sample")),
     }
 }
 
@@ -442,7 +793,8 @@ pub fn parity_check(body: &Value) -> Check {
             "{missing_old} row(s) missing in OLD, {missing_new} in NEW (e.g. {})",
             ids.join(", ")
         )),
-        "ok" if windows > 0 && unsettled == 0 => Check::Verified,
+        _ if windows == 0 => Check::NoData("no window received rows since the step started".into()),
+        "ok" if unsettled == 0 => Check::Verified,
         _ => Check::NotYet(format!("{unsettled} of {windows} window(s) not settled")),
     }
 }
@@ -470,7 +822,7 @@ mod tests {
         let settling = json!({"status": "ok", "tables": [{"details": [{"status": "ok"}, {"status": "open"}]}]});
         assert!(matches!(parity_check(&settling), Check::NotYet(_)));
         let empty = json!({"status": "open", "tables": [{"details": []}]});
-        assert!(matches!(parity_check(&empty), Check::NotYet(_)));
+        assert!(matches!(parity_check(&empty), Check::NoData(_)));
         let bad = json!({"status": "mismatch", "tables": [{"missing_old": 0, "missing_new": 2,
             "details": [{"status": "mismatch", "check": {"missing_ids_new": ["a", "b"]}}]}]});
         match parity_check(&bad) {
@@ -479,5 +831,17 @@ mod tests {
             }
             c => panic!("{c:?}"),
         }
+    }
+
+    #[test]
+    fn prometheus_answers_become_checks() {
+        let ok = json!({"status": "success", "data": {"result": [{"value": [1, "1"]}]}});
+        assert_eq!(prometheus_check("q", &ok), Check::Verified);
+        let bad = json!({"status": "success", "data": {"result": [{"value": [1, "0"]}]}});
+        assert!(matches!(prometheus_check("q", &bad), Check::Breach(_)));
+        let none = json!({"status": "success", "data": {"result": []}});
+        assert!(matches!(prometheus_check("q", &none), Check::NoData(_)));
+        let err = json!({"status": "error", "error": "parse error"});
+        assert!(matches!(prometheus_check("q", &err), Check::Unreachable(_)));
     }
 }

@@ -54,6 +54,103 @@ pub struct Plan {
     pub webhooks: Vec<String>,
     /// Where the controller keeps its state (it resumes from it).
     pub state_file: PathBuf,
+    /// An empty parity report (no window of the step) for this long pauses
+    /// the rollout: nothing verifies the step.
+    #[serde(default = "default_no_data_pause")]
+    pub no_data_pause_secs: f64,
+    /// And for this long rolls it back (0: never; the pause holds).
+    #[serde(default)]
+    pub no_data_rollback_secs: f64,
+    /// A parity source unreachable (or answering errors) for this long
+    /// pauses the rollout and raises `switchyard_rollout_paused`.
+    #[serde(default = "default_source_down")]
+    pub source_down_pause_secs: f64,
+}
+
+fn default_no_data_pause() -> f64 {
+    300.0
+}
+
+fn default_source_down() -> f64 {
+    60.0
+}
+
+/// What identifies a plan for resuming: a state file is only resumed by the
+/// plan it was written for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanRecord {
+    pub stage: Stage,
+    pub steps: Vec<f64>,
+    pub manual_gates: Vec<f64>,
+    pub rollback: Rollback,
+    /// crc32 of the above, for display.
+    pub fingerprint: String,
+}
+
+impl PlanRecord {
+    pub fn of(plan: &Plan) -> PlanRecord {
+        let mut r = PlanRecord {
+            stage: plan.stage,
+            steps: plan.steps.clone(),
+            manual_gates: plan.manual_gates.clone(),
+            rollback: plan.rollback,
+            fingerprint: String::new(),
+        };
+        let text = serde_json::to_string(&(&r.stage, &r.steps, &r.manual_gates, &r.rollback))
+            .unwrap_or_default();
+        r.fingerprint = format!("{:08x}", crc32fast::hash(text.as_bytes()));
+        r
+    }
+
+    /// What differs from `other` (the plan now), in words; empty if nothing.
+    pub fn differences(&self, now: &PlanRecord) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.stage != now.stage {
+            out.push(format!("stage {:?} → {:?}", self.stage, now.stage));
+        }
+        if self.steps != now.steps {
+            out.push(format!("steps {:?} → {:?}", self.steps, now.steps));
+        }
+        if self.manual_gates != now.manual_gates {
+            out.push(format!(
+                "manual_gates {:?} → {:?}",
+                self.manual_gates, now.manual_gates
+            ));
+        }
+        if self.rollback != now.rollback {
+            out.push(format!("rollback {:?} → {:?}", self.rollback, now.rollback));
+        }
+        out
+    }
+}
+
+/// The two percentage flags.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Levels {
+    pub dual_write: f64,
+    pub kafka_only: f64,
+}
+
+impl Levels {
+    pub fn of(stage: Stage, base: Levels, pct: f64) -> Levels {
+        match stage {
+            Stage::DualWrite => Levels {
+                dual_write: pct,
+                ..base
+            },
+            Stage::KafkaOnly => Levels {
+                kafka_only: pct,
+                ..base
+            },
+        }
+    }
+
+    pub fn stage(&self, stage: Stage) -> f64 {
+        match stage {
+            Stage::DualWrite => self.dual_write,
+            Stage::KafkaOnly => self.kafka_only,
+        }
+    }
 }
 
 fn default_rollback() -> Rollback {
@@ -78,7 +175,45 @@ impl Plan {
                     "steps: {s} — each step must be above the previous one and at most 100"
                 ));
             }
+            if !crate::flags::folder::on_resolution(*s) {
+                return Err(format!(
+                    "steps: {s} — finer than the routing resolution of 0.01 %"
+                ));
+            }
             prev = *s;
+        }
+        for (what, url) in self
+            .parity_url
+            .iter()
+            .map(|u| ("parity_url", u))
+            .chain(self.prometheus_url.iter().map(|u| ("prometheus_url", u)))
+            .chain(self.webhooks.iter().map(|u| ("webhooks", u)))
+        {
+            match reqwest::Url::parse(url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                Ok(u) => {
+                    return Err(format!(
+                        "{what}: {:?} — an http:// or https:// URL with a host (scheme {:?})",
+                        crate::db::redact_url(url),
+                        u.scheme()
+                    ))
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "{what}: {:?} — not a URL ({e}); write it as http://host:port",
+                        crate::db::redact_url(url)
+                    ))
+                }
+            }
+        }
+        for (what, v) in [
+            ("no_data_pause_secs", self.no_data_pause_secs),
+            ("no_data_rollback_secs", self.no_data_rollback_secs),
+            ("source_down_pause_secs", self.source_down_pause_secs),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(format!("{what}: a number of seconds"));
+            }
         }
         if !(self.dwell_secs.is_finite() && self.dwell_secs >= 0.0) {
             return Err("dwell_secs: a number of seconds".into());
@@ -132,6 +267,10 @@ impl Status {
             Status::RolledBack => "rolled-back",
         }
     }
+
+    pub fn finished(self) -> bool {
+        matches!(self, Status::Done | Status::RolledBack)
+    }
 }
 
 /// One transition, for the record.
@@ -143,35 +282,79 @@ pub struct Transition {
     pub reason: String,
 }
 
+/// A flag change the controller is about to make, written (and synced)
+/// before the change: a crash between the change and its confirmation is
+/// recognised on resume by comparing the flags with it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Intent {
+    /// `advance`, `start` or `rollback`.
+    pub event: String,
+    /// The step it applies (None: back to the levels before the rollout).
+    pub step: Option<usize>,
+    pub levels: Levels,
+    /// Also sets the kill switch (a `rollback = "kill"`).
+    pub kill: bool,
+    pub reason: String,
+}
+
 /// Everything the controller must remember across a restart.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct State {
+    /// The plan this state belongs to.
+    pub plan: PlanRecord,
     pub status: Status,
-    /// Index into the plan's steps of the step being held.
-    pub step: usize,
-    /// Unix time the current step was applied.
+    /// Index into the plan's steps of the step being held (None: not yet
+    /// applied, or rolled back to the levels before the rollout).
+    pub step: Option<usize>,
+    /// Unix time the current step was applied (or resumed after a pause).
     pub step_started_at: f64,
     /// Failed checks on the current step.
     pub failures: u32,
     pub checks_passed: u64,
     pub checks_failed: u64,
-    /// The highest step index a person promoted to.
+    /// The step index a person promoted to (consumed by the advance).
     pub promoted: Option<usize>,
+    /// The flags when the rollout started: the target of a rollback from
+    /// the first step.
+    pub before: Levels,
+    /// The levels the controller last set (and confirmed).
+    pub set: Levels,
+    /// A change written before it was made, not yet confirmed.
+    pub intent: Option<Intent>,
+    /// Why the rollout is paused (a manual change, a kill, unreadable flags,
+    /// no parity data, an unreachable parity source); None when not.
+    pub paused: Option<String>,
+    /// Since when the parity reports have been empty, or the source down.
+    pub no_data_since: Option<f64>,
+    pub source_down_since: Option<f64>,
     pub history: Vec<Transition>,
 }
 
 impl State {
-    pub fn new(now: f64) -> State {
+    pub fn new(plan: &Plan, before: Levels, now: f64) -> State {
         State {
+            plan: PlanRecord::of(plan),
             status: Status::Running,
-            step: 0,
+            step: None,
             step_started_at: now,
             failures: 0,
             checks_passed: 0,
             checks_failed: 0,
             promoted: None,
+            before,
+            set: before,
+            intent: None,
+            paused: None,
+            no_data_since: None,
+            source_down_since: None,
             history: Vec::new(),
         }
+    }
+
+    /// The stage flag's percentage the controller holds.
+    pub fn percent(&self, plan: &Plan) -> f64 {
+        self.set.stage(plan.stage)
     }
 }
 
@@ -180,9 +363,13 @@ impl State {
 pub enum Check {
     /// Every window of the step checked and ok.
     Verified,
-    /// Not all windows are settled yet (or no data): wait.
+    /// Windows not settled yet: wait.
     NotYet(String),
-    /// Rows missing: a failed check.
+    /// No window at all for the step: nothing verifies it.
+    NoData(String),
+    /// The parity source did not answer (or answered an error).
+    Unreachable(String),
+    /// Rows missing or different: a failed check.
     Breach(String),
 }
 
@@ -196,17 +383,59 @@ pub enum Action {
     Finish,
     /// Roll back, with the reason.
     RollBack(String),
+    /// Pause (or stay paused) with the reason; lifted when the cause goes.
+    Pause(String),
 }
 
-/// The decision after one check, `now` seconds (unix).
+/// Checks a plan against the flags it starts from: the controller never
+/// lowers a flag to reach its first step, and Kafka-only is never above
+/// dual-write at any step.
+pub fn check_start(plan: &Plan, now: Levels) -> Result<(), String> {
+    let first = plan.steps[0];
+    let current = now.stage(plan.stage);
+    let name = match plan.stage {
+        Stage::DualWrite => "dual-write",
+        Stage::KafkaOnly => "kafka-only",
+    };
+    if first < current {
+        let above: Vec<f64> = plan
+            .steps
+            .iter()
+            .copied()
+            .filter(|s| *s > current)
+            .collect();
+        return Err(format!(
+            "{name} is at {current} %, above this plan's first step ({first} %): the controller never lowers a flag to start; begin the steps above {current} (for example {above:?})"
+        ));
+    }
+    if plan.stage == Stage::KafkaOnly {
+        if let Some(s) = plan.steps.iter().find(|s| **s > now.dual_write) {
+            return Err(format!(
+                "step {s} % of kafka-only is above dual-write ({} %): accounts would skip the dual stage; raise dual-write first",
+                now.dual_write
+            ));
+        }
+    } else if first < now.kafka_only {
+        return Err(format!(
+            "dual-write step {first} % is below kafka-only ({} %)",
+            now.kafka_only
+        ));
+    }
+    Ok(())
+}
+
+/// The decision after one check, `now` seconds (unix). Pauses for flags
+/// (manual change, kill, unreadable) are decided before, by the caller.
 pub fn decide(plan: &Plan, state: &State, check: &Check, now: f64) -> Action {
+    let step = state.step.unwrap_or(0);
+    let since = |t: Option<f64>| t.map(|t| now - t).unwrap_or(0.0);
     match check {
         Check::Breach(why) => {
             if state.failures + 1 >= plan.failure_limit {
                 Action::RollBack(format!(
                     "parity breach on step {} ({}%), {} failed check(s): {why}",
-                    state.step + 1,
-                    plan.steps[state.step],
+                    step + 1,
+                    plan.steps[step],
                     state.failures + 1
                 ))
             } else {
@@ -214,11 +443,35 @@ pub fn decide(plan: &Plan, state: &State, check: &Check, now: f64) -> Action {
             }
         }
         Check::NotYet(_) => Action::Hold,
+        Check::NoData(why) => {
+            let for_secs = since(state.no_data_since);
+            if plan.no_data_rollback_secs > 0.0 && for_secs >= plan.no_data_rollback_secs {
+                Action::RollBack(format!(
+                    "no parity data for step {} ({}%) for {for_secs:.0} s: {why}",
+                    step + 1,
+                    plan.steps[step]
+                ))
+            } else if for_secs >= plan.no_data_pause_secs {
+                Action::Pause(format!("no parity data for {for_secs:.0} s: {why}"))
+            } else {
+                Action::Hold
+            }
+        }
+        Check::Unreachable(why) => {
+            let for_secs = since(state.source_down_since);
+            if for_secs >= plan.source_down_pause_secs {
+                Action::Pause(format!(
+                    "parity source unreachable for {for_secs:.0} s: {why}"
+                ))
+            } else {
+                Action::Hold
+            }
+        }
         Check::Verified => {
             if now - state.step_started_at < plan.dwell_secs {
                 return Action::Hold;
             }
-            let next = state.step + 1;
+            let next = step + 1;
             if next >= plan.steps.len() {
                 return Action::Finish;
             }
@@ -232,13 +485,22 @@ pub fn decide(plan: &Plan, state: &State, check: &Check, now: f64) -> Action {
     }
 }
 
-/// The flag value a rollback leaves: the previous step (0 before the first).
-pub fn rollback_percent(plan: &Plan, state: &State) -> f64 {
-    if state.step == 0 {
-        0.0
-    } else {
-        plan.steps[state.step - 1]
+/// Where a rollback goes: the last step that passed (the one before the
+/// step held), or the levels before the rollout; never Kafka-only above
+/// dual-write.
+pub fn rollback_target(plan: &Plan, state: &State) -> (Option<usize>, Levels) {
+    let (step, pct) = match state.step {
+        Some(s) if s > 0 => (Some(s - 1), plan.steps[s - 1]),
+        _ => (None, state.before.stage(plan.stage)),
+    };
+    let mut l = Levels::of(plan.stage, state.set, pct);
+    if l.kafka_only > l.dual_write {
+        match plan.stage {
+            Stage::DualWrite => l.dual_write = l.kafka_only,
+            Stage::KafkaOnly => l.kafka_only = l.dual_write,
+        }
     }
+    (step, l)
 }
 
 #[cfg(test)]
@@ -268,6 +530,9 @@ mod tests {
             ("steps = [5, 1]", "above the previous"),
             ("steps = [101]", "at most 100"),
             ("failure_limit = 0", "at least 1"),
+            ("steps = [0.001, 1]", "resolution"),
+            ("parity_url = \"127.0.0.1:19096\"", "http://"),
+            ("parity_url = \"ftp://x\"", "http://"),
         ] {
             let mut text = r#"
                 stage = "dual-write"
@@ -293,10 +558,26 @@ mod tests {
         assert!(Plan::parse("stage = \"sideways\"").is_err());
     }
 
+    fn state(p: &Plan, step: Option<usize>, at: f64) -> State {
+        let mut s = State::new(
+            p,
+            Levels {
+                dual_write: 0.0,
+                kafka_only: 0.0,
+            },
+            at,
+        );
+        s.step = step;
+        if let Some(i) = step {
+            s.set = Levels::of(p.stage, s.set, p.steps[i]);
+        }
+        s
+    }
+
     #[test]
     fn a_step_advances_only_after_the_dwell_with_parity_verified() {
         let p = plan();
-        let s = State::new(1000.0);
+        let s = state(&p, Some(0), 1000.0);
         assert_eq!(decide(&p, &s, &Check::Verified, 1030.0), Action::Hold);
         assert_eq!(
             decide(&p, &s, &Check::NotYet("settling".into()), 1100.0),
@@ -306,10 +587,9 @@ mod tests {
     }
 
     #[test]
-    fn a_breach_rolls_back_at_the_failure_limit() {
+    fn a_breach_rolls_back_to_the_last_step_that_passed() {
         let p = plan();
-        let mut s = State::new(0.0);
-        s.step = 2;
+        let mut s = state(&p, Some(2), 0.0);
         assert_eq!(
             decide(&p, &s, &Check::Breach("3 missing".into()), 10.0),
             Action::Hold
@@ -322,23 +602,116 @@ mod tests {
             ),
             a => panic!("{a:?}"),
         }
-        assert_eq!(rollback_percent(&p, &s), 5.0);
-        s.step = 0;
-        assert_eq!(rollback_percent(&p, &s), 0.0);
+        assert_eq!(rollback_target(&p, &s).0, Some(1));
+        assert_eq!(rollback_target(&p, &s).1.dual_write, 5.0);
+        // From the first step: back to where the rollout started.
+        let mut s = state(&p, Some(0), 0.0);
+        s.before = Levels {
+            dual_write: 0.5,
+            kafka_only: 0.25,
+        };
+        s.set.kafka_only = 0.25;
+        assert_eq!(rollback_target(&p, &s), (None, s.before));
+    }
+
+    #[test]
+    fn a_rollback_never_leaves_kafka_only_above_dual_write() {
+        // From dual 30 / kafka 10, a dual plan [40, 60] breaching at 40.
+        let p = Plan::parse(
+            r#"
+            stage = "dual-write"
+            steps = [40, 60]
+            dwell_secs = 1
+            check_interval_secs = 1
+            failure_limit = 1
+            parity_url = "http://127.0.0.1:9096"
+            state_file = "s.json"
+            "#,
+        )
+        .unwrap();
+        let before = Levels {
+            dual_write: 30.0,
+            kafka_only: 10.0,
+        };
+        let mut s = State::new(&p, before, 0.0);
+        s.step = Some(0);
+        s.set = Levels::of(p.stage, before, 40.0);
+        let (_, l) = rollback_target(&p, &s);
+        assert_eq!(l, before);
+        assert!(l.kafka_only <= l.dual_write);
+    }
+
+    #[test]
+    fn a_plan_never_lowers_a_flag_to_start_and_keeps_kafka_under_dual() {
+        let kafka = Plan::parse(
+            r#"
+            stage = "kafka-only"
+            steps = [5, 25, 50]
+            dwell_secs = 1
+            check_interval_secs = 1
+            failure_limit = 1
+            parity_url = "http://127.0.0.1:9096"
+            state_file = "s.json"
+            "#,
+        )
+        .unwrap();
+        let at = |d, k| Levels {
+            dual_write: d,
+            kafka_only: k,
+        };
+        let e = check_start(&kafka, at(100.0, 20.0)).unwrap_err();
+        assert!(e.contains("never lowers"), "{e}");
+        let e = check_start(&kafka, at(30.0, 0.0)).unwrap_err();
+        assert!(e.contains("above dual-write"), "{e}");
+        assert!(check_start(&kafka, at(50.0, 5.0)).is_ok());
+    }
+
+    #[test]
+    fn no_data_pauses_then_rolls_back_and_an_unreachable_source_pauses() {
+        let mut p = plan();
+        p.no_data_pause_secs = 60.0;
+        p.no_data_rollback_secs = 120.0;
+        let mut s = state(&p, Some(1), 0.0);
+        s.no_data_since = Some(100.0);
+        let nd = Check::NoData("empty".into());
+        assert_eq!(decide(&p, &s, &nd, 130.0), Action::Hold);
+        assert!(matches!(decide(&p, &s, &nd, 170.0), Action::Pause(_)));
+        assert!(matches!(decide(&p, &s, &nd, 230.0), Action::RollBack(_)));
+        s.source_down_since = Some(100.0);
+        let down = Check::Unreachable("refused".into());
+        assert_eq!(decide(&p, &s, &down, 130.0), Action::Hold);
+        assert!(matches!(decide(&p, &s, &down, 161.0), Action::Pause(_)));
     }
 
     #[test]
     fn manual_gates_wait_for_a_person() {
         let p = plan();
-        let mut s = State::new(0.0);
-        s.step = 2;
+        let mut s = state(&p, Some(2), 0.0);
         assert_eq!(
             decide(&p, &s, &Check::Verified, 100.0),
             Action::WaitForPromotion(3)
         );
         s.promoted = Some(3);
         assert_eq!(decide(&p, &s, &Check::Verified, 100.0), Action::Advance(3));
-        s.step = 3;
+        s.step = Some(3);
         assert_eq!(decide(&p, &s, &Check::Verified, 200.0), Action::Finish);
+    }
+
+    #[test]
+    fn a_plan_is_identified_by_what_resuming_depends_on() {
+        let p = plan();
+        let mut q = plan();
+        q.dwell_secs = 5.0;
+        assert_eq!(PlanRecord::of(&p), PlanRecord::of(&q));
+        q.steps = vec![1.0, 10.0];
+        let d = PlanRecord::of(&p).differences(&PlanRecord::of(&q));
+        assert!(
+            d[0].contains("[1.0, 5.0, 25.0, 100.0] → [1.0, 10.0]"),
+            "{d:?}"
+        );
+        assert_ne!(
+            PlanRecord::of(&p).fingerprint,
+            PlanRecord::of(&q).fingerprint
+        );
     }
 }

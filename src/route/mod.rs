@@ -65,8 +65,6 @@ pub enum StartError {
     #[error("offline folder {dir}: {source}")]
     Offline { dir: String, source: std::io::Error },
     #[error("flags: {0}")]
-    Flags(#[from] crate::flags::LocalStartError),
-    #[error("flags: {0}")]
     LaunchDarkly(#[from] crate::flags::LaunchDarklyStartError),
     #[error(transparent)]
     Kafka(#[from] SinkError),
@@ -179,9 +177,9 @@ pub async fn run(
             let flags = LocalFlags::start(
                 &cfg.flags.dir,
                 cfg.flags.keys.clone(),
+                Some(cfg.flags_last_good_file()),
                 metrics.flags.clone(),
-            )
-            .await?;
+            );
             metrics.flags.loaded.set(1);
             let task = flags.watch(
                 Duration::from_millis(cfg.flags.poll_ms),
@@ -291,13 +289,14 @@ async fn metrics_handler(State(app): State<Arc<App>>) -> Response {
 async fn readyz(State(app): State<Arc<App>>) -> Response {
     let draining = app.draining.load(Ordering::SeqCst);
     let flags = app.flags.status();
+    let ready = !draining && flags.ready;
     let body = json!({
-        "ready": !draining,
+        "ready": ready,
         "draining": draining,
         "flags": flags,
         "kafka": {"breaker_open": app.kafka.breaker_open(), "topic": app.kafka.topic()},
     });
-    let status = if draining {
+    let status = if !ready {
         StatusCode::SERVICE_UNAVAILABLE
     } else {
         StatusCode::OK

@@ -402,6 +402,8 @@ impl Dirs {
         let flags = root.path().join("flags");
         std::fs::create_dir_all(&offline).expect("mkdir");
         std::fs::create_dir_all(&flags).expect("mkdir");
+        // A router with no kill-switch file fails closed (everything legacy).
+        set_flag(&flags, "switchyard-kill-switch", serde_json::json!(false));
         Dirs {
             root,
             offline,
