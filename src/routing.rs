@@ -7,6 +7,19 @@
 
 use serde::Serialize;
 
+/// A fingerprint of what decides an account's bucket and route (the salt
+/// and the flag keys), safe to export: it does not reveal the salt.
+pub fn fingerprint(salt: &str, keys: &[&str]) -> String {
+    let mut h = crc32fast::Hasher::new();
+    h.update(b"switchyard-routing-v1\0");
+    h.update(salt.as_bytes());
+    for k in keys {
+        h.update(b"\0");
+        h.update(k.as_bytes());
+    }
+    format!("{:08x}", h.finalize())
+}
+
 /// Number of buckets: percentages have a resolution of 0.01.
 pub const BUCKETS: u32 = 10_000;
 

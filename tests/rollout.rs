@@ -256,7 +256,7 @@ async fn rows_lost_mid_rollout_roll_it_back() {
     };
     // Hold step 1 (20%) for its dwell: it must not advance in under 30 s.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_eq!(c.state().step, 0, "{}", c.status_json());
+    assert_eq!(c.state().step, Some(0), "{}", c.status_json());
     // Rows vanish from NEW among those written during the step.
     let since = c.state().step_started_at as i64;
     live.new
@@ -436,6 +436,12 @@ async fn gates_webhooks_and_resume() {
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move { axum::serve(listener, app).await });
     let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("flags")).unwrap();
+    set_flag(
+        &dir.path().join("flags"),
+        "switchyard-kill-switch",
+        json!(false),
+    );
     let state = dir.path().join("state.json");
     let plan_path = dir.path().join("plan.toml");
     std::fs::write(
@@ -488,13 +494,13 @@ async fn gates_webhooks_and_resume() {
         RolloutMetrics::new(&prometheus::Registry::new()).unwrap(),
     )
     .unwrap();
-    assert_eq!(c.state().step, 1, "resumed, not restarted");
+    assert_eq!(c.state().step, Some(1), "resumed, not restarted");
     let run = {
         let c = c.clone();
         tokio::spawn(async move { c.run(CancellationToken::new()).await })
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(c.state().step, 1, "a manual gate holds");
+    assert_eq!(c.state().step, Some(1), "a manual gate holds");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args([
             "rollout",

@@ -434,6 +434,42 @@ async fn a_broken_flag_file_keeps_the_last_good_values() {
         .unwrap()
         .contains("not a LaunchDarkly flag"));
     assert!(router.counter("switchyard_route_flag_reload_errors_total", &[]) >= 1.0);
+    let (code, body) = router.readyz().await;
+    assert_eq!(code, 503, "a broken flag file is not ready: {body}");
+    assert_eq!(body["flags"]["ready"], false, "{body}");
+    assert_eq!(router.counter("switchyard_route_flag_problems", &[]), 1.0);
+    router.stop().await;
+
+    // A router restarted while the file is still broken serves what the
+    // running one served (its persisted last good flags), not the default.
+    let router = InProcess::start(config(&dirs, &topic), &broker.brokers()).await;
+    let v = router.explain(7).await;
+    assert_eq!(v["route"], "dual", "{v}");
+    assert_eq!(v["flag_source"]["origins"]["dual_write"], "last-good", "{v}");
+    // A value of the wrong type is a problem too, not a silent 0.
+    std::fs::write(
+        dirs.flags.join(format!("{DUAL}.json")),
+        flag_json(DUAL, json!("30"), &[]),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let v = router.explain(7).await;
+    assert_eq!(v["route"], "dual", "{v}");
+    assert!(
+        v["flag_source"]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("not a number"),
+        "{v}"
+    );
+    // Deleting the kill-switch file does not release a kill.
+    set_flag(&dirs.flags, "switchyard-kill-switch", json!(true));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(router.explain(7).await["route"], "legacy");
+    std::fs::remove_file(dirs.flags.join("switchyard-kill-switch.json")).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let v = router.explain(7).await;
+    assert_eq!(v["route"], "legacy", "{v}");
     router.stop().await;
 }
 

@@ -511,6 +511,9 @@ impl Controller {
                 self.store.set(w, json!(want), false, &comment).await?;
             }
         }
+        if let Ok(r) = self.store.read().await {
+            *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+        }
         self.confirm(s, &intent).await
     }
 

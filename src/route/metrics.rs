@@ -1,6 +1,8 @@
 //! Everything the router exports: `switchyard_route_*`.
 
-use prometheus::{Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Registry};
+use prometheus::{
+    Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 use crate::flags::FlagMetrics;
 use crate::kafka::{KafkaMetrics, DELIVERY_ERROR_KINDS};
@@ -19,6 +21,9 @@ pub struct RouteMetrics {
     pub inflight_requests: IntGauge,
     pub inflight_bytes: IntGauge,
     pub ready: Gauge,
+    /// 1, labelled with the fingerprint of the salt and flag keys: replicas
+    /// that differ bucket the same account differently.
+    pub routing_info: IntGaugeVec,
     pub flags: FlagMetrics,
     pub offline: OfflineMetrics,
     pub kafka: KafkaMetrics,
@@ -37,7 +42,16 @@ impl RouteMetrics {
         reg.register(Box::new(request_seconds.clone()))?;
         let ready = Gauge::new("switchyard_route_ready", "1 when /readyz answers 200")?;
         reg.register(Box::new(ready.clone()))?;
+        let routing_info = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_route_routing_info",
+                "1, labelled with the fingerprint of the routing salt and flag keys (replicas must agree)",
+            ),
+            &["fingerprint"],
+        )?;
+        reg.register(Box::new(routing_info.clone()))?;
         let m = RouteMetrics {
+            routing_info,
             requests: counter_vec(
                 reg,
                 "switchyard_route_requests_total",

@@ -74,6 +74,8 @@ pub enum StartError {
 
 /// Shared request state.
 struct App {
+    /// Fingerprint of the salt and flag keys (`switchyard_route_routing_info`).
+    routing: String,
     schema: Schema,
     salt: String,
     flags: Arc<dyn FlagSource>,
@@ -189,7 +191,17 @@ pub async fn run(
         }
     };
 
+    let routing = crate::routing::fingerprint(
+        &cfg.route.salt,
+        &[
+            &cfg.flags.keys.kill_switch,
+            &cfg.flags.keys.kafka_only,
+            &cfg.flags.keys.dual_write,
+        ],
+    );
+    metrics.routing_info.with_label_values(&[&routing]).set(1);
     let app = Arc::new(App {
+        routing: routing.clone(),
         schema,
         salt: cfg.route.salt.clone(),
         flags: flags.clone(),
@@ -307,7 +319,8 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
 #[derive(Serialize)]
 struct Explanation {
     account_id: u64,
-    salt: String,
+    /// The salt's fingerprint (with the flag keys), not the salt itself.
+    routing_fingerprint: String,
     bucket: u32,
     flags: crate::routing::FlagValues,
     thresholds: HashMap<&'static str, u32>,
@@ -332,7 +345,7 @@ async fn explain(State(app): State<Arc<App>>, Path(account): Path<String>) -> Re
     let (route, reason) = decide(b, &flags);
     Json(Explanation {
         account_id,
-        salt: app.salt.clone(),
+        routing_fingerprint: app.routing.clone(),
         bucket: b,
         flags,
         thresholds: HashMap::from([

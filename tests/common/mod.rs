@@ -502,14 +502,15 @@ impl InProcess {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             assert!(!handle.is_finished(), "router exited at start");
-            if let Ok(r) = client
+            // Answering is enough: a router with a broken flag file serves
+            // (on its last good flags) while saying it is not ready.
+            if client
                 .get(format!("http://{admin_addr}/readyz"))
                 .send()
                 .await
+                .is_ok()
             {
-                if r.status().is_success() {
-                    break;
-                }
+                break;
             }
             assert!(Instant::now() < deadline, "router not ready");
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -547,6 +548,15 @@ impl InProcess {
 
     pub fn counter(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         metric_value(&self.registry, name, labels)
+    }
+
+    /// `GET /readyz` on the admin port: (status code, body).
+    pub async fn readyz(&self) -> (u16, serde_json::Value) {
+        let r = reqwest::get(format!("http://{}/readyz", self.admin))
+            .await
+            .expect("readyz request");
+        let code = r.status().as_u16();
+        (code, r.json().await.expect("readyz JSON"))
     }
 }
 
