@@ -347,6 +347,7 @@ async fn flag_flips_give_zero_mismatches_and_deleted_rows_are_named() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_consumer_is_pending_then_mismatch_then_recovers() {
     let mut stack = Stack::start().await;
+    set_flag(&stack.dirs.flags, DUAL, json!(100));
     set_flag(&stack.dirs.flags, KAFKA, json!(100));
     tokio::time::sleep(Duration::from_millis(60)).await;
     let (_, k1) = stack.send(0, 200).await;

@@ -238,9 +238,14 @@ async fn the_rest_api_gets_the_right_requests() {
         .find(|l| l.0 == "PATCH")
         .cloned()
         .unwrap();
+    // Off, serving the `true` variation: targeted accounts are killed too,
+    // and only the chosen environment changes.
     assert_eq!(
-        kill.3["patch"][0],
-        json!({"op": "replace", "path": "/environments/staging/fallthrough/variation", "value": 0})
+        kill.3["patch"],
+        json!([
+            {"op": "replace", "path": "/environments/staging/offVariation", "value": 0},
+            {"op": "replace", "path": "/environments/staging/on", "value": false}
+        ])
     );
     let (code, out, _) = tokio::task::spawn_blocking(move || flags_cmd(port, &["unkill"]))
         .await

@@ -250,7 +250,11 @@ async fn starts_on_the_safe_default_and_switches_when_flags_arrive() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap()["legacy"], 1);
 
-    let _ld = LdServer::start(port, &[(DUAL, json!(100)), (KAFKA, json!(0))]).await;
+    let _ld = LdServer::start(
+        port,
+        &[(DUAL, json!(100)), (KAFKA, json!(0)), (KILL, json!(false))],
+    )
+    .await;
     let t = Instant::now();
     loop {
         let v = router.explain(7).await;

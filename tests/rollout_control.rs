@@ -150,7 +150,12 @@ fn with_parity(extra: &str, p: &Parity) -> String {
     format!("{extra}\nparity_url = \"http://127.0.0.1:{}\"", p.port)
 }
 
-fn spawn(c: &Arc<Controller>) -> (tokio::task::JoinHandle<Result<Outcome, RolloutError>>, CancellationToken) {
+fn spawn(
+    c: &Arc<Controller>,
+) -> (
+    tokio::task::JoinHandle<Result<Outcome, RolloutError>>,
+    CancellationToken,
+) {
     let stop = CancellationToken::new();
     let (c, s) = (c.clone(), stop.clone());
     (tokio::spawn(async move { c.run(s).await }), stop)
@@ -177,7 +182,10 @@ async fn a_state_resumes_only_the_plan_it_was_written_for() {
     let s = Setup::new();
     let p = Parity::start().await;
     let c = s
-        .controller(s.plan(&with_parity("steps = [1, 2, 3, 5, 10]\ndwell_secs = 0.1", &p)))
+        .controller(s.plan(&with_parity(
+            "steps = [1, 2, 3, 5, 10]\ndwell_secs = 0.1",
+            &p,
+        )))
         .unwrap();
     let (run, stop) = spawn(&c);
     wait_for("step 4", &c, |st| st.step == Some(3)).await;
@@ -186,15 +194,24 @@ async fn a_state_resumes_only_the_plan_it_was_written_for() {
     assert_eq!(s.levels().await.0, 5.0);
 
     for (edit, want) in [
-        ("steps = [1, 5, 25, 100]\nmanual_gates = [100]", "steps [1.0, 2.0, 3.0, 5.0, 10.0] → [1.0, 5.0, 25.0, 100.0]"),
+        (
+            "steps = [1, 5, 25, 100]\nmanual_gates = [100]",
+            "steps [1.0, 2.0, 3.0, 5.0, 10.0] → [1.0, 5.0, 25.0, 100.0]",
+        ),
         ("steps = [1, 10]", "steps"),
-        ("stage = \"kafka-only\"\nsteps = [1, 2, 3, 5, 10]", "stage DualWrite → KafkaOnly"),
+        (
+            "stage = \"kafka-only\"\nsteps = [1, 2, 3, 5, 10]",
+            "stage DualWrite → KafkaOnly",
+        ),
     ] {
         let e = match s.controller(s.plan(&with_parity(edit, &p))) {
             Err(e) => e.to_string(),
             Ok(_) => panic!("{edit}: resumed a state of another plan"),
         };
-        assert!(e.contains(want) && e.contains("remove the state file"), "{edit}: {e}");
+        assert!(
+            e.contains(want) && e.contains("remove the state file"),
+            "{edit}: {e}"
+        );
     }
     // The flags were left alone.
     assert_eq!(s.levels().await, (5.0, 0.0, false));
@@ -215,7 +232,12 @@ async fn a_state_resumes_only_the_plan_it_was_written_for() {
         .arg(&s.flags)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("another plan"));
 }
 
@@ -223,26 +245,41 @@ async fn a_state_resumes_only_the_plan_it_was_written_for() {
 async fn a_manual_change_or_a_kill_pauses_and_nothing_is_overridden() {
     let s = Setup::new();
     let p = Parity::start().await;
-    let c = s.controller(s.plan(&with_parity("dwell_secs = 1", &p))).unwrap();
+    let c = s
+        .controller(s.plan(&with_parity("dwell_secs = 1", &p)))
+        .unwrap();
     let (run, _stop) = spawn(&c);
     wait_for("step 1", &c, |st| st.step == Some(0) && st.paused.is_none()).await;
 
     // An operator sets dual-write to 0: the controller pauses, not advances.
-    s.store().set(Which::DualWrite, json!(0), false, "operator").await.unwrap();
+    s.store()
+        .set(Which::DualWrite, json!(0), false, "operator")
+        .await
+        .unwrap();
     wait_for("paused", &c, |st| st.paused.is_some()).await;
     assert!(c.state().paused.unwrap().contains("manual change"));
     assert_eq!(c.status_json()["status"], "paused");
-    assert_eq!(c.status_json()["percent"], 0.0, "/status shows the real flag");
+    assert_eq!(
+        c.status_json()["percent"],
+        0.0,
+        "/status shows the real flag"
+    );
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(s.levels().await.0, 0.0, "not overridden");
     assert_eq!(c.state().step, Some(0));
 
     // Set back: it resumes, and the step's clock starts again.
-    s.store().set(Which::DualWrite, json!(10), false, "operator").await.unwrap();
+    s.store()
+        .set(Which::DualWrite, json!(10), false, "operator")
+        .await
+        .unwrap();
     wait_for("unpaused", &c, |st| st.paused.is_none()).await;
 
     // A kill: paused, never advancing while killed.
-    s.store().set(Which::KillSwitch, json!(true), false, "operator").await.unwrap();
+    s.store()
+        .set(Which::KillSwitch, json!(true), false, "operator")
+        .await
+        .unwrap();
     wait_for("paused by the kill", &c, |st| {
         st.paused.as_deref() == Some("the kill switch is on")
     })
@@ -250,28 +287,53 @@ async fn a_manual_change_or_a_kill_pauses_and_nothing_is_overridden() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(s.levels().await, (10.0, 0.0, true));
     // Unkilled: the level is the one verified, no jump.
-    s.store().set(Which::KillSwitch, json!(false), false, "operator").await.unwrap();
+    s.store()
+        .set(Which::KillSwitch, json!(false), false, "operator")
+        .await
+        .unwrap();
     wait_for("unpaused", &c, |st| st.paused.is_none()).await;
     assert_eq!(s.levels().await.0, 10.0);
-    let out = tokio::time::timeout(Duration::from_secs(20), run).await.unwrap().unwrap().unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(20), run)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(out, Outcome::Done);
     let events: Vec<String> = c.state().history.iter().map(|t| t.event.clone()).collect();
-    assert!(events.iter().filter(|e| *e == "paused").count() >= 2, "{events:?}");
+    assert!(
+        events.iter().filter(|e| *e == "paused").count() >= 2,
+        "{events:?}"
+    );
 }
 
 #[tokio::test]
 async fn a_kafka_only_plan_never_lowers_kafka_only_nor_passes_dual_write() {
     let s = Setup::new();
     let p = Parity::start().await;
-    s.store().set(Which::DualWrite, json!(100), false, "t").await.unwrap();
-    s.store().set(Which::KafkaOnly, json!(20), false, "t").await.unwrap();
-    let plan = s.plan(&with_parity("stage = \"kafka-only\"\nsteps = [5, 25, 50]", &p));
+    s.store()
+        .set(Which::DualWrite, json!(100), false, "t")
+        .await
+        .unwrap();
+    s.store()
+        .set(Which::KafkaOnly, json!(20), false, "t")
+        .await
+        .unwrap();
+    let plan = s.plan(&with_parity(
+        "stage = \"kafka-only\"\nsteps = [5, 25, 50]",
+        &p,
+    ));
     let c = s.controller(plan).unwrap();
     let e = c.run(CancellationToken::new()).await.unwrap_err();
-    assert!(matches!(e, RolloutError::Plan(_)) && e.to_string().contains("never lowers"), "{e}");
+    assert!(
+        matches!(e, RolloutError::Plan(_)) && e.to_string().contains("never lowers"),
+        "{e}"
+    );
     assert_eq!(s.levels().await, (100.0, 20.0, false));
     // A step above dual-write is refused at start, not when reached.
-    s.store().set(Which::DualWrite, json!(30), false, "t").await.unwrap();
+    s.store()
+        .set(Which::DualWrite, json!(30), false, "t")
+        .await
+        .unwrap();
     let _ = std::fs::remove_file(s.state_file());
     let c = s
         .controller(s.plan(&with_parity("stage = \"kafka-only\"\nsteps = [25, 50]", &p)))
@@ -292,7 +354,9 @@ impl StateWriter for CrashAfter {
     fn write(&self, path: &Path, state: &State) -> std::io::Result<()> {
         if self.armed.load(Ordering::SeqCst) && !self.crashed.load(Ordering::SeqCst) {
             self.crashed.store(true, Ordering::SeqCst);
-            return Err(std::io::Error::other("killed between the flag change and its record"));
+            return Err(std::io::Error::other(
+                "killed between the flag change and its record",
+            ));
         }
         if state.intent.as_ref().is_some_and(|i| i.event == self.event) {
             self.armed.store(true, Ordering::SeqCst);
@@ -306,7 +370,11 @@ async fn a_crash_between_a_flag_change_and_its_record_is_recognised() {
     for event in ["advance", "rollback"] {
         let s = Setup::new();
         let p = Parity::start().await;
-        let dwell = if event == "rollback" { "dwell_secs = 1" } else { "dwell_secs = 0.2" };
+        let dwell = if event == "rollback" {
+            "dwell_secs = 1"
+        } else {
+            "dwell_secs = 0.2"
+        };
         let plan = s.plan(&with_parity(dwell, &p));
         let writer = Arc::new(CrashAfter {
             event,
@@ -319,8 +387,13 @@ async fn a_crash_between_a_flag_change_and_its_record_is_recognised() {
                 self.0.write(path, state)
             }
         }
-        let c = Controller::with_writer(plan.clone(), s.store(), metrics(), Box::new(Shared(writer.clone())))
-            .unwrap();
+        let c = Controller::with_writer(
+            plan.clone(),
+            s.store(),
+            metrics(),
+            Box::new(Shared(writer.clone())),
+        )
+        .unwrap();
         if event == "rollback" {
             // Reach step 2, then break parity.
             let (run, stop) = spawn(&c);
@@ -329,8 +402,13 @@ async fn a_crash_between_a_flag_change_and_its_record_is_recognised() {
             let _ = run.await;
             assert_eq!(c.state().step, Some(1), "held at step 2");
             p.set(Answer::Mismatch);
-            let c = Controller::with_writer(plan.clone(), s.store(), metrics(), Box::new(Shared(writer.clone())))
-                .unwrap();
+            let c = Controller::with_writer(
+                plan.clone(),
+                s.store(),
+                metrics(),
+                Box::new(Shared(writer.clone())),
+            )
+            .unwrap();
             let e = c.run(CancellationToken::new()).await.unwrap_err();
             assert!(e.to_string().contains("killed between"), "{e}");
         } else {
@@ -340,7 +418,10 @@ async fn a_crash_between_a_flag_change_and_its_record_is_recognised() {
         let (dual_at_crash, _, _) = s.levels().await;
         let on_disk: State =
             serde_json::from_str(&std::fs::read_to_string(s.state_file()).unwrap()).unwrap();
-        assert!(on_disk.intent.is_some(), "{event}: the intent was recorded first");
+        assert!(
+            on_disk.intent.is_some(),
+            "{event}: the intent was recorded first"
+        );
         // Resumed: the change that was made is recognised, not redone from
         // the old step (an account would go dual → legacy → dual) nor undone.
         p.set(Answer::Ok);
@@ -348,7 +429,12 @@ async fn a_crash_between_a_flag_change_and_its_record_is_recognised() {
         let (run, stop) = spawn(&c);
         wait_for("resumed", &c, |st| st.intent.is_none()).await;
         let st = c.state();
-        assert_eq!(st.set.dual_write, dual_at_crash, "{event}: {}", c.status_json());
+        assert_eq!(
+            st.set.dual_write,
+            dual_at_crash,
+            "{event}: {}",
+            c.status_json()
+        );
         assert_eq!(s.levels().await.0, dual_at_crash);
         if event == "rollback" {
             assert_eq!(st.status, Status::RolledBack);
@@ -366,8 +452,14 @@ async fn rollback_goes_to_the_last_good_levels_and_a_kill_lowers_the_stage_too()
     for rollback in ["previous", "kill"] {
         let s = Setup::new();
         let p = Parity::start().await;
-        s.store().set(Which::DualWrite, json!(30), false, "t").await.unwrap();
-        s.store().set(Which::KafkaOnly, json!(10), false, "t").await.unwrap();
+        s.store()
+            .set(Which::DualWrite, json!(30), false, "t")
+            .await
+            .unwrap();
+        s.store()
+            .set(Which::KafkaOnly, json!(10), false, "t")
+            .await
+            .unwrap();
         p.set(Answer::Mismatch);
         let plan = s.plan(&with_parity(
             &format!("steps = [40, 60]\nrollback = \"{rollback}\""),
@@ -377,16 +469,30 @@ async fn rollback_goes_to_the_last_good_levels_and_a_kill_lowers_the_stage_too()
         let out = c.run(CancellationToken::new()).await.unwrap();
         assert!(matches!(out, Outcome::RolledBack(_)), "{out:?}");
         let (dual, kafka, killed) = s.levels().await;
-        assert_eq!((dual, kafka), (30.0, 10.0), "{rollback}: back to where it started");
+        assert_eq!(
+            (dual, kafka),
+            (30.0, 10.0),
+            "{rollback}: back to where it started"
+        );
         assert_eq!(killed, rollback == "kill");
-        assert_eq!(c.status_json()["percent"], 30.0, "/status shows the real level");
+        assert_eq!(
+            c.status_json()["percent"],
+            30.0,
+            "/status shows the real level"
+        );
         if rollback == "kill" {
             // Unkilling restores the level before the rollout, not the failing one.
-            s.store().set(Which::KillSwitch, json!(false), false, "t").await.unwrap();
+            s.store()
+                .set(Which::KillSwitch, json!(false), false, "t")
+                .await
+                .unwrap();
             assert_eq!(s.levels().await, (30.0, 10.0, false));
         }
         // The operator can go on from there.
-        s.store().set(Which::DualWrite, json!(35), false, "t").await.unwrap();
+        s.store()
+            .set(Which::DualWrite, json!(35), false, "t")
+            .await
+            .unwrap();
     }
 }
 
@@ -399,19 +505,36 @@ async fn a_broken_flag_file_pauses_the_rollout_and_the_kill_switch_still_works()
         .unwrap();
     let (run, stop) = spawn(&c);
     wait_for("step 1", &c, |st| st.step == Some(0)).await;
-    std::fs::write(s.flags.join(format!("{KAFKA}.json")), "{\"key\": \"switchyard-ka").unwrap();
-    wait_for("paused", &c, |st| st.paused.as_deref().is_some_and(|p| p.contains("flag problems"))).await;
+    std::fs::write(
+        s.flags.join(format!("{KAFKA}.json")),
+        "{\"key\": \"switchyard-ka",
+    )
+    .unwrap();
+    wait_for("paused", &c, |st| {
+        st.paused
+            .as_deref()
+            .is_some_and(|p| p.contains("flag problems"))
+    })
+    .await;
     // `flags kill` writes the kill switch alone, whatever the others are.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(["flags", "kill", "--flags-dir"])
         .arg(&s.flags)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let kill: Value =
-        serde_json::from_str(&std::fs::read_to_string(s.flags.join(format!("{KILL}.json"))).unwrap())
-            .unwrap();
-    assert_eq!(kill["on"], false, "killed for everyone, targets included: {kill}");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let kill: Value = serde_json::from_str(
+        &std::fs::read_to_string(s.flags.join(format!("{KILL}.json"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        kill["on"], false,
+        "killed for everyone, targets included: {kill}"
+    );
     // And a router sees it.
     let flags = LocalFlags::start(
         &s.flags,
@@ -447,10 +570,16 @@ async fn gates_watch_every_window_since_the_step_and_escalate_without_data() {
     let c = s.controller(plan.clone()).unwrap();
     let (run, _stop) = spawn(&c);
     wait_for("paused for no data", &c, |st| {
-        st.paused.as_deref().is_some_and(|p| p.contains("no parity data"))
+        st.paused
+            .as_deref()
+            .is_some_and(|p| p.contains("no parity data"))
     })
     .await;
-    let out = tokio::time::timeout(Duration::from_secs(10), run).await.unwrap().unwrap().unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     match out {
         Outcome::RolledBack(why) => assert!(why.contains("no parity data"), "{why}"),
         o => panic!("{o:?}"),
@@ -460,21 +589,33 @@ async fn gates_watch_every_window_since_the_step_and_escalate_without_data() {
     let started = c.state().history[0].at;
     let asked = p.asked.lock().unwrap().clone();
     assert!(!asked.is_empty());
-    assert!(asked.iter().all(|t| (*t - started).abs() < 1.0), "{asked:?} vs {started}");
+    assert!(
+        asked.iter().all(|t| (*t - started).abs() < 1.0),
+        "{asked:?} vs {started}"
+    );
 
     // An unreachable source (500) pauses, and a healthy one lifts it.
     let s = Setup::new();
     p.set(Answer::Error);
-    let plan = s.plan(&with_parity("source_down_pause_secs = 0.3\ndwell_secs = 0.2", &p));
+    let plan = s.plan(&with_parity(
+        "source_down_pause_secs = 0.3\ndwell_secs = 0.2",
+        &p,
+    ));
     let c = s.controller(plan).unwrap();
     let (run, _stop) = spawn(&c);
     wait_for("paused for the source", &c, |st| {
-        st.paused.as_deref().is_some_and(|p| p.contains("unreachable"))
+        st.paused
+            .as_deref()
+            .is_some_and(|p| p.contains("unreachable"))
     })
     .await;
     assert_eq!(s.levels().await.0, 10.0, "held, not advanced");
     p.set(Answer::Ok);
-    let out = tokio::time::timeout(Duration::from_secs(10), run).await.unwrap().unwrap().unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(out, Outcome::Done);
     assert_eq!(s.levels().await.0, 30.0);
 }
@@ -502,13 +643,25 @@ async fn promote_checks_the_state_and_is_consumed_once() {
     };
     // Nothing runs: nothing to promote.
     let out = promote();
-    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let plan = Plan::parse(&std::fs::read_to_string(&plan_path).unwrap()).unwrap();
     let c = s.controller(plan.clone()).unwrap();
     let (run, _stop) = spawn(&c);
-    wait_for("the gate", &c, |st| st.status == Status::WaitingForPromotion).await;
+    wait_for("the gate", &c, |st| {
+        st.status == Status::WaitingForPromotion
+    })
+    .await;
     assert!(promote().status.success());
-    let out = tokio::time::timeout(Duration::from_secs(10), run).await.unwrap().unwrap().unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(out, Outcome::Done);
     // Done: promote refuses.
     let out = promote();
@@ -517,12 +670,22 @@ async fn promote_checks_the_state_and_is_consumed_once() {
     // A promotion left behind opens no gate of a later rollout.
     std::fs::write(switchyard::rollout::promote_file(&s.state_file()), "2").unwrap();
     std::fs::remove_file(s.state_file()).unwrap();
-    s.store().set(Which::DualWrite, json!(0), false, "t").await.unwrap();
+    s.store()
+        .set(Which::DualWrite, json!(0), false, "t")
+        .await
+        .unwrap();
     let c = s.controller(plan).unwrap();
     let (run, stop) = spawn(&c);
-    wait_for("the gate again", &c, |st| st.status == Status::WaitingForPromotion).await;
+    wait_for("the gate again", &c, |st| {
+        st.status == Status::WaitingForPromotion
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(c.state().status, Status::WaitingForPromotion, "still waiting for a person");
+    assert_eq!(
+        c.state().status,
+        Status::WaitingForPromotion,
+        "still waiting for a person"
+    );
     stop.cancel();
     let _ = run.await;
 }
@@ -565,13 +728,19 @@ async fn property_run(ops: Vec<Op>) -> Result<(), String> {
     let data = s.dir.path().join("data");
     let last_good = data.join("flags-last-good.json");
     let router_metrics = || FlagMetrics::new(&prometheus::Registry::new()).unwrap();
-    let mut router = LocalFlags::start(&s.flags, FlagKeys::default(), Some(last_good.clone()), router_metrics());
-    let plan = s.plan(
-        &format!(
-            "steps = [{}]\ndwell_secs = 0\nno_data_pause_secs = 0\nfailure_limit = 3",
-            (1..=25).map(|i| (i * 4).to_string()).collect::<Vec<_>>().join(", ")
-        ),
+    let mut router = LocalFlags::start(
+        &s.flags,
+        FlagKeys::default(),
+        Some(last_good.clone()),
+        router_metrics(),
     );
+    let plan = s.plan(&format!(
+        "steps = [{}]\ndwell_secs = 0\nno_data_pause_secs = 0\nfailure_limit = 3",
+        (1..=25)
+            .map(|i| (i * 4).to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
     let mut c = s.controller(plan.clone()).map_err(|e| e.to_string())?;
     c.start().await.map_err(|e| e.to_string())?;
     router.reload();
@@ -587,16 +756,24 @@ async fn property_run(ops: Vec<Op>) -> Result<(), String> {
             Op::Tick(a) => {
                 let check = match a {
                     Answer::Ok => switchyard::rollout::plan::Check::Verified,
-                    Answer::Mismatch => switchyard::rollout::plan::Check::Breach("1 missing".into()),
+                    Answer::Mismatch => {
+                        switchyard::rollout::plan::Check::Breach("1 missing".into())
+                    }
                     _ => switchyard::rollout::plan::Check::NoData("empty".into()),
                 };
                 let was = c.state().status;
-                c.tick(Some(check)).await.map_err(|e| format!("tick: {e}"))?;
+                c.tick(Some(check))
+                    .await
+                    .map_err(|e| format!("tick: {e}"))?;
                 // A rollback is the plan's own explicit rollback.
                 may_lower = c.state().status == Status::RolledBack && was != Status::RolledBack;
             }
             Op::Set(dual, v) => {
-                let w = if *dual { Which::DualWrite } else { Which::KafkaOnly };
+                let w = if *dual {
+                    Which::DualWrite
+                } else {
+                    Which::KafkaOnly
+                };
                 let _ = s.store().set(w, json!(*v as f64), false, "operator").await;
                 may_lower = true;
                 manual_since_kill = true;
@@ -606,11 +783,17 @@ async fn property_run(ops: Vec<Op>) -> Result<(), String> {
                     pre_kill = Some(before.clone());
                     manual_since_kill = false;
                 }
-                s.store().set(Which::KillSwitch, json!(true), false, "k").await.map_err(|e| format!("kill: {e}"))?;
+                s.store()
+                    .set(Which::KillSwitch, json!(true), false, "k")
+                    .await
+                    .map_err(|e| format!("kill: {e}"))?;
                 may_lower = true;
             }
             Op::Unkill => {
-                let _ = s.store().set(Which::KillSwitch, json!(false), false, "u").await;
+                let _ = s
+                    .store()
+                    .set(Which::KillSwitch, json!(false), false, "u")
+                    .await;
             }
             Op::RestartController => {
                 c = s.controller(plan.clone()).map_err(|e| e.to_string())?;
@@ -625,26 +808,37 @@ async fn property_run(ops: Vec<Op>) -> Result<(), String> {
             }
             Op::Fix(f) => {
                 if let Some(b) = broken.remove(f) {
-                    std::fs::write(s.flags.join(format!("{}.json", files[*f as usize])), b).unwrap();
+                    std::fs::write(s.flags.join(format!("{}.json", files[*f as usize])), b)
+                        .unwrap();
                 }
                 // A person's edit: it may set any level.
                 may_lower = true;
                 manual_since_kill = true;
             }
             Op::RestartRouter => {
-                router = LocalFlags::start(&s.flags, FlagKeys::default(), Some(last_good.clone()), router_metrics());
+                router = LocalFlags::start(
+                    &s.flags,
+                    FlagKeys::default(),
+                    Some(last_good.clone()),
+                    router_metrics(),
+                );
             }
         }
         // One poll later.
         router.reload();
         let v = router.evaluate(u64::MAX);
         if v.kafka_only > v.dual_write {
-            return Err(format!("op {i} {op:?}: kafka-only {} above dual-write {}", v.kafka_only, v.dual_write));
+            return Err(format!(
+                "op {i} {op:?}: kafka-only {} above dual-write {}",
+                v.kafka_only, v.dual_write
+            ));
         }
         let after = routes(&router);
         let killed = v.kill_switch;
         if killed && after.iter().any(|r| *r != Route::Legacy) {
-            return Err(format!("op {i} {op:?}: killed, yet not every account is legacy"));
+            return Err(format!(
+                "op {i} {op:?}: killed, yet not every account is legacy"
+            ));
         }
         if !killed {
             if let Some(pre) = pre_kill.take() {
@@ -682,7 +876,10 @@ async fn property_run(ops: Vec<Op>) -> Result<(), String> {
 #[test]
 fn random_operations_never_move_an_account_backwards() {
     use proptest::prelude::*;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let runs = AtomicUsize::new(0);
     proptest!(ProptestConfig { cases: 48, ..ProptestConfig::default() }, |(ops in proptest::collection::vec(op(), 1..40))| {
         runs.fetch_add(1, Ordering::Relaxed);

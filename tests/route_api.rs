@@ -445,7 +445,10 @@ async fn a_broken_flag_file_keeps_the_last_good_values() {
     let router = InProcess::start(config(&dirs, &topic), &broker.brokers()).await;
     let v = router.explain(7).await;
     assert_eq!(v["route"], "dual", "{v}");
-    assert_eq!(v["flag_source"]["origins"]["dual_write"], "last-good", "{v}");
+    assert_eq!(
+        v["flag_source"]["origins"]["dual_write"], "last-good",
+        "{v}"
+    );
     // A value of the wrong type is a problem too, not a silent 0.
     std::fs::write(
         dirs.flags.join(format!("{DUAL}.json")),

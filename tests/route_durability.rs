@@ -345,6 +345,7 @@ async fn beyond_the_in_flight_bound_requests_get_503_with_retry_after() {
     let topic = unique("pressure");
     create_topic(&broker.brokers(), &topic, 1).await;
     let dirs = Dirs::new();
+    set_flag(&dirs.flags, DUAL, json!(100));
     set_flag(&dirs.flags, KAFKA, json!(100));
     let mut cfg = config(&dirs, &topic);
     cfg.route.max_inflight_requests = 2;

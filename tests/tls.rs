@@ -222,6 +222,7 @@ async fn route_and_ingest_speak_tls_to_kafka_and_zstd_batches_go_through() {
     let dirs = Dirs::new();
     let cfg = config(&dirs, &topic);
     let schema = cfg.schema().unwrap();
+    set_flag(&dirs.flags, "switchyard-dual-write", json!(100));
     set_flag(&dirs.flags, "switchyard-kafka-only", json!(100));
     let mut opts = options(cfg.clone(), &broker.brokers());
     opts.kafka_extra = tls_props(&ca);
@@ -249,6 +250,7 @@ async fn route_and_ingest_speak_tls_to_kafka_and_zstd_batches_go_through() {
     let dirs2 = Dirs::new();
     let mut cfg2 = config(&dirs2, &topic);
     cfg2.kafka.delivery_timeout_ms = 1_500;
+    set_flag(&dirs2.flags, "switchyard-dual-write", json!(100));
     set_flag(&dirs2.flags, "switchyard-kafka-only", json!(100));
     let mut opts = options(cfg2, &broker.brokers());
     opts.kafka_extra = tls_props(&other_ca);
@@ -464,6 +466,7 @@ async fn loader_replayer_and_comparator_speak_tls_to_mariadb_postgres_and_kafka(
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["fallbacks"].as_u64(), Some(0), "{v}");
     router.stop().await;
+    set_flag(&dirs.flags, "switchyard-dual-write", json!(100));
     set_flag(&dirs.flags, "switchyard-kafka-only", json!(100));
     let mut cfg_bad = cfg.clone();
     cfg_bad.kafka.delivery_timeout_ms = 1_500;
@@ -608,6 +611,7 @@ async fn sasl_scram_over_tls_end_to_end() {
     let dirs = Dirs::new();
     let cfg = config(&dirs, &topic);
     let schema = cfg.schema().unwrap();
+    set_flag(&dirs.flags, "switchyard-dual-write", json!(100));
     set_flag(&dirs.flags, "switchyard-kafka-only", json!(100));
     let mut opts = options(cfg.clone(), &broker.brokers());
     opts.kafka_extra = sasl_props(&ca, "SCRAM-SHA-512", "alice", "alice-s3cret");

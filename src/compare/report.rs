@@ -24,6 +24,9 @@ pub struct WindowReport {
     pub acked: Option<Ack>,
     /// Rows the stream announced for this window.
     pub rows: usize,
+    /// Unix times (this comparator's clock) of its first and last row.
+    pub first_arrival: f64,
+    pub last_arrival: f64,
     pub check: Option<Checked>,
 }
 
@@ -152,6 +155,8 @@ pub fn build(
                 status: w.status,
                 acked: w.acked.clone(),
                 rows: w.rows.len(),
+                first_arrival: w.first_arrival,
+                last_arrival: w.last_arrival,
                 check: w.last.clone(),
             });
         }

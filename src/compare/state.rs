@@ -148,6 +148,8 @@ pub struct Window {
     pub start: i64,
     pub end: i64,
     pub rows: HashMap<String, Expected>,
+    /// Unix time the first row arrived.
+    pub first_arrival: f64,
     /// Unix time the last row arrived (a window settles after its last row).
     pub last_arrival: f64,
     pub status: Status,
@@ -198,6 +200,7 @@ impl Windows {
                 start,
                 end: start + self.width,
                 rows: HashMap::new(),
+                first_arrival: now,
                 last_arrival: now,
                 status: Status::Open,
                 revision: 0,

@@ -332,7 +332,7 @@ impl Controller {
                     ))
                 }
             };
-            return parity_check(&body);
+            return parity_check(&body, s.step_started_at + self.plan.dwell_secs);
         }
         if let (Some(base), Some(q)) = (&self.plan.prometheus_url, &self.plan.prometheus_query) {
             let url = format!("{}/api/v1/query", base.trim_end_matches('/'));
@@ -767,22 +767,39 @@ pub fn prometheus_check(query: &str, body: &Value) -> Check {
     }
 }
 
-/// A comparator report restricted to a step's windows → a check.
-pub fn parity_check(body: &Value) -> Check {
+/// A comparator report of the windows that received rows since the step
+/// started → a check. The windows that received rows during the dwell (first
+/// arrival before `dwell_end`) must all be checked and ok; later ones, still
+/// filling while traffic flows, only must not be mismatched. A report without
+/// arrival times (an older comparator) needs every window ok.
+pub fn parity_check(body: &Value, dwell_end: f64) -> Check {
     let status = body["status"].as_str().unwrap_or("open");
     let mut windows = 0;
+    let mut required = 0;
     let mut unsettled = 0;
     let (mut missing_old, mut missing_new) = (0, 0);
+    let (mut differs_old, mut differs_new) = (0, 0);
     let mut ids: Vec<String> = Vec::new();
     for t in body["tables"].as_array().into_iter().flatten() {
         missing_old += t["missing_old"].as_u64().unwrap_or(0);
         missing_new += t["missing_new"].as_u64().unwrap_or(0);
+        differs_old += t["differs_old"].as_u64().unwrap_or(0);
+        differs_new += t["differs_new"].as_u64().unwrap_or(0);
         for w in t["details"].as_array().into_iter().flatten() {
             windows += 1;
-            if w["status"] != "ok" && w["status"] != "mismatch" {
-                unsettled += 1;
+            let during_dwell = w["first_arrival"].as_f64().is_none_or(|a| a < dwell_end);
+            if during_dwell {
+                required += 1;
+                if w["status"] != "ok" && w["status"] != "mismatch" {
+                    unsettled += 1;
+                }
             }
-            for k in ["missing_ids_old", "missing_ids_new"] {
+            for k in [
+                "missing_ids_old",
+                "missing_ids_new",
+                "differing_ids_old",
+                "differing_ids_new",
+            ] {
                 for id in w["check"][k].as_array().into_iter().flatten().take(3) {
                     if ids.len() < 5 {
                         ids.push(id.as_str().unwrap_or_default().to_string());
@@ -793,12 +810,18 @@ pub fn parity_check(body: &Value) -> Check {
     }
     match status {
         "mismatch" => Check::Breach(format!(
-            "{missing_old} row(s) missing in OLD, {missing_new} in NEW (e.g. {})",
+            "{missing_old} row(s) missing in OLD, {missing_new} in NEW, {} differing (e.g. {})",
+            differs_old + differs_new,
             ids.join(", ")
         )),
         _ if windows == 0 => Check::NoData("no window received rows since the step started".into()),
-        "ok" if unsettled == 0 => Check::Verified,
-        _ => Check::NotYet(format!("{unsettled} of {windows} window(s) not settled")),
+        _ if required == 0 => Check::NotYet(format!(
+            "{windows} window(s) since the dwell ended, none from the dwell: waiting for them"
+        )),
+        _ if unsettled == 0 => Check::Verified,
+        _ => Check::NotYet(format!(
+            "{unsettled} of {required} window(s) of the dwell not settled"
+        )),
     }
 }
 
@@ -821,14 +844,21 @@ mod tests {
     fn parity_reports_become_checks() {
         let ok = json!({"status": "ok", "tables": [{"missing_old": 0, "missing_new": 0,
             "details": [{"status": "ok"}, {"status": "ok"}]}]});
-        assert_eq!(parity_check(&ok), Check::Verified);
+        assert_eq!(parity_check(&ok, 100.0), Check::Verified);
         let settling = json!({"status": "ok", "tables": [{"details": [{"status": "ok"}, {"status": "open"}]}]});
-        assert!(matches!(parity_check(&settling), Check::NotYet(_)));
+        assert!(matches!(parity_check(&settling, 100.0), Check::NotYet(_)));
         let empty = json!({"status": "open", "tables": [{"details": []}]});
-        assert!(matches!(parity_check(&empty), Check::NoData(_)));
+        assert!(matches!(parity_check(&empty, 100.0), Check::NoData(_)));
+        // A window still filling after the dwell does not hold the step.
+        let filling = json!({"status": "ok", "tables": [{"details": [
+            {"status": "ok", "first_arrival": 90.0}, {"status": "open", "first_arrival": 120.0}]}]});
+        assert_eq!(parity_check(&filling, 100.0), Check::Verified);
+        let dwell_open = json!({"status": "ok", "tables": [{"details": [
+            {"status": "open", "first_arrival": 90.0}, {"status": "ok", "first_arrival": 120.0}]}]});
+        assert!(matches!(parity_check(&dwell_open, 100.0), Check::NotYet(_)));
         let bad = json!({"status": "mismatch", "tables": [{"missing_old": 0, "missing_new": 2,
             "details": [{"status": "mismatch", "check": {"missing_ids_new": ["a", "b"]}}]}]});
-        match parity_check(&bad) {
+        match parity_check(&bad, 100.0) {
             Check::Breach(why) => {
                 assert!(why.contains("2 in NEW") && why.contains("a, b"), "{why}")
             }
