@@ -815,9 +815,24 @@ pub fn parity_check(body: &Value, dwell_end: f64) -> Check {
             ids.join(", ")
         )),
         _ if windows == 0 => Check::NoData("no window received rows since the step started".into()),
-        _ if required == 0 => Check::NotYet(format!(
-            "{windows} window(s) since the dwell ended, none from the dwell: waiting for them"
-        )),
+        // No window of the dwell left (the comparator pruned them while the
+        // step was held at a gate, or traffic began after the dwell): any
+        // window verified since, and none mismatched, verifies the step.
+        _ if required == 0 => {
+            let ok = body["tables"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|t| t["details"].as_array().into_iter().flatten())
+                .any(|w| w["status"] == "ok");
+            if ok {
+                Check::Verified
+            } else {
+                Check::NotYet(format!(
+                    "{windows} window(s) since the dwell, none verified yet"
+                ))
+            }
+        }
         _ if unsettled == 0 => Check::Verified,
         _ => Check::NotYet(format!(
             "{unsettled} of {required} window(s) of the dwell not settled"
@@ -856,6 +871,14 @@ mod tests {
         let dwell_open = json!({"status": "ok", "tables": [{"details": [
             {"status": "open", "first_arrival": 90.0}, {"status": "ok", "first_arrival": 120.0}]}]});
         assert!(matches!(parity_check(&dwell_open, 100.0), Check::NotYet(_)));
+        // Held at a gate past the comparator's retention: the dwell's windows
+        // are gone, later ones verify it (no wedge).
+        let pruned = json!({"status": "ok", "tables": [{"details": [
+            {"status": "open", "first_arrival": 5000.0}, {"status": "ok", "first_arrival": 4000.0}]}]});
+        assert_eq!(parity_check(&pruned, 100.0), Check::Verified);
+        let none_yet = json!({"status": "ok", "tables": [{"details": [
+            {"status": "open", "first_arrival": 5000.0}]}]});
+        assert!(matches!(parity_check(&none_yet, 100.0), Check::NotYet(_)));
         let bad = json!({"status": "mismatch", "tables": [{"missing_old": 0, "missing_new": 2,
             "details": [{"status": "mismatch", "check": {"missing_ids_new": ["a", "b"]}}]}]});
         match parity_check(&bad, 100.0) {
