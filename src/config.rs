@@ -209,6 +209,27 @@ impl PipelineConfig {
         if self.flags.poll_ms == 0 {
             return Err(invalid("flags.poll_ms", "must be positive"));
         }
+        let k = &self.flags.keys;
+        for (field, key) in [
+            ("flags.keys.kill_switch", &k.kill_switch),
+            ("flags.keys.kafka_only", &k.kafka_only),
+            ("flags.keys.dual_write", &k.dual_write),
+        ] {
+            // LaunchDarkly's rule for keys; a key is also a file name in the
+            // flags folder and a path segment of the REST API.
+            if !valid_flag_key(key) {
+                return Err(invalid(
+                    field,
+                    "a flag key: letters, digits, '.', '_' and '-', starting with a letter or digit, at most 256 characters",
+                ));
+            }
+        }
+        if k.kill_switch == k.kafka_only
+            || k.kill_switch == k.dual_write
+            || k.kafka_only == k.dual_write
+        {
+            return Err(invalid("flags.keys", "the three flag keys must differ"));
+        }
         Ok(())
     }
 
@@ -284,6 +305,20 @@ pub struct FlagKeys {
     pub kafka_only: String,
     /// Number 0–100: percentage of buckets sent to both sinks.
     pub dual_write: String,
+}
+
+/// A LaunchDarkly flag key: letters, digits, `.`, `_`, `-`, not starting
+/// with a punctuation mark (so never `..` or a path).
+pub fn valid_flag_key(key: &str) -> bool {
+    key.len() <= 256
+        && key
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        && !key.contains("..")
 }
 
 impl Default for FlagKeys {
@@ -362,6 +397,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("\"id\" is not declared"), "{e}");
+        let bad = EMBEDDED.replace(
+            "[flags]",
+            "[flags]\nkeys = { kill_switch = \"../etc\", kafka_only = \"k\", dual_write = \"d\" }",
+        );
+        let e = PipelineConfig::parse("x.toml", &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("flags.keys.kill_switch"), "{e}");
+    }
+
+    #[test]
+    fn flag_keys_are_identifiers() {
+        for good in ["switchyard-kill-switch", "a", "A.b_c-1"] {
+            assert!(valid_flag_key(good), "{good}");
+        }
+        for bad in ["", "../x", ".hidden", "a/b", "a..b", "a b", "é"] {
+            assert!(!valid_flag_key(bad), "{bad}");
+        }
     }
 
     #[test]

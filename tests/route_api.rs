@@ -438,6 +438,26 @@ async fn a_broken_flag_file_keeps_the_last_good_values() {
     assert_eq!(code, 503, "a broken flag file is not ready: {body}");
     assert_eq!(body["flags"]["ready"], false, "{body}");
     assert_eq!(router.counter("switchyard_route_flag_problems", &[]), 1.0);
+
+    // Only the canonical account form is an account; the error quotes a
+    // short prefix of what it refuses.
+    for bad in ["+42", "042", "-1", "4x"] {
+        let r = reqwest::get(format!("http://{}/v1/route/{bad}", router.addr))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{bad}");
+    }
+    let long = "9".repeat(5000);
+    let r = reqwest::get(format!("http://{}/v1/route/x{long}", router.addr))
+        .await
+        .unwrap();
+    assert!(
+        r.text().await.unwrap().len() < 500,
+        "the refused value is not echoed whole"
+    );
+    let v = router.explain(7).await;
+    assert!(v.get("salt").is_none(), "{v}");
+    assert_eq!(v["routing_fingerprint"].as_str().unwrap().len(), 8, "{v}");
     router.stop().await;
 
     // A router restarted while the file is still broken serves what the

@@ -331,12 +331,19 @@ struct Explanation {
 }
 
 async fn explain(State(app): State<Arc<App>>, Path(account): Path<String>) -> Response {
-    let Ok(account_id) = account.parse::<u64>() else {
+    // Only the canonical decimal form: `+42` or `042` are not account 42.
+    let canonical = !account.is_empty()
+        && account.bytes().all(|b| b.is_ascii_digit())
+        && (account == "0" || !account.starts_with('0'));
+    let Some(account_id) = account.parse::<u64>().ok().filter(|_| canonical) else {
         return ApiError::input(
             400,
             "invalid_account_id",
             None,
-            format!("account_id must be a non-negative integer, found {account:?}"),
+            format!(
+                "account_id must be a non-negative integer in decimal, found {:?}",
+                account.chars().take(40).collect::<String>()
+            ),
         )
         .into_response();
     };
