@@ -87,81 +87,6 @@ fn alert_signals() -> Vec<(String, String)> {
     out
 }
 
-struct Prometheus {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Prometheus {
-    fn start(targets: &[(&str, u16)]) -> Prometheus {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let jobs: String = targets
-            .iter()
-            .map(|(job, p)| {
-                format!("  - job_name: {job}\n    static_configs:\n      - targets: ['127.0.0.1:{p}']\n")
-            })
-            .collect();
-        let cfg = format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n{jobs}",
-            repo("dashboards/alerts.yml").display()
-        );
-        let cfg_path = dir.path().join("prometheus.yml");
-        std::fs::write(&cfg_path, cfg).unwrap();
-        let child = Command::new("prometheus")
-            .args([
-                &format!("--config.file={}", cfg_path.display()),
-                &format!("--storage.tsdb.path={}", dir.path().join("data").display()),
-                &format!("--web.listen-address=127.0.0.1:{port}"),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("prometheus is not installed: run scripts/services");
-        let prom = Prometheus {
-            child,
-            port,
-            _dir: dir,
-        };
-        // It listens before its storage is open, answering 503 until then.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !http_get_ok(port, "/-/ready") {
-            assert!(Instant::now() < deadline, "prometheus never became ready");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        prom
-    }
-
-    async fn query(&self, q: &str) -> Value {
-        reqwest::Client::new()
-            .get(format!("http://127.0.0.1:{}/api/v1/query", self.port))
-            .query(&[("query", q)])
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    }
-
-    async fn rules(&self) -> Value {
-        reqwest::get(format!("http://127.0.0.1:{}/api/v1/rules", self.port))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_panel_and_alert_returns_data_from_a_real_prometheus() {
     let out = Command::new("promtool")
@@ -269,7 +194,7 @@ async fn every_panel_and_alert_returns_data_from_a_real_prometheus() {
         ("compare", compare.admin_port),
         ("rollout", rollout.admin_port),
     ];
-    let prom = Prometheus::start(&targets);
+    let prom = Prometheus::start(Some(&repo("dashboards/alerts.yml")), &targets);
 
     // Traffic, with a few refused requests so the error panels have data.
     let stop = Arc::new(AtomicBool::new(false));

@@ -116,8 +116,14 @@ impl Setup {
     }
 
     fn plan(&self, extra: &str) -> Plan {
+        // One parity source: the default one unless `extra` names Prometheus.
+        let source = if extra.contains("prometheus_url") {
+            ""
+        } else {
+            "parity_url = \"http://127.0.0.1:1\"\n"
+        };
         let text = format!(
-            "stage = \"dual-write\"\nsteps = [10, 20, 30]\ndwell_secs = 0.3\ncheck_interval_secs = 0.1\nfailure_limit = 1\nparity_url = \"http://127.0.0.1:1\"\nstate_file = \"{}\"\n{extra}",
+            "stage = \"dual-write\"\nsteps = [10, 20, 30]\ndwell_secs = 0.3\ncheck_interval_secs = 0.1\nfailure_limit = 1\n{source}state_file = \"{}\"\n{extra}",
             self.state_file().display()
         );
         let mut lines: Vec<String> = Vec::new();
@@ -887,4 +893,87 @@ fn random_operations_never_move_an_account_backwards() {
         prop_assert!(r.is_ok(), "{}", r.unwrap_err());
     });
     assert!(runs.load(Ordering::Relaxed) >= 48);
+}
+
+/// The Prometheus parity source against a real Prometheus scraping a gauge
+/// whose value the test sets: no sample waits (then pauses), 1 passes the
+/// gates, 0 breaches and rolls back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prometheus_parity_source_gates_and_rolls_back() {
+    use axum::routing::get;
+    // -1: the series is absent (no data).
+    let value = Arc::new(Mutex::new(-1i64));
+    let app = axum::Router::new().route(
+        "/metrics",
+        get({
+            let value = value.clone();
+            move || {
+                let v = *value.lock().unwrap();
+                async move {
+                    if v < 0 {
+                        String::new()
+                    } else {
+                        format!("# TYPE test_parity_ok gauge\ntest_parity_ok {v}\n")
+                    }
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let prom = Prometheus::start(None, &[("parity", target)]);
+    let s = Setup::new();
+    let plan = |extra: &str| {
+        s.plan(&format!(
+            "prometheus_url = \"http://127.0.0.1:{}\"\nprometheus_query = \"max(test_parity_ok)\"\ndwell_secs = 0.5\nno_data_pause_secs = 2\n{extra}",
+            prom.port
+        ))
+    };
+    let c = s.controller(plan("")).unwrap();
+    let (run, _stop) = spawn(&c);
+    // No sample yet: it holds step 1, then pauses for no data.
+    wait_for("paused for no data", &c, |st| {
+        st.paused
+            .as_deref()
+            .is_some_and(|p| p.contains("no sample"))
+    })
+    .await;
+    assert_eq!(s.levels().await.0, 10.0);
+    // A healthy ratio: the gates pass to the end.
+    *value.lock().unwrap() = 1;
+    let out = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(out, Outcome::Done, "{}", c.status_json());
+    assert_eq!(s.levels().await.0, 30.0);
+
+    // A bad one: a breach, rolled back to where it started.
+    *value.lock().unwrap() = 0;
+    std::fs::remove_file(s.state_file()).unwrap();
+    s.store()
+        .set(Which::DualWrite, json!(0), false, "t")
+        .await
+        .unwrap();
+    // Wait until Prometheus has scraped the 0.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while prom.query("max(test_parity_ok)").await["data"]["result"][0]["value"][1] != "0" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "prometheus never scraped the 0"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let c = s.controller(plan("")).unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(30), c.run(CancellationToken::new()))
+        .await
+        .unwrap()
+        .unwrap();
+    match out {
+        Outcome::RolledBack(why) => assert!(why.contains("returned 0"), "{why}"),
+        o => panic!("{o:?}"),
+    }
+    assert_eq!(s.levels().await.0, 0.0);
 }

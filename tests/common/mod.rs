@@ -1158,3 +1158,81 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A real Prometheus scraping `targets` every second, with `rules` loaded.
+pub struct Prometheus {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    pub fn start(rules: Option<&Path>, targets: &[(&str, u16)]) -> Prometheus {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let jobs: String = targets
+            .iter()
+            .map(|(job, p)| {
+                format!("  - job_name: {job}\n    static_configs:\n      - targets: ['127.0.0.1:{p}']\n")
+            })
+            .collect();
+        let rule_files = rules
+            .map(|r| format!("rule_files:\n  - {}\n", r.display()))
+            .unwrap_or_default();
+        let cfg = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n{rule_files}scrape_configs:\n{jobs}"
+        );
+        let cfg_path = dir.path().join("prometheus.yml");
+        std::fs::write(&cfg_path, cfg).unwrap();
+        let child = Command::new("prometheus")
+            .args([
+                &format!("--config.file={}", cfg_path.display()),
+                &format!("--storage.tsdb.path={}", dir.path().join("data").display()),
+                &format!("--web.listen-address=127.0.0.1:{port}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus is not installed: run scripts/services");
+        let prom = Prometheus {
+            child,
+            port,
+            _dir: dir,
+        };
+        // It listens before its storage is open, answering 503 until then.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !http_get_ok(port, "/-/ready") {
+            assert!(Instant::now() < deadline, "prometheus never became ready");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        prom
+    }
+
+    pub async fn query(&self, q: &str) -> serde_json::Value {
+        reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{}/api/v1/query", self.port))
+            .query(&[("query", q)])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn rules(&self) -> serde_json::Value {
+        reqwest::get(format!("http://127.0.0.1:{}/api/v1/rules", self.port))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
