@@ -224,6 +224,14 @@ impl PipelineConfig {
                 ));
             }
         }
+        if let Some(m) = &k.migration {
+            if !valid_flag_key(m) || [&k.kill_switch, &k.kafka_only, &k.dual_write].contains(&m) {
+                return Err(invalid(
+                    "flags.keys.migration",
+                    "a flag key (letters, digits, '.', '_', '-'), other than the three routing flags",
+                ));
+            }
+        }
         if k.kill_switch == k.kafka_only
             || k.kill_switch == k.dual_write
             || k.kafka_only == k.dual_write
@@ -305,6 +313,11 @@ pub struct FlagKeys {
     pub kafka_only: String,
     /// Number 0–100: percentage of buckets sent to both sinks.
     pub dual_write: String,
+    /// A LaunchDarkly migration flag (stages off, dualwrite, shadow, live,
+    /// rampdown, complete): when set, it routes each account instead of the
+    /// two percentages (LaunchDarkly does the bucketing); the kill switch
+    /// still wins.
+    pub migration: Option<String>,
 }
 
 /// A LaunchDarkly flag key: letters, digits, `.`, `_`, `-`, not starting
@@ -327,6 +340,7 @@ impl Default for FlagKeys {
             kill_switch: "switchyard-kill-switch".into(),
             kafka_only: "switchyard-kafka-only".into(),
             dual_write: "switchyard-dual-write".into(),
+            migration: None,
         }
     }
 }

@@ -71,6 +71,10 @@ pub struct FlagValues {
     pub kafka_only: f64,
     /// Percentage (0–100) of buckets that go to both sinks.
     pub dual_write: f64,
+    /// With a migration flag: the route its stage maps to (the percentages
+    /// are then not used).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub migration: Option<Route>,
 }
 
 /// Why a route was chosen, for `/v1/route/{account}` and logs.
@@ -81,6 +85,8 @@ pub enum Reason {
     BelowKafkaOnly,
     BelowDualWrite,
     AboveDualWrite,
+    /// The migration flag's stage for this account.
+    MigrationStage,
 }
 
 impl Reason {
@@ -92,7 +98,23 @@ impl Reason {
             Reason::AboveDualWrite => {
                 "the bucket is at or above both thresholds: the account stays legacy"
             }
+            Reason::MigrationStage => {
+                "the migration flag's stage for this account (off: legacy; dualwrite, shadow, live, rampdown: both; complete: Kafka only)"
+            }
         }
+    }
+}
+
+/// The route of a LaunchDarkly migration stage. Every stage between `off`
+/// and `complete` writes both: `shadow`, `live` and `rampdown` change which
+/// side is read or authoritative in LaunchDarkly's model, and switchyard
+/// only writes, so it keeps both sides whole until the migration completes.
+pub fn stage_route(stage: &str) -> Option<Route> {
+    match stage {
+        "off" => Some(Route::Legacy),
+        "dualwrite" | "shadow" | "live" | "rampdown" => Some(Route::Dual),
+        "complete" => Some(Route::Kafka),
+        _ => None,
     }
 }
 
@@ -132,6 +154,8 @@ pub fn threshold(percent: f64) -> u32 {
 pub fn decide(bucket: u32, flags: &FlagValues) -> (Route, Reason) {
     if flags.kill_switch {
         (Route::Legacy, Reason::KillSwitch)
+    } else if let Some(r) = flags.migration {
+        (r, Reason::MigrationStage)
     } else if bucket < threshold(flags.kafka_only) {
         (Route::Kafka, Reason::BelowKafkaOnly)
     } else if bucket < threshold(flags.dual_write) {
@@ -151,6 +175,7 @@ mod tests {
             kill_switch: false,
             kafka_only,
             dual_write,
+            migration: None,
         }
     }
 
@@ -171,6 +196,7 @@ mod tests {
             kill_switch: true,
             kafka_only: 100.0,
             dual_write: 100.0,
+            migration: None,
         };
         assert_eq!(decide(0, &f), (Route::Legacy, Reason::KillSwitch));
     }

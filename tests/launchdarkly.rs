@@ -125,6 +125,21 @@ impl LdServer {
             .send(json!({"path": format!("/flags/{key}"), "data": f}).to_string());
     }
 
+    /// Replaces a flag with the JSON given (its version bumped) and streams it.
+    fn patch_raw(&self, key: &str, mut f: Value) {
+        let mut flags = self.flags.lock().unwrap();
+        let version = flags
+            .get(key)
+            .and_then(|f| f["version"].as_u64())
+            .unwrap_or(0)
+            + 1;
+        f["version"] = json!(version);
+        flags.insert(key.to_string(), f.clone());
+        let _ = self
+            .patches
+            .send(json!({"path": format!("/flags/{key}"), "data": f}).to_string());
+    }
+
     /// Drops every stream and stops listening.
     fn down(&self) {
         self.stop.cancel();
@@ -140,6 +155,7 @@ fn ld_options(port: u16, init_timeout: Duration) -> LaunchDarklyOptions {
         send_events: false,
         init_timeout,
         reconnect_delay: Duration::from_millis(200),
+        use_persisted: true,
     }
 }
 
@@ -273,5 +289,175 @@ async fn starts_on_the_safe_default_and_switches_when_flags_arrive() {
         router.counter("switchyard_route_flag_source_loaded", &[]),
         1.0
     );
+    router.stop().await;
+}
+
+/// Routes of accounts 0..n, as the router explains them.
+async fn routes(router: &InProcess, n: u64) -> Vec<String> {
+    let mut out = Vec::new();
+    for a in 0..n {
+        out.push(
+            router.explain(a).await["route"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_while_launchdarkly_is_unreachable_routes_on_the_persisted_flags() {
+    let broker = Broker::start();
+    let port = free_port();
+    let ld = LdServer::start(
+        port,
+        &[(DUAL, json!(40)), (KAFKA, json!(10)), (KILL, json!(false))],
+    )
+    .await;
+    let topic = unique("ldp");
+    create_topic(&broker.brokers(), &topic, 1).await;
+    let dirs = Dirs::new();
+    let cfg = config(&dirs, &topic);
+    let router = InProcess::start_with_flags(
+        cfg.clone(),
+        &broker.brokers(),
+        ld_options(port, Duration::from_secs(5)),
+    )
+    .await;
+    let (_, ready) = router.readyz().await;
+    assert_eq!(ready["flags"]["state"], "live", "{ready}");
+    let live = routes(&router, 1000).await;
+    assert!(live.iter().any(|r| r == "kafka") && live.iter().any(|r| r == "legacy"));
+    router.stop().await;
+    ld.down();
+
+    // LaunchDarkly unreachable: the same route for every account.
+    let router = InProcess::start_with_flags(
+        cfg.clone(),
+        &broker.brokers(),
+        ld_options(port, Duration::from_millis(500)),
+    )
+    .await;
+    assert_eq!(
+        routes(&router, 1000).await,
+        live,
+        "routed on the persisted flags"
+    );
+    let (code, ready) = router.readyz().await;
+    assert_eq!(code, 200, "{ready}");
+    assert!(
+        ready["flags"]["state"]
+            .as_str()
+            .unwrap()
+            .starts_with("persisted"),
+        "{ready}"
+    );
+    assert_eq!(
+        router.counter(
+            "switchyard_route_flag_source_state",
+            &[("state", "persisted")]
+        ),
+        1.0
+    );
+    router.stop().await;
+
+    // Forced to the safe default: everything legacy.
+    let mut opts = ld_options(port, Duration::from_millis(500));
+    opts.use_persisted = false;
+    let router = InProcess::start_with_flags(cfg, &broker.brokers(), opts).await;
+    assert!(routes(&router, 200).await.iter().all(|r| r == "legacy"));
+    let (_, ready) = router.readyz().await;
+    assert_eq!(ready["flags"]["state"], "safe default", "{ready}");
+    router.stop().await;
+}
+
+/// A LaunchDarkly migration flag whose default rule splits accounts 30/70
+/// between `off` and `dualwrite`.
+fn migration_flag(key: &str, weights: (u64, u64)) -> Value {
+    json!({
+        "key": key, "version": 1, "on": true, "targets": [], "contextTargets": [],
+        "rules": [], "prerequisites": [],
+        "fallthrough": {"rollout": {"variations": [
+            {"variation": 0, "weight": weights.0}, {"variation": 1, "weight": weights.1}],
+            "contextKind": "account", "bucketBy": "key"}},
+        "offVariation": 0,
+        "variations": ["off", "dualwrite", "shadow", "live", "rampdown", "complete"],
+        "salt": "migration-salt",
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_flag_routes_each_account_as_the_sdk_evaluates_it() {
+    use launchdarkly_server_sdk::{
+        Client, ConfigBuilder, ContextBuilder, NullEventProcessorBuilder, Stage, TestData,
+    };
+    const MIGRATION: &str = "switchyard-migration";
+    let broker = Broker::start();
+    let port = free_port();
+    let ld = LdServer::start(port, &[(KILL, json!(false))]).await;
+    ld.patch_raw(MIGRATION, migration_flag(MIGRATION, (30_000, 70_000)));
+    let topic = unique("ldm");
+    create_topic(&broker.brokers(), &topic, 1).await;
+    let dirs = Dirs::new();
+    let mut cfg = config(&dirs, &topic);
+    cfg.flags.keys.migration = Some(MIGRATION.into());
+    let router = InProcess::start_with_flags(
+        cfg,
+        &broker.brokers(),
+        ld_options(port, Duration::from_secs(5)),
+    )
+    .await;
+
+    // The SDK's own answer for the same flag.
+    let td = TestData::new();
+    td.use_preconfigured_flag(
+        serde_json::from_value(migration_flag(MIGRATION, (30_000, 70_000))).unwrap(),
+    );
+    let config = ConfigBuilder::new("sdk-key")
+        .data_source(&td)
+        .event_processor(&NullEventProcessorBuilder::new())
+        .build()
+        .unwrap();
+    let sdk = Client::build(config).unwrap();
+    sdk.start_with_default_executor();
+    assert_eq!(
+        sdk.wait_for_initialization(Duration::from_secs(5)).await,
+        Some(true)
+    );
+    let got = routes(&router, 1000).await;
+    let mut dual = 0;
+    for (a, route) in got.iter().enumerate() {
+        let ctx = ContextBuilder::new(a.to_string())
+            .kind("account")
+            .build()
+            .unwrap();
+        let (stage, _) = sdk.migration_variation(&ctx, MIGRATION, Stage::Complete);
+        let want = match stage {
+            Stage::Off => "legacy",
+            Stage::Complete => "kafka",
+            _ => "dual",
+        };
+        assert_eq!(route, want, "account {a}: stage {stage}");
+        dual += usize::from(route == "dual");
+    }
+    assert!((600..800).contains(&dual), "about 70 % dual: {dual}");
+    let v = router.explain(1).await;
+    assert_eq!(v["reason"], "migration-stage", "{v}");
+
+    // Everyone to `off` in the stream: legacy within a second (timed on one
+    // dual account, then checked on the others).
+    let a0 = got.iter().position(|r| r == "dual").unwrap() as u64;
+    ld.patch_raw(MIGRATION, migration_flag(MIGRATION, (100_000, 0)));
+    let t = Instant::now();
+    while router.explain(a0).await["route"] != "legacy" {
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "the flip took over a second"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(routes(&router, 1000).await.iter().all(|r| r == "legacy"));
+    sdk.close();
     router.stop().await;
 }

@@ -102,6 +102,7 @@ async fn router_to_both_databases_end_to_end() {
         kill_switch: false,
         kafka_only: 25.0,
         dual_write: 60.0,
+        migration: None,
     };
     let router = InProcess::start(cfg.clone(), &broker.brokers()).await;
     let mut sent: Vec<(String, u64)> = Vec::new();

@@ -175,6 +175,7 @@ fn mixed_flags(dirs: &Dirs) -> FlagValues {
         kill_switch: false,
         kafka_only: 30.0,
         dual_write: 70.0,
+        migration: None,
     }
 }
 

@@ -34,14 +34,21 @@ pub struct FlagFileError {
 pub enum Kind {
     KillSwitch,
     Percent,
+    /// A LaunchDarkly migration flag: string stages.
+    Migration,
     Other,
 }
+
+/// The stages of a LaunchDarkly migration flag.
+pub const STAGES: [&str; 6] = ["off", "dualwrite", "shadow", "live", "rampdown", "complete"];
 
 pub fn kind(key: &str, keys: &FlagKeys) -> Kind {
     if key == keys.kill_switch {
         Kind::KillSwitch
     } else if key == keys.kafka_only || key == keys.dual_write {
         Kind::Percent
+    } else if keys.migration.as_deref() == Some(key) {
+        Kind::Migration
     } else {
         Kind::Other
     }
@@ -83,6 +90,12 @@ pub fn check_flag(kind: Kind, flag: &Value) -> Result<(), String> {
                 ))
             }
             Kind::Percent => check_percent(v).map_err(|e| format!("variation {i}: {e}"))?,
+            Kind::Migration if !v.as_str().is_some_and(|s| STAGES.contains(&s)) => {
+                return Err(format!(
+                    "variation {i} is {v}: a migration flag serves one of {}",
+                    STAGES.join(", ")
+                ))
+            }
             _ => 0.0,
         };
     }
@@ -304,23 +317,52 @@ pub fn resolve(
             flags.insert(key, v);
         }
     }
+    settle(
+        &dir.display().to_string(),
+        |key| dir.join(format!("{key}.json")).display().to_string(),
+        flags,
+        broken,
+        problems,
+        files.listing_error.is_some(),
+        keys,
+        last_good,
+    )
+}
+
+/// The second half of a reading, shared by every source: `flags` are the
+/// good definitions, `broken` the keys whose definition has a problem. Fills
+/// in last good values, fails the kill switch closed, and keeps Kafka-only
+/// under dual-write. `unlisted` means the set could not be read at all (no
+/// flag counts as missing then). `place` names where a key would be defined.
+#[allow(clippy::too_many_arguments)]
+pub fn settle(
+    source: &str,
+    place: impl Fn(&str) -> String,
+    mut flags: BTreeMap<String, Value>,
+    broken: BTreeSet<String>,
+    mut problems: Vec<FlagFileError>,
+    unlisted: bool,
+    keys: &FlagKeys,
+    last_good: &BTreeMap<String, Value>,
+) -> Resolved {
+    let dir_display = source.to_string();
     for key in &broken {
         flags.remove(key);
     }
     let mut origins = BTreeMap::new();
-    let routing = [&keys.kill_switch, &keys.kafka_only, &keys.dual_write];
+    let mut routing = vec![&keys.kill_switch, &keys.kafka_only, &keys.dual_write];
+    routing.extend(keys.migration.as_ref());
     for key in routing {
         if flags.contains_key(key.as_str()) {
             origins.insert(key.clone(), Origin::File);
             continue;
         }
-        let listing_failed = files.listing_error.is_some();
-        if !broken.contains(key.as_str()) && !listing_failed {
+        if !broken.contains(key.as_str()) && !unlisted {
             // No file defines it. A flag that had a value was deleted: keep
             // the last good value, and say so.
             if last_good.contains_key(key.as_str()) || *key == keys.kill_switch {
                 problems.push(FlagFileError {
-                    path: dir.join(format!("{key}.json")).display().to_string(),
+                    path: place(key),
                     reason: if *key == keys.kill_switch && !last_good.contains_key(key.as_str()) {
                         "no kill-switch file: failing closed, every account routes legacy (run `switchyard flags unkill` to create it)".into()
                     } else {
@@ -351,7 +393,7 @@ pub fn resolve(
     let (dual_lo, _) = pct(&flags, &keys.dual_write);
     if kafka_hi > dual_lo {
         problems.push(FlagFileError {
-            path: dir.display().to_string(),
+            path: dir_display.clone(),
             reason: format!(
                 "kafka-only ({kafka_hi} %) is above dual-write ({dual_lo} %): accounts would skip the dual stage; the last good values stay"
             ),
@@ -455,6 +497,12 @@ mod tests {
         f["contextTargets"] = json!([{"contextKind":"account","values":["7"],"variation":3}]);
         let e = parse_flag(f.to_string().as_bytes(), &k).unwrap_err();
         assert!(e.contains("contextTargets points at variation 3"), "{e}");
+        // A migration flag serves stages.
+        let mut mk = k.clone();
+        mk.migration = Some("m".into());
+        assert!(parse_flag(&flag("m", json!(["off", "dualwrite"])), &mk).is_ok());
+        let e = parse_flag(&flag("m", json!(["off", "sideways"])), &mk).unwrap_err();
+        assert!(e.contains("migration flag serves one of"), "{e}");
         // Other flags (prerequisites) are only parsed.
         assert!(parse_flag(&flag("something-else", json!(["x"])), &k).is_ok());
     }

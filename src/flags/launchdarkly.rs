@@ -1,21 +1,35 @@
 //! Flags from LaunchDarkly's streaming service (or a Relay Proxy / private
-//! instance), through the SDK: the same evaluation as the local source. The
-//! router waits a bounded time for the first payload; without one it runs on
-//! the safe default (everything legacy) and switches the moment flags arrive.
+//! instance). The SDK keeps the stream and hands every flag and segment to
+//! a data store of ours ([`FileStore`], the SDK's persistent data store
+//! interface): it validates the routing flags as the local source does,
+//! publishes one snapshot per change (a request evaluates its flags from one
+//! consistent set, with the SDK's evaluator), and persists the data in the
+//! router's own data folder, written whole and synced.
+//!
+//! At start the router waits a bounded time for the first payload. Without
+//! one it routes on the flags persisted by a previous run (`persisted`), or,
+//! with nothing persisted (or `--ld-offline-default legacy`), on the safe
+//! default: everything legacy. It switches the moment the stream delivers.
 //! A lost stream keeps the last values while the SDK reconnects.
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use launchdarkly_sdk_transport::HyperTransport;
 use launchdarkly_server_sdk::{
-    Client, ConfigBuilder, EventProcessorBuilder, NullEventProcessorBuilder,
-    ServiceEndpointsBuilder, StreamingDataSourceBuilder,
+    AllData, Client, ConfigBuilder, DataKind, EventProcessorBuilder, NullEventProcessorBuilder,
+    PersistentDataStore, PersistentDataStoreBuilder, PersistentDataStoreFactory,
+    PersistentStoreError, SerializedItem, ServiceEndpointsBuilder, StreamingDataSourceBuilder,
 };
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use super::folder::{self, FlagFileError, Origin};
 use super::FlagMetrics;
-use super::{Evaluator, FlagKeys, FlagSource, SourceStatus};
+use super::{FlagKeys, FlagSource, Snapshot, SourceStatus};
 use crate::routing::FlagValues;
 
 /// Where and how to reach LaunchDarkly.
@@ -35,6 +49,9 @@ pub struct LaunchDarklyOptions {
     pub init_timeout: Duration,
     /// First reconnect delay after a lost stream (the SDK backs off from it).
     pub reconnect_delay: Duration,
+    /// While LaunchDarkly has not answered: route on the flags persisted by
+    /// a previous run (true), or on the safe default, everything legacy.
+    pub use_persisted: bool,
 }
 
 impl std::fmt::Debug for LaunchDarklyOptions {
@@ -46,6 +63,7 @@ impl std::fmt::Debug for LaunchDarklyOptions {
             .field("events_uri", &self.events_uri)
             .field("send_events", &self.send_events)
             .field("init_timeout", &self.init_timeout)
+            .field("use_persisted", &self.use_persisted)
             .finish()
     }
 }
@@ -54,46 +72,341 @@ impl std::fmt::Debug for LaunchDarklyOptions {
 #[error("LaunchDarkly client: {0}")]
 pub struct LaunchDarklyStartError(String);
 
-pub struct LaunchDarklyFlags {
-    evaluator: Evaluator,
-    client: Arc<Client>,
+/// One stored item, as the SDK hands it over.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct Item {
+    version: u64,
+    deleted: bool,
+    /// The flag or segment JSON (or the SDK's tombstone).
+    item: String,
+}
+
+impl Item {
+    fn from_sdk(s: SerializedItem) -> Item {
+        Item {
+            version: s.version,
+            deleted: s.deleted,
+            item: s.serialized_item,
+        }
+    }
+
+    fn to_sdk(&self) -> SerializedItem {
+        SerializedItem {
+            version: self.version,
+            deleted: self.deleted,
+            serialized_item: self.item.clone(),
+        }
+    }
+}
+
+/// The persisted file.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Persisted {
+    source: String,
+    saved_at: f64,
+    flags: HashMap<String, Item>,
+    segments: HashMap<String, Item>,
+}
+
+/// Where the values served come from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Served {
+    /// From the stream, this run.
+    Live,
+    /// From the file a previous run persisted (saved at this Unix time).
+    Persisted(f64),
+    /// Nothing yet: everything legacy.
+    SafeDefault,
+}
+
+struct Data {
+    flags: HashMap<String, Item>,
+    segments: HashMap<String, Item>,
+    initialized: bool,
+    served: Served,
+    /// Last good routing flags (validation keeps them over a bad update).
+    good: BTreeMap<String, Value>,
+    problems: Vec<FlagFileError>,
+}
+
+/// What the SDK's store and the router share.
+struct Shared {
+    keys: FlagKeys,
+    file: Option<PathBuf>,
+    data: Mutex<Data>,
+    snapshot: RwLock<Arc<Snapshot>>,
     metrics: FlagMetrics,
 }
 
+fn now_unix() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+impl Shared {
+    fn data(&self) -> std::sync::MutexGuard<'_, Data> {
+        self.data.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Validates the routing flags, rebuilds the snapshot.
+    fn rebuild(&self, d: &mut Data) {
+        let mut flags = BTreeMap::new();
+        let mut broken = BTreeSet::new();
+        let mut problems = Vec::new();
+        for (key, item) in &d.flags {
+            if item.deleted {
+                continue;
+            }
+            match folder::parse_flag(item.item.as_bytes(), &self.keys) {
+                Ok((_, v)) => {
+                    flags.insert(key.clone(), v);
+                }
+                Err(reason) => {
+                    broken.insert(key.clone());
+                    problems.push(FlagFileError {
+                        path: format!("LaunchDarkly flag {key}"),
+                        reason,
+                    });
+                }
+            }
+        }
+        let resolved = folder::settle(
+            "LaunchDarkly",
+            |key| format!("LaunchDarkly flag {key}"),
+            flags,
+            broken,
+            problems,
+            // Before any data, nothing is "missing": it is the safe default.
+            d.served == Served::SafeDefault,
+            &self.keys,
+            &d.good,
+        );
+        for (key, origin) in &resolved.origins {
+            if *origin == Origin::File {
+                if let Some(v) = resolved.flags.get(key) {
+                    d.good.insert(key.clone(), v.clone());
+                }
+            }
+        }
+        let segments: BTreeMap<String, Value> = d
+            .segments
+            .iter()
+            .filter(|(_, i)| !i.deleted)
+            .filter_map(|(k, i)| {
+                serde_json::from_str::<Value>(&i.item)
+                    .ok()
+                    .map(|v| (k.clone(), v))
+            })
+            .collect();
+        let snap = if d.served == Served::SafeDefault {
+            Snapshot::default()
+        } else {
+            Snapshot::from_json_with_segments(&resolved.flags, &segments)
+        };
+        let new: Vec<&FlagFileError> = resolved
+            .problems
+            .iter()
+            .filter(|p| !d.problems.contains(p))
+            .collect();
+        for p in &new {
+            tracing::error!(flag = %p.path, reason = %p.reason, "LaunchDarkly flag problem; the flag keeps its last good value");
+        }
+        self.metrics.reload_errors.inc_by(new.len() as u64);
+        self.metrics.problems.set(resolved.problems.len() as i64);
+        d.problems = resolved.problems;
+        *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(snap);
+        self.metrics.reloads.inc();
+    }
+
+    fn persist(&self, d: &Data) {
+        let Some(path) = &self.file else {
+            return;
+        };
+        let body = Persisted {
+            source: "launchdarkly".into(),
+            saved_at: now_unix(),
+            flags: d.flags.clone(),
+            segments: d.segments.clone(),
+        };
+        let result = serde_json::to_value(&body)
+            .map_err(std::io::Error::other)
+            .and_then(|v| super::write_synced(path, &v));
+        if let Err(e) = result {
+            self.metrics.persist_errors.inc();
+            tracing::error!(file = %path.display(), error = %e, "cannot persist the LaunchDarkly flags: a restart while LaunchDarkly is unreachable would route on the safe default");
+        }
+    }
+
+    fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn publish(&self) {
+        let served = self.data().served;
+        self.metrics
+            .loaded
+            .set(i64::from(served != Served::SafeDefault));
+        for (state, on) in [
+            ("live", served == Served::Live),
+            ("persisted", matches!(served, Served::Persisted(_))),
+            ("safe-default", served == Served::SafeDefault),
+        ] {
+            self.metrics
+                .source_state
+                .with_label_values(&[state])
+                .set(i64::from(on));
+        }
+        self.snapshot().publish(&self.keys, &self.metrics);
+    }
+}
+
+/// The SDK's persistent data store, backed by memory and a file.
+struct FileStore(Arc<Shared>);
+
+impl PersistentDataStore for FileStore {
+    fn init(
+        &mut self,
+        all: AllData<SerializedItem, SerializedItem>,
+    ) -> Result<(), PersistentStoreError> {
+        let mut d = self.0.data();
+        d.flags = all
+            .flags
+            .into_iter()
+            .map(|(k, v)| (k, Item::from_sdk(v)))
+            .collect();
+        d.segments = all
+            .segments
+            .into_iter()
+            .map(|(k, v)| (k, Item::from_sdk(v)))
+            .collect();
+        d.initialized = true;
+        if d.served != Served::Live {
+            tracing::info!("LaunchDarkly flags arrived: routing on live values");
+        }
+        d.served = Served::Live;
+        self.0.rebuild(&mut d);
+        self.0.persist(&d);
+        drop(d);
+        self.0.publish();
+        Ok(())
+    }
+
+    fn flag(&self, key: &str) -> Result<Option<SerializedItem>, PersistentStoreError> {
+        Ok(self.0.data().flags.get(key).map(Item::to_sdk))
+    }
+
+    fn segment(&self, key: &str) -> Result<Option<SerializedItem>, PersistentStoreError> {
+        Ok(self.0.data().segments.get(key).map(Item::to_sdk))
+    }
+
+    fn all_flags(&self) -> Result<HashMap<String, SerializedItem>, PersistentStoreError> {
+        Ok(self
+            .0
+            .data()
+            .flags
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_sdk()))
+            .collect())
+    }
+
+    fn upsert(
+        &mut self,
+        kind: DataKind,
+        key: &str,
+        item: SerializedItem,
+    ) -> Result<bool, PersistentStoreError> {
+        let mut d = self.0.data();
+        let map = match kind {
+            DataKind::Flag => &mut d.flags,
+            DataKind::Segment => &mut d.segments,
+        };
+        if map.get(key).is_some_and(|e| e.version >= item.version) {
+            return Ok(false);
+        }
+        map.insert(key.to_string(), Item::from_sdk(item));
+        self.0.rebuild(&mut d);
+        self.0.persist(&d);
+        drop(d);
+        self.0.publish();
+        Ok(true)
+    }
+
+    fn is_initialized(&self) -> bool {
+        self.0.data().initialized
+    }
+}
+
+struct Factory(Arc<Shared>);
+
+impl PersistentDataStoreFactory for Factory {
+    fn create_persistent_data_store(&self) -> Result<Box<dyn PersistentDataStore>, std::io::Error> {
+        Ok(Box::new(FileStore(self.0.clone())))
+    }
+}
+
+pub struct LaunchDarklyFlags {
+    shared: Arc<Shared>,
+    client: Arc<Client>,
+}
+
 impl LaunchDarklyFlags {
+    /// Starts the SDK. `persist` is the router's file for the last known
+    /// flags (None: memory only).
     pub async fn start(
         opts: &LaunchDarklyOptions,
         keys: FlagKeys,
+        persist: Option<PathBuf>,
         metrics: FlagMetrics,
     ) -> Result<Arc<LaunchDarklyFlags>, LaunchDarklyStartError> {
         let err = |e: String| LaunchDarklyStartError(e);
-        let mut endpoints = ServiceEndpointsBuilder::new();
-        if let Some(u) = &opts.stream_uri {
-            endpoints.streaming_base_url(u);
-        }
-        if let Some(u) = &opts.base_uri {
-            endpoints.polling_base_url(u);
-        }
-        if let Some(u) = &opts.events_uri {
-            endpoints.events_base_url(u);
-        }
-        let mut streaming = StreamingDataSourceBuilder::<HyperTransport>::new();
-        streaming.initial_reconnect_delay(opts.reconnect_delay);
-        let builder = ConfigBuilder::new(&opts.sdk_key)
-            .service_endpoints(&endpoints)
-            .data_source(&streaming);
-        let builder = if opts.send_events {
-            builder.event_processor(&EventProcessorBuilder::<HyperTransport>::new())
-        } else {
-            builder.event_processor(&NullEventProcessorBuilder::new())
+        let mut data = Data {
+            flags: HashMap::new(),
+            segments: HashMap::new(),
+            initialized: false,
+            served: Served::SafeDefault,
+            good: BTreeMap::new(),
+            problems: Vec::new(),
         };
-        let config = builder.build().map_err(|e| err(e.to_string()))?;
-        let client = Arc::new(Client::build(config).map_err(|e| err(e.to_string()))?);
+        if let (Some(path), true) = (&persist, opts.use_persisted) {
+            match std::fs::read(path) {
+                Ok(bytes) => match serde_json::from_slice::<Persisted>(&bytes) {
+                    Ok(p) if p.source == "launchdarkly" => {
+                        tracing::info!(file = %path.display(), flags = p.flags.len(), saved_at = p.saved_at, "LaunchDarkly flags of a previous run loaded");
+                        data.flags = p.flags;
+                        data.segments = p.segments;
+                        data.served = Served::Persisted(p.saved_at);
+                    }
+                    Ok(_) | Err(_) => {
+                        tracing::warn!(file = %path.display(), "not LaunchDarkly flags persisted by this router: ignored")
+                    }
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "persisted LaunchDarkly flags unreadable: ignored")
+                }
+            }
+        }
+        let shared = Arc::new(Shared {
+            keys,
+            file: persist,
+            data: Mutex::new(data),
+            snapshot: RwLock::new(Arc::new(Snapshot::default())),
+            metrics,
+        });
+        {
+            let mut d = shared.data();
+            shared.rebuild(&mut d);
+        }
+        let client = Arc::new(build_client(opts, &shared).map_err(err)?);
         client.start_with_default_executor();
         let flags = Arc::new(LaunchDarklyFlags {
-            evaluator: Evaluator::new(client.clone(), keys),
+            shared: shared.clone(),
             client: client.clone(),
-            metrics,
         });
         match client.wait_for_initialization(opts.init_timeout).await {
             Some(true) => {
@@ -102,24 +415,22 @@ impl LaunchDarklyFlags {
                     "LaunchDarkly flags loaded"
                 );
             }
-            _ => {
-                tracing::warn!(
+            _ => match shared.data().served {
+                Served::Persisted(at) => tracing::warn!(
+                    stream = opts.stream_uri.as_deref().unwrap_or("default"),
+                    waited_ms = opts.init_timeout.as_millis() as u64,
+                    age_secs = (now_unix() - at).max(0.0) as u64,
+                    "no flags from LaunchDarkly yet: routing on the flags a previous run persisted until they arrive"
+                ),
+                _ => tracing::warn!(
                     stream = opts.stream_uri.as_deref().unwrap_or("default"),
                     waited_ms = opts.init_timeout.as_millis() as u64,
                     "no flags from LaunchDarkly yet: every account routes legacy (the safe default) until they arrive"
-                );
-            }
+                ),
+            },
         }
-        flags.publish();
+        shared.publish();
         Ok(flags)
-    }
-
-    fn publish(&self) {
-        let loaded = self.client.initialized();
-        self.metrics.loaded.set(i64::from(loaded));
-        if loaded {
-            self.evaluator.publish(&self.metrics);
-        }
     }
 
     /// Keeps the flag gauges current until `stop`, then closes the client.
@@ -130,19 +441,13 @@ impl LaunchDarklyFlags {
     ) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
         tokio::spawn(async move {
-            let mut was_loaded = me.client.initialized();
             let mut tick = tokio::time::interval(every);
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = tick.tick() => {}
                 }
-                let loaded = me.client.initialized();
-                if loaded && !was_loaded {
-                    tracing::info!("LaunchDarkly flags arrived: routing on real values");
-                }
-                was_loaded = loaded;
-                me.publish();
+                me.shared.publish();
             }
             me.client.close();
         })
@@ -151,27 +456,75 @@ impl LaunchDarklyFlags {
 
 impl FlagSource for LaunchDarklyFlags {
     fn evaluate(&self, account_id: u64) -> FlagValues {
-        if !self.client.initialized() {
+        if self.shared.data().served == Served::SafeDefault {
             return FlagValues::default();
         }
-        self.evaluator.evaluate(account_id)
+        self.shared
+            .snapshot()
+            .evaluate(&self.shared.keys, account_id)
     }
 
     fn status(&self) -> SourceStatus {
-        let loaded = self.client.initialized();
-        let last_error = (!loaded).then(|| {
-            "no flag payload from LaunchDarkly yet: routing on the safe default (legacy)"
-                .to_string()
-        });
+        let d = self.shared.data();
+        let (loaded, state, last_error) = match d.served {
+            Served::Live => (true, "live".to_string(), None),
+            Served::Persisted(at) => (
+                true,
+                format!("persisted {} s ago", (now_unix() - at).max(0.0) as u64),
+                Some("no flag payload from LaunchDarkly yet: routing on the flags a previous run persisted".to_string()),
+            ),
+            Served::SafeDefault => (
+                false,
+                "safe default".to_string(),
+                Some(
+                    "no flag payload from LaunchDarkly yet: routing on the safe default (legacy)"
+                        .to_string(),
+                ),
+            ),
+        };
+        let problems: Vec<String> = d.problems.iter().map(ToString::to_string).collect();
         SourceStatus {
             kind: "launchdarkly",
             loaded,
-            // The safe default is a known state, not a broken one: the
-            // router serves (everything legacy) while the stream connects.
-            ready: true,
-            problems: last_error.iter().cloned().collect(),
-            last_error,
-            origins: Default::default(),
+            // The safe default and persisted flags are known states, not
+            // broken ones: the router serves while the stream connects.
+            ready: problems.is_empty(),
+            last_error: problems.last().cloned().or(last_error),
+            problems,
+            origins: BTreeMap::new(),
+            state: Some(state),
         }
     }
+}
+
+/// The SDK client, its stream feeding `shared` (built apart: the builders
+/// are not `Send` and must not live across an await).
+fn build_client(opts: &LaunchDarklyOptions, shared: &Arc<Shared>) -> Result<Client, String> {
+    let mut endpoints = ServiceEndpointsBuilder::new();
+    if let Some(u) = &opts.stream_uri {
+        endpoints.streaming_base_url(u);
+    }
+    if let Some(u) = &opts.base_uri {
+        endpoints.polling_base_url(u);
+    }
+    if let Some(u) = &opts.events_uri {
+        endpoints.events_base_url(u);
+    }
+    let mut streaming = StreamingDataSourceBuilder::<HyperTransport>::new();
+    streaming.initial_reconnect_delay(opts.reconnect_delay);
+    // The SDK's own evaluation is not used (the router evaluates its
+    // snapshot), so its cache of the store only has to be correct.
+    let mut store = PersistentDataStoreBuilder::new(Arc::new(Factory(shared.clone())));
+    store.no_caching();
+    let builder = ConfigBuilder::new(&opts.sdk_key)
+        .service_endpoints(&endpoints)
+        .data_source(&streaming)
+        .data_store(&store);
+    let builder = if opts.send_events {
+        builder.event_processor(&EventProcessorBuilder::<HyperTransport>::new())
+    } else {
+        builder.event_processor(&NullEventProcessorBuilder::new())
+    };
+    let config = builder.build().map_err(|e| e.to_string())?;
+    Client::build(config).map_err(|e| e.to_string())
 }

@@ -327,6 +327,7 @@ impl FlagSource for LocalFlags {
             last_error: state.last_error.clone(),
             problems,
             origins,
+            state: None,
         }
     }
 }

@@ -22,6 +22,9 @@ pub struct FlagMetrics {
     pub origin: IntGaugeVec,
     /// Failed writes of the persisted last good flags.
     pub persist_errors: IntCounter,
+    /// LaunchDarkly: 1 for what is served (`live`, `persisted`,
+    /// `safe-default`).
+    pub source_state: IntGaugeVec,
 }
 
 impl FlagMetrics {
@@ -42,7 +45,16 @@ impl FlagMetrics {
             &["flag", "origin"],
         )?;
         reg.register(Box::new(origin.clone()))?;
+        let source_state = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_route_flag_source_state",
+                "LaunchDarkly: 1 for what is served (live, persisted by a previous run, safe-default)",
+            ),
+            &["state"],
+        )?;
+        reg.register(Box::new(source_state.clone()))?;
         Ok(FlagMetrics {
+            source_state,
             problems: int_gauge(
                 reg,
                 "switchyard_route_flag_problems",

@@ -11,9 +11,8 @@ mod metrics;
 pub mod store;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 
-use launchdarkly_server_sdk::{Client, ContextBuilder, Flag};
+use launchdarkly_server_sdk::{ContextBuilder, Flag};
 use launchdarkly_server_sdk_evaluation::{evaluate, Context, FlagValue, Segment, Store};
 use serde::Serialize;
 use serde_json::Value;
@@ -43,6 +42,9 @@ pub struct SourceStatus {
     /// Routing flag → where its value comes from (`file`, `last-good`,
     /// `safe-default`).
     pub origins: BTreeMap<String, &'static str>,
+    /// LaunchDarkly: `live`, `persisted <age>` or `safe default`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
 }
 
 /// A consistent set of flags, evaluated with the SDK's evaluator: a request
@@ -50,6 +52,7 @@ pub struct SourceStatus {
 #[derive(Default)]
 pub struct Snapshot {
     flags: HashMap<String, Flag>,
+    segments: HashMap<String, Segment>,
 }
 
 impl Store for Snapshot {
@@ -57,14 +60,22 @@ impl Store for Snapshot {
         self.flags.get(flag_key).cloned()
     }
 
-    fn segment(&self, _segment_key: &str) -> Option<Segment> {
-        None
+    fn segment(&self, segment_key: &str) -> Option<Segment> {
+        self.segments.get(segment_key).cloned()
     }
 }
 
 impl Snapshot {
     /// From validated flag JSON (anything that does not parse is left out).
     pub fn from_json(flags: &BTreeMap<String, Value>) -> Snapshot {
+        Snapshot::from_json_with_segments(flags, &BTreeMap::new())
+    }
+
+    /// With the segments rules may refer to.
+    pub fn from_json_with_segments(
+        flags: &BTreeMap<String, Value>,
+        segments: &BTreeMap<String, Value>,
+    ) -> Snapshot {
         Snapshot {
             flags: flags
                 .iter()
@@ -72,6 +83,14 @@ impl Snapshot {
                     serde_json::from_value::<Flag>(v.clone())
                         .ok()
                         .map(|f| (k.clone(), f))
+                })
+                .collect(),
+            segments: segments
+                .iter()
+                .filter_map(|(k, v)| {
+                    serde_json::from_value::<Segment>(v.clone())
+                        .ok()
+                        .map(|s| (k.clone(), s))
                 })
                 .collect(),
         }
@@ -107,6 +126,15 @@ impl Snapshot {
                 .value(&keys.dual_write, &ctx)
                 .and_then(|v| v.as_float())
                 .unwrap_or(0.0),
+            // A migration flag that cannot be evaluated is `off`: legacy.
+            migration: keys.migration.as_ref().map(|k| {
+                self.value(k, &ctx)
+                    .and_then(|v| match v {
+                        FlagValue::Str(s) => crate::routing::stage_route(&s),
+                        _ => None,
+                    })
+                    .unwrap_or(crate::routing::Route::Legacy)
+            }),
         }
     }
 
@@ -131,50 +159,4 @@ fn publish_values(v: &FlagValues, metrics: &FlagMetrics) {
 pub trait FlagSource: Send + Sync + 'static {
     fn evaluate(&self, account_id: u64) -> FlagValues;
     fn status(&self) -> SourceStatus;
-}
-
-/// Evaluates the three routing flags with a LaunchDarkly client. A percentage
-/// flag that is missing, off without an off variation, or of the wrong type
-/// evaluates to 0; a kill switch that cannot be evaluated fails closed.
-pub struct Evaluator {
-    client: Arc<Client>,
-    keys: FlagKeys,
-}
-
-impl Evaluator {
-    pub fn new(client: Arc<Client>, keys: FlagKeys) -> Self {
-        Evaluator { client, keys }
-    }
-
-    /// Sets the flag-value gauges to what an account without individual
-    /// targeting gets.
-    pub fn publish(&self, metrics: &FlagMetrics) {
-        publish_values(&self.evaluate(u64::MAX), metrics);
-    }
-
-    pub fn keys(&self) -> &FlagKeys {
-        &self.keys
-    }
-
-    pub fn evaluate(&self, account_id: u64) -> FlagValues {
-        let ctx = match ContextBuilder::new(account_id.to_string())
-            .kind("account")
-            .build()
-        {
-            Ok(ctx) => ctx,
-            // Cannot happen for a decimal key; the safe default if it ever does.
-            Err(_) => return FlagValues::default(),
-        };
-        FlagValues {
-            kill_switch: self
-                .client
-                .bool_variation(&ctx, &self.keys.kill_switch, true),
-            kafka_only: self
-                .client
-                .float_variation(&ctx, &self.keys.kafka_only, 0.0),
-            dual_write: self
-                .client
-                .float_variation(&ctx, &self.keys.dual_write, 0.0),
-        }
-    }
 }

@@ -58,9 +58,27 @@ pub struct RouteArgs {
     #[arg(long, env = "LD_SEND_EVENTS")]
     ld_send_events: bool,
     /// How long start-up waits for the first flag payload, in milliseconds;
-    /// then the router runs on the safe default (legacy) until flags arrive.
+    /// then the router routes on the flags a previous run persisted (or the
+    /// safe default) until flags arrive.
     #[arg(long, env = "LD_INIT_TIMEOUT_MS", default_value_t = 5000)]
     ld_init_timeout_ms: u64,
+    /// While LaunchDarkly has not answered: `persisted` routes on the flags
+    /// a previous run persisted in the offline folder, `legacy` on the safe
+    /// default (everything legacy).
+    #[arg(
+        long,
+        env = "LD_OFFLINE_DEFAULT",
+        value_enum,
+        default_value = "persisted"
+    )]
+    ld_offline_default: OfflineDefault,
+}
+
+/// What a router routes on before LaunchDarkly answers.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum OfflineDefault {
+    Persisted,
+    Legacy,
 }
 
 pub fn main(args: RouteArgs) -> ExitCode {
@@ -98,6 +116,7 @@ fn run(args: RouteArgs) -> Exit {
             send_events: args.ld_send_events,
             init_timeout: std::time::Duration::from_millis(args.ld_init_timeout_ms),
             reconnect_delay: std::time::Duration::from_millis(500),
+            use_persisted: matches!(args.ld_offline_default, OfflineDefault::Persisted),
         });
         let opts = RouteOptions {
             config,

@@ -170,8 +170,13 @@ pub async fn run(
 
     let (flags, flags_task): (Arc<dyn FlagSource>, _) = match &opts.launchdarkly {
         Some(ld) => {
-            let flags =
-                LaunchDarklyFlags::start(ld, cfg.flags.keys.clone(), metrics.flags.clone()).await?;
+            let flags = LaunchDarklyFlags::start(
+                ld,
+                cfg.flags.keys.clone(),
+                Some(cfg.flags_last_good_file()),
+                metrics.flags.clone(),
+            )
+            .await?;
             let task = flags.watch(Duration::from_secs(1), shutdown.child_token());
             (flags, task)
         }
