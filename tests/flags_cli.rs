@@ -1,6 +1,16 @@
 //! `switchyard flags` against a local server standing in for the LaunchDarkly
-//! REST API: the requests it sends (token, project, environment, JSON patch,
-//! comment) are checked, and invalid changes never reach the API.
+//! REST API (v2, `PATCH /api/v2/flags/{project}/{key}` with a JSON patch).
+//! It implements what the project relies on and refuses the rest:
+//! - variations are shared by every environment; each environment has its
+//!   own `on`, `fallthrough`, `offVariation` and `version`;
+//! - `GET ...?env=X` returns only environment X;
+//! - JSON patch operations `test` (a failed one answers 409, LaunchDarkly's
+//!   `optimistic_locking_error`), `replace` on `/environments/<env>/...`
+//!   paths, and `add` on `/variations/-`; anything else is a 400;
+//! - an environment that requires approvals answers 405
+//!   (`method_not_allowed`), as LaunchDarkly documents.
+//! The requests (token, project, environment, patch, comment) are checked,
+//! and invalid changes never reach the API.
 
 mod common;
 
@@ -21,17 +31,83 @@ type Log = Arc<Mutex<Vec<(String, String, String, Value)>>>;
 struct Api {
     flags: Arc<Mutex<HashMap<String, Value>>>,
     log: Log,
+    /// Environments whose changes require approval.
+    approvals: Arc<Mutex<Vec<String>>>,
+    /// Another writer's change, applied just before the next PATCH.
+    race: Arc<Mutex<Option<(String, String, Value)>>>,
 }
 
 fn ld_flag(key: &str, variations: Vec<Value>, fallthrough: usize) -> Value {
     json!({
         "key": key,
-        "variations": variations.into_iter().map(|v| json!({"value": v})).collect::<Vec<_>>(),
+        "_version": 1,
+        "variations": variations.into_iter().enumerate()
+            .map(|(i, v)| json!({"_id": format!("{key}-v{i}"), "value": v}))
+            .collect::<Vec<_>>(),
         "environments": {
-            "staging": {"on": true, "fallthrough": {"variation": fallthrough}, "offVariation": fallthrough},
-            "production": {"on": false, "fallthrough": {"variation": 0}, "offVariation": 0}
+            "staging": {"on": true, "fallthrough": {"variation": fallthrough}, "offVariation": fallthrough, "version": 3},
+            "production": {"on": true, "fallthrough": {"variation": 0}, "offVariation": 0, "version": 7}
         }
     })
+}
+
+/// Applies a JSON patch the way the stand-in implements it, or says why not.
+fn apply_patch(flag: &mut Value, ops: &[Value]) -> Result<(), (StatusCode, Value)> {
+    let bad = |m: String| {
+        (
+            StatusCode::BAD_REQUEST,
+            json!({"code": "invalid_request", "message": m}),
+        )
+    };
+    let mut f = flag.clone();
+    let mut touched: Vec<String> = Vec::new();
+    for op in ops {
+        let path = op["path"].as_str().ok_or_else(|| bad("no path".into()))?;
+        match op["op"].as_str() {
+            Some("test") => {
+                if f.pointer(path) != Some(&op["value"]) {
+                    return Err((
+                        StatusCode::CONFLICT,
+                        json!({"code": "optimistic_locking_error", "message": "Conflict. Optimistic lock error. Try again later."}),
+                    ));
+                }
+            }
+            Some("replace") => {
+                let env = path
+                    .strip_prefix("/environments/")
+                    .and_then(|r| r.split('/').next())
+                    .filter(|e| f["environments"].get(*e).is_some())
+                    .ok_or_else(|| {
+                        bad(format!("the stand-in does not implement replacing {path}"))
+                    })?
+                    .to_string();
+                *f.pointer_mut(path)
+                    .ok_or_else(|| bad(format!("no {path}")))? = op["value"].clone();
+                touched.push(env);
+            }
+            Some("add") if path == "/variations/-" => {
+                let n = f["variations"].as_array().map(Vec::len).unwrap_or(0);
+                let mut v = op["value"].clone();
+                v["_id"] = json!(format!("added-v{n}"));
+                f["variations"].as_array_mut().unwrap().push(v);
+            }
+            other => {
+                return Err(bad(format!(
+                    "the stand-in does not implement {other:?} on {path}"
+                )))
+            }
+        }
+    }
+    touched.sort();
+    touched.dedup();
+    for env in touched {
+        let v = f["environments"][&env]["version"].as_u64().unwrap_or(0);
+        f["environments"][&env]["version"] = json!(v + 1);
+    }
+    let v = f["_version"].as_u64().unwrap_or(0);
+    f["_version"] = json!(v + 1);
+    *flag = f;
+    Ok(())
 }
 
 async fn get_flag(
@@ -57,13 +133,25 @@ async fn get_flag(
     if auth != "api-secret-token" || project != "switchyard" {
         return Err(StatusCode::UNAUTHORIZED);
     }
-    api.flags
+    let mut f = api
+        .flags
         .lock()
         .unwrap()
         .get(&key)
         .cloned()
-        .map(Json)
-        .ok_or(StatusCode::NOT_FOUND)
+        .ok_or(StatusCode::NOT_FOUND)?;
+    // `env` limits the environments returned.
+    if let Some(env) = q.get("env") {
+        let only = f["environments"][env].clone();
+        f["environments"] = json!({ env.clone(): only });
+    }
+    Ok(Json(f))
+}
+
+type Refusal = (StatusCode, Json<Value>);
+
+fn refusal(status: StatusCode, code: &str, message: &str) -> Refusal {
+    (status, Json(json!({"code": code, "message": message})))
 }
 
 async fn patch_flag(
@@ -71,7 +159,7 @@ async fn patch_flag(
     Path((project, key)): Path<(String, String)>,
     headers: HeaderMap,
     Json(body): Json<Value>,
-) -> Result<Json<Value>, StatusCode> {
+) -> Result<Json<Value>, Refusal> {
     let auth = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
@@ -84,17 +172,47 @@ async fn patch_flag(
         body.clone(),
     ));
     if auth != "api-secret-token" {
-        return Err(StatusCode::UNAUTHORIZED);
+        return Err(refusal(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "Invalid access token",
+        ));
     }
     let mut flags = api.flags.lock().unwrap();
-    let flag = flags.get_mut(&key).ok_or(StatusCode::NOT_FOUND)?;
-    for op in body["patch"].as_array().ok_or(StatusCode::BAD_REQUEST)? {
-        if op["op"] != "replace" {
-            return Err(StatusCode::BAD_REQUEST);
+    let flag = flags
+        .get_mut(&key)
+        .ok_or_else(|| refusal(StatusCode::NOT_FOUND, "not_found", "Unknown flag"))?;
+    // Another writer got in first.
+    if let Some((k, ptr, v)) = api.race.lock().unwrap().take() {
+        if k == key {
+            apply_patch(flag, &[json!({"op": "replace", "path": ptr, "value": v})]).unwrap();
         }
-        let ptr = op["path"].as_str().ok_or(StatusCode::BAD_REQUEST)?;
-        *flag.pointer_mut(ptr).ok_or(StatusCode::BAD_REQUEST)? = op["value"].clone();
     }
+    let ops = body["patch"]
+        .as_array()
+        .ok_or_else(|| refusal(StatusCode::BAD_REQUEST, "invalid_request", "no patch"))?;
+    let envs: Vec<String> = ops
+        .iter()
+        .filter_map(|o| {
+            o["path"]
+                .as_str()?
+                .strip_prefix("/environments/")?
+                .split('/')
+                .next()
+                .map(str::to_string)
+        })
+        .collect();
+    if envs
+        .iter()
+        .any(|e| api.approvals.lock().unwrap().contains(e))
+    {
+        return Err(refusal(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "Flag configuration updates require approval: action 'updateFallthrough' not allowed",
+        ));
+    }
+    apply_patch(flag, ops).map_err(|(status, body)| (status, Json(body)))?;
     Ok(Json(flag.clone()))
 }
 
@@ -190,10 +308,14 @@ async fn the_rest_api_gets_the_right_requests() {
         .expect("a PATCH was sent");
     assert_eq!(patch.1, "/switchyard/switchyard-dual-write");
     assert_eq!(patch.3["comment"], "rollout step 3");
+    // Conditional on the environment's version, a new allowed value added
+    // (it changes no environment), only staging pointed at it.
     assert_eq!(
         patch.3["patch"],
         json!([
-            {"op": "replace", "path": "/variations/0/value", "value": 30.0},
+            {"op": "test", "path": "/environments/staging/version", "value": 3},
+            {"op": "add", "path": "/variations/-", "value": {"value": 30.0}},
+            {"op": "replace", "path": "/environments/staging/fallthrough", "value": {"variation": 1}},
             {"op": "replace", "path": "/environments/staging/on", "value": true}
         ])
     );
@@ -243,6 +365,7 @@ async fn the_rest_api_gets_the_right_requests() {
     assert_eq!(
         kill.3["patch"],
         json!([
+            {"op": "test", "path": "/environments/staging/version", "value": 3},
             {"op": "replace", "path": "/environments/staging/offVariation", "value": 0},
             {"op": "replace", "path": "/environments/staging/on", "value": false}
         ])
@@ -268,4 +391,202 @@ async fn the_rest_api_gets_the_right_requests() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+}
+
+fn flags_cmd_env(port: u16, env: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .arg("flags")
+        .args(args)
+        .args([
+            "--ld-api-uri",
+            &format!("http://127.0.0.1:{port}"),
+            "--ld-project",
+            "switchyard",
+            "--ld-environment",
+            env,
+        ])
+        .env("LD_API_TOKEN", "api-secret-token")
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn two_environments() -> (Api, u16) {
+    let api = Api::default();
+    {
+        let mut f = api.flags.lock().unwrap();
+        // Both environments' fallthrough on the same shared variation.
+        f.insert(
+            "switchyard-dual-write".into(),
+            ld_flag("switchyard-dual-write", vec![json!(0), json!(20)], 0),
+        );
+        f.insert(
+            "switchyard-kafka-only".into(),
+            ld_flag("switchyard-kafka-only", vec![json!(0)], 0),
+        );
+        f.insert(
+            "switchyard-kill-switch".into(),
+            ld_flag("switchyard-kill-switch", vec![json!(true), json!(false)], 1),
+        );
+        for k in ["switchyard-dual-write", "switchyard-kafka-only"] {
+            f.get_mut(k).unwrap()["environments"]["production"]["fallthrough"]["variation"] =
+                json!(0);
+        }
+        f.get_mut("switchyard-kill-switch").unwrap()["environments"]["production"] =
+            json!({"on": true, "fallthrough": {"variation": 1}, "offVariation": 1, "version": 7});
+    }
+    let port = serve(api.clone()).await;
+    (api, port)
+}
+
+fn env_of(api: &Api, key: &str, env: &str) -> String {
+    serde_json::to_string(&api.flags.lock().unwrap()[key]["environments"][env]).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_write_changes_the_named_environment_only() {
+    let (api, port) = two_environments().await;
+    let keys = [
+        "switchyard-dual-write",
+        "switchyard-kafka-only",
+        "switchyard-kill-switch",
+    ];
+    let production: Vec<String> = keys.iter().map(|k| env_of(&api, k, "production")).collect();
+    for args in [
+        vec!["set", "dual-write", "25"],
+        vec!["set", "kafka-only", "20"],
+        vec!["kill"],
+        vec!["unkill"],
+        vec!["set", "dual-write", "20"],
+    ] {
+        let (code, _, err) =
+            tokio::task::spawn_blocking(move || flags_cmd_env(port, "staging", &args))
+                .await
+                .unwrap();
+        assert_eq!(code, 0, "{err}");
+    }
+    let after: Vec<String> = keys.iter().map(|k| env_of(&api, k, "production")).collect();
+    assert_eq!(production, after, "production is byte-for-byte unchanged");
+    let (code, out, _) =
+        tokio::task::spawn_blocking(move || flags_cmd_env(port, "staging", &["get", "--json"]))
+            .await
+            .unwrap();
+    assert_eq!(code, 0);
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        v,
+        json!({"kill_switch": false, "kafka_only": 20.0, "dual_write": 20.0})
+    );
+    // 20 already was an allowed value: reused, not added again.
+    let dual = api.flags.lock().unwrap()["switchyard-dual-write"].clone();
+    let twenties = dual["variations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["value"].as_f64() == Some(20.0))
+        .count();
+    assert_eq!(twenties, 1, "{dual}");
+    let (code, out, _) =
+        tokio::task::spawn_blocking(move || flags_cmd_env(port, "production", &["get", "--json"]))
+            .await
+            .unwrap();
+    assert_eq!(code, 0);
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        v,
+        json!({"kill_switch": false, "kafka_only": 0.0, "dual_write": 0.0})
+    );
+    // `flags status` shows every environment it can read.
+    let (code, out, err) =
+        tokio::task::spawn_blocking(move || flags_cmd_env(port, "staging", &["status", "--json"]))
+            .await
+            .unwrap();
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    let envs = &v["dual-write"]["environments"];
+    assert_eq!(envs["staging"]["serves"], 20, "{v}");
+    assert_eq!(envs["production"]["serves"], 0, "{v}");
+    assert!(envs["staging"]["version"].as_u64().unwrap() > 3, "{v}");
+    let (code, out, _) =
+        tokio::task::spawn_blocking(move || flags_cmd_env(port, "staging", &["status"]))
+            .await
+            .unwrap();
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("dual-write   production     serves 0"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrent_change_is_reported_not_overwritten_and_approvals_are_named() {
+    let (api, port) = two_environments().await;
+    // Another writer moves staging to 20 % between our read and our write.
+    *api.race.lock().unwrap() = Some((
+        "switchyard-dual-write".into(),
+        "/environments/staging/fallthrough".into(),
+        json!({"variation": 1}),
+    ));
+    let (code, _, err) = tokio::task::spawn_blocking(move || {
+        flags_cmd_env(port, "staging", &["set", "dual-write", "30"])
+    })
+    .await
+    .unwrap();
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("changed in environment \"staging\" meanwhile")
+            && err.contains("0 % when read, 20 % now"),
+        "{err}"
+    );
+    let staging = api.flags.lock().unwrap()["switchyard-dual-write"].clone();
+    assert_eq!(
+        staging["environments"]["staging"]["fallthrough"]["variation"], 1,
+        "the other writer's change stands"
+    );
+    // A change elsewhere in the environment (same served value) is re-read and applied.
+    *api.race.lock().unwrap() = Some((
+        "switchyard-kill-switch".into(),
+        "/environments/staging/offVariation".into(),
+        json!(1),
+    ));
+    let (code, _, err) =
+        tokio::task::spawn_blocking(move || flags_cmd_env(port, "staging", &["kill"]))
+            .await
+            .unwrap();
+    assert_eq!(code, 0, "a kill always goes through: {err}");
+    let kill = api.flags.lock().unwrap()["switchyard-kill-switch"].clone();
+    assert_eq!(kill["environments"]["staging"]["on"], false, "{kill}");
+
+    // An environment that requires approvals: said so, nothing retried.
+    api.approvals.lock().unwrap().push("production".into());
+    let before = api
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.0 == "PATCH")
+        .count();
+    let (code, _, err) = tokio::task::spawn_blocking(move || {
+        flags_cmd_env(port, "production", &["set", "dual-write", "20"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("requires approval") && err.contains("405"),
+        "{err}"
+    );
+    let after = api
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.0 == "PATCH")
+        .count();
+    assert_eq!(after, before + 1, "not retried");
 }

@@ -94,6 +94,13 @@ pub enum FlagsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Per flag (and per LaunchDarkly environment the token can read): what
+    /// is served (a value or rollout weights), the version, the last change.
+    Status {
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Set one flag: `kill-switch` (true/false), `kafka-only` or `dual-write` (0–100).
     Set {
         flag: String,
@@ -124,9 +131,24 @@ pub fn main(args: FlagsArgs) -> ExitCode {
 fn run(args: FlagsArgs) -> Exit {
     use crate::flags::store::{StoreError, Which};
     let store = args.store.store()?;
+    if let FlagsCommand::Status { json } = &args.command {
+        let json = *json;
+        let rt = runtime()?;
+        return rt.block_on(async move {
+            let v = store.status().await.map_err(failure)?;
+            if json {
+                println!("{v}");
+            } else {
+                print_status(&v);
+            }
+            Ok(ExitCode::SUCCESS)
+        });
+    }
     let keys = store.keys().clone();
     let (which, value, force, comment) = match &args.command {
-        FlagsCommand::Get { .. } => (None, serde_json::Value::Null, false, String::new()),
+        FlagsCommand::Get { .. } | FlagsCommand::Status { .. } => {
+            (None, serde_json::Value::Null, false, String::new())
+        }
         FlagsCommand::Set {
             flag,
             value,
@@ -177,4 +199,51 @@ fn run(args: FlagsArgs) -> Exit {
             Err(e) => Err(failure(e)),
         }
     })
+}
+
+/// `flags status` for a person: one line per flag (and environment).
+fn print_status(v: &serde_json::Value) {
+    let serves = |e: &serde_json::Value| -> String {
+        if let Some(r) = e["rollout"].as_array() {
+            r.iter()
+                .map(|w| format!("{} {}%", w["value"], w["weight_percent"]))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        } else {
+            format!(
+                "{}{}",
+                e["serves"],
+                if e["on"] == false { " (off)" } else { "" }
+            )
+        }
+    };
+    for (name, f) in v.as_object().into_iter().flatten() {
+        if name == "problems" {
+            for p in f.as_array().into_iter().flatten() {
+                println!("problem: {}", p.as_str().unwrap_or_default());
+            }
+            continue;
+        }
+        match f["environments"].as_object() {
+            Some(envs) => {
+                for (env, e) in envs {
+                    println!(
+                        "{name:<12} {env:<14} serves {}  version {}  last modified {}",
+                        serves(e),
+                        e["version"],
+                        e["last_modified"]
+                    );
+                }
+            }
+            None => println!(
+                "{name:<12} {}  serves {}  version {}",
+                f["file"].as_str().unwrap_or_default(),
+                f["local"]
+                    .as_object()
+                    .map(|_| serves(&f["local"]))
+                    .unwrap_or_else(|| "nothing (no file)".into()),
+                f["version"]
+            ),
+        }
+    }
 }

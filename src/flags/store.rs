@@ -178,7 +178,44 @@ impl Api {
         Some((flag["variations"][idx]["value"].clone(), fall))
     }
 
-    async fn patch(&self, key: &str, comment: &str, ops: Vec<Value>) -> Result<(), StoreError> {
+    /// A flag with every environment the token can read.
+    async fn fetch_all(&self, key: &str) -> Result<Value, StoreError> {
+        let err = |message: String| StoreError::Api {
+            what: format!("GET flag {key}"),
+            message,
+        };
+        let r = self
+            .client
+            .get(self.url(key))
+            .header("Authorization", &self.token)
+            .send()
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let status = r.status();
+        let text = r.text().await.map_err(|e| err(e.to_string()))?;
+        if !status.is_success() {
+            return Err(err(format!("{status}")));
+        }
+        serde_json::from_str(&text).map_err(|e| err(format!("not a flag: {e}")))
+    }
+
+    /// The version of the chosen environment's configuration of a flag.
+    fn env_version(&self, flag: &Value) -> Result<Value, StoreError> {
+        let v = &flag["environments"][&self.environment]["version"];
+        if v.is_null() {
+            return Err(StoreError::Api {
+                what: format!("flag {}", flag["key"].as_str().unwrap_or("?")),
+                message: format!("no environment {:?} in the flag", self.environment),
+            });
+        }
+        Ok(v.clone())
+    }
+
+    /// A JSON patch touching only the chosen environment (and appending a
+    /// variation, which changes no environment), conditional on the
+    /// environment's version read: `Ok(false)` when someone changed it
+    /// meanwhile.
+    async fn patch(&self, key: &str, comment: &str, ops: Vec<Value>) -> Result<bool, StoreError> {
         let err = |message: String| StoreError::Api {
             what: format!("PATCH flag {key}"),
             message,
@@ -192,13 +229,67 @@ impl Api {
             .await
             .map_err(|e| err(e.to_string()))?;
         let status = r.status();
-        if !status.is_success() {
-            let body = r.text().await.unwrap_or_default();
-            return Err(err(format!("{status}: {body}")));
+        if status.is_success() {
+            return Ok(true);
         }
-        Ok(())
+        let body = r.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<Value>(&body)
+            .ok()
+            .and_then(|b| b["message"].as_str().map(str::to_string))
+            .unwrap_or_else(|| body.chars().take(300).collect());
+        match status.as_u16() {
+            409 => Ok(false),
+            400 if message.to_ascii_lowercase().contains("test") => Ok(false),
+            405 => Err(err(format!(
+                "environment {:?} requires approval for changes to {key} (LaunchDarkly answered 405: {message}); nothing was changed: request the change in LaunchDarkly (an approval request for this flag and environment), or use an environment without required approvals",
+                self.environment
+            ))),
+            _ => Err(err(format!("{status}: {message}"))),
+        }
     }
 }
+
+/// The index of the variation whose value is `value` (numbers compared as
+/// numbers), or None.
+fn find_variation(flag: &Value, value: &Value) -> Option<usize> {
+    flag["variations"].as_array()?.iter().position(|v| {
+        let have = &v["value"];
+        match (have.as_f64(), value.as_f64()) {
+            (Some(a), Some(b)) => a == b,
+            _ => have == value,
+        }
+    })
+}
+
+/// What an environment configuration (`cfg`: `on`, `fallthrough`,
+/// `offVariation`) of `flag` serves an untargeted context.
+fn served_summary(flag: &Value, cfg: &Value) -> Value {
+    let value = |i: &Value| {
+        i.as_u64().map(|i| {
+            let v = &flag["variations"][i as usize];
+            if v.is_object() {
+                v["value"].clone()
+            } else {
+                v.clone()
+            }
+        })
+    };
+    if cfg["on"].as_bool() != Some(true) {
+        return json!({"on": false, "serves": value(&cfg["offVariation"])});
+    }
+    let fall = &cfg["fallthrough"];
+    if let Some(r) = fall["rollout"]["variations"].as_array() {
+        let weights: Vec<Value> = r
+            .iter()
+            .map(|w| json!({"value": value(&w["variation"]), "weight_percent": w["weight"].as_f64().map(|x| x / 1000.0)}))
+            .collect();
+        return json!({"on": true, "rollout": weights});
+    }
+    json!({"on": true, "serves": value(&fall["variation"])})
+}
+
+/// Conflicting writes retried before giving up.
+const ATTEMPTS: usize = 5;
 
 impl FlagStore {
     pub fn keys(&self) -> &FlagKeys {
@@ -249,6 +340,61 @@ impl FlagStore {
                 Ok(Reading { current, problems })
             }
         }
+    }
+
+    /// Per flag (and, with LaunchDarkly, per environment the token can
+    /// read): what is served (a value, or rollout weights), the version, the
+    /// last change. For `switchyard flags status`.
+    pub async fn status(&self) -> Result<Value, StoreError> {
+        let keys = self.keys().clone();
+        let mut names = vec![
+            ("kill-switch", keys.kill_switch.clone()),
+            ("kafka-only", keys.kafka_only.clone()),
+            ("dual-write", keys.dual_write.clone()),
+        ];
+        if let Some(m) = &keys.migration {
+            names.push(("migration", m.clone()));
+        }
+        let mut out = serde_json::Map::new();
+        match self {
+            FlagStore::Local { dir, .. } => {
+                let reading = read_folder(dir, &keys);
+                for (name, key) in names {
+                    let path = flag_path(dir, &key);
+                    let f = read_local(dir, &key).ok().flatten();
+                    let modified = std::fs::metadata(&path)
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map(|d| d.as_secs());
+                    out.insert(
+                        name.to_string(),
+                        json!({"key": key, "file": path.display().to_string(),
+                            "local": f.as_ref().map(|f| served_summary(f, f)),
+                            "version": f.as_ref().map(|f| f["version"].clone()),
+                            "modified_unix": modified}),
+                    );
+                }
+                out.insert("problems".into(), json!(reading.problems));
+            }
+            FlagStore::LaunchDarkly(api) => {
+                for (name, key) in names {
+                    let f = api.fetch_all(&key).await?;
+                    let mut envs = serde_json::Map::new();
+                    for (env, cfg) in f["environments"].as_object().into_iter().flatten() {
+                        let mut e = served_summary(&f, cfg);
+                        e["version"] = cfg["version"].clone();
+                        e["last_modified"] = cfg["lastModified"].clone();
+                        envs.insert(env.clone(), e);
+                    }
+                    out.insert(
+                        name.to_string(),
+                        json!({"key": key, "flag_version": f["_version"], "environments": envs}),
+                    );
+                }
+            }
+        }
+        Ok(Value::Object(out))
     }
 
     /// The flags, or an error naming every problem.
@@ -337,18 +483,57 @@ impl FlagStore {
                 tracing::info!(flag = %key, %value, comment, "flag set in the local folder");
             }
             FlagStore::LaunchDarkly(api) => {
-                let f = api.fetch(&key).await?;
-                let (_, fall) = api.served(&f).ok_or_else(|| StoreError::Api {
-                    what: format!("flag {key}"),
-                    message: format!("no environment {:?} in the flag", api.environment),
-                })?;
-                let env = &api.environment;
-                let ops = vec![
-                    json!({"op": "replace", "path": format!("/variations/{fall}/value"), "value": value}),
-                    json!({"op": "replace", "path": format!("/environments/{env}/on"), "value": true}),
-                ];
-                api.patch(&key, comment, ops).await?;
-                tracing::info!(flag = %key, %value, comment, "flag set through the LaunchDarkly API");
+                let env = api.environment.clone();
+                let seen = match which {
+                    Which::KafkaOnly => reading.current.kafka_only,
+                    _ => reading.current.dual_write,
+                };
+                let mut value = value;
+                let mut applied = false;
+                for attempt in 0..ATTEMPTS {
+                    let f = api.fetch(&key).await?;
+                    let version = api.env_version(&f)?;
+                    if attempt > 0 {
+                        // Someone wrote meanwhile: go on only if what the
+                        // decision was based on still holds.
+                        let now = self.read().await?;
+                        let served = match which {
+                            Which::KafkaOnly => now.current.kafka_only,
+                            _ => now.current.dual_write,
+                        };
+                        if served != seen {
+                            return Err(StoreError::Invalid(format!(
+                                "{key} changed in environment {env:?} meanwhile: it served {seen} % when read, {served} % now; nothing was written: run again to decide from the new value"
+                            )));
+                        }
+                        value = validate(which, &value, &now.current, force)?;
+                    }
+                    let mut ops = vec![
+                        json!({"op": "test", "path": format!("/environments/{env}/version"), "value": version}),
+                    ];
+                    let idx = match find_variation(&f, &value) {
+                        Some(i) => i,
+                        None => {
+                            // A new allowed value: changes no environment.
+                            ops.push(json!({"op": "add", "path": "/variations/-", "value": {"value": value}}));
+                            f["variations"].as_array().map(Vec::len).unwrap_or(0)
+                        }
+                    };
+                    ops.push(json!({"op": "replace", "path": format!("/environments/{env}/fallthrough"), "value": {"variation": idx}}));
+                    ops.push(json!({"op": "replace", "path": format!("/environments/{env}/on"), "value": true}));
+                    if api.patch(&key, comment, ops).await? {
+                        applied = true;
+                        break;
+                    }
+                    tracing::warn!(flag = %key, environment = %env, attempt, "the flag changed while it was being set; reading it again");
+                }
+                if !applied {
+                    return Err(StoreError::Api {
+                        what: format!("PATCH flag {key}"),
+                        message: format!("{ATTEMPTS} conflicting writes in a row: someone else keeps changing it"),
+                    });
+                }
+                tracing::info!(flag = %key, %value, environment = %env, comment, "flag set through the LaunchDarkly API");
             }
         }
         Ok(self.read().await?.current)
@@ -385,28 +570,44 @@ impl FlagStore {
                 tracing::info!(flag = %key, killed = on, comment, "kill switch set in the local folder");
             }
             FlagStore::LaunchDarkly(api) => {
-                let f = api.fetch(&key).await?;
-                let idx = f["variations"]
-                    .as_array()
-                    .and_then(|vs| vs.iter().position(|v| v["value"] == json!(on)))
-                    .ok_or_else(|| StoreError::Api {
+                let env = api.environment.clone();
+                let mut applied = false;
+                // The kill switch always goes through: a conflict is read
+                // again and retried, never a reason to stop.
+                for attempt in 0..ATTEMPTS {
+                    let f = api.fetch(&key).await?;
+                    let version = api.env_version(&f)?;
+                    let idx = find_variation(&f, &json!(on)).ok_or_else(|| StoreError::Api {
                         what: format!("flag {key}"),
                         message: format!("no variation with the value {on}"),
                     })?;
-                let env = &api.environment;
-                let ops = if on {
-                    vec![
-                        json!({"op": "replace", "path": format!("/environments/{env}/offVariation"), "value": idx}),
-                        json!({"op": "replace", "path": format!("/environments/{env}/on"), "value": false}),
-                    ]
-                } else {
-                    vec![
-                        json!({"op": "replace", "path": format!("/environments/{env}/fallthrough"), "value": {"variation": idx}}),
-                        json!({"op": "replace", "path": format!("/environments/{env}/offVariation"), "value": idx}),
-                        json!({"op": "replace", "path": format!("/environments/{env}/on"), "value": true}),
-                    ]
-                };
-                api.patch(&key, comment, ops).await?;
+                    let test = json!({"op": "test", "path": format!("/environments/{env}/version"), "value": version});
+                    let ops = if on {
+                        vec![
+                            test,
+                            json!({"op": "replace", "path": format!("/environments/{env}/offVariation"), "value": idx}),
+                            json!({"op": "replace", "path": format!("/environments/{env}/on"), "value": false}),
+                        ]
+                    } else {
+                        vec![
+                            test,
+                            json!({"op": "replace", "path": format!("/environments/{env}/fallthrough"), "value": {"variation": idx}}),
+                            json!({"op": "replace", "path": format!("/environments/{env}/offVariation"), "value": idx}),
+                            json!({"op": "replace", "path": format!("/environments/{env}/on"), "value": true}),
+                        ]
+                    };
+                    if api.patch(&key, comment, ops).await? {
+                        applied = true;
+                        break;
+                    }
+                    tracing::warn!(flag = %key, environment = %env, attempt, "the kill switch changed while it was being set; reading it again");
+                }
+                if !applied {
+                    return Err(StoreError::Api {
+                        what: format!("PATCH flag {key}"),
+                        message: format!("{ATTEMPTS} conflicting writes in a row"),
+                    });
+                }
                 tracing::info!(flag = %key, killed = on, comment, "kill switch set through the LaunchDarkly API");
             }
         }
