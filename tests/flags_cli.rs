@@ -9,6 +9,7 @@
 //!   paths, and `add` on `/variations/-`; anything else is a 400;
 //! - an environment that requires approvals answers 405
 //!   (`method_not_allowed`), as LaunchDarkly documents.
+//!
 //! The requests (token, project, environment, patch, comment) are checked,
 //! and invalid changes never reach the API.
 
