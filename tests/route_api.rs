@@ -524,3 +524,31 @@ async fn a_second_router_on_the_same_folder_is_refused() {
     );
     first.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_says_so_when_the_offline_folder_cannot_be_written() {
+    let broker = Broker::start();
+    let topic = unique("ready");
+    create_topic(&broker.brokers(), &topic, 1).await;
+    let dirs = Dirs::new();
+    let router = InProcess::start(config(&dirs, &topic), &broker.brokers()).await;
+    let (code, body) = router.readyz().await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["offline"]["writable"], true);
+    // The folder gone (an unmounted volume): not ready, and why.
+    let away = dirs.root.path().join("away");
+    std::fs::rename(&dirs.offline, &away).unwrap();
+    let (code, body) = router.readyz().await;
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body["offline"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot be written"),
+        "{body}"
+    );
+    std::fs::rename(&away, &dirs.offline).unwrap();
+    let (code, body) = router.readyz().await;
+    assert_eq!(code, 200, "{body}");
+    router.stop().await;
+}

@@ -68,19 +68,71 @@ impl fmt::Display for Engine {
     }
 }
 
-/// A URL with its password hidden, for logs and errors.
+/// Query parameters whose value is a secret.
+const SECRET_PARAMS: [&str; 9] = [
+    "password",
+    "sslpassword",
+    "pass",
+    "pwd",
+    "token",
+    "access_token",
+    "secret",
+    "api_key",
+    "apikey",
+];
+
+/// A URL with its secrets hidden, for logs and errors: the password of the
+/// user part (which may itself hold `@`, `/` or `:`) and the value of every
+/// secret query parameter (`password`, `sslpassword`, `token`, …).
 pub fn redact_url(url: &str) -> String {
     let Some(start) = url.find("://").map(|i| i + 3) else {
-        return url.to_string();
+        return redact_query(url);
     };
-    let rest = &url[start..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
-        return url.to_string();
+    let (head, query) = match url[start..].find('?') {
+        Some(q) => url.split_at(start + q),
+        None => (url, ""),
     };
-    match rest[..at].find(':') {
-        Some(colon) => format!("{}{}:***{}", &url[..start], &rest[..colon], &rest[at..]),
-        None => url.to_string(),
+    let rest = &head[start..];
+    // The user part ends at the last `@` before the query: a password may
+    // hold `/` or `@`, a host never holds `@`.
+    let out = match rest.rfind('@') {
+        Some(at) => match rest[..at].find(':') {
+            Some(colon) => format!("{}{}:***{}", &head[..start], &rest[..colon], &rest[at..]),
+            None => head.to_string(),
+        },
+        None => head.to_string(),
+    };
+    out + &redact_query(query)
+}
+
+/// `?a=1&password=x` with every secret parameter's value hidden.
+fn redact_query(s: &str) -> String {
+    let Some(q) = s.find('?') else {
+        return s.to_string();
+    };
+    let (head, query) = s.split_at(q + 1);
+    let parts: Vec<String> = query
+        .split('&')
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _)) if SECRET_PARAMS.contains(&k.to_ascii_lowercase().as_str()) => {
+                format!("{k}=***")
+            }
+            _ => kv.to_string(),
+        })
+        .collect();
+    format!("{head}{}", parts.join("&"))
+}
+
+/// Only the scheme and host (and port) of a URL: for endpoints whose path
+/// may itself be the secret (webhooks of chat services).
+pub fn redact_endpoint(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(u) => match (u.host_str(), u.port()) {
+            (Some(h), Some(p)) => format!("{}://{h}:{p}/…", u.scheme()),
+            (Some(h), None) => format!("{}://{h}/…", u.scheme()),
+            _ => format!("{}:…", u.scheme()),
+        },
+        Err(_) => "(not a URL)".to_string(),
     }
 }
 
@@ -1412,6 +1464,23 @@ mod tests {
             redact_url("postgres://u:p@ss@h/db"),
             "postgres://u:***@h/db"
         );
+        // A password holding `/`, and secrets in the query.
+        assert_eq!(
+            redact_url("postgres://ingest:s3/cr@et@db:5432/raw?sslmode=require"),
+            "postgres://ingest:***@db:5432/raw?sslmode=require"
+        );
+        assert_eq!(
+            redact_url("postgres://ingest@db/raw?password=s3cretQ&sslmode=verify-full"),
+            "postgres://ingest@db/raw?password=***&sslmode=verify-full"
+        );
+        assert_eq!(
+            redact_url("mysql://u@h/db?ssl-mode=REQUIRED&SSLPassword=k3y"),
+            "mysql://u@h/db?ssl-mode=REQUIRED&SSLPassword=***"
+        );
+        assert_eq!(redact_url("sqlite:x.db?token=abc"), "sqlite:x.db?token=***");
+        let hook = "https://hooks.slack.com/services/T000/B000/XXXXsecret";
+        assert_eq!(redact_endpoint(hook), "https://hooks.slack.com/…");
+        assert!(!redact_endpoint("http://127.0.0.1:9/x/secret").contains("secret"));
     }
 
     #[test]

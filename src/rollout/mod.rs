@@ -296,7 +296,7 @@ impl Controller {
                 .await
                 .and_then(|r| r.error_for_status())
             {
-                tracing::warn!(url = %crate::db::redact_url(url), error = %e.without_url(), "webhook failed");
+                tracing::warn!(url = %crate::db::redact_endpoint(url), error = %e.without_url(), "webhook failed");
             }
         }
         Ok(())

@@ -189,19 +189,23 @@ impl Plan {
             .chain(self.prometheus_url.iter().map(|u| ("prometheus_url", u)))
             .chain(self.webhooks.iter().map(|u| ("webhooks", u)))
         {
+            // A webhook's path may be its secret: never shown.
+            let shown = if what == "webhooks" {
+                crate::db::redact_endpoint(url)
+            } else {
+                crate::db::redact_url(url)
+            };
             match reqwest::Url::parse(url) {
                 Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
                 Ok(u) => {
                     return Err(format!(
-                        "{what}: {:?} — an http:// or https:// URL with a host (scheme {:?})",
-                        crate::db::redact_url(url),
+                        "{what}: {shown:?} — an http:// or https:// URL with a host (scheme {:?})",
                         u.scheme()
                     ))
                 }
                 Err(e) => {
                     return Err(format!(
-                        "{what}: {:?} — not a URL ({e}); write it as http://host:port",
-                        crate::db::redact_url(url)
+                        "{what}: {shown:?} — not a URL ({e}); write it as http://host:port"
                     ))
                 }
             }

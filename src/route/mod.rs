@@ -80,6 +80,8 @@ struct App {
     salt: String,
     flags: Arc<dyn FlagSource>,
     writer: OfflineWriter,
+    /// The offline folder, probed by `/readyz`.
+    offline_dir: std::path::PathBuf,
     kafka: KafkaSink,
     fallback: KafkaFallback,
     metrics: RouteMetrics,
@@ -211,6 +213,7 @@ pub async fn run(
         salt: cfg.route.salt.clone(),
         flags: flags.clone(),
         writer: writer.clone(),
+        offline_dir: dir.clone(),
         kafka: kafka.clone(),
         fallback: cfg.route.kafka_fallback,
         metrics: metrics.clone(),
@@ -306,10 +309,17 @@ async fn metrics_handler(State(app): State<Arc<App>>) -> Response {
 async fn readyz(State(app): State<Arc<App>>) -> Response {
     let draining = app.draining.load(Ordering::SeqCst);
     let flags = app.flags.status();
-    let ready = !draining && flags.ready;
+    // A full or read-only offline disk fails every legacy and dual write:
+    // say so before a load balancer sends more.
+    let dir = app.offline_dir.clone();
+    let offline = tokio::task::spawn_blocking(move || probe_writable(&dir))
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+    let ready = !draining && flags.ready && offline.is_ok();
     let body = json!({
         "ready": ready,
         "draining": draining,
+        "offline": {"writable": offline.is_ok(), "error": offline.err()},
         "flags": flags,
         "kafka": {"breaker_open": app.kafka.breaker_open(), "topic": app.kafka.topic()},
     });
@@ -319,6 +329,20 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
         StatusCode::OK
     };
     (status, Json(body)).into_response()
+}
+
+/// Writes, syncs and removes a small file in the offline folder.
+fn probe_writable(dir: &std::path::Path) -> Result<(), String> {
+    use std::io::Write;
+    let path = dir.join(".readyz-probe");
+    let result = std::fs::File::create(&path)
+        .and_then(|mut f| {
+            f.write_all(&[0u8; 512])?;
+            f.sync_data()
+        })
+        .map_err(|e| format!("the offline folder cannot be written: {e}"));
+    let _ = std::fs::remove_file(&path);
+    result
 }
 
 #[derive(Serialize)]
