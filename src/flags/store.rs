@@ -291,6 +291,13 @@ fn served_summary(flag: &Value, cfg: &Value) -> Value {
 /// Conflicting writes retried before giving up.
 const ATTEMPTS: usize = 5;
 
+fn conflicts(key: &str) -> StoreError {
+    StoreError::Api {
+        what: format!("PATCH flag {key}"),
+        message: format!("{ATTEMPTS} conflicting writes in a row: someone else keeps changing it"),
+    }
+}
+
 impl FlagStore {
     pub fn keys(&self) -> &FlagKeys {
         match self {
@@ -528,10 +535,7 @@ impl FlagStore {
                     tracing::warn!(flag = %key, environment = %env, attempt, "the flag changed while it was being set; reading it again");
                 }
                 if !applied {
-                    return Err(StoreError::Api {
-                        what: format!("PATCH flag {key}"),
-                        message: format!("{ATTEMPTS} conflicting writes in a row: someone else keeps changing it"),
-                    });
+                    return Err(conflicts(&key));
                 }
                 tracing::info!(flag = %key, %value, environment = %env, comment, "flag set through the LaunchDarkly API");
             }
@@ -603,10 +607,7 @@ impl FlagStore {
                     tracing::warn!(flag = %key, environment = %env, attempt, "the kill switch changed while it was being set; reading it again");
                 }
                 if !applied {
-                    return Err(StoreError::Api {
-                        what: format!("PATCH flag {key}"),
-                        message: format!("{ATTEMPTS} conflicting writes in a row"),
-                    });
+                    return Err(conflicts(&key));
                 }
                 tracing::info!(flag = %key, killed = on, comment, "kill switch set through the LaunchDarkly API");
             }

@@ -302,66 +302,54 @@ impl Controller {
         Ok(())
     }
 
+    /// GETs `base` + `path` with `query` and reads the JSON answer; an
+    /// error names the source (`what`) and its host, never the whole URL.
+    async fn get_json(
+        &self,
+        what: &str,
+        base: &str,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<Value, String> {
+        let url = format!("{}{path}", base.trim_end_matches('/'));
+        let r = self
+            .http
+            .get(&url)
+            .query(query)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| {
+                format!(
+                    "{what} at {}: {}",
+                    crate::db::redact_url(base),
+                    e.without_url()
+                )
+            })?;
+        r.json()
+            .await
+            .map_err(|e| format!("{what} answer unreadable: {}", e.without_url()))
+    }
+
     /// Parity for every window that received rows since the step started,
     /// by the comparator's own arrival clock.
     async fn check(&self, s: &State) -> Check {
         if let Some(base) = &self.plan.parity_url {
-            let url = format!("{}/parity", base.trim_end_matches('/'));
-            let r = self
-                .http
-                .get(&url)
-                .query(&[("arrived_since", s.step_started_at)])
-                .send()
-                .await
-                .and_then(|r| r.error_for_status());
-            let body: Value = match r {
-                Ok(r) => match r.json().await {
-                    Ok(b) => b,
-                    Err(e) => {
-                        return Check::Unreachable(format!(
-                            "parity report unreadable: {}",
-                            e.without_url()
-                        ))
-                    }
-                },
-                Err(e) => {
-                    return Check::Unreachable(format!(
-                        "comparator at {}: {}",
-                        crate::db::redact_url(base),
-                        e.without_url()
-                    ))
-                }
+            let since = [("arrived_since", s.step_started_at.to_string())];
+            return match self.get_json("comparator", base, "/parity", &since).await {
+                Ok(body) => parity_check(&body, s.step_started_at + self.plan.dwell_secs),
+                Err(e) => Check::Unreachable(e),
             };
-            return parity_check(&body, s.step_started_at + self.plan.dwell_secs);
         }
         if let (Some(base), Some(q)) = (&self.plan.prometheus_url, &self.plan.prometheus_query) {
-            let url = format!("{}/api/v1/query", base.trim_end_matches('/'));
-            let r = self
-                .http
-                .get(&url)
-                .query(&[("query", q.as_str())])
-                .send()
+            let query = [("query", q.clone())];
+            return match self
+                .get_json("prometheus", base, "/api/v1/query", &query)
                 .await
-                .and_then(|r| r.error_for_status());
-            let body: Value = match r {
-                Ok(r) => match r.json().await {
-                    Ok(b) => b,
-                    Err(e) => {
-                        return Check::Unreachable(format!(
-                            "prometheus answer unreadable: {}",
-                            e.without_url()
-                        ))
-                    }
-                },
-                Err(e) => {
-                    return Check::Unreachable(format!(
-                        "prometheus at {}: {}",
-                        crate::db::redact_url(base),
-                        e.without_url()
-                    ))
-                }
+            {
+                Ok(body) => prometheus_check(q, &body),
+                Err(e) => Check::Unreachable(e),
             };
-            return prometheus_check(q, &body);
         }
         Check::Unreachable("no parity source".into())
     }
