@@ -132,6 +132,9 @@ struct Data {
 /// What the SDK's store and the router share.
 struct Shared {
     keys: FlagKeys,
+    /// False while on the safe default: read on every request, so an atomic
+    /// rather than the data lock the stream writes under.
+    serving: std::sync::atomic::AtomicBool,
     file: Option<PathBuf>,
     data: Mutex<Data>,
     snapshot: RwLock<Arc<Snapshot>>,
@@ -205,18 +208,14 @@ impl Shared {
         } else {
             Snapshot::from_json_with_segments(&resolved.flags, &segments)
         };
-        let new: Vec<&FlagFileError> = resolved
-            .problems
-            .iter()
-            .filter(|p| !d.problems.contains(p))
-            .collect();
-        for p in &new {
-            tracing::error!(flag = %p.path, reason = %p.reason, "LaunchDarkly flag problem; the flag keeps its last good value");
-        }
-        self.metrics.reload_errors.inc_by(new.len() as u64);
-        self.metrics.problems.set(resolved.problems.len() as i64);
+        self.metrics
+            .report_problems(&d.problems, &resolved.problems);
         d.problems = resolved.problems;
         *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(snap);
+        self.serving.store(
+            d.served != Served::SafeDefault,
+            std::sync::atomic::Ordering::Release,
+        );
         self.metrics.reloads.inc();
     }
 
@@ -393,6 +392,7 @@ impl LaunchDarklyFlags {
         }
         let shared = Arc::new(Shared {
             keys,
+            serving: std::sync::atomic::AtomicBool::new(false),
             file: persist,
             data: Mutex::new(data),
             snapshot: RwLock::new(Arc::new(Snapshot::default())),
@@ -456,7 +456,11 @@ impl LaunchDarklyFlags {
 
 impl FlagSource for LaunchDarklyFlags {
     fn evaluate(&self, account_id: u64) -> FlagValues {
-        if self.shared.data().served == Served::SafeDefault {
+        if !self
+            .shared
+            .serving
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
             return FlagValues::default();
         }
         self.shared

@@ -160,21 +160,12 @@ impl LocalFlags {
             state.loaded_any = true;
             self.metrics.reloads.inc();
         }
-        let new_problems: Vec<&FlagFileError> = resolved
-            .problems
-            .iter()
-            .filter(|p| {
-                state
-                    .resolved
-                    .as_ref()
-                    .is_none_or(|r| !r.problems.contains(p))
-            })
-            .collect();
-        for e in &new_problems {
-            tracing::error!(file = %e.path, reason = %e.reason, "flag problem; the flag keeps its last good value");
-        }
-        self.metrics.reload_errors.inc_by(new_problems.len() as u64);
-        self.metrics.problems.set(resolved.problems.len() as i64);
+        let before = state
+            .resolved
+            .as_ref()
+            .map(|r| r.problems.as_slice())
+            .unwrap_or_default();
+        self.metrics.report_problems(before, &resolved.problems);
         state.last_error = resolved.problems.last().map(ToString::to_string);
         for (key, origin) in &resolved.origins {
             for o in [Origin::File, Origin::LastGood, Origin::SafeDefault] {

@@ -85,3 +85,16 @@ impl FlagMetrics {
         })
     }
 }
+
+impl FlagMetrics {
+    /// Logs and counts the problems of `now` that `before` did not have (each
+    /// once, not every poll), and sets the current count.
+    pub fn report_problems(&self, before: &[super::FlagFileError], now: &[super::FlagFileError]) {
+        let new: Vec<&super::FlagFileError> = now.iter().filter(|p| !before.contains(p)).collect();
+        for p in &new {
+            tracing::error!(flag = %p.path, reason = %p.reason, "flag problem; the flag keeps its last good value");
+        }
+        self.reload_errors.inc_by(new.len() as u64);
+        self.problems.set(now.len() as i64);
+    }
+}

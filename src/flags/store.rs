@@ -141,15 +141,26 @@ impl Api {
         format!("{}/api/v2/flags/{}/{}", self.base, self.project, key)
     }
 
+    /// A flag with the chosen environment only.
     async fn fetch(&self, key: &str) -> Result<Value, StoreError> {
+        self.get_flag(key, Some(&self.environment)).await
+    }
+
+    /// A flag with every environment the token can read.
+    async fn fetch_all(&self, key: &str) -> Result<Value, StoreError> {
+        self.get_flag(key, None).await
+    }
+
+    async fn get_flag(&self, key: &str, env: Option<&str>) -> Result<Value, StoreError> {
         let err = |message: String| StoreError::Api {
             what: format!("GET flag {key}"),
             message,
         };
-        let r = self
-            .client
-            .get(self.url(key))
-            .query(&[("env", self.environment.as_str())])
+        let mut req = self.client.get(self.url(key));
+        if let Some(env) = env {
+            req = req.query(&[("env", env)]);
+        }
+        let r = req
             .header("Authorization", &self.token)
             .send()
             .await
@@ -176,27 +187,6 @@ impl Api {
             env["offVariation"].as_u64()? as usize
         };
         Some((flag["variations"][idx]["value"].clone(), fall))
-    }
-
-    /// A flag with every environment the token can read.
-    async fn fetch_all(&self, key: &str) -> Result<Value, StoreError> {
-        let err = |message: String| StoreError::Api {
-            what: format!("GET flag {key}"),
-            message,
-        };
-        let r = self
-            .client
-            .get(self.url(key))
-            .header("Authorization", &self.token)
-            .send()
-            .await
-            .map_err(|e| err(e.to_string()))?;
-        let status = r.status();
-        let text = r.text().await.map_err(|e| err(e.to_string()))?;
-        if !status.is_success() {
-            return Err(err(format!("{status}")));
-        }
-        serde_json::from_str(&text).map_err(|e| err(format!("not a flag: {e}")))
     }
 
     /// The version of the chosen environment's configuration of a flag.
