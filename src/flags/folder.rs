@@ -27,6 +27,8 @@ use super::FlagKeys;
 pub struct FlagFileError {
     pub path: String,
     pub reason: String,
+    /// The flag keys the problem is about (none: the whole folder).
+    pub keys: Vec<String>,
 }
 
 /// Which routing flag a key is, if any.
@@ -224,6 +226,7 @@ pub fn read_files(dir: &Path) -> Files {
             out.listing_error = Some(FlagFileError {
                 path: dir.display().to_string(),
                 reason: format!("cannot list the folder: {e}"),
+                keys: Vec::new(),
             });
             return out;
         }
@@ -292,12 +295,15 @@ pub fn resolve(
             Err(reason) => {
                 // The key of a broken file: from the name `<key>.json`, the
                 // way `switchyard flags set` writes it.
-                if let Some(stem) = path.file_stem().and_then(|s| s.to_str()) {
-                    broken.insert(stem.to_string());
-                }
+                let stem = path
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .map(str::to_string);
+                broken.extend(stem.clone());
                 problems.push(FlagFileError {
                     path: path.display().to_string(),
                     reason,
+                    keys: stem.into_iter().collect(),
                 });
             }
         }
@@ -309,6 +315,7 @@ pub fn resolve(
             problems.push(FlagFileError {
                 path: dir.display().to_string(),
                 reason: format!("flag key {key:?} is defined by {}", paths.join(" and ")),
+                keys: vec![key.clone()],
             });
             broken.insert(key);
             continue;
@@ -368,6 +375,7 @@ pub fn settle(
                     } else {
                         "the file is missing: its last good value stays".into()
                     },
+                    keys: vec![key.clone()],
                 });
             }
         }
@@ -397,6 +405,7 @@ pub fn settle(
             reason: format!(
                 "kafka-only ({kafka_hi} %) is above dual-write ({dual_lo} %): accounts would skip the dual stage; the last good values stay"
             ),
+            keys: vec![keys.kafka_only.clone(), keys.dual_write.clone()],
         });
         for key in [&keys.kafka_only, &keys.dual_write] {
             if origins.get(key.as_str()) != Some(&Origin::File) {

@@ -171,6 +171,7 @@ impl Shared {
                     problems.push(FlagFileError {
                         path: format!("LaunchDarkly flag {key}"),
                         reason,
+                        keys: vec![key.clone()],
                     });
                 }
             }

@@ -99,8 +99,15 @@ pub struct Reading {
     /// router without a last good value resolves them: the kill switch fails
     /// closed, a percentage is 0).
     pub current: Current,
-    /// Every problem, each naming its file (or flag) and reason.
-    pub problems: Vec<String>,
+    /// Every problem, each naming its file (or flag), reason and keys.
+    pub problems: Vec<super::FlagFileError>,
+}
+
+impl Reading {
+    /// The problems as lines a person reads.
+    pub fn problem_text(&self) -> Vec<String> {
+        self.problems.iter().map(ToString::to_string).collect()
+    }
 }
 
 /// Where the flags live.
@@ -311,25 +318,30 @@ impl FlagStore {
                 for which in [Which::KillSwitch, Which::KafkaOnly, Which::DualWrite] {
                     let key = which.key(keys);
                     let f = api.fetch(key).await?;
+                    let problem = |reason: String| super::FlagFileError {
+                        path: format!("flag {key}"),
+                        reason,
+                        keys: vec![key.to_string()],
+                    };
                     let Some((v, _)) = api.served(&f) else {
-                        problems.push(format!(
-                            "flag {key}: serves nothing in environment {:?}",
+                        problems.push(problem(format!(
+                            "serves nothing in environment {:?}",
                             api.environment
-                        ));
+                        )));
                         continue;
                     };
                     match which {
                         Which::KillSwitch => match v.as_bool() {
                             Some(b) => current.kill_switch = b,
                             None => {
-                                problems.push(format!("flag {key}: serves {v}, not true or false"))
+                                problems.push(problem(format!("serves {v}, not true or false")))
                             }
                         },
                         Which::KafkaOnly | Which::DualWrite => {
                             match super::folder::check_percent(&v) {
                                 Ok(p) if which == Which::KafkaOnly => current.kafka_only = p,
                                 Ok(p) => current.dual_write = p,
-                                Err(e) => problems.push(format!("flag {key}: {e}")),
+                                Err(e) => problems.push(problem(e)),
                             }
                         }
                     }
@@ -372,7 +384,7 @@ impl FlagStore {
                             "modified_unix": modified}),
                     );
                 }
-                out.insert("problems".into(), json!(reading.problems));
+                out.insert("problems".into(), json!(reading.problem_text()));
             }
             FlagStore::LaunchDarkly(api) => {
                 for (name, key) in names {
@@ -402,7 +414,7 @@ impl FlagStore {
         } else {
             Err(StoreError::Invalid(format!(
                 "the flags have problems: {}",
-                r.problems.join("; ")
+                r.problem_text().join("; ")
             )))
         }
     }
@@ -426,25 +438,19 @@ impl FlagStore {
             return Ok(self.read().await?.current);
         }
         let reading = self.read().await?;
-        // A problem with the flag being set is what the set repairs; any
-        // other problem makes the transition rules unverifiable.
-        let own = match self {
-            FlagStore::Local { dir, .. } => flag_path(dir, &key).display().to_string(),
-            FlagStore::LaunchDarkly(_) => format!("flag {key}:"),
-        };
-        let others: Vec<&String> = reading
+        // A problem with the flag being set (or one it is part of, such as
+        // kafka-only above dual-write) is what the set repairs; any other
+        // problem makes the transition rules unverifiable.
+        let others: Vec<String> = reading
             .problems
             .iter()
-            .filter(|p| !p.starts_with(&own) && !p.contains("above dual-write"))
+            .filter(|p| !p.keys.contains(&key))
+            .map(ToString::to_string)
             .collect();
         if !others.is_empty() {
             return Err(StoreError::Invalid(format!(
                 "cannot change {key} while other flags have problems: {}",
-                others
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join("; ")
+                others.join("; ")
             )));
         }
         let value = validate(which, &value, &reading.current, force)?;
@@ -646,7 +652,7 @@ pub fn read_folder(dir: &Path, keys: &FlagKeys) -> Reading {
             kafka_only: pct(&keys.kafka_only, true),
             dual_write: pct(&keys.dual_write, false),
         },
-        problems: r.problems.iter().map(ToString::to_string).collect(),
+        problems: r.problems,
     }
 }
 
@@ -725,7 +731,7 @@ mod tests {
         // No kill-switch file: killed (fails closed), and a problem.
         let r = store.read().await.unwrap();
         assert!(r.current.kill_switch);
-        assert!(r.problems[0].contains("failing closed"), "{r:?}");
+        assert!(r.problems[0].reason.contains("failing closed"), "{r:?}");
         assert!(store.get().await.is_err());
         store
             .set(Which::KillSwitch, json!(false), false, "t")

@@ -209,7 +209,7 @@ impl Controller {
             "percent": served,
             "set": s.set,
             "before": s.before,
-            "flags": seen.as_ref().map(|r| json!({"current": r.current, "problems": r.problems})),
+            "flags": seen.as_ref().map(|r| json!({"current": r.current, "problems": r.problem_text()})),
             "intent": s.intent,
             "step_started_at": s.step_started_at,
             "failures_on_step": s.failures,
@@ -405,7 +405,7 @@ impl Controller {
             if !reading.problems.is_empty() {
                 return Err(RolloutError::Plan(format!(
                     "cannot start while the flags have problems: {}",
-                    reading.problems.join("; ")
+                    reading.problem_text().join("; ")
                 )));
             }
             if reading.current.kill_switch {
@@ -578,7 +578,7 @@ impl Controller {
         let flag_pause = match &reading {
             Err(e) => Some(format!("flags unreadable: {e}")),
             Ok(r) if !r.problems.is_empty() => {
-                Some(format!("flag problems: {}", r.problems.join("; ")))
+                Some(format!("flag problems: {}", r.problem_text().join("; ")))
             }
             Ok(r) if r.current.kill_switch => Some("the kill switch is on".to_string()),
             Ok(r) if levels(r) != s.set => Some(format!(
