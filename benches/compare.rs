@@ -1,8 +1,11 @@
-//! Comparator speed on 1,000,000 dual-written rows (SWITCHYARD_BENCH_ROWS to
-//! change): the rows are put in the machine's MariaDB (OLD) and PostgreSQL
-//! (NEW), the comparator learns them as the stream would deliver them (dual
-//! envelopes), then one pass verifies every row, key and content, in both
-//! databases. The raw limit in the same run is both databases returning the
+//! Comparator speed and memory on 1,000,000 dual-written rows
+//! (SWITCHYARD_BENCH_ROWS to change; SWITCHYARD_BENCH_ROUTE=kafka for
+//! Kafka-only rows, in NEW alone): the rows are put in the machine's MariaDB
+//! (OLD) and PostgreSQL (NEW) with the consumers' own batch writes (faster
+//! than the pipelines could carry them), the comparator learns them window
+//! by window as the stream would deliver them, verifying each window once
+//! its rows are in, and its RSS is read at each quarter of the rows: it
+//! must stay flat as the rows retained grow. The raw limit in the same run is both databases returning the
 //! same rows, with their content digests, by plain range scans at once, with
 //! nothing else done.
 //!
@@ -19,6 +22,22 @@ use switchyard::compare::CompareMetrics;
 use switchyard::compare::{Comparator, CompareOptions};
 use switchyard::db::{row_values, TableRows};
 
+/// A line of /proc/self/status, in KiB.
+fn rss_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(field)?
+                .strip_prefix(':')?
+                .trim()
+                .strip_suffix(" kB")?
+                .parse()
+                .ok()
+        })
+        .unwrap()
+}
+
 fn main() {
     let rows: u64 = std::env::var("SWITCHYARD_BENCH_ROWS")
         .ok()
@@ -34,10 +53,15 @@ fn main() {
             .schema()
             .unwrap();
         let table = &schema.tables()[0];
+        // SWITCHYARD_BENCH_ROUTE=kafka: Kafka-only rows, in NEW alone (the
+        // memory figures at 10M rows without MariaDB's random reads).
+        let dual = std::env::var("SWITCHYARD_BENCH_ROUTE").as_deref() != Ok("kafka");
+        let route: &[u8] = if dual { b"dual" } else { b"kafka" };
         let old = TestDb::mariadb(&schema).await;
         let new = TestDb::postgres(&schema).await;
-        // One hour of data time: 60 windows of ~16,700 rows at 1M rows.
-        let spread = 3600.0 / rows as f64;
+        // ~16,700 rows a minute of data time, whatever the rows: 60 windows
+        // at 1M rows, 600 at 10M.
+        let spread = 3600.0 / 1_000_000.0;
         let envelope_of = |i: u64| {
             let mut e = envelope(i % 5000, i, 100);
             e["row"]["timestamp"] = serde_json::json!(1_700_000_000 + (i as f64 * spread) as i64);
@@ -52,13 +76,23 @@ fn main() {
             }
             let batch = [(table, &data)];
             let (a, b) = tokio::join!(
-                old.db.write_batch(&batch, &[], &[], None),
+                async {
+                    if dual {
+                        old.db.write_batch(&batch, &[], &[], None).await.map(|_| ())
+                    } else {
+                        Ok(())
+                    }
+                },
                 new.db.write_batch(&batch, &[], &[], None)
             );
             a.unwrap();
             b.unwrap();
         }
-        println!("compare: {rows} dual rows written to MariaDB and PostgreSQL in {:.1?}", t.elapsed());
+        println!(
+            "compare: {rows} {} rows written in {:.1?}",
+            if dual { "dual rows, MariaDB and PostgreSQL," } else { "Kafka-only rows, PostgreSQL," },
+            t.elapsed()
+        );
 
         let cmp = Comparator::new(
             schema.clone(),
@@ -79,49 +113,93 @@ fn main() {
             },
             CompareMetrics::new(&prometheus::Registry::new()).unwrap(),
         );
-        let payloads: Vec<Vec<u8>> = (0..rows).map(|i| envelope_of(i).to_string().into_bytes()).collect();
-        let t = Instant::now();
-        for p in &payloads {
-            cmp.observe(p, Some(b"dual"), 0.0);
+        // The stream, window by window as it would arrive: each window is
+        // verified once its rows are in (settle 0), so what the comparator
+        // holds is one window's pending rows, whatever the rows retained.
+        let per_window = (60.0 / spread).ceil() as u64;
+        let (mut learn, mut check) = (Duration::ZERO, Duration::ZERO);
+        let mut lookups = 0;
+        let mut rss_at: Vec<(u64, u64)> = Vec::new();
+        let mut next_sample = rows / 4;
+        let mut i = 0;
+        while i < rows {
+            let first = envelope_of(i)["row"]["timestamp"].as_i64().unwrap();
+            let window = first.div_euclid(60) * 60;
+            let mut payloads = Vec::with_capacity(per_window as usize + 1);
+            while i < rows && envelope_of(i)["row"]["timestamp"].as_i64().unwrap() < window + 60 {
+                payloads.push(envelope_of(i).to_string().into_bytes());
+                i += 1;
+            }
+            let t = Instant::now();
+            for p in &payloads {
+                cmp.observe(p, Some(route), 0.0);
+            }
+            learn += t.elapsed();
+            drop(payloads);
+            let t = Instant::now();
+            lookups += cmp.check(true, Some((window, window + 60))).await.unwrap();
+            check += t.elapsed();
+            if i >= next_sample {
+                rss_at.push((i, rss_kib("VmRSS")));
+                next_sample += rows / 4;
+            }
         }
-        let learn = t.elapsed();
-        drop(payloads);
-        let t = Instant::now();
-        let lookups = cmp.check(true, None).await.unwrap();
-        let check = t.elapsed();
+        let peak = rss_kib("VmHWM");
         let p = cmp.parity();
         assert_eq!(p.status, Status::Ok, "{}", p.table());
-        assert_eq!(p.tables[0].found_old as u64, rows);
+        if dual {
+            assert_eq!(p.tables[0].found_old as u64, rows);
+        }
         assert_eq!(p.tables[0].found_new as u64, rows);
-        // A recheck (deletions): every row verified, so keys only.
+        // A recheck (deletions) of every window: keys only, streamed.
         let t = Instant::now();
         cmp.check(true, None).await.unwrap();
         let recheck = t.elapsed();
         assert_eq!(cmp.parity().status, Status::Ok);
+        let after_recheck = rss_kib("VmHWM");
+        for (n, kib) in &rss_at {
+            println!("RSS with {n:>9} rows retained: {:>6.1} MiB", *kib as f64 / 1024.0);
+        }
+        let (quarter, all) = (rss_at[0].1 as f64, rss_at[rss_at.len() - 1].1 as f64);
+        println!(
+            "peak RSS {:.1} MiB (after the recheck {:.1} MiB); RSS at all rows / at a quarter: {:.2}× (goal ≤ 1.3×)",
+            peak as f64 / 1024.0,
+            after_recheck as f64 / 1024.0,
+            all / quarter
+        );
 
         // Raw: the same rows and their content read back by plain range
         // scans of both databases at once (the least a content verification
         // must read), and by plain batched key lookups.
         let t = Instant::now();
         let (a, b) = tokio::join!(
-            old.db.digests_in_time_range(table, i64::MIN, i64::MAX),
-            new.db.digests_in_time_range(table, i64::MIN, i64::MAX)
+            async {
+                if dual {
+                    old.db.digests_in_time_range(table, i64::MIN, i64::MAX).await.map(|m| m.len())
+                } else {
+                    Ok(0)
+                }
+            },
+            async { new.db.digests_in_time_range(table, i64::MIN, i64::MAX).await.map(|m| m.len()) }
         );
         let raw = t.elapsed();
-        assert_eq!(a.unwrap().len() as u64, rows);
-        assert_eq!(b.unwrap().len() as u64, rows);
-        let keys: Vec<String> = (0..rows).map(|i| uuid_for(i % 5000, i)).collect();
+        assert_eq!(a.unwrap() as u64, if dual { rows } else { 0 });
+        assert_eq!(b.unwrap() as u64, rows);
+        let sample = rows.min(200_000);
+        let keys: Vec<String> = (0..sample).map(|i| uuid_for(i % 5000, i)).collect();
         let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
         let t = Instant::now();
-        assert_eq!(old.db.digests_of_keys(table, &refs).await.unwrap().len() as u64, rows);
+        if dual {
+            assert_eq!(old.db.digests_of_keys(table, &refs).await.unwrap().len() as u64, sample);
+        }
         let lookup_old = t.elapsed();
         let t = Instant::now();
-        assert_eq!(new.db.digests_of_keys(table, &refs).await.unwrap().len() as u64, rows);
+        assert_eq!(new.db.digests_of_keys(table, &refs).await.unwrap().len() as u64, sample);
         let lookup_new = t.elapsed();
         println!(
-            "row lookups alone (1 database at a time): MariaDB {:.0} rows/s, PostgreSQL {:.0} rows/s",
-            rows as f64 / lookup_old.as_secs_f64(),
-            rows as f64 / lookup_new.as_secs_f64()
+            "row lookups alone ({sample} keys, 1 database at a time): MariaDB {:.0} rows/s, PostgreSQL {:.0} rows/s",
+            sample as f64 / lookup_old.as_secs_f64(),
+            sample as f64 / lookup_new.as_secs_f64()
         );
         let per_sec = rows as f64 / check.as_secs_f64();
         let raw_per_sec = rows as f64 / raw.as_secs_f64();
@@ -130,15 +208,17 @@ fn main() {
             rows as f64 / learn.as_secs_f64()
         );
         println!(
-            "verify (OLD and NEW):  {per_sec:>10.0} rows/s ({check:.1?}, {lookups} lookups, {} windows)",
-            p.tables[0].details.len()
+            "verify ({}):  {per_sec:>10.0} rows/s ({check:.1?}, {lookups} rows judged, {} windows)",
+            if dual { "OLD and NEW" } else { "NEW" },
+            p.tables[0].windows.values().sum::<usize>()
         );
         println!(
             "recheck (keys only):   {:>10.0} rows/s ({recheck:.1?})",
             rows as f64 / recheck.as_secs_f64()
         );
         println!(
-            "raw range scans (both databases): {raw_per_sec:.0} rows/s ({raw:.1?}); comparator {:.2}× raw; target 200000 rows/s",
+            "raw range scans ({}): {raw_per_sec:.0} rows/s ({raw:.1?}); comparator {:.2}× raw; target 200000 rows/s",
+            if dual { "both databases" } else { "NEW" },
             per_sec / raw_per_sec
         );
     });

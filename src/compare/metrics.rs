@@ -14,6 +14,8 @@ pub struct CompareMetrics {
     pub check_seconds: Histogram,
     pub check_errors: IntCounter,
     pub acks: IntCounter,
+    pub drill_downs: IntCounter,
+    pub pending: prometheus::IntGauge,
     pub expected: IntGaugeVec,
     pub found: IntGaugeVec,
     pub missing: IntGaugeVec,
@@ -48,7 +50,7 @@ impl CompareMetrics {
             rows_verified: counter(
                 reg,
                 "switchyard_compare_rows_verified_total",
-                "Row lookups done (one per expected row and database)",
+                "Expected rows judged, per database: looked up while pending, covered by a range scan once verified",
             )?,
             check_seconds: histogram(
                 reg,
@@ -65,6 +67,19 @@ impl CompareMetrics {
                 "switchyard_compare_acks_total",
                 "Mismatched windows acknowledged by a person (POST /parity/ack)",
             )?,
+            drill_downs: counter(
+                reg,
+                "switchyard_compare_drill_downs_total",
+                "Windows read again from the topic because a database's rows for them changed otherwise than by the rows found",
+            )?,
+            pending: {
+                let g = prometheus::IntGauge::new(
+                    "switchyard_compare_pending_rows",
+                    "Rows held by key: announced, not yet found everywhere they are due (the comparator's memory)",
+                )?;
+                reg.register(Box::new(g.clone()))?;
+                g
+            },
             expected: gauge_vec(
                 "switchyard_compare_expected_rows",
                 "Rows expected in checked windows, by table and database",

@@ -11,7 +11,8 @@ mod metrics;
 mod report;
 pub mod state;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -22,14 +23,16 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::db::digest::{self, Digest};
+use crate::db::digest::{self, Digest, KeySum};
 use crate::db::{Db, DbError};
 use crate::kafka::{QuietContext, ROUTE_HEADER};
 use crate::schema::{ColumnType, Schema, Table};
 pub use metrics::CompareMetrics;
 
 pub use report::{Parity, TableParity, WindowReport};
-use state::{judge, verdict, AckError, Expected, Sent, Snapshot, Status, Windows};
+use state::{
+    judge, AckError, Drill, Expected, Position, Reads, Reread, Sent, Snapshot, Status, Windows,
+};
 
 /// How the comparator runs.
 #[derive(Debug, Clone)]
@@ -156,6 +159,8 @@ pub struct Comparator {
     windows: Mutex<Windows>,
     metrics: CompareMetrics,
     parity: RwLock<Parity>,
+    /// Messages read so far (the one-shot mode's clock for quiet windows).
+    messages: AtomicU64,
 }
 
 /// A window to check, copied out of the lock.
@@ -164,60 +169,101 @@ struct DueWindow {
     snap: Snapshot,
 }
 
-/// One window's reads from one database.
-struct Lookup<'a> {
-    table: &'a Table,
-    start: i64,
-    end: i64,
-    /// The stream's digest of each announced row.
-    expected: &'a HashMap<&'a str, Digest>,
+/// Which windows a check looks at.
+#[derive(Debug, Clone, Copy)]
+enum Select {
+    /// Those due: settled, not checked since `recheck` (the running mode).
+    Due,
+    /// Every window overlapping the range, judged finally (the one-shot mode).
+    All(Option<(i64, i64)>),
+    /// Windows with pending rows that received none since message `before`:
+    /// verified on the way (the one-shot mode), no lateness judged yet.
+    Quiet { before: u64 },
 }
 
-impl Lookup<'_> {
-    /// Key → content digest of the rows of `wanted` in `db` (all the rows
-    /// in the window's range with `scan`), reading the content only of
-    /// `unverified` rows. A row verified before counts as the stream's
-    /// content: it is only looked for.
-    async fn read(
-        &self,
-        db: &Db,
-        wanted: &[&str],
-        unverified: &[&str],
-        scan: bool,
-    ) -> Result<HashMap<String, Digest>, DbError> {
-        let (t, from, to) = (self.table, self.start, self.end);
-        // Mostly new rows: one read of rows and content.
-        if unverified.len() * 4 >= wanted.len() {
-            return if scan {
-                db.digests_in_time_range(t, from, to).await
-            } else {
-                db.digests_of_keys(t, wanted).await
-            };
+/// Messages the one-shot mode reads between checks of the windows that
+/// went quiet: what it holds pending stays bounded by this, not by the topic.
+const ONCE_QUIET_MESSAGES: u64 = 50_000;
+
+/// Keys a drill-down looks up at once.
+const DRILL_CHUNK: usize = 5_000;
+
+/// Reads one window from both databases: the pending rows' content, and
+/// each database's range scan of the window reduced to a [`KeySum`]. A range
+/// that holds mostly pending rows is read whole, content and all, in one
+/// scan; otherwise its keys are streamed into the sum and the pending rows
+/// looked up by key, so a recheck of a verified window reads keys only.
+async fn read_window(
+    new: &Db,
+    old: &Db,
+    table: &Table,
+    start: i64,
+    end: i64,
+    snap: &Snapshot,
+) -> Result<Reads, DbError> {
+    let pending: Vec<&str> = snap.rows.iter().map(|(k, _)| k.as_str()).collect();
+    let dual: Vec<&str> = snap
+        .rows
+        .iter()
+        .filter(|(_, e)| e.sent == Sent::Dual)
+        .map(|(k, _)| k.as_str())
+        .collect();
+    let read_new = async {
+        let whole = !pending.is_empty()
+            && snap
+                .scanned_new
+                .is_none_or(|b| (pending.len() as u64) * 4 >= b.count);
+        if whole {
+            let m = new.digests_in_time_range(table, start, end).await?;
+            let s = KeySum::of(m.keys().map(String::as_str));
+            return Ok::<_, DbError>((m, s));
         }
-        // Mostly verified rows: the keys alone (a covering index), and the
-        // content of the few new ones.
-        let present = if scan {
-            db.keys_in_time_range(t, from, to).await?
-        } else {
-            db.existing_keys(t, wanted).await?
+        let (s, m) = tokio::try_join!(new.key_sum_in_time_range(table, start, end), async {
+            if pending.is_empty() {
+                Ok(HashMap::new())
+            } else {
+                new.digests_of_keys(table, &pending).await
+            }
+        })?;
+        Ok((m, s))
+    };
+    let read_old = async {
+        let d = &snap.defects;
+        let needed = !dual.is_empty()
+            || snap.verified.old > 0
+            || snap.scanned_old.is_some()
+            || d.lost_old + d.differs_old > 0;
+        if !needed {
+            return Ok::<_, DbError>((HashMap::new(), None));
+        }
+        // OLD also holds every legacy row: read the range whole only when
+        // dual rows are a good share of it.
+        let in_range = match snap.scanned_old {
+            Some(b) => b.count,
+            None if dual.is_empty() => 0,
+            None => old.count_time_range(table, start, end).await?.max(0) as u64,
         };
-        let content = if unverified.is_empty() {
-            HashMap::new()
-        } else {
-            db.digests_of_keys(t, unverified).await?
-        };
-        Ok(present
-            .into_iter()
-            .map(|k| {
-                let d = content
-                    .get(&k)
-                    .or_else(|| self.expected.get(k.as_str()))
-                    .copied()
-                    .unwrap_or_default();
-                (k, d)
-            })
-            .collect())
-    }
+        if !dual.is_empty() && (dual.len() as u64) * 4 >= in_range {
+            let m = old.digests_in_time_range(table, start, end).await?;
+            let s = KeySum::of(m.keys().map(String::as_str));
+            return Ok((m, Some(s)));
+        }
+        let (s, m) = tokio::try_join!(old.key_sum_in_time_range(table, start, end), async {
+            if dual.is_empty() {
+                Ok(HashMap::new())
+            } else {
+                old.digests_of_keys(table, &dual).await
+            }
+        })?;
+        Ok((m, Some(s)))
+    };
+    let ((new_rows, scan_new), (old_rows, scan_old)) = tokio::try_join!(read_new, read_old)?;
+    Ok(Reads {
+        new: new_rows,
+        old: old_rows,
+        scan_new,
+        scan_old,
+    })
 }
 
 /// A message as the comparator reads it.
@@ -225,6 +271,19 @@ impl Lookup<'_> {
 struct Envelope {
     table: String,
     row: Map<String, Value>,
+}
+
+/// Where a message was sent: dual or Kafka-only, from its header.
+fn route_of<M: Message>(m: &M) -> Sent {
+    let route = m.headers().and_then(|h| {
+        h.iter()
+            .find(|h| h.key == ROUTE_HEADER)
+            .and_then(|h| h.value)
+    });
+    match route {
+        Some(b"dual") => Sent::Dual,
+        _ => Sent::Kafka,
+    }
 }
 
 /// A key's text form, as the databases return it.
@@ -254,6 +313,7 @@ impl Comparator {
             opts,
             metrics,
             parity: RwLock::new(Parity::default()),
+            messages: AtomicU64::new(0),
         })
     }
 
@@ -305,7 +365,20 @@ impl Comparator {
 
     /// Records one message. Returns false for a message it cannot read.
     pub fn observe(&self, payload: &[u8], route: Option<&[u8]>, now: f64) -> bool {
+        self.observe_at(payload, route, now, None)
+    }
+
+    /// Records one message read at `at` in the topic (where a drill-down
+    /// finds it again).
+    pub fn observe_at(
+        &self,
+        payload: &[u8],
+        route: Option<&[u8]>,
+        now: f64,
+        at: Option<Position>,
+    ) -> bool {
         self.metrics.messages.inc();
+        let seq = self.messages.fetch_add(1, Ordering::Relaxed) + 1;
         let Some((table, time, key, group, digest)) = self.parse(payload) else {
             self.metrics.bad_messages.inc();
             return false;
@@ -319,6 +392,8 @@ impl Comparator {
             time,
             key,
             Expected::new(group, sent, digest, now),
+            at,
+            seq,
         );
         true
     }
@@ -330,7 +405,11 @@ impl Comparator {
                 .find(|h| h.key == ROUTE_HEADER)
                 .and_then(|h| h.value)
         });
-        self.observe(m.payload().unwrap_or_default(), route, now)
+        let at = Position {
+            partition: m.partition(),
+            offset: m.offset(),
+        };
+        self.observe_at(m.payload().unwrap_or_default(), route, now, Some(at))
     }
 
     fn parse(&self, payload: &[u8]) -> Option<(&Table, i64, String, String, Option<Digest>)> {
@@ -351,6 +430,15 @@ impl Comparator {
     /// Checks every window that is due (all of them, at once, with `force`:
     /// the one-shot mode). Returns the rows verified.
     pub async fn check(&self, force: bool, range: Option<(i64, i64)>) -> Result<u64, DbError> {
+        self.check_windows(if force {
+            Select::All(range)
+        } else {
+            Select::Due
+        })
+        .await
+    }
+
+    async fn check_windows(&self, select: Select) -> Result<u64, DbError> {
         let started = Instant::now();
         let now = now_unix();
         let settle = self.opts.settle.as_secs_f64();
@@ -360,24 +448,29 @@ impl Comparator {
             let ws = self.windows();
             ws.map
                 .iter()
-                .filter(|(_, w)| match range {
-                    Some((from, to)) => w.end > from && w.start < to,
-                    None => true,
-                })
-                .filter(|(_, w)| {
-                    force
-                        || (now >= w.due_at(settle)
+                .filter(|(_, w)| match select {
+                    Select::All(Some((from, to))) => w.end > from && w.start < to,
+                    Select::All(None) => true,
+                    Select::Quiet { before } => !w.rows.is_empty() && w.last_message < before,
+                    Select::Due => {
+                        now >= w.due_at(settle)
                             && match (&w.last, w.status) {
                                 (None, _) | (_, Status::Open) => true,
                                 (Some(_), Status::Pending) => true,
                                 (Some(c), _) => now - c.at >= recheck,
-                            })
+                            }
+                    }
                 })
                 .map(|(k, w)| DueWindow {
                     key: k.clone(),
                     snap: w.snapshot(),
                 })
                 .collect()
+        };
+        let lateness = match select {
+            Select::Due => self.opts.max_lateness.as_secs_f64(),
+            Select::All(_) => 0.0,
+            Select::Quiet { .. } => f64::INFINITY,
         };
         let mut verified = 0u64;
         for DueWindow {
@@ -388,91 +481,53 @@ impl Comparator {
             let Some(table) = self.schema.table(&table_name) else {
                 continue;
             };
-            let dual_refs: Vec<&str> = snap
-                .rows
-                .iter()
-                .filter(|(_, e)| e.sent == Sent::Dual)
-                .map(|(k, _)| k.as_str())
-                .collect();
-            // Content is read once per row, while no check has found it;
-            // rows verified before are only looked for, to find deletions.
-            let all: Vec<&str> = snap.rows.iter().map(|(k, _)| k.as_str()).collect();
-            let unverified = |dual_only: bool| -> Vec<&str> {
-                snap.rows
-                    .iter()
-                    .filter(|(_, e)| !e.found && (!dual_only || e.sent == Sent::Dual))
-                    .map(|(k, _)| k.as_str())
-                    .collect()
-            };
-            let expected: HashMap<&str, Digest> = snap
-                .rows
-                .iter()
-                .filter_map(|(k, e)| Some((k.as_str(), e.digest?)))
-                .collect();
-            let (new_unverified, old_unverified) = (unverified(false), unverified(true));
             let end = start + self.opts.window_secs;
-            let window = Lookup {
-                table,
-                start,
-                end,
-                expected: &expected,
-            };
-            let (found_new, found_old) = tokio::try_join!(
-                // NEW holds little else than what the stream announced: one
-                // range scan, and the extra rows fall out of it.
-                window.read(&self.new, &all, &new_unverified, true),
-                async {
-                    if dual_refs.is_empty() {
-                        return Ok(HashMap::new());
-                    }
-                    // OLD also holds every legacy row: scan the range only
-                    // when dual rows are a good share of it, else look keys up.
-                    let in_range = self.old.count_time_range(table, start, end).await?;
-                    let scan = (dual_refs.len() as i64) * 4 >= in_range;
-                    window
-                        .read(&self.old, &dual_refs, &old_unverified, scan)
-                        .await
-                },
-            )?;
-            let in_new = found_new.len() as i64;
-            verified += (snap.rows.len() + dual_refs.len()) as u64;
+            let reads = read_window(&self.new, &self.old, table, start, end, &snap).await?;
             let check_now = now_unix();
-            let j = judge(
-                &snap,
-                &found_old,
-                &found_new,
-                in_new,
-                self.opts.max_ids,
-                check_now,
-            );
+            let mut j = judge(&snap, &reads, self.opts.max_ids, check_now);
+            let mut drill = None;
+            if j.changed_new || j.changed_old {
+                // A database's rows for the window changed otherwise than by
+                // the rows found: read the window again to say which.
+                match self.drill(table, start, end, &snap).await {
+                    Ok(Some(d)) => {
+                        self.metrics.drill_downs.inc();
+                        j = judge(
+                            &state::recounted(&snap, &d),
+                            &reads,
+                            self.opts.max_ids,
+                            check_now,
+                        );
+                        drill = Some(d);
+                    }
+                    Ok(None) => {
+                        tracing::warn!(table = %table_name, window_start = start,
+                            "the window's rows changed and its messages cannot be read again to say which: mismatch");
+                    }
+                    Err(e) => {
+                        self.metrics.check_errors.inc();
+                        tracing::warn!(table = %table_name, window_start = start, error = %e,
+                            "drill-down failed; the window is checked again next interval");
+                        continue;
+                    }
+                }
+            }
+            let c = &j.checked;
+            verified += (c.expected_new + c.expected_old) as u64;
             let mut ws = self.windows();
             let Some(w) = ws.map.get_mut(&(table_name.clone(), start)) else {
                 continue;
             };
             let due = *w.due.get_or_insert(w.due_at(settle).min(check_now));
-            let lateness = if force {
-                0.0
-            } else {
-                self.opts.max_lateness.as_secs_f64()
-            };
-            let status = verdict(
-                j.missing(),
-                j.differs(),
-                j.loss,
-                j.earliest_missing,
-                check_now,
-                due,
-                lateness,
-            );
-            let c = &j.checked;
+            let status = state::conclude(&j, check_now, due, lateness);
             if status == Status::Mismatch && w.status != Status::Mismatch {
                 tracing::warn!(table = %table_name, window_start = start, missing_old = c.missing_old,
                     missing_new = c.missing_new, differs_old = c.differs_old, differs_new = c.differs_new,
-                    lost = j.loss, differ_new = ?c.differing_ids_new.iter().take(5).collect::<Vec<_>>(),
+                    unexplained = c.unexplained, differ_new = ?c.differing_ids_new.iter().take(5).collect::<Vec<_>>(),
                     differ_old = ?c.differing_ids_old.iter().take(5).collect::<Vec<_>>(), ids_new = ?c.missing_ids_new.iter().take(5).collect::<Vec<_>>(),
                     ids_old = ?c.missing_ids_old.iter().take(5).collect::<Vec<_>>(), "parity mismatch");
             }
-            w.settle_check(&snap, &j, status);
+            w.settle_check(&snap, &j, drill.as_ref(), status, self.opts.max_ids);
             w.last = Some(j.checked);
         }
         self.metrics.rows_verified.inc_by(verified);
@@ -483,10 +538,185 @@ impl Comparator {
         Ok(verified)
     }
 
+    /// Reads a window's messages again from the topic (its offset range in
+    /// each partition) and looks every key that is not pending up in both
+    /// databases: the exact count of its verified rows, and the name of
+    /// every row lost or stored with other content. None when that cannot
+    /// be done: the comparator was fed without a topic, or retention has
+    /// deleted the messages.
+    async fn drill(
+        &self,
+        table: &Table,
+        start: i64,
+        end: i64,
+        snap: &Snapshot,
+    ) -> Result<Option<Drill>, CompareError> {
+        if self.opts.brokers.is_empty() || snap.positions.is_empty() {
+            return Ok(None);
+        }
+        let pending: HashSet<&str> = snap.rows.iter().map(|(k, _)| k.as_str()).collect();
+        let consumer = Arc::new(self.consumer()?);
+        let topic = self.opts.topic.clone();
+        let parts: Vec<i32> = snap.positions.keys().copied().collect();
+        let lows = {
+            let (c, topic) = (consumer.clone(), topic.clone());
+            tokio::task::spawn_blocking(move || -> Result<HashMap<i32, i64>, String> {
+                let timeout = rdkafka::util::Timeout::After(Duration::from_secs(10));
+                parts
+                    .into_iter()
+                    .map(|p| {
+                        c.fetch_watermarks(&topic, p, timeout)
+                            .map(|(lo, _)| (p, lo))
+                            .map_err(|e| e.to_string())
+                    })
+                    .collect()
+            })
+            .await
+            .map_err(|e| self.topic_error(e.to_string()))?
+            .map_err(|m| self.topic_error(m))?
+        };
+        let mut from: HashMap<i32, i64> = HashMap::new();
+        let mut tpl = TopicPartitionList::new();
+        for (p, (first, _)) in &snap.positions {
+            let low = lows.get(p).copied().unwrap_or(0);
+            if low > *first {
+                return Ok(None);
+            }
+            from.insert(*p, *first);
+            tpl.add_partition_offset(&topic, *p, Offset::Offset(*first))
+                .map_err(CompareError::Config)?;
+        }
+        consumer.assign(&tpl).map_err(CompareError::Config)?;
+        let mut left: HashMap<i32, i64> =
+            snap.positions.iter().map(|(p, (_, l))| (*p, *l)).collect();
+        let mut started: HashSet<i32> = HashSet::new();
+        let mut seen: HashMap<u128, Sent> = HashMap::new();
+        let mut chunk: Vec<Reread> = Vec::with_capacity(DRILL_CHUNK);
+        let mut d = Drill::default();
+        while !left.is_empty() {
+            let m = match tokio::time::timeout(Duration::from_secs(15), consumer.recv()).await {
+                Err(_) => {
+                    return Err(self.topic_error(
+                        "drill-down: no message for 15 s before the window's last offset".into(),
+                    ))
+                }
+                Ok(Err(e)) if crate::kafka::is_refusal(&e) => return Err(self.refused(e)),
+                Ok(Err(_)) => continue,
+                Ok(Ok(m)) => m,
+            };
+            let (p, offset) = (m.partition(), m.offset());
+            let Some(last) = left.get(&p).copied() else {
+                continue;
+            };
+            if started.insert(p) {
+                let (first, _) = snap.positions[&p];
+                let at = from[&p];
+                let low = lows.get(&p).copied().unwrap_or(0);
+                if offset > first && at > low {
+                    // The broker answered from after the offset asked for (a
+                    // fetch from inside a record batch that skips the rest
+                    // of it): start earlier, and skip up to the window again.
+                    let earlier = (at - 1 - (first - at + 1).max(64) * 2).max(low);
+                    from.insert(p, earlier);
+                    started.remove(&p);
+                    consumer
+                        .seek(
+                            &topic,
+                            p,
+                            Offset::Offset(earlier),
+                            rdkafka::util::Timeout::After(Duration::from_secs(10)),
+                        )
+                        .map_err(|e| self.topic_error(e.to_string()))?;
+                    continue;
+                }
+            }
+            if offset >= last {
+                left.remove(&p);
+            }
+            if offset < snap.positions[&p].0 || offset > last {
+                continue;
+            }
+            let Some((t, time, key, _group, digest)) = self.parse(m.payload().unwrap_or_default())
+            else {
+                continue;
+            };
+            if t.name != table.name || time < start || time >= end || pending.contains(key.as_str())
+            {
+                continue;
+            }
+            let sent = route_of(&m);
+            let h = digest::key_hash(&key);
+            let row = match seen.get(&h) {
+                None => Reread {
+                    key,
+                    sent,
+                    digest,
+                    in_new: true,
+                },
+                Some(Sent::Kafka) if sent == Sent::Dual => Reread {
+                    key,
+                    sent,
+                    digest,
+                    in_new: false,
+                },
+                Some(_) => continue,
+            };
+            seen.insert(h, row.sent);
+            chunk.push(row);
+            if chunk.len() >= DRILL_CHUNK {
+                self.drill_chunk(&mut d, table, &chunk).await?;
+                chunk.clear();
+            }
+        }
+        self.drill_chunk(&mut d, table, &chunk).await?;
+        d.finish();
+        Ok(Some(d))
+    }
+
+    /// Looks one chunk of re-read rows up in both databases.
+    async fn drill_chunk(
+        &self,
+        d: &mut Drill,
+        table: &Table,
+        rows: &[Reread],
+    ) -> Result<(), CompareError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let in_new: Vec<&str> = rows
+            .iter()
+            .filter(|r| r.in_new)
+            .map(|r| r.key.as_str())
+            .collect();
+        let in_old: Vec<&str> = rows
+            .iter()
+            .filter(|r| r.sent == Sent::Dual)
+            .map(|r| r.key.as_str())
+            .collect();
+        let (new, old) = tokio::try_join!(self.new.digests_of_keys(table, &in_new), async {
+            if in_old.is_empty() {
+                Ok(HashMap::new())
+            } else {
+                self.old.digests_of_keys(table, &in_old).await
+            }
+        })?;
+        d.count(rows, &new, &old, self.opts.max_ids);
+        Ok(())
+    }
+
+    fn topic_error(&self, message: String) -> CompareError {
+        CompareError::Topic {
+            topic: self.opts.topic.clone(),
+            brokers: self.opts.brokers.clone(),
+            message,
+        }
+    }
+
     /// Rebuilds the report and the gauges from the windows.
     fn publish(&self, now: f64) {
         let parity = {
             let ws = self.windows();
+            self.metrics.pending.set(ws.pending() as i64);
             report::build(&ws, &self.schema, now, self.opts.settle.as_secs_f64(), None)
         };
         self.metrics.set(&parity, &self.schema);
@@ -499,7 +729,10 @@ impl Comparator {
             .set("group.id", &self.opts.group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set("max.partition.fetch.bytes", "8388608");
+            .set("max.partition.fetch.bytes", "8388608")
+            // What librdkafka prefetches is memory too: 8 MiB keeps the
+            // comparator ahead of its checks without a 64 MiB queue a partition.
+            .set("queued.max.messages.kbytes", "8192");
         for (k, v) in &self.opts.extra {
             cfg.set(k, v);
         }
@@ -666,6 +899,18 @@ impl Comparator {
                 Err(_) => continue,
             };
             self.observe_message(&m, now_unix());
+            let n = self.messages.load(Ordering::Relaxed);
+            if n.is_multiple_of(ONCE_QUIET_MESSAGES) {
+                // Verify on the way what went quiet: the rows held pending
+                // stay bounded whatever the topic holds.
+                self.windows()
+                    .map
+                    .retain(|_, w| w.end > from && w.start < to);
+                self.check_windows(Select::Quiet {
+                    before: n - ONCE_QUIET_MESSAGES,
+                })
+                .await?;
+            }
             if remaining
                 .get(&m.partition())
                 .is_some_and(|hi| m.offset() + 1 >= *hi)

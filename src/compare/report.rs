@@ -154,7 +154,7 @@ pub fn build(
                 end: w.end,
                 status: w.status,
                 acked: w.acked.clone(),
-                rows: w.rows.len(),
+                rows: w.announced() as usize,
                 first_arrival: w.first_arrival,
                 last_arrival: w.last_arrival,
                 check: w.last.clone(),

@@ -57,6 +57,41 @@ pub fn digest(values: &[Canon]) -> Digest {
     h.digest128()
 }
 
+/// A key's hash: what a window remembers of a row once it is verified.
+pub fn key_hash(key: &str) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(key.as_bytes())
+}
+
+/// A set of keys reduced to their count and the sum of their hashes
+/// (wrapping): order-independent, and two sums subtract, so a window knows
+/// whether what a database holds for it changed by exactly the rows it
+/// expected, without keeping the keys.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeySum {
+    pub count: u64,
+    pub sum: u128,
+}
+
+impl KeySum {
+    pub fn of<'a>(keys: impl IntoIterator<Item = &'a str>) -> KeySum {
+        let mut s = KeySum::default();
+        for k in keys {
+            s.add(k);
+        }
+        s
+    }
+
+    pub fn add(&mut self, key: &str) {
+        self.count = self.count.wrapping_add(1);
+        self.sum = self.sum.wrapping_add(key_hash(key));
+    }
+
+    pub fn remove(&mut self, key: &str) {
+        self.count = self.count.wrapping_sub(1);
+        self.sum = self.sum.wrapping_sub(key_hash(key));
+    }
+}
+
 /// A JSON value in canonical text: keys sorted, numbers by value.
 pub fn canonical_json(v: &Value) -> String {
     fn write(v: &Value, out: &mut String) {

@@ -1116,6 +1116,39 @@ impl Db {
         })
     }
 
+    /// The count and the sum of the key hashes of the rows whose time column
+    /// is in `[from, to)`: one range scan of the (time, key) index, streamed,
+    /// so the comparator learns whether a window's rows changed without
+    /// holding their keys.
+    pub async fn key_sum_in_time_range(
+        &self,
+        table: &Table,
+        from: i64,
+        to: i64,
+    ) -> Result<digest::KeySum, DbError> {
+        use futures_util::TryStreamExt;
+        let engine = self.engine();
+        let projection = sql::key_text(engine, table);
+        let text = format!(
+            "SELECT {projection} FROM {} WHERE {t} >= {} AND {t} < {}",
+            sql::quote(engine, &table.name),
+            sql::placeholder(engine, 1),
+            sql::placeholder(engine, 2),
+            t = sql::quote(engine, &table.time),
+        );
+        let mut sum = digest::KeySum::default();
+        with_pool!(self, pool, DB => {
+            let mut keys = sqlx::query_scalar::<_, String>(&text)
+                .bind(from)
+                .bind(to)
+                .fetch(pool);
+            while let Some(key) = keys.try_next().await.map_err(|e| classify(engine, e))? {
+                sum.add(&key);
+            }
+        });
+        Ok(sum)
+    }
+
     /// The content digest of each of `keys` present in `table` (the
     /// comparator's batched lookup on the unique index). Keys are given and
     /// returned in their text form.
