@@ -1,4 +1,4 @@
-# switchyard: one binary, every role (route, load, ingest, compare, rollout, flags, plan, demo).
+# switchyard: one binary, every role (route, load, ingest, compare, rollout, flags, plan, demo, health).
 # Build:  docker build -t switchyard .
 # Run:    docker run --rm switchyard demo
 #

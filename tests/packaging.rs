@@ -1,7 +1,9 @@
 //! The Dockerfile and the Kubernetes manifests: the kustomize base and the
 //! production overlay, rendered as `kubectl apply -k` would apply them. Every
 //! manifest parses, has the fields the project relies on, references only
-//! what exists, is hardened, and runs the binary with flags it has.
+//! what exists, meets the Pod Security "restricted" profile, is selected by a
+//! NetworkPolicy that admits what it needs, runs the binary with flags it
+//! has, and passes Kubernetes' own schemas (scripts/validate-manifests).
 //!
 //! No kustomize binary is at hand, so `render` implements the part of
 //! kustomize the layout uses (resources, strategic-merge patches matched by
