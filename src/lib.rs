@@ -8,6 +8,7 @@ pub mod config;
 pub mod db;
 pub mod demo;
 pub mod flags;
+pub mod health;
 pub mod ingest;
 pub mod kafka;
 pub mod load;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use switchyard::{compare, db, demo, flags, ingest, load, plan, rollout, route};
+use switchyard::{compare, db, demo, flags, health, ingest, load, plan, rollout, route};
 
 /// Move an ingestion pipeline from offline files to Kafka with no downtime
 /// and no lost row.
@@ -39,6 +39,9 @@ enum Command {
     Demo(demo::cli::DemoArgs),
     /// Sizing: disk per broker, partitions and consumer processes.
     Plan(plan::cli::PlanArgs),
+    /// Health check of a running role: GET its admin /healthz (or /readyz);
+    /// exit 0 if it answers 2xx, 1 if not (the image's HEALTHCHECK).
+    Health(health::cli::HealthArgs),
     /// Database set-up.
     Db {
         #[command(subcommand)]
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::cli::main(args, cli.log_json),
         Command::Rollout(args) => rollout::cli::main(*args),
         Command::Db { command } => db::cli::main(command),
+        Command::Health(args) => health::cli::main(args),
     }
 }
 

@@ -27,6 +27,7 @@ fn help_never_shows_a_secret() {
         &["rollout", "run"],
         &["demo"],
         &["plan"],
+        &["health"],
         &["db", "init"],
     ];
     for args in commands {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 /// Roles: a subcommand's folder (arguments, start-up, metrics, logic).
 const ROLES: &[&str] = &[
-    "route", "load", "ingest", "compare", "rollout", "demo", "plan",
+    "route", "load", "ingest", "compare", "rollout", "demo", "plan", "health",
 ];
 
 /// Shared modules: what roles are built from.

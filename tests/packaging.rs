@@ -1,7 +1,9 @@
 //! The Dockerfile and the Kubernetes manifests: the kustomize base and the
 //! production overlay, rendered as `kubectl apply -k` would apply them. Every
 //! manifest parses, has the fields the project relies on, references only
-//! what exists, is hardened, and runs the binary with flags it has.
+//! what exists, meets the Pod Security "restricted" profile, is selected by a
+//! NetworkPolicy that admits what it needs, runs the binary with flags it
+//! has, and passes Kubernetes' own schemas (scripts/validate-manifests).
 //!
 //! No kustomize binary is at hand, so `render` implements the part of
 //! kustomize the layout uses (resources, strategic-merge patches matched by
@@ -160,7 +162,11 @@ fn render(dir: &Path) -> Result<Rendered, String> {
             .ok_or(format!("{label}: images entry {image}"))?;
         let mut matched = 0;
         for d in &mut docs {
-            let pod = &mut d["spec"]["template"]["spec"];
+            // Only resources with a pod template: indexing `d["spec"]...`
+            // mutably would add an empty spec to every other resource.
+            let Some(pod) = d.pointer_mut("/spec/template/spec") else {
+                continue;
+            };
             for field in ["initContainers", "containers"] {
                 for c in pod[field].as_array_mut().into_iter().flatten() {
                     let current = c["image"].as_str().unwrap_or_default().to_string();
@@ -340,6 +346,322 @@ fn keys_of(v: &Value) -> Vec<String> {
         .collect()
 }
 
+/// The strings of a list, skipping anything that is not one (the checks
+/// below report the list as wrong rather than panic on it).
+fn str_list(v: &Value) -> Vec<&str> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect()
+}
+
+/// Every container of a pod spec, with the field it is listed in.
+fn all_containers(pod: &Value) -> Vec<(&'static str, &Value)> {
+    ["initContainers", "containers", "ephemeralContainers"]
+        .into_iter()
+        .flat_map(|f| pod[f].as_array().into_iter().flatten().map(move |c| (f, c)))
+        .collect()
+}
+
+/// What keeps a workload's pod template from the Pod Security "restricted"
+/// profile (plus a read-only root filesystem and no service account token),
+/// one line each, naming the container and the field. A container's
+/// securityContext overrides the pod's, as the kubelet applies them.
+fn restricted_problems(w: &Value) -> Vec<String> {
+    let pod = &w["spec"]["template"]["spec"];
+    let psc = &pod["securityContext"];
+    let mut out = Vec::new();
+    if pod["automountServiceAccountToken"] != false {
+        out.push("pod: automountServiceAccountToken must be false".to_string());
+    }
+    for f in ["hostNetwork", "hostPID", "hostIPC"] {
+        if pod[f] == true {
+            out.push(format!("pod: {f} must not be true"));
+        }
+    }
+    for v in pod["volumes"].as_array().into_iter().flatten() {
+        if !v["hostPath"].is_null() {
+            out.push(format!("pod: volume {}: no hostPath volumes", v["name"]));
+        }
+    }
+    let containers = all_containers(pod);
+    if containers.is_empty() {
+        out.push("pod: no containers".to_string());
+    }
+    for (field, c) in containers {
+        let who = format!("{field} {}", c["name"].as_str().unwrap_or("?"));
+        let csc = &c["securityContext"];
+        let effective = |k: &str| {
+            if csc[k].is_null() {
+                &psc[k]
+            } else {
+                &csc[k]
+            }
+        };
+        let seccomp = &effective("seccompProfile")["type"];
+        if seccomp != "RuntimeDefault" {
+            out.push(format!(
+                "{who}: securityContext.seccompProfile.type must be RuntimeDefault (here or on the pod), is {seccomp}"
+            ));
+        }
+        if effective("runAsNonRoot") != true {
+            out.push(format!(
+                "{who}: securityContext.runAsNonRoot must be true (here or on the pod)"
+            ));
+        }
+        match effective("runAsUser").as_u64() {
+            Some(uid) if uid != 0 => {}
+            _ => out.push(format!(
+                "{who}: securityContext.runAsUser must be a non-root uid (here or on the pod), is {}",
+                effective("runAsUser")
+            )),
+        }
+        if csc["allowPrivilegeEscalation"] != false {
+            out.push(format!(
+                "{who}: securityContext.allowPrivilegeEscalation must be false"
+            ));
+        }
+        if csc["privileged"] == true {
+            out.push(format!(
+                "{who}: securityContext.privileged must not be true"
+            ));
+        }
+        if !str_list(&csc["capabilities"]["drop"]).contains(&"ALL") {
+            out.push(format!(
+                "{who}: securityContext.capabilities.drop must hold ALL"
+            ));
+        }
+        let added: Vec<&str> = str_list(&csc["capabilities"]["add"]);
+        if added.iter().any(|a| *a != "NET_BIND_SERVICE") {
+            out.push(format!(
+                "{who}: securityContext.capabilities.add may hold NET_BIND_SERVICE only, holds {added:?}"
+            ));
+        }
+        if csc["readOnlyRootFilesystem"] != true {
+            out.push(format!(
+                "{who}: securityContext.readOnlyRootFilesystem must be true"
+            ));
+        }
+        for p in c["ports"].as_array().into_iter().flatten() {
+            if p["hostPort"].as_u64().is_some_and(|h| h != 0) {
+                out.push(format!("{who}: ports: no hostPort"));
+            }
+        }
+    }
+    out
+}
+
+/// Whether a NetworkPolicy's podSelector selects a workload's pods.
+fn policy_selects(policy: &Value, w: &Value) -> bool {
+    let selector = &policy["spec"]["podSelector"];
+    assert!(
+        selector["matchExpressions"].is_null(),
+        "NetworkPolicy {}: matchExpressions is not supported by this test",
+        policy["metadata"]["name"]
+    );
+    let labels = &w["spec"]["template"]["metadata"]["labels"];
+    selector["matchLabels"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .all(|(k, v)| &labels[k] == v)
+}
+
+/// Whether a rule's `ports` admit this port (a rule without `ports` admits
+/// every port; `port` is a number, or a container port's name).
+fn rule_admits(rule: &Value, port: u64, name: Option<&str>, protocol: &str) -> bool {
+    let Some(ports) = rule["ports"].as_array() else {
+        return true;
+    };
+    ports.iter().any(|p| {
+        let proto = p["protocol"].as_str().unwrap_or("TCP");
+        let hit = match (&p["port"], p["endPort"].as_u64()) {
+            (Value::Null, _) => true,
+            (Value::Number(n), Some(end)) => n.as_u64().is_some_and(|n| (n..=end).contains(&port)),
+            (Value::Number(n), None) => n.as_u64() == Some(port),
+            (Value::String(s), _) => Some(s.as_str()) == name,
+            _ => false,
+        };
+        hit && proto == protocol
+    })
+}
+
+/// The port of a database URL (the scheme's default when it names none).
+fn db_port(url: &str) -> Option<u64> {
+    let (scheme, rest) = url.split_once("://")?;
+    let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let host = host.split(['/', '?']).next()?;
+    match host.rsplit_once(':') {
+        Some((_, p)) => p.parse().ok(),
+        None => match scheme {
+            "postgres" | "postgresql" => Some(5432),
+            "mysql" | "mariadb" => Some(3306),
+            _ => None,
+        },
+    }
+}
+
+/// The NetworkPolicies: every workload is selected by one for ingress and
+/// for egress; each port a policy admits in is one its pods declare; each
+/// switchyard container's admin port is admitted, the comparator's (its
+/// /parity lists row keys) only from pods of the namespace, and the router's
+/// ingest port (loopback) by no rule; each container may send what it talks
+/// to: DNS, the brokers, its databases.
+fn check_network_policies(r: &Rendered) {
+    let label = &r.label;
+    let policies: Vec<&Value> = r
+        .docs
+        .iter()
+        .filter(|d| d["kind"] == "NetworkPolicy")
+        .collect();
+    for p in &policies {
+        let (_, name) = id(p);
+        let selected: Vec<&Value> = r.workloads().filter(|w| policy_selects(p, w)).collect();
+        assert!(
+            !selected.is_empty(),
+            "{label}: NetworkPolicy {name} selects no workload"
+        );
+        // Each port admitted in is declared by a container of the selected pods.
+        for rule in p["spec"]["ingress"].as_array().into_iter().flatten() {
+            for port in rule["ports"].as_array().into_iter().flatten() {
+                let declared = selected.iter().any(|w| {
+                    all_containers(&w["spec"]["template"]["spec"])
+                        .iter()
+                        .flat_map(|(_, c)| c["ports"].as_array().into_iter().flatten())
+                        .any(|cp| {
+                            cp["protocol"].as_str().unwrap_or("TCP")
+                                == port["protocol"].as_str().unwrap_or("TCP")
+                                && match &port["port"] {
+                                    Value::Number(_) => cp["containerPort"] == port["port"],
+                                    Value::String(_) => cp["name"] == port["port"],
+                                    _ => false,
+                                }
+                        })
+                });
+                assert!(
+                    declared,
+                    "{label}: NetworkPolicy {name} admits port {} in, which no container it selects declares",
+                    port["port"]
+                );
+            }
+        }
+    }
+    let brokers = r
+        .get("ConfigMap", "switchyard-endpoints")
+        .and_then(|c| c["data"]["kafka-brokers"].as_str())
+        .unwrap_or_default();
+    for w in r.workloads() {
+        let (kind, name) = id(w);
+        let file = format!("{label}: {kind} {name}");
+        let mine: Vec<&&Value> = policies.iter().filter(|p| policy_selects(p, w)).collect();
+        for direction in ["Ingress", "Egress"] {
+            assert!(
+                mine.iter()
+                    .any(|p| str_list(&p["spec"]["policyTypes"]).contains(&direction)),
+                "{file}: no NetworkPolicy restricts its {direction}"
+            );
+        }
+        let rules = |field: &str| -> Vec<&Value> {
+            mine.iter()
+                .flat_map(|p| p["spec"][field].as_array().into_iter().flatten())
+                .collect()
+        };
+        let (ingress, egress) = (rules("ingress"), rules("egress"));
+        let may_send = |port: u64, protocol: &str| {
+            egress
+                .iter()
+                .any(|rule| rule_admits(rule, port, None, protocol))
+        };
+        assert!(
+            may_send(53, "UDP"),
+            "{file}: its NetworkPolicy admits no DNS (53/UDP) out"
+        );
+        let pod = &w["spec"]["template"]["spec"];
+        for (_, c) in all_containers(pod) {
+            if !is_switchyard(c) {
+                continue;
+            }
+            let cname = c["name"].as_str().unwrap_or("?");
+            let args = str_list(&c["args"]);
+            let role = args.first().copied().unwrap_or_default();
+            let admin: u64 = arg(&args, "--admin-listen")
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| p.parse().ok())
+                .unwrap_or_else(|| panic!("{file}: {cname}: --admin-listen"));
+            let admin_name = c["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|p| p["containerPort"] == admin)
+                .and_then(|p| p["name"].as_str());
+            let admitting: Vec<&&Value> = ingress
+                .iter()
+                .filter(|rule| rule_admits(rule, admin, admin_name, "TCP"))
+                .collect();
+            assert!(
+                !admitting.is_empty(),
+                "{file}: {cname}: no NetworkPolicy admits its admin port {admin}"
+            );
+            if role == "compare" {
+                for rule in &admitting {
+                    let from = rule["from"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+                    assert!(
+                        !from.is_empty()
+                            && from.iter().all(|peer| peer["podSelector"].is_object()
+                                && peer["namespaceSelector"].is_null()
+                                && peer["ipBlock"].is_null()),
+                        "{file}: {cname}: its admin port {admin} (/parity lists row keys) is admitted from beyond the namespace: {rule}"
+                    );
+                }
+            }
+            if role == "route" {
+                if let Some(listen) = arg(&args, "--listen")
+                    .and_then(|a| a.rsplit(':').next())
+                    .and_then(|p| p.parse::<u64>().ok())
+                {
+                    assert!(
+                        ingress.iter().all(|rule| rule["ports"].is_array()
+                            && !rule_admits(rule, listen, None, "TCP")),
+                        "{file}: {cname}: the ingest port {listen} is loopback only; no rule may admit it"
+                    );
+                }
+            }
+            // What it talks to: the brokers, and the databases of its URLs.
+            let mut wanted: Vec<(String, u64)> = Vec::new();
+            for e in c["env"].as_array().into_iter().flatten() {
+                let cm = &e["valueFrom"]["configMapKeyRef"];
+                if cm["name"] == "switchyard-endpoints" && cm["key"] == "kafka-brokers" {
+                    for b in brokers.split(',').filter(|b| !b.is_empty()) {
+                        let port = b.rsplit(':').next().and_then(|p| p.parse().ok());
+                        wanted.push((
+                            format!("broker {b}"),
+                            port.unwrap_or_else(|| panic!("{file}: broker {b} names no port")),
+                        ));
+                    }
+                }
+                let s = &e["valueFrom"]["secretKeyRef"];
+                if let (Some(sname), Some(key)) = (s["name"].as_str(), s["key"].as_str()) {
+                    if let Some(url) = r
+                        .referable("Secret", sname)
+                        .and_then(|s| s["stringData"][key].as_str())
+                    {
+                        if let Some(port) = db_port(url) {
+                            wanted.push((format!("{} ({key})", e["name"]), port));
+                        }
+                    }
+                }
+            }
+            for (what, port) in wanted {
+                assert!(
+                    may_send(port, "TCP"),
+                    "{file}: {cname}: its NetworkPolicy admits no egress to port {port}, which {what} needs"
+                );
+            }
+        }
+    }
+}
+
 /// Every check, over one rendering. Returns the roles it found, in order.
 fn check(r: &Rendered) -> Vec<String> {
     let label = &r.label;
@@ -370,17 +692,14 @@ fn check(r: &Rendered) -> Vec<String> {
         );
         let scrape_port = ann["prometheus.io/port"].as_str().unwrap().to_string();
 
-        // Pod hardening.
-        assert_eq!(
-            pod["automountServiceAccountToken"], false,
-            "{file}: no service account token"
+        // Pod hardening: the Pod Security "restricted" profile, every container.
+        let problems = restricted_problems(m);
+        assert!(
+            problems.is_empty(),
+            "{file}: not Pod Security \"restricted\":\n  {}",
+            problems.join("\n  ")
         );
         let psc = &pod["securityContext"];
-        assert_eq!(psc["runAsNonRoot"], true, "{file}: pod runAsNonRoot");
-        assert_eq!(
-            psc["seccompProfile"]["type"], "RuntimeDefault",
-            "{file}: seccomp"
-        );
 
         // Volumes: what each refers to exists, and each is mounted.
         let claims: Vec<String> = spec["volumeClaimTemplates"]
@@ -441,20 +760,17 @@ fn check(r: &Rendered) -> Vec<String> {
 
         for c in containers {
             let cname = c["name"].as_str().unwrap();
-            let csc = &c["securityContext"];
-            assert_eq!(
-                csc["readOnlyRootFilesystem"], true,
-                "{file}: {cname} readOnlyRootFilesystem"
-            );
-            assert_eq!(
-                csc["allowPrivilegeEscalation"], false,
-                "{file}: {cname} allowPrivilegeEscalation"
-            );
-            assert!(
-                strings(&csc["capabilities"]["drop"]).contains(&"ALL"),
-                "{file}: {cname} drops ALL capabilities"
-            );
-            assert_ne!(csc["runAsNonRoot"], false, "{file}: {cname} runAsNonRoot");
+            // A switchyard probe that runs a command runs the binary's own
+            // health check: the image has no curl or wget.
+            for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
+                let command = str_list(&c[probe]["exec"]["command"]);
+                if is_switchyard(c) && !command.is_empty() {
+                    assert!(
+                        command[0].ends_with("switchyard") && command.get(1) == Some(&"health"),
+                        "{file}: {cname} {probe} runs {command:?}, not `switchyard health`"
+                    );
+                }
+            }
             for vm in c["volumeMounts"].as_array().into_iter().flatten() {
                 let vname = vm["name"].as_str().unwrap().to_string();
                 assert!(volumes.contains(&vname), "{file}: volume {vname}");
@@ -759,6 +1075,7 @@ fn check(r: &Rendered) -> Vec<String> {
     );
     switchyard::config::PipelineConfig::parse("configmap", cfg)
         .expect("the ConfigMap's configuration");
+    check_network_policies(r);
     roles_seen.sort();
     roles_seen
 }
@@ -1054,17 +1371,70 @@ fn the_renderer_merges_and_refuses_what_matches_nothing() {
     assert!(message.contains("switchyard-configuration"), "{message}");
 }
 
+/// A Dockerfile's `ARG NAME=default` lines before its first `FROM`.
+fn global_args(dockerfile: &str) -> HashMap<String, String> {
+    dockerfile
+        .lines()
+        .take_while(|l| !l.starts_with("FROM "))
+        .filter_map(|l| l.strip_prefix("ARG "))
+        .filter_map(|a| a.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
 #[test]
 fn the_dockerfile_builds_small_and_runs_as_a_user() {
     let d = std::fs::read_to_string(repo("Dockerfile")).unwrap();
     let froms: Vec<&str> = d.lines().filter(|l| l.starts_with("FROM ")).collect();
     assert_eq!(froms.len(), 2, "multi-stage: {froms:?}");
     assert!(froms[0].contains(" AS build"), "{froms:?}");
+    // Each base image is pinned by digest, or is an ARG the operator pins
+    // (the default names the tag; the file says how to pin it).
+    let args = global_args(&d);
+    let mut images = Vec::new();
+    for from in &froms {
+        let image = from.split_whitespace().nth(1).unwrap();
+        let resolved = match image.strip_prefix("${").and_then(|a| a.strip_suffix('}')) {
+            Some(name) => {
+                assert!(
+                    d.contains("--build-arg ")
+                        && d.contains(&format!("{name}="))
+                        && d.contains("@sha256:"),
+                    "{from}: the Dockerfile must say how to pin {name} by digest"
+                );
+                args.get(name)
+                    .unwrap_or_else(|| panic!("{from}: no `ARG {name}=...` before the first FROM"))
+                    .clone()
+            }
+            None => {
+                let digest = image.split_once("@sha256:").map(|(_, h)| h).unwrap_or("");
+                assert!(
+                    digest.len() == 64 && digest.chars().all(|c| c.is_ascii_hexdigit()),
+                    "{from}: a base image pinned by digest (name@sha256:<64 hex>) or an ARG"
+                );
+                image.to_string()
+            }
+        };
+        images.push(resolved);
+    }
+    assert!(images[0].starts_with("rust:1.95"), "{images:?}");
     assert!(
-        froms[1].contains("slim"),
+        images[1].starts_with("debian:") && images[1].contains("slim"),
         "a small runtime image: {}",
-        froms[1]
+        images[1]
     );
+    // The runtime stage installs no HTTP client or shell tool: the health
+    // check is the binary's.
+    let runtime = &d[d.rfind("\nFROM ").unwrap()..];
+    for tool in ["curl", "wget", "netcat", "busybox"] {
+        assert!(
+            !runtime
+                .lines()
+                .filter(|l| !l.trim_start().starts_with('#'))
+                .any(|l| l.split_whitespace().any(|w| w == tool)),
+            "the runtime image installs {tool}"
+        );
+    }
     assert!(
         d.contains("cargo build --release --locked"),
         "built from the lock file"
@@ -1078,9 +1448,14 @@ fn the_dockerfile_builds_small_and_runs_as_a_user() {
     );
     let user = d.lines().find(|l| l.starts_with("USER ")).expect("USER");
     assert!(!user.contains("root") && user.contains("10001"), "{user}");
+    let health = d
+        .lines()
+        .skip_while(|l| !l.starts_with("HEALTHCHECK"))
+        .find(|l| l.trim_start().starts_with("CMD"))
+        .expect("a HEALTHCHECK with a CMD");
     assert!(
-        d.contains("HEALTHCHECK") && d.contains("/healthz"),
-        "a health check on the admin port"
+        health.contains(r#"["/usr/local/bin/switchyard", "health""#),
+        "the health check runs the binary (exec form, no shell): {health}"
     );
     assert!(d.contains("ENTRYPOINT [\"/usr/local/bin/switchyard\"]"));
     // Every path the build copies exists.
@@ -1093,4 +1468,323 @@ fn the_dockerfile_builds_small_and_runs_as_a_user() {
             assert!(repo(src).exists(), "COPY {src}: not in the repository");
         }
     }
+}
+
+/// The README's example database URLs verify the server: its certificate
+/// against a CA file, and its name (loopback URLs of local set-ups aside).
+#[test]
+fn the_readme_database_urls_verify_tls() {
+    let readme = std::fs::read_to_string(repo("README.md")).unwrap();
+    let mut checked = 0;
+    for scheme in ["postgres://", "postgresql://", "mysql://", "mariadb://"] {
+        for (at, _) in readme.match_indices(scheme) {
+            let url: String = readme[at..]
+                .chars()
+                .take_while(|c| !c.is_whitespace() && !matches!(c, '"' | '\'' | '`' | ')'))
+                .collect();
+            let host = url[scheme.len()..]
+                .rsplit_once('@')
+                .map_or(&url[scheme.len()..], |(_, h)| h);
+            if host.is_empty()
+                || host.starts_with("127.")
+                || host.starts_with("localhost")
+                || host.starts_with('…')
+            {
+                continue;
+            }
+            let query = url.split_once('?').map(|(_, q)| q).unwrap_or_default();
+            let params: Vec<&str> = query.split('&').collect();
+            let wanted: &[&str] = if scheme.starts_with("postgres") {
+                &["sslmode=verify-full", "sslrootcert="]
+            } else {
+                &["ssl-mode=VERIFY_IDENTITY", "ssl-ca="]
+            };
+            for w in wanted {
+                assert!(
+                    params.iter().any(|p| p.starts_with(w)),
+                    "README: {url} lacks {w}"
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= 2,
+        "the README shows a PostgreSQL and a MySQL URL"
+    );
+}
+
+/// `check` on a rendering it must refuse: the panic's message.
+fn check_fails(r: &Rendered) -> String {
+    let failed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(r)))
+        .expect_err("the checks passed a rendering they must refuse");
+    failed
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| failed.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
+}
+
+/// The base with one workload's pod template changed.
+fn base_with(kind: &str, name: &str, change: impl FnOnce(&mut Value)) -> Rendered {
+    let mut r = render(&repo(BASE)).unwrap();
+    let w = r
+        .docs
+        .iter_mut()
+        .find(|d| id(d) == (kind.to_string(), name.to_string()))
+        .unwrap();
+    change(&mut w["spec"]["template"]["spec"]);
+    r
+}
+
+#[test]
+fn a_pod_missing_any_restricted_setting_fails_naming_workload_and_field() {
+    type Change = Box<dyn FnOnce(&mut Value)>;
+    let remove = |at: &'static str, field: &'static str| -> Change {
+        Box::new(move |pod: &mut Value| {
+            pod.pointer_mut(at)
+                .and_then(Value::as_object_mut)
+                .map(|o| o.remove(field))
+                .expect("the field to remove");
+        })
+    };
+    let set = |at: &'static str, value: Value| -> Change {
+        Box::new(move |pod: &mut Value| {
+            // Index by index, so the last key may be new.
+            let mut v = pod;
+            for segment in at.split('/').skip(1) {
+                v = match segment.parse::<usize>() {
+                    Ok(i) => &mut v[i],
+                    Err(_) => &mut v[segment],
+                };
+            }
+            *v = value;
+        })
+    };
+    let cases: Vec<(&str, &str, Change, &str)> = vec![
+        (
+            "Deployment",
+            "switchyard-ingest",
+            remove("/securityContext", "seccompProfile"),
+            "containers ingest: securityContext.seccompProfile.type",
+        ),
+        (
+            "Deployment",
+            "switchyard-compare",
+            set(
+                "/containers/0/securityContext/seccompProfile",
+                serde_json::json!({"type": "Unconfined"}),
+            ),
+            "containers compare: securityContext.seccompProfile.type",
+        ),
+        (
+            "StatefulSet",
+            "api",
+            // The API container relies on the pod's runAsNonRoot.
+            remove("/securityContext", "runAsNonRoot"),
+            "containers api: securityContext.runAsNonRoot",
+        ),
+        (
+            "StatefulSet",
+            "api",
+            set("/containers/1/securityContext/runAsUser", Value::from(0)),
+            "containers switchyard-route: securityContext.runAsUser",
+        ),
+        (
+            "StatefulSet",
+            "api",
+            remove("/containers/2/securityContext", "allowPrivilegeEscalation"),
+            "containers switchyard-load: securityContext.allowPrivilegeEscalation",
+        ),
+        (
+            "Deployment",
+            "switchyard-ingest",
+            set(
+                "/containers/0/securityContext/capabilities",
+                serde_json::json!({"drop": ["NET_RAW"]}),
+            ),
+            "containers ingest: securityContext.capabilities.drop",
+        ),
+        (
+            "Deployment",
+            "switchyard-compare",
+            set(
+                "/containers/0/securityContext/readOnlyRootFilesystem",
+                Value::from(false),
+            ),
+            "containers compare: securityContext.readOnlyRootFilesystem",
+        ),
+        (
+            "Deployment",
+            "switchyard-ingest",
+            remove("", "automountServiceAccountToken"),
+            "pod: automountServiceAccountToken",
+        ),
+        (
+            "StatefulSet",
+            "api",
+            // An init container is a container too.
+            Box::new(|pod: &mut Value| {
+                pod["initContainers"] = serde_json::json!([{
+                    "name": "wait-for-db",
+                    "image": "busybox:1",
+                    "command": ["true"],
+                }]);
+            }),
+            "initContainers wait-for-db: securityContext.allowPrivilegeEscalation",
+        ),
+    ];
+    for (kind, name, change, field) in cases {
+        let message = check_fails(&base_with(kind, name, change));
+        assert!(
+            message.contains(&format!("{kind} {name}")) && message.contains(field),
+            "expected {kind} {name} and {field} in: {message}"
+        );
+    }
+}
+
+#[test]
+fn a_workload_without_its_network_policy_fails() {
+    // No policy for the comparator.
+    let mut r = render(&repo(BASE)).unwrap();
+    r.docs
+        .retain(|d| id(d) != ("NetworkPolicy".into(), "switchyard-compare".into()));
+    let message = check_fails(&r);
+    assert!(
+        message.contains("Deployment switchyard-compare") && message.contains("NetworkPolicy"),
+        "{message}"
+    );
+    // /parity reachable from another namespace.
+    let mut r = render(&repo(BASE)).unwrap();
+    let p = r
+        .docs
+        .iter_mut()
+        .find(|d| id(d) == ("NetworkPolicy".into(), "switchyard-compare".into()))
+        .unwrap();
+    p["spec"]["ingress"][0]["from"] = serde_json::json!([{"namespaceSelector": {}}]);
+    let message = check_fails(&r);
+    assert!(message.contains("beyond the namespace"), "{message}");
+    // A port no container declares.
+    let mut r = render(&repo(BASE)).unwrap();
+    let p = r
+        .docs
+        .iter_mut()
+        .find(|d| id(d) == ("NetworkPolicy".into(), "switchyard-ingest".into()))
+        .unwrap();
+    p["spec"]["ingress"][0]["ports"][0]["port"] = Value::from(9191);
+    let message = check_fails(&r);
+    assert!(
+        message.contains("9191") && message.contains("no container"),
+        "{message}"
+    );
+    // No egress to the database.
+    let mut r = render(&repo(BASE)).unwrap();
+    let p = r
+        .docs
+        .iter_mut()
+        .find(|d| id(d) == ("NetworkPolicy".into(), "switchyard-ingest".into()))
+        .unwrap();
+    p["spec"]["egress"][1]["ports"] = serde_json::json!([{"port": 9092, "protocol": "TCP"}]);
+    let message = check_fails(&r);
+    assert!(message.contains("port 5432"), "{message}");
+}
+
+/// Runs scripts/validate-manifests on these files.
+fn validate(files: &[PathBuf]) -> (bool, String) {
+    let out = Command::new(repo("scripts/validate-manifests"))
+        .args(files)
+        .output()
+        .unwrap_or_else(|e| panic!("scripts/validate-manifests: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Each resource of a rendering in its own JSON file under `dir`.
+fn write_resources(docs: &[Value], dir: &Path) -> Vec<PathBuf> {
+    std::fs::create_dir_all(dir).unwrap();
+    docs.iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let (kind, name) = id(d);
+            let path = dir.join(format!("{i:02}-{}-{name}.json", kind.to_lowercase()));
+            std::fs::write(&path, serde_json::to_string_pretty(d).unwrap()).unwrap();
+            path
+        })
+        .collect()
+}
+
+/// The base and every overlay as rendered, each resource validated against
+/// Kubernetes' own schemas (`--strict`: an unknown field is an error).
+/// `scripts/validate-manifests` installs the validator when it is missing; one
+/// that cannot be installed fails this test.
+#[test]
+fn the_rendered_manifests_pass_the_kubernetes_schemas() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut kustomizations = vec![repo(BASE)];
+    let overlays = repo("deploy/kubernetes/overlays");
+    let mut found: Vec<PathBuf> = std::fs::read_dir(&overlays)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.join("kustomization.yaml").is_file())
+        .collect();
+    found.sort();
+    assert!(!found.is_empty(), "no overlay under {}", overlays.display());
+    kustomizations.extend(found);
+    let mut files = Vec::new();
+    for k in &kustomizations {
+        let r = render(k).unwrap();
+        let name = k.file_name().unwrap().to_string_lossy().into_owned();
+        files.extend(write_resources(&r.docs, &dir.path().join(name)));
+    }
+    let (ok, out) = validate(&files);
+    assert!(ok, "the rendered manifests do not validate:\n{out}");
+    assert_eq!(
+        out.matches(" passed for resource ").count(),
+        files.len(),
+        "every resource was validated:\n{out}"
+    );
+}
+
+/// The validator refuses what the renderer lets through: a misspelt field
+/// in a container, an unknown field in metadata, a kind with no schema.
+#[test]
+fn the_schema_validation_refuses_unknown_fields_and_kinds() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = render(&repo(BASE)).unwrap();
+    let mut compare = r.get("Deployment", "switchyard-compare").unwrap().clone();
+    compare["spec"]["template"]["spec"]["containers"][0]["readinessProbes"] =
+        compare["spec"]["template"]["spec"]["containers"][0]["readinessProbe"].clone();
+    let mut cm = r.get("ConfigMap", "switchyard-endpoints").unwrap().clone();
+    cm["metadata"]["labelz"] = serde_json::json!({"a": "b"});
+    let unknown = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "NetworkPolicyy",
+        "metadata": {"name": "x"},
+    });
+    let good = r.get("ConfigMap", "switchyard-config").unwrap().clone();
+    let files = write_resources(&[compare, cm, unknown, good], dir.path());
+    let (ok, out) = validate(&files);
+    assert!(!ok, "validated what it must refuse:\n{out}");
+    let line_of = |f: &Path| -> String {
+        let f = f.display().to_string();
+        out.lines()
+            .filter(|l| l.contains(&f))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert!(
+        line_of(&files[0]).contains("'readinessProbes' was unexpected"),
+        "{out}"
+    );
+    assert!(
+        line_of(&files[1]).contains("'labelz' was unexpected"),
+        "{out}"
+    );
+    assert!(line_of(&files[2]).contains("was not validated"), "{out}");
+    assert!(line_of(&files[3]).contains("passed for resource"), "{out}");
 }
