@@ -250,30 +250,17 @@ impl PipelineConfig {
     }
 }
 
-/// Parses `key=value` (for `--kafka-config`).
-/// `--kafka-config` values: each may hold several `key=value` pairs separated
-/// by commas, and a value may itself contain commas (`debug=cgrp,fetch`): a
-/// piece without `=` continues the previous value.
+/// `--kafka-config` values: each is one `key=value`, the value everything
+/// after the first `=`, commas and all (`debug=cgrp,fetch`, a password with
+/// a comma). Nothing is split on commas, so no part of a secret can be taken
+/// for a property of its own (and logged as an unknown one). Empty entries
+/// (a trailing newline in the environment variable) are skipped.
 pub fn parse_properties(raw: &[String]) -> Result<Vec<(String, String)>, String> {
-    let mut out: Vec<(String, String)> = Vec::new();
-    for arg in raw {
-        let mut first = true;
-        for piece in arg.split(',') {
-            if piece.contains('=') {
-                out.push(parse_key_value(piece)?);
-            } else if !first || !piece.is_empty() {
-                match out.last_mut() {
-                    Some((_, v)) if !first => {
-                        v.push(',');
-                        v.push_str(piece);
-                    }
-                    _ => return Err(format!("expected key=value, got {piece:?}")),
-                }
-            }
-            first = false;
-        }
-    }
-    Ok(out)
+    raw.iter()
+        .map(|arg| arg.trim_end_matches('\r'))
+        .filter(|arg| !arg.trim().is_empty())
+        .map(parse_key_value)
+        .collect()
 }
 
 /// A properties file as Kubernetes mounts a secret: `key=value` lines, blank
@@ -366,20 +353,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn properties_with_commas_in_values() {
+    fn a_property_value_keeps_its_commas() {
         let raw = vec![
-            "debug=cgrp,fetch,session.timeout.ms=6000".to_string(),
-            "sasl.password=a=b".to_string(),
+            "debug=cgrp,fetch".to_string(),
+            "sasl.password=Sup3r,s3cr=etTail".to_string(),
+            "sasl.username=a=b".to_string(),
+            String::new(),
         ];
         assert_eq!(
             parse_properties(&raw).unwrap(),
             vec![
                 ("debug".to_string(), "cgrp,fetch".to_string()),
-                ("session.timeout.ms".to_string(), "6000".to_string()),
-                ("sasl.password".to_string(), "a=b".to_string()),
+                ("sasl.password".to_string(), "Sup3r,s3cr=etTail".to_string()),
+                ("sasl.username".to_string(), "a=b".to_string()),
             ]
         );
-        assert!(parse_properties(&["nokey".to_string()]).is_err());
+        let e = parse_properties(&["nokey".to_string()]).unwrap_err();
+        assert!(e.contains("expected key=value"), "{e}");
     }
 
     #[test]

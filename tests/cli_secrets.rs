@@ -54,3 +54,47 @@ fn help_never_shows_a_secret() {
         }
     }
 }
+
+/// A secret with commas in it stays one property, and a mistyped secret
+/// property is refused by name (exit 2) without its value: rdkafka's own
+/// message would end with it.
+#[test]
+fn kafka_properties_keep_their_secrets_out_of_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}/x.db", dir.path().display());
+    let init = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["db", "init", "--db-url", &format!("{db}?mode=rwc")])
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{init:?}");
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "ingest",
+            "--kafka-brokers",
+            "127.0.0.1:1",
+            "--kafka-config",
+            "sasl.password=Sup3r,s3cr=etTail",
+            "--kafka-config",
+            "sasl.pasword=Typo-s3cret",
+            "--db-url",
+            &db,
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .env("RUST_LOG", "debug")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("sasl.pasword"),
+        "the property is named: {text}"
+    );
+    for secret in ["Sup3r", "etTail", "Typo-s3cret"] {
+        assert!(!text.contains(secret), "{secret} shown:\n{text}");
+    }
+}

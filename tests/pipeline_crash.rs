@@ -82,7 +82,9 @@ async fn ingest_killed_mid_batch_loses_and_duplicates_nothing() {
         "500",
         // A killed member holds its partitions until its session expires.
         "--kafka-config",
-        "session.timeout.ms=6000,heartbeat.interval.ms=500",
+        "session.timeout.ms=6000",
+        "--kafka-config",
+        "heartbeat.interval.ms=500",
     ];
     for kill_at in [2_000i64, 8_000, 14_000] {
         let mut ingest = Role::spawn(&args);

@@ -474,7 +474,9 @@ async fn two_consumers_in_one_group_insert_every_row_once() {
             "--batch-size".into(),
             "200".into(),
             "--kafka-config".into(),
-            "session.timeout.ms=6000,heartbeat.interval.ms=500".into(),
+            "session.timeout.ms=6000".into(),
+            "--kafka-config".into(),
+            "heartbeat.interval.ms=500".into(),
         ]
     };
     let a_args = args(0);

@@ -61,7 +61,7 @@ pub struct CompareOptions {
 /// Why the comparator stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum CompareError {
-    #[error("invalid Kafka consumer configuration: {0}")]
+    #[error("invalid Kafka consumer configuration: {}", crate::kafka::config_problem(.0))]
     Config(rdkafka::error::KafkaError),
     #[error("topic {topic:?} is not readable on {brokers}: {message}")]
     Topic {

@@ -492,6 +492,13 @@ impl Window {
                 }
             }
         }
+        // A window's pending set empties as it verifies: give its table
+        // back, or every window ever checked keeps the capacity it peaked at.
+        if self.rows.is_empty() {
+            self.rows = HashMap::new();
+        } else if self.rows.capacity() > 4 * self.rows.len() + 64 {
+            self.rows.shrink_to_fit();
+        }
         self.scanned_new = Some(j.scan_new);
         if j.scan_old.is_some() {
             self.scanned_old = j.scan_old;
@@ -962,6 +969,7 @@ mod tests {
         assert_eq!(check(&mut ws, &refs, &refs, 100.0, 300.0), Status::Ok);
         let w = w0(&mut ws);
         assert!(w.rows.is_empty(), "no key is held once verified");
+        assert_eq!(w.rows.capacity(), 0, "nor the room the keys took");
         assert_eq!((w.verified.new, w.verified.old), (1000, 1000));
         let want = refs.iter().fold(0u128, |s, k| s.wrapping_add(content(k)));
         assert_eq!(w.verified.content, want);

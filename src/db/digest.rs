@@ -57,13 +57,22 @@ pub fn digest(values: &[Canon]) -> Digest {
     h.digest128()
 }
 
-/// A key's hash: what a window remembers of a row once it is verified.
+/// A key's hash: the first 60 bits of the MD5 of its text, the same number
+/// PostgreSQL (`('x' || substr(md5(k), 1, 15))::bit(60)::bigint`) and MySQL
+/// (`CONV(SUBSTRING(MD5(k), 1, 15), 16, 10)`) compute, so a range's sum is
+/// summed inside the database and only two numbers cross the wire. 60 bits
+/// make a change that keeps both the count and the sum a 2^-60 chance; the
+/// sum of 2^68 of them still fits a `u128` exactly.
 pub fn key_hash(key: &str) -> u128 {
-    xxhash_rust::xxh3::xxh3_128(key.as_bytes())
+    use md5::{Digest as _, Md5};
+    let d = Md5::digest(key.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&d[..8]);
+    u128::from(u64::from_be_bytes(first) >> 4)
 }
 
-/// A set of keys reduced to their count and the sum of their hashes
-/// (wrapping): order-independent, and two sums subtract, so a window knows
+/// A set of keys reduced to their count and the sum of their hashes:
+/// order-independent, and two sums subtract, so a window knows
 /// whether what a database holds for it changed by exactly the rows it
 /// expected, without keeping the keys.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -228,6 +237,16 @@ mod tests {
     }
 
     const K: &str = "BAD3A155-0000-4000-8000-000000000001";
+
+    #[test]
+    fn a_key_hash_is_the_databases_md5_prefix() {
+        // md5("abc") = 900150983cd24fb0d6963f7d28e17f72; its first 15 hex
+        // digits, 900150983cd24fb, as a number.
+        assert_eq!(key_hash("abc"), 0x900150983cd24fb);
+        let mut s = KeySum::of(["a", "b"]);
+        s.remove("a");
+        assert_eq!(s, KeySum::of(["b"]));
+    }
 
     #[test]
     fn the_same_row_in_any_spelling_has_one_digest() {

@@ -49,7 +49,7 @@ pub struct IngestOptions {
 /// Why the consumer stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
-    #[error("invalid Kafka consumer configuration: {0}")]
+    #[error("invalid Kafka consumer configuration: {}", crate::kafka::config_problem(.0))]
     Config(rdkafka::error::KafkaError),
     #[error("topic {topic:?} does not exist on {brokers}")]
     TopicMissing { topic: String, brokers: String },

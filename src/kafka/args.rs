@@ -16,12 +16,14 @@ pub struct KafkaArgs {
         default_value = "127.0.0.1:9092"
     )]
     pub kafka_brokers: String,
-    /// Any librdkafka property, key=value, repeatable (SASL/TLS settings and
-    /// secrets go here or in the env variable, comma-separated; never logged).
+    /// Any librdkafka property, key=value, repeatable: one property each,
+    /// its value taken whole, commas included (the env variable: one
+    /// property a line). SASL/TLS settings and secrets; never logged.
     #[arg(
         long = "kafka-config",
         env = "SWITCHYARD_KAFKA_CONFIG",
-        hide_env_values = true
+        hide_env_values = true,
+        value_delimiter = '\n'
     )]
     pub kafka_config: Vec<String>,
     /// A properties file (`key=value` lines, `#` comments) of librdkafka

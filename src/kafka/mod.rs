@@ -43,6 +43,19 @@ pub fn keeps_consumer_guarantees<'a>(
 }
 
 /// Properties that carry secrets: never logged.
+/// A librdkafka configuration error in words that never show a property's
+/// value: rdkafka's own message ends with the key and the value given, which
+/// would print a password whose property name was mistyped.
+pub fn config_problem(e: &KafkaError) -> String {
+    match e {
+        KafkaError::ClientConfig(_, _, key, _) if is_secret(key) => {
+            format!("property {key:?} refused (its value is not shown)")
+        }
+        KafkaError::ClientConfig(_, desc, _, _) => desc.clone(),
+        other => other.to_string(),
+    }
+}
+
 fn is_secret(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
     k.contains("password") || k.contains("secret") || k.contains("key") && !k.ends_with(".location")
@@ -129,7 +142,7 @@ impl rdkafka::consumer::ConsumerContext for QuietContext {}
 /// Why the sink could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
-    #[error("invalid Kafka producer configuration: {0}")]
+    #[error("invalid Kafka producer configuration: {}", config_problem(.0))]
     Config(KafkaError),
     #[error("{0}")]
     Weakened(String),
