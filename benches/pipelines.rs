@@ -64,6 +64,7 @@ async fn ingest_rate(broker: &Broker, schema: &Schema, rows: u64, batch: usize) 
         topics: vec![topic],
         group: unique("bench"),
         batch_size: batch,
+        batch_bytes: 8 << 20,
         consumer_timeout: Duration::from_millis(150),
         extra: vec![],
         idle_exit: Some(Duration::from_secs(2)),
@@ -225,6 +226,7 @@ async fn load_rate(schema: &Schema, rows: u64, batch: usize) -> f64 {
     let opts = LoadOptions {
         dir: dirs.offline.clone(),
         batch_size: batch,
+        batch_bytes: 8 << 20,
         archive_dir: None,
         loader_id: "bench".to_string(),
         poll: Duration::from_millis(50),

@@ -89,6 +89,7 @@ impl Stack {
             let opts = LoadOptions {
                 dir: dirs.offline.clone(),
                 batch_size: 500,
+                batch_bytes: 8 << 20,
                 archive_dir: None,
                 loader_id: "test".to_string(),
                 poll: Duration::from_millis(100),
@@ -143,6 +144,7 @@ impl Stack {
             topics: vec![self.topic.clone()],
             group: self.group.clone(),
             batch_size: 500,
+            batch_bytes: 8 << 20,
             consumer_timeout: Duration::from_millis(100),
             extra: vec![],
             idle_exit: None,

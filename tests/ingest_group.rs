@@ -64,6 +64,7 @@ async fn a_database_stall_longer_than_the_poll_interval_keeps_the_group_and_the_
         topics: vec![topic.clone()],
         group: unique("g"),
         batch_size: 20,
+        batch_bytes: 8 << 20,
         consumer_timeout: Duration::from_millis(150),
         extra: vec![
             ("session.timeout.ms".into(), "6000".into()),

@@ -22,6 +22,7 @@ fn load_options(dir: &std::path::Path, once: bool) -> LoadOptions {
     LoadOptions {
         dir: dir.to_path_buf(),
         batch_size: 64,
+        batch_bytes: 8 << 20,
         archive_dir: None,
         loader_id: "test".to_string(),
         poll: Duration::from_millis(50),
@@ -173,6 +174,7 @@ async fn old_keeps_loading_while_kafka_is_down_and_the_spool_drains_once_it_is_b
         topics: vec![topic.clone()],
         group: unique("g"),
         batch_size: 100,
+        batch_bytes: 8 << 20,
         consumer_timeout: Duration::from_millis(100),
         extra: vec![],
         idle_exit: Some(Duration::from_secs(2)),

@@ -47,6 +47,7 @@ async fn a_check_violation_in_a_batch_above_max_allowed_packet_is_isolated() {
     let opts = LoadOptions {
         dir: dirs.offline.clone(),
         batch_size: LINES as usize,
+        batch_bytes: 8 << 20,
         archive_dir: None,
         loader_id: "test".to_string(),
         poll: Duration::from_millis(50),
@@ -94,5 +95,99 @@ async fn a_check_violation_in_a_batch_above_max_allowed_packet_is_isolated() {
             &[("reason", "database")]
         ),
         0.0
+    );
+}
+
+/// Peak RSS (VmHWM, KiB) of `switchyard load --once` over `dir`, sampled
+/// until it exits; the loader must succeed.
+fn loader_peak_kib(dir: &std::path::Path, db_url: &str, batch_bytes: usize) -> u64 {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "load",
+            "--once",
+            "--no-replay",
+            "--progress",
+            "never",
+            "--offline-dir",
+            dir.to_str().unwrap(),
+            "--db-url",
+            db_url,
+            "--batch-size",
+            "2000",
+            "--batch-bytes",
+            &batch_bytes.to_string(),
+            "--admin-listen",
+            &format!("127.0.0.1:{}", free_port()),
+        ])
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut peak = 0;
+    let status = loop {
+        if let Some(kib) = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines().find_map(|l| {
+                    l.strip_prefix("VmHWM:")?
+                        .trim()
+                        .strip_suffix(" kB")?
+                        .parse::<u64>()
+                        .ok()
+                })
+            })
+        {
+            peak = peak.max(kib);
+        }
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success(), "load --once failed: {status}");
+    peak
+}
+
+/// Batches are bounded by bytes as well as by lines: 250 rows of 200 KiB
+/// (48 MiB, far below the 2,000-line batch) load in 2 MiB transactions, and
+/// the loader's peak memory is a fraction of what one 48 MiB batch takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_holds_at_most_batch_bytes_of_lines() {
+    const ROWS: u64 = 250;
+    let dirs = Dirs::new();
+    let cfg = config(&dirs, "unused");
+    let schema = cfg.schema().unwrap();
+    let mut text = String::new();
+    for seq in 0..ROWS {
+        text.push_str(&offline_line(
+            &envelope(seq % 7, seq, 200 << 10),
+            "legacy",
+            seq + 1,
+        ));
+    }
+    assert!(text.len() > 48 << 20);
+    let write = |dir: &std::path::Path| {
+        write_closed_file(dir, "offline-0000000000000001-000001.ndjson", &text)
+    };
+    // The same file, loaded whole in one batch, then in 2 MiB batches.
+    let whole = TestDb::mariadb(&schema).await;
+    write(&dirs.offline);
+    let unbounded = loader_peak_kib(&dirs.offline, &whole.url, usize::MAX);
+    assert_eq!(whole.count().await, ROWS as i64);
+    let bounded_db = TestDb::mariadb(&schema).await;
+    write(&dirs.offline);
+    let bounded = loader_peak_kib(&dirs.offline, &bounded_db.url, 2 << 20);
+    assert_eq!(bounded_db.count().await, ROWS as i64);
+    eprintln!(
+        "loader peak RSS over 48 MiB of 200 KiB rows: one batch {} MiB, 2 MiB batches {} MiB",
+        unbounded / 1024,
+        bounded / 1024
+    );
+    // One whole batch holds the 48 MiB of lines at least once; 2 MiB
+    // batches hold a few MiB at a time.
+    assert!(unbounded > 48 << 10, "{unbounded} KiB");
+    assert!(
+        bounded * 2 < unbounded,
+        "bounded {bounded} KiB vs unbounded {unbounded} KiB"
     );
 }

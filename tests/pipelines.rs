@@ -23,6 +23,7 @@ fn load_options(dir: &std::path::Path, batch: usize) -> LoadOptions {
     LoadOptions {
         dir: dir.to_path_buf(),
         batch_size: batch,
+        batch_bytes: 8 << 20,
         archive_dir: None,
         loader_id: "test".to_string(),
         poll: Duration::from_millis(50),
@@ -61,6 +62,7 @@ fn ingest_options(brokers: &str, topic: &str, group: &str, batch: usize) -> Inge
         topics: vec![topic.to_string()],
         group: group.to_string(),
         batch_size: batch,
+        batch_bytes: 8 << 20,
         consumer_timeout: Duration::from_millis(150),
         extra: vec![],
         idle_exit: Some(Duration::from_secs(2)),

@@ -67,6 +67,7 @@ impl Live {
                 topics: vec![topic.clone()],
                 group: unique("g"),
                 batch_size: 500,
+                batch_bytes: 8 << 20,
                 consumer_timeout: Duration::from_millis(50),
                 extra: vec![],
                 idle_exit: None,
@@ -83,6 +84,7 @@ impl Live {
             let opts = switchyard::load::LoadOptions {
                 dir: dirs.offline.clone(),
                 batch_size: 500,
+                batch_bytes: 8 << 20,
                 archive_dir: None,
                 loader_id: "test".to_string(),
                 poll: Duration::from_millis(100),

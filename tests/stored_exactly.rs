@@ -193,6 +193,7 @@ fn load_opts(dir: &std::path::Path, loader: &str) -> LoadOptions {
     LoadOptions {
         dir: dir.to_path_buf(),
         batch_size: 100,
+        batch_bytes: 8 << 20,
         archive_dir: None,
         loader_id: loader.to_string(),
         poll: Duration::from_millis(50),
@@ -291,6 +292,7 @@ async fn json_numbers_of_any_precision_arrive_exactly_and_conflicts_count_in_bot
                 topics: vec![topic.clone()],
                 group: unique("g"),
                 batch_size: 100,
+                batch_bytes: 8 << 20,
                 consumer_timeout: Duration::from_millis(150),
                 extra: vec![],
                 idle_exit: Some(Duration::from_secs(2)),

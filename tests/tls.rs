@@ -194,6 +194,7 @@ async fn ingest_until_idle(
             topics: vec![topic.to_string()],
             group: unique("g"),
             batch_size: 100,
+            batch_bytes: 8 << 20,
             consumer_timeout: Duration::from_millis(100),
             extra,
             idle_exit: Some(Duration::from_secs(2)),

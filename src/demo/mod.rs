@@ -274,6 +274,7 @@ async fn run_in(
         let opts = LoadOptions {
             dir: cfg.offline.dir.clone(),
             batch_size: 2000,
+            batch_bytes: 8 << 20,
             archive_dir: None,
             loader_id: "demo".to_string(),
             poll: Duration::from_millis(200),
@@ -300,6 +301,7 @@ async fn run_in(
             topics: vec![topic.clone()],
             group: "switchyard-demo-ingest".into(),
             batch_size: 2000,
+            batch_bytes: 8 << 20,
             consumer_timeout: Duration::from_millis(150),
             extra: vec![],
             idle_exit: None,

@@ -37,6 +37,10 @@ pub struct IngestArgs {
     /// Messages per transaction.
     #[arg(long, env = "SWITCHYARD_INGEST_BATCH_SIZE", default_value_t = 2000)]
     batch_size: usize,
+    /// And at most this many bytes of payloads per transaction (at least
+    /// one): a batch's memory is bounded whatever the rows' size.
+    #[arg(long, env = "SWITCHYARD_INGEST_BATCH_BYTES", default_value_t = 8 << 20)]
+    batch_bytes: usize,
     /// Exit once caught up and idle this many seconds (backfills, benchmarks).
     #[arg(long)]
     idle_exit: Option<f64>,
@@ -67,6 +71,9 @@ fn run(args: IngestArgs) -> Exit {
     if args.batch_size == 0 {
         return Err(usage("--batch-size must be at least 1"));
     }
+    if args.batch_bytes == 0 {
+        return Err(usage("--batch-bytes must be at least 1"));
+    }
     let topics = if args.kafka_topics.is_empty() {
         vec![cfg.kafka.topic.clone()]
     } else {
@@ -77,6 +84,7 @@ fn run(args: IngestArgs) -> Exit {
         topics,
         group: args.kafka_group.clone(),
         batch_size: args.batch_size,
+        batch_bytes: args.batch_bytes,
         consumer_timeout: std::time::Duration::from_secs_f64(args.consumer_timeout),
         extra: kafka_extra,
         idle_exit: args

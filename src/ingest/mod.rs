@@ -37,6 +37,10 @@ pub struct IngestOptions {
     pub group: String,
     /// Messages per transaction.
     pub batch_size: usize,
+    /// And at most this many payload bytes per transaction (at least one
+    /// message); what arrives during a write is kept up to
+    /// [`CARRY_BATCHES`] times this before partitions are paused.
+    pub batch_bytes: usize,
     /// The longest a partial batch waits for more messages.
     pub consumer_timeout: Duration,
     /// Any librdkafka consumer property (`--kafka-config`); wins over defaults.
@@ -156,7 +160,10 @@ pub async fn run(
         // A batch of 2,000 rows of 2.5 KB is 5 MB: fetch in pieces that size,
         // not librdkafka's 1 MB per partition.
         .set("max.partition.fetch.bytes", "8388608")
-        .set("fetch.max.bytes", "67108864");
+        .set("fetch.max.bytes", "67108864")
+        // librdkafka prefetches up to 64 MiB a partition by default: two
+        // fetches' worth keep it busy and its memory bounded.
+        .set("queued.max.messages.kbytes", "16384");
     for (k, v) in &opts.extra {
         cfg.set(k, v);
     }
@@ -198,23 +205,27 @@ async fn consume(
     shutdown: &CancellationToken,
 ) -> Result<(), IngestError> {
     let mut batch: Vec<Msg> = Vec::with_capacity(opts.batch_size);
+    let mut batch_bytes = 0usize;
     let mut deadline: Option<Instant> = None;
     let mut last_message = Instant::now();
     let idle_poll = Duration::from_millis(250);
     loop {
         let due = deadline.is_some_and(|d| Instant::now() >= d);
-        if batch.len() >= opts.batch_size || (due && !batch.is_empty()) {
+        let full = batch.len() >= opts.batch_size || batch_bytes >= opts.batch_bytes;
+        if full || (due && !batch.is_empty()) {
             // What arrived while the batch was written starts the next one.
             let Some(next) = ingest
                 .flush(
                     std::mem::take(&mut batch),
                     opts.batch_size.saturating_mul(CARRY_BATCHES),
+                    opts.batch_bytes.saturating_mul(CARRY_BATCHES),
                 )
                 .await?
             else {
                 return Ok(());
             };
             batch = next;
+            batch_bytes = batch.iter().map(|m| m.payload.len()).sum();
             deadline = (!batch.is_empty()).then(|| Instant::now() + opts.consumer_timeout);
             continue;
         }
@@ -228,7 +239,9 @@ async fn consume(
         match received {
             Ok(Ok(m)) => {
                 last_message = Instant::now();
-                batch.push(Msg::of(&m, consumer.context()));
+                let msg = Msg::of(&m, consumer.context());
+                batch_bytes += msg.payload.len();
+                batch.push(msg);
                 deadline.get_or_insert_with(|| Instant::now() + opts.consumer_timeout);
             }
             Ok(Err(e)) if crate::kafka::is_refusal(&e) => {
@@ -255,19 +268,18 @@ async fn consume(
     // Shutting down: finish the batch in hand, commit, leave the group.
     // (What arrives meanwhile is left uncommitted for the next owner.)
     if !batch.is_empty() {
-        ingest.flush(batch, usize::MAX).await?;
+        ingest.flush(batch, usize::MAX, usize::MAX).await?;
     }
     consumer.unsubscribe();
     Ok(())
 }
 
 /// While a batch is written, what arrives is kept for the next batches up
-/// to this many batches (or [`CARRY_BYTES`]); past that its partitions are
+/// to this many batches (by count and by bytes); past that its partitions are
 /// paused. Resuming makes librdkafka fetch again from the position after
 /// the last message held, so it is kept for long stalls: a database that
 /// keeps up never causes it.
 const CARRY_BATCHES: usize = 4;
-const CARRY_BYTES: usize = 64 << 20;
 
 /// How often the lag is measured, and how long one measurement may take.
 const LAG_EVERY: Duration = Duration::from_secs(1);
@@ -399,6 +411,7 @@ impl Ingest<'_> {
         &mut self,
         mut batch: Vec<Msg>,
         limit: usize,
+        limit_bytes: usize,
     ) -> Result<Option<Vec<Msg>>, IngestError> {
         let consumer = self.consumer.clone();
         let ctx = consumer.context();
@@ -433,7 +446,7 @@ impl Ingest<'_> {
                         Ok(m) => {
                             let msg = Msg::of(&m, ctx);
                             carry_bytes += msg.payload.len();
-                            if carry.len() >= limit || carry_bytes >= CARRY_BYTES {
+                            if carry.len() >= limit || carry_bytes >= limit_bytes {
                                 let known = paused.elements().iter().any(|e| {
                                     e.topic() == msg.topic && e.partition() == msg.partition
                                 });

@@ -25,6 +25,10 @@ pub struct LoadArgs {
     /// Lines per transaction.
     #[arg(long, env = "SWITCHYARD_LOAD_BATCH_SIZE", default_value_t = 2000)]
     batch_size: usize,
+    /// And at most this many bytes of lines per transaction (at least
+    /// one): a batch's memory is bounded whatever the rows' size.
+    #[arg(long, env = "SWITCHYARD_LOAD_BATCH_BYTES", default_value_t = 8 << 20)]
+    batch_bytes: usize,
     /// Move loaded files here instead of deleting them.
     #[arg(long, env = "SWITCHYARD_LOAD_ARCHIVE_DIR")]
     archive_dir: Option<PathBuf>,
@@ -78,6 +82,9 @@ fn run(args: LoadArgs) -> Exit {
     if args.batch_size == 0 {
         return Err(usage("--batch-size must be at least 1"));
     }
+    if args.batch_bytes == 0 {
+        return Err(usage("--batch-bytes must be at least 1"));
+    }
     let progress = match args.progress.as_str() {
         "auto" => std::io::IsTerminal::is_terminal(&std::io::stderr()),
         "always" => true,
@@ -99,6 +106,7 @@ fn run(args: LoadArgs) -> Exit {
         },
         dir: cfg.offline.dir.clone(),
         batch_size: args.batch_size,
+        batch_bytes: args.batch_bytes,
         archive_dir: args.archive_dir.clone(),
         poll: std::time::Duration::from_millis(args.poll_ms.max(10)),
         once: args.once,

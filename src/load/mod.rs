@@ -43,6 +43,9 @@ pub struct LoadOptions {
     pub dir: PathBuf,
     /// Lines per transaction.
     pub batch_size: usize,
+    /// And at most this many bytes of lines per transaction (at least one
+    /// line): what a batch holds in memory is bounded whatever the rows' size.
+    pub batch_bytes: usize,
     /// Loaded files are moved here; deleted when None.
     pub archive_dir: Option<PathBuf>,
     /// This loader's identity in the checkpoint table: the same for every
@@ -289,7 +292,10 @@ impl Loader<'_> {
             }
             let mut raw: Vec<(u64, Vec<u8>)> = Vec::with_capacity(self.opts.batch_size);
             let mut pos = offset;
-            while raw.len() < self.opts.batch_size {
+            let mut bytes = 0usize;
+            while raw.len() < self.opts.batch_size
+                && (raw.is_empty() || bytes < self.opts.batch_bytes)
+            {
                 let mut line = Vec::new();
                 let n = reader.read_until(b'\n', &mut line).map_err(io_err)?;
                 if n == 0 {
@@ -301,6 +307,7 @@ impl Loader<'_> {
                     line.pop();
                 }
                 if !line.is_empty() {
+                    bytes += line.len();
                     raw.push((at, line));
                 }
             }
