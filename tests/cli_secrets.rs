@@ -98,3 +98,134 @@ fn kafka_properties_keep_their_secrets_out_of_errors() {
         assert!(!text.contains(secret), "{secret} shown:\n{text}");
     }
 }
+
+/// Every line a role logs (at debug, the most it says) and every error it
+/// ends with, over runs that carry planted secrets where operators put them
+/// — passwords in database URLs (userinfo and `?password=`), Kafka
+/// properties, the LaunchDarkly API token — never shows one.
+#[test]
+fn no_planted_secret_reaches_a_log_line_or_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let offline = dir.path().to_str().unwrap().to_string();
+    let admin = || "127.0.0.1:0".to_string();
+    const PG_PASSWORD: &str = "Pl4nted-pg-S3cret";
+    const MY_PASSWORD: &str = "Pl4nted-my-S3cret";
+    const QUERY_PASSWORD: &str = "Pl4nted-query-S3cret";
+    const KAFKA_PASSWORD: &str = "Pl4nted-kafka-S3cret";
+    const LD_TOKEN: &str = "api-Pl4nted-ld-S3cret";
+    let pg = format!("postgres://postgres:{PG_PASSWORD}@127.0.0.1:5432/test");
+    let my = format!("mysql://root:{MY_PASSWORD}@127.0.0.1:3306/test");
+    let pg_query =
+        format!("postgres://postgres@127.0.0.1:5432/no_such_db?password={QUERY_PASSWORD}");
+    let kafka = format!("sasl.password={KAFKA_PASSWORD},with=comma");
+    // (what, arguments, environment, expected exit code)
+    let runs: Vec<(&str, Vec<String>, Vec<(&str, &str)>, i32)> = vec![
+        (
+            "db init over PostgreSQL (trust: connects)",
+            vec!["db".into(), "init".into(), "--db-url".into(), pg.clone()],
+            vec![],
+            0,
+        ),
+        (
+            "load refused by MariaDB",
+            vec![
+                "load".into(),
+                "--once".into(),
+                "--no-replay".into(),
+                "--offline-dir".into(),
+                offline.clone(),
+                "--db-url".into(),
+                my.clone(),
+                "--admin-listen".into(),
+                admin(),
+            ],
+            vec![],
+            2,
+        ),
+        (
+            "load, password in the query, database missing",
+            vec![
+                "load".into(),
+                "--once".into(),
+                "--no-replay".into(),
+                "--offline-dir".into(),
+                offline.clone(),
+                "--db-url".into(),
+                pg_query.clone(),
+                "--admin-listen".into(),
+                admin(),
+            ],
+            vec![],
+            2,
+        ),
+        (
+            "compare --once refused by MariaDB",
+            vec![
+                "compare".into(),
+                "--once".into(),
+                "--kafka-brokers".into(),
+                "127.0.0.1:1".into(),
+                "--kafka-topic".into(),
+                "t".into(),
+                "--old-db-url".into(),
+                my.clone(),
+                "--new-db-url".into(),
+                pg.clone(),
+                "--kafka-config".into(),
+                kafka.clone(),
+                "--admin-listen".into(),
+                admin(),
+            ],
+            vec![],
+            2,
+        ),
+        (
+            "flags status with LaunchDarkly unreachable",
+            vec!["flags".into(), "status".into()],
+            vec![
+                ("LD_API_TOKEN", LD_TOKEN),
+                ("LD_API_URI", "http://127.0.0.1:1"),
+            ],
+            1,
+        ),
+        (
+            "flags set with LaunchDarkly unreachable",
+            vec![
+                "flags".into(),
+                "set".into(),
+                "dual-write".into(),
+                "10".into(),
+            ],
+            vec![
+                ("LD_API_TOKEN", LD_TOKEN),
+                ("LD_API_URI", "http://127.0.0.1:1"),
+            ],
+            1,
+        ),
+    ];
+    for (what, args, env, code) in runs {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+        cmd.args(&args)
+            .env("RUST_LOG", "debug")
+            .env("NO_COLOR", "1");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.status.code(), Some(code), "{what}:\n{text}");
+        for secret in [
+            PG_PASSWORD,
+            MY_PASSWORD,
+            QUERY_PASSWORD,
+            KAFKA_PASSWORD,
+            LD_TOKEN,
+        ] {
+            assert!(!text.contains(secret), "{what} shows {secret}:\n{text}");
+        }
+    }
+}
