@@ -38,8 +38,8 @@ pub struct RouteSettings {
     /// once: each body byte takes `BYTES_PER_BODY_BYTE` of it, before
     /// it is buffered (503 + Retry-After beyond).
     pub max_inflight_bytes: usize,
-    /// Connections served at once; beyond, a new connection waits in the
-    /// listen backlog for `admission_wait_ms`, then gets 503.
+    /// Connections served at once; beyond, a new connection waits (as many
+    /// as are served) for `admission_wait_ms`, then gets 503.
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
     /// How long a request waits for a request slot or memory (and a new
@@ -71,7 +71,7 @@ pub struct RouteSettings {
 /// what parsing and both sinks make of it (payload copies, the offline line,
 /// the producer's copy), measured with the default schema (README, "Memory
 /// bound").
-pub const BYTES_PER_BODY_BYTE: usize = 6;
+pub const BYTES_PER_BODY_BYTE: usize = 8;
 
 /// The admission one body of `body_bytes` takes (one byte more than the
 /// limit tells "exactly the limit" from "too large").

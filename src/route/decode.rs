@@ -77,7 +77,7 @@ const FIRST_CAPACITY: usize = 64 * 1024;
 /// every byte of capacity `ticket` admitted first: at most `max` bytes
 /// (413 the moment it would be more), within `deadline` (408 after).
 pub async fn read(
-    mut body: Body,
+    body: &mut Body,
     encoding: Encoding,
     content_length: Option<u64>,
     ticket: &mut Ticket<'_>,
@@ -131,6 +131,25 @@ pub async fn read(
         gz.finish().map_err(unreadable)?;
     }
     Ok(out)
+}
+
+/// How much of a refused body to read and drop.
+pub struct Linger {
+    pub bytes: usize,
+    pub time: Duration,
+}
+
+/// Reads and drops what is left of `body`, at most `linger.bytes` (as sent)
+/// for at most `linger.time`: memory stays one frame.
+pub async fn linger(body: &mut Body, linger: Linger) {
+    let deadline = Instant::now() + linger.time;
+    let mut read = 0usize;
+    while read <= linger.bytes {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(f))) => read += f.data_ref().map_or(0, |d| d.len()),
+            _ => break,
+        }
+    }
 }
 
 /// Decompresses what `gz` holds into `out`, growing it (admitted first) up

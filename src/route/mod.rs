@@ -86,6 +86,7 @@ struct App {
     metrics: RouteMetrics,
     admission: admission::Admission,
     body_read_timeout: Duration,
+    max_body: usize,
     /// The longest NDJSON line (or JSON body) parsed.
     max_line: usize,
     retry_after: u64,
@@ -220,6 +221,7 @@ pub async fn run(
         metrics: metrics.clone(),
         admission: admission::Admission::new(&cfg.route, metrics.clone()),
         body_read_timeout: Duration::from_millis(cfg.route.body_read_timeout_ms),
+        max_body: cfg.route.max_body_bytes,
         retry_after: cfg.route.retry_after_secs,
         draining: AtomicBool::new(false),
         registry: registry.clone(),
@@ -400,6 +402,19 @@ async fn explain(State(app): State<Arc<App>>, Path(account): Path<String>) -> Re
     .into_response()
 }
 
+impl App {
+    /// How much of a refused body is read and dropped, for how long.
+    fn admission_linger(&self) -> decode::Linger {
+        decode::Linger {
+            bytes: self.max_body,
+            time: LINGER,
+        }
+    }
+}
+
+/// How long a refused body is read and dropped before the connection closes.
+const LINGER: Duration = Duration::from_secs(2);
+
 /// What a successful request did.
 #[derive(Debug, Default, Serialize, PartialEq)]
 pub struct Accepted {
@@ -411,9 +426,18 @@ pub struct Accepted {
     pub fallbacks: usize,
 }
 
-async fn ingest(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+async fn ingest(State(app): State<Arc<App>>, headers: HeaderMap, mut body: Body) -> Response {
     let started = Instant::now();
-    let res = ingest_inner(&app, &headers, body).await;
+    let res = ingest_inner(&app, &headers, &mut body).await;
+    if let Err(e) = &res {
+        // A client that writes its whole body before reading would see the
+        // refusal as a reset: read (and drop) the rest a little while, with
+        // the request's slot and memory already given back. Not for a body
+        // that was too slow to arrive.
+        if e.status() != 408 {
+            decode::linger(&mut body, app.admission_linger()).await;
+        }
+    }
     let resp = match res {
         Ok(acc) => (StatusCode::OK, Json(acc)).into_response(),
         Err(e) => {
@@ -446,7 +470,11 @@ async fn ingest(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> 
     resp
 }
 
-async fn ingest_inner(app: &App, headers: &HeaderMap, body: Body) -> Result<Accepted, ApiError> {
+async fn ingest_inner(
+    app: &App,
+    headers: &HeaderMap,
+    body: &mut Body,
+) -> Result<Accepted, ApiError> {
     if app.draining.load(Ordering::SeqCst) {
         return Err(ApiError::unavailable(
             "draining",

@@ -7,7 +7,7 @@ use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
-use crate::schema::{quote, Schema};
+use crate::schema::{quote, Schema, QUOTED_CHARS};
 
 /// Room on a line beyond its row's limit: the envelope and whitespace.
 pub const LINE_SLACK: usize = 64 * 1024;
@@ -168,7 +168,7 @@ fn parse_line(schema: &Schema, line: &[u8], n: usize) -> Result<Payload, ApiErro
                 "invalid_account_id",
                 format!(
                     "account_id must be a non-negative integer, found {}",
-                    quote(&v.to_string())
+                    short_value(v)
                 ),
             )
         })?,
@@ -220,6 +220,24 @@ fn parse_line(schema: &Schema, line: &[u8], n: usize) -> Result<Payload, ApiErro
         row_json,
         envelope_json: envelope,
     })
+}
+
+/// A refused JSON value as a message shows it: a string quoted, anything
+/// else as JSON; at most `QUOTED_CHARS` characters of either.
+fn short_value(v: &Value) -> String {
+    match v {
+        Value::String(s) => quote(s),
+        other => {
+            let text = other.to_string();
+            let mut chars = text.chars();
+            let head: String = chars.by_ref().take(QUOTED_CHARS).collect();
+            if chars.next().is_some() {
+                format!("{head}…")
+            } else {
+                head
+            }
+        }
+    }
 }
 
 const DUPLICATE: &str = "duplicate key";
