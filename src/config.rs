@@ -34,8 +34,30 @@ pub struct RouteSettings {
     pub max_body_bytes: usize,
     /// Requests processed at once (503 + Retry-After beyond).
     pub max_inflight_requests: usize,
-    /// Request body bytes held at once (503 + Retry-After beyond).
+    /// Memory that request bodies and what is parsed from them may hold at
+    /// once: each body byte takes `BYTES_PER_BODY_BYTE` of it, before
+    /// it is buffered (503 + Retry-After beyond).
     pub max_inflight_bytes: usize,
+    /// Connections served at once; beyond, a new connection waits (as many
+    /// as are served) for `admission_wait_ms`, then gets 503.
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: usize,
+    /// How long a request waits for a request slot or memory (and a new
+    /// connection for a connection slot) before 503 + Retry-After.
+    #[serde(default = "defaults::admission_wait_ms")]
+    pub admission_wait_ms: u64,
+    /// Time allowed for a request's headers to arrive, counted from the
+    /// connection's opening or from the previous response (so it also closes
+    /// idle keep-alive connections).
+    #[serde(default = "defaults::header_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
+    /// Time allowed for a whole request body to arrive once its headers
+    /// have (408 and the connection closed beyond).
+    #[serde(default = "defaults::body_read_timeout_ms")]
+    pub body_read_timeout_ms: u64,
+    /// Bodies parsed at once (parsing is where memory multiplies).
+    #[serde(default = "defaults::parse_concurrency")]
+    pub parse_concurrency: usize,
     /// Retry-After seconds on 503.
     pub retry_after_secs: u64,
     /// Time allowed to drain on SIGTERM before giving up.
@@ -43,6 +65,39 @@ pub struct RouteSettings {
     /// What happens to a Kafka-only payload the broker did not acknowledge:
     /// `offline` (kept in the offline file, counted) or `reject` (503).
     pub kafka_fallback: KafkaFallback,
+}
+
+/// What the router admits per body byte it buffers: the body itself plus
+/// what parsing and both sinks make of it (payload copies, the offline line,
+/// the producer's copy), measured with the default schema (README, "Memory
+/// bound").
+pub const BYTES_PER_BODY_BYTE: usize = 8;
+
+/// The admission one body of `body_bytes` takes (one byte more than the
+/// limit tells "exactly the limit" from "too large").
+pub fn admitted_bytes(body_bytes: usize) -> usize {
+    body_bytes
+        .saturating_add(1)
+        .saturating_mul(BYTES_PER_BODY_BYTE)
+}
+
+/// Defaults of `[route]` keys a configuration may leave out.
+mod defaults {
+    pub fn max_connections() -> usize {
+        256
+    }
+    pub fn admission_wait_ms() -> u64 {
+        1000
+    }
+    pub fn header_read_timeout_ms() -> u64 {
+        10_000
+    }
+    pub fn body_read_timeout_ms() -> u64 {
+        30_000
+    }
+    pub fn parse_concurrency() -> usize {
+        2
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -167,11 +222,26 @@ impl PipelineConfig {
         if self.route.max_inflight_requests == 0 {
             return Err(invalid("route.max_inflight_requests", "must be positive"));
         }
-        if self.route.max_inflight_bytes < self.route.max_body_bytes {
+        let r = &self.route;
+        if (r.max_inflight_bytes as u128) < admitted_bytes(r.max_body_bytes) as u128 {
             return Err(invalid(
                 "route.max_inflight_bytes",
-                "must be at least route.max_body_bytes (one full request must fit)",
+                &format!(
+                    "must be at least {} (route.max_body_bytes × {}, so that one full request fits)",
+                    admitted_bytes(r.max_body_bytes),
+                    BYTES_PER_BODY_BYTE
+                ),
             ));
+        }
+        for (field, v) in [
+            ("route.max_connections", r.max_connections as u64),
+            ("route.header_read_timeout_ms", r.header_read_timeout_ms),
+            ("route.body_read_timeout_ms", r.body_read_timeout_ms),
+            ("route.parse_concurrency", r.parse_concurrency as u64),
+        ] {
+            if v == 0 {
+                return Err(invalid(field, "must be positive"));
+            }
         }
         if self.offline.max_file_bytes < 1024 {
             return Err(invalid("offline.max_file_bytes", "must be at least 1024"));

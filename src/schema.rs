@@ -308,29 +308,22 @@ impl Schema {
         &self.tables
     }
 
-    fn table_names(&self) -> String {
-        self.tables
-            .iter()
-            .map(|t| t.name.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-
     /// Checks one row against its table. Returns the table on success.
     pub fn check_row<'a>(
         &'a self,
         table: &str,
         row: &Map<String, Value>,
     ) -> Result<&'a Table, RowError> {
+        // The error names the table sent, never the declared ones: the
+        // schema is not the client's to enumerate.
         let t = self.table(table).ok_or_else(|| RowError::UnknownTable {
-            table: table.to_string(),
-            known: self.table_names(),
+            table: quote(table),
         })?;
         for name in row.keys() {
             if t.column(name).is_none() {
                 return Err(RowError::UnknownColumn {
                     table: t.name.clone(),
-                    column: name.clone(),
+                    column: quote(name),
                 });
             }
         }
@@ -378,6 +371,19 @@ impl Schema {
     }
 }
 
+/// Characters of a refused value an error message quotes.
+pub const QUOTED_CHARS: usize = 40;
+
+/// `text` as an error message quotes it: in double quotes, escaped, at most
+/// [`QUOTED_CHARS`] characters of it (then `…`), so that what a client
+/// sends is never echoed at length.
+pub fn quote(text: &str) -> String {
+    let mut chars = text.chars();
+    let head: String = chars.by_ref().take(QUOTED_CHARS).collect();
+    let more = if chars.next().is_some() { "…" } else { "" };
+    format!("{head:?}{more}")
+}
+
 fn describe(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
@@ -393,9 +399,10 @@ fn describe(v: &Value) -> &'static str {
 /// Why a row does not fit the declared schema. The text is shown to clients.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum RowError {
-    #[error("unknown table {table:?} (declared: {known})")]
-    UnknownTable { table: String, known: String },
-    #[error("table {table}: unknown column {column:?}")]
+    /// `table` and `column` are quoted already ([`quote`]).
+    #[error("unknown table {table}")]
+    UnknownTable { table: String },
+    #[error("table {table}: unknown column {column}")]
     UnknownColumn { table: String, column: String },
     #[error("table {table}: missing column {column:?}")]
     MissingColumn { table: String, column: String },

@@ -350,6 +350,9 @@ async fn beyond_the_in_flight_bound_requests_get_503_with_retry_after() {
     set_flag(&dirs.flags, KAFKA, json!(100));
     let mut cfg = config(&dirs, &topic);
     cfg.route.max_inflight_requests = 2;
+    // Refused at once rather than after a wait for a slot that frees only
+    // when the delivery timeout ends.
+    cfg.route.admission_wait_ms = 0;
     cfg.kafka.delivery_timeout_ms = 1500;
     // No breaker: every request waits out the delivery timeout, holding its slot.
     cfg.kafka.breaker_cooldown_ms = 0;

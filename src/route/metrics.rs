@@ -20,6 +20,14 @@ pub struct RouteMetrics {
     pub rejected_payloads: IntCounterVec,
     pub inflight_requests: IntGauge,
     pub inflight_bytes: IntGauge,
+    /// Connections cut for being too slow, by reason (header, idle, body).
+    pub timeouts: IntCounterVec,
+    /// Connections being served.
+    pub connections: IntGauge,
+    /// Connections waiting for a slot.
+    pub connections_waiting: IntGauge,
+    /// Connections that found every slot taken, by outcome (waited, refused).
+    pub connections_limited: IntCounterVec,
     pub ready: Gauge,
     /// 1, labelled with the fingerprint of the salt and flag keys: replicas
     /// that differ bucket the same account differently.
@@ -91,13 +99,37 @@ impl RouteMetrics {
             inflight_bytes: int_gauge(
                 reg,
                 "switchyard_route_inflight_bytes",
-                "Request body bytes held by requests being processed",
+                "Memory admitted to requests being processed (body bytes times the admission factor)",
+            )?,
+            timeouts: counter_vec(
+                reg,
+                "switchyard_route_timeouts_total",
+                "Requests and connections cut for being too slow, by reason (header, idle, body)",
+                &["reason"],
+            )?,
+            connections: int_gauge(
+                reg,
+                "switchyard_route_connections",
+                "Ingest connections being served",
+            )?,
+            connections_waiting: int_gauge(
+                reg,
+                "switchyard_route_connections_waiting",
+                "Ingest connections waiting for a slot (every one taken)",
+            )?,
+            connections_limited: counter_vec(
+                reg,
+                "switchyard_route_connections_limited_total",
+                "Ingest connections that found every slot taken, by outcome (waited, refused)",
+                &["outcome"],
             )?,
             ready,
             flags: FlagMetrics::new(reg)?,
             offline: OfflineMetrics::new(reg)?,
             kafka: KafkaMetrics::new(reg, "route")?,
         };
+        zero(&m.timeouts, &[&["header"], &["idle"], &["body"]]);
+        zero(&m.connections_limited, &[&["waited"], &["refused"]]);
         for route in ["dual", "kafka"] {
             for kind in DELIVERY_ERROR_KINDS {
                 zero(&m.fallbacks, &[&[route, kind]]);

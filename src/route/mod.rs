@@ -3,6 +3,7 @@
 //! goes (offline file, Kafka, or both) and answers 2xx only once every chosen
 //! sink has it durably.
 
+mod admission;
 pub mod cli;
 mod decode;
 mod error;
@@ -10,7 +11,6 @@ mod metrics;
 mod parse;
 
 use std::collections::HashMap;
-use std::future::IntoFuture;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,7 +25,6 @@ use prometheus::Registry;
 use serde::Serialize;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 pub use error::ApiError;
@@ -85,9 +84,11 @@ struct App {
     kafka: KafkaSink,
     fallback: KafkaFallback,
     metrics: RouteMetrics,
+    admission: admission::Admission,
+    body_read_timeout: Duration,
     max_body: usize,
-    requests: Semaphore,
-    bytes_kib: Semaphore,
+    /// The longest NDJSON line (or JSON body) parsed.
+    max_line: usize,
     retry_after: u64,
     draining: AtomicBool,
     registry: Registry,
@@ -209,6 +210,7 @@ pub async fn run(
     metrics.routing_info.with_label_values(&[&routing]).set(1);
     let app = Arc::new(App {
         routing: routing.clone(),
+        max_line: parse::max_line_bytes(&schema),
         schema,
         salt: cfg.route.salt.clone(),
         flags: flags.clone(),
@@ -217,9 +219,9 @@ pub async fn run(
         kafka: kafka.clone(),
         fallback: cfg.route.kafka_fallback,
         metrics: metrics.clone(),
+        admission: admission::Admission::new(&cfg.route, metrics.clone()),
+        body_read_timeout: Duration::from_millis(cfg.route.body_read_timeout_ms),
         max_body: cfg.route.max_body_bytes,
-        requests: Semaphore::new(cfg.route.max_inflight_requests),
-        bytes_kib: Semaphore::new(cfg.route.max_inflight_bytes.div_ceil(1024)),
         retry_after: cfg.route.retry_after_secs,
         draining: AtomicBool::new(false),
         registry: registry.clone(),
@@ -251,9 +253,13 @@ pub async fn run(
             tracing::info!("draining: no new requests; finishing in-flight ones");
         }
     };
-    let server = axum::serve(listener, ingest_router(app.clone()))
-        .with_graceful_shutdown(drain_started)
-        .into_future();
+    let server = admission::serve(
+        listener,
+        ingest_router(app.clone()),
+        admission::ServeSettings::from(&cfg.route),
+        metrics.clone(),
+        drain_started,
+    );
     let grace = cfg.grace();
     let deadline = {
         let shutdown = shutdown.clone();
@@ -264,7 +270,7 @@ pub async fn run(
     };
     let drain_begun = Instant::now();
     tokio::select! {
-        res = server => res.map_err(StartError::Serve)?,
+        _ = server => {}
         _ = deadline => tracing::error!(grace_secs = grace.as_secs(), "grace period over with requests still in flight; they were not acknowledged"),
     }
     let left = grace
@@ -396,6 +402,19 @@ async fn explain(State(app): State<Arc<App>>, Path(account): Path<String>) -> Re
     .into_response()
 }
 
+impl App {
+    /// How much of a refused body is read and dropped, for how long.
+    fn admission_linger(&self) -> decode::Linger {
+        decode::Linger {
+            bytes: self.max_body,
+            time: LINGER,
+        }
+    }
+}
+
+/// How long a refused body is read and dropped before the connection closes.
+const LINGER: Duration = Duration::from_secs(2);
+
 /// What a successful request did.
 #[derive(Debug, Default, Serialize, PartialEq)]
 pub struct Accepted {
@@ -407,9 +426,18 @@ pub struct Accepted {
     pub fallbacks: usize,
 }
 
-async fn ingest(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+async fn ingest(State(app): State<Arc<App>>, headers: HeaderMap, mut body: Body) -> Response {
     let started = Instant::now();
-    let res = ingest_inner(&app, &headers, body).await;
+    let res = ingest_inner(&app, &headers, &mut body).await;
+    if let Err(e) = &res {
+        // A client that writes its whole body before reading would see the
+        // refusal as a reset: read (and drop) the rest a little while, with
+        // the request's slot and memory already given back. Not for a body
+        // that was too slow to arrive.
+        if e.status() != 408 {
+            decode::linger(&mut body, app.admission_linger()).await;
+        }
+    }
     let resp = match res {
         Ok(acc) => (StatusCode::OK, Json(acc)).into_response(),
         Err(e) => {
@@ -421,7 +449,14 @@ async fn ingest(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> 
                 .rejected_payloads
                 .with_label_values(&[reason])
                 .inc();
-            e.into_response()
+            let mut resp = e.into_response();
+            // A refused body may be partly unread: the connection cannot
+            // carry another request.
+            resp.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+            resp
         }
     };
     app.metrics
@@ -435,15 +470,11 @@ async fn ingest(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> 
     resp
 }
 
-/// Decrements a gauge on drop.
-struct GaugeGuard(prometheus::IntGauge, i64);
-impl Drop for GaugeGuard {
-    fn drop(&mut self) {
-        self.0.sub(self.1);
-    }
-}
-
-async fn ingest_inner(app: &App, headers: &HeaderMap, body: Body) -> Result<Accepted, ApiError> {
+async fn ingest_inner(
+    app: &App,
+    headers: &HeaderMap,
+    body: &mut Body,
+) -> Result<Accepted, ApiError> {
     if app.draining.load(Ordering::SeqCst) {
         return Err(ApiError::unavailable(
             "draining",
@@ -451,15 +482,9 @@ async fn ingest_inner(app: &App, headers: &HeaderMap, body: Body) -> Result<Acce
             app.retry_after,
         ));
     }
-    let Ok(_permit) = app.requests.try_acquire() else {
-        return Err(ApiError::unavailable(
-            "overloaded",
-            "too many requests in flight",
-            app.retry_after,
-        ));
-    };
-    app.metrics.inflight_requests.inc();
-    let _inflight = GaugeGuard(app.metrics.inflight_requests.clone(), 1);
+    // The body's deadline runs from its headers, waits for admission included.
+    let deadline = tokio::time::Instant::now() + app.body_read_timeout;
+    let mut ticket = app.admission.admit().await?;
 
     let ct = headers
         .get(header::CONTENT_TYPE)
@@ -470,26 +495,44 @@ async fn ingest_inner(app: &App, headers: &HeaderMap, body: Body) -> Result<Acce
             415,
             "unsupported_media_type",
             None,
-            format!("content type {ct:?} is not accepted; use application/json (one payload) or application/x-ndjson (a batch)"),
+            format!(
+                "content type {} is not accepted; use application/json (one payload) or application/x-ndjson (a batch)",
+                crate::schema::quote(ct)
+            ),
         ));
     };
 
     let encoding = decode::Encoding::from_header(headers.get(header::CONTENT_ENCODING))?;
-    let bytes = decode::read(body, encoding, app.max_body).await?;
-    let kib = (bytes.len().div_ceil(1024)).max(1) as u32;
-    let Ok(_bytes_permit) = app.bytes_kib.try_acquire_many(kib) else {
-        return Err(ApiError::unavailable(
-            "overloaded",
-            "too many bytes in flight",
-            app.retry_after,
-        ));
+    let content_length = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let bytes = match decode::read(
+        body,
+        encoding,
+        content_length,
+        &mut ticket,
+        deadline,
+        app.body_read_timeout,
+    )
+    .await
+    {
+        Err(e) if e.status() == 408 => {
+            app.metrics.timeouts.with_label_values(&["body"]).inc();
+            return Err(e);
+        }
+        res => res?,
     };
-    app.metrics.inflight_bytes.add(bytes.len() as i64);
-    let _inflight_bytes = GaugeGuard(app.metrics.inflight_bytes.clone(), bytes.len() as i64);
-
-    let payloads = parse_body(&app.schema, &bytes, framing)?;
+    let payloads = {
+        let _parsing = ticket.parse_slot().await?;
+        parse_body(&app.schema, &bytes, framing, app.max_line)?
+    };
     drop(bytes);
-    dispatch(app, payloads).await
+    // The ticket is held until both sinks have the payloads: their copies
+    // are what it admitted beyond the body.
+    let acc = dispatch(app, payloads).await;
+    drop(ticket);
+    acc
 }
 
 /// Sends each payload where its account routes and waits for durability.
