@@ -119,7 +119,8 @@ fn no_planted_secret_reaches_a_log_line_or_an_error() {
         format!("postgres://postgres@127.0.0.1:5432/no_such_db?password={QUERY_PASSWORD}");
     let kafka = format!("sasl.password={KAFKA_PASSWORD},with=comma");
     // (what, arguments, environment, expected exit code)
-    let runs: Vec<(&str, Vec<String>, Vec<(&str, &str)>, i32)> = vec![
+    type Run<'a> = (&'a str, Vec<String>, Vec<(&'a str, &'a str)>, i32);
+    let runs: Vec<Run> = vec![
         (
             "db init over PostgreSQL (trust: connects)",
             vec!["db".into(), "init".into(), "--db-url".into(), pg.clone()],
