@@ -191,3 +191,92 @@ async fn a_batch_holds_at_most_batch_bytes_of_lines() {
         "bounded {bounded} KiB vs unbounded {unbounded} KiB"
     );
 }
+
+/// The issue a byte bound settles: rows up to the schema's 256 KiB limit, far
+/// fewer than a 2,000-line batch, used to make one batch of hundreds of MiB.
+/// Under the manifests' memory limit for the loader (256 MiB; a memory cgroup
+/// when this machine lets one be made, else RLIMIT_AS at 4× for the runtime's
+/// mappings), 1,000 rows of 250 KiB (244 MiB of lines) load with the
+/// default batch settings, and the loader's peak RSS stays well under the
+/// limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_rows_load_under_the_manifests_memory_limit() {
+    const ROWS: u64 = 1_000;
+    const LIMIT: u64 = 256 << 20;
+    let dirs = Dirs::new();
+    let cfg = config(&dirs, "unused");
+    let schema = cfg.schema().unwrap();
+    let old = TestDb::mariadb(&schema).await;
+    let mut text = String::with_capacity((ROWS as usize) * (251 << 10));
+    for seq in 0..ROWS {
+        text.push_str(&offline_line(
+            &envelope(seq % 7, seq, 250 << 10),
+            "legacy",
+            seq + 1,
+        ));
+    }
+    assert!(
+        text.len() as u64 > 240 << 20,
+        "more than the limit's worth of batch"
+    );
+    write_closed_file(
+        &dirs.offline,
+        "offline-0000000000000001-000001.ndjson",
+        &text,
+    );
+    drop(text);
+    let cgroup = memory_cgroup("switchyard-load-limits", LIMIT);
+    let bin = env!("CARGO_BIN_EXE_switchyard");
+    let args = format!(
+        "load --once --no-replay --progress never --offline-dir {} --db-url {} --admin-listen 127.0.0.1:{}",
+        dirs.offline.display(),
+        old.url,
+        free_port()
+    );
+    let script = match &cgroup {
+        Some(dir) => format!(
+            "echo $$ > {}/cgroup.procs && exec {bin} {args}",
+            dir.display()
+        ),
+        None => format!("exec prlimit --as={} {bin} {args}", LIMIT * 4),
+    };
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut peak = 0u64;
+    let status = loop {
+        if let Some(kib) = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines().find_map(|l| {
+                    l.strip_prefix("VmHWM:")?
+                        .trim()
+                        .strip_suffix(" kB")?
+                        .parse::<u64>()
+                        .ok()
+                })
+            })
+        {
+            peak = peak.max(kib);
+        }
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    if let Some(dir) = &cgroup {
+        let _ = std::fs::remove_dir(dir);
+    }
+    eprintln!(
+        "loader over {ROWS} rows of 250 KiB under {} MiB (cgroup: {}): peak RSS {} MiB",
+        LIMIT >> 20,
+        cgroup.is_some(),
+        peak / 1024
+    );
+    assert!(status.success(), "the loader did not finish: {status}");
+    assert_eq!(old.count().await, ROWS as i64);
+    assert!(peak * 1024 < LIMIT / 2, "peak {peak} KiB");
+}

@@ -381,7 +381,7 @@ struct Limited {
 impl Limited {
     fn spawn(config: &Path, limit: u64) -> Limited {
         let (port, admin) = (free_port(), free_port());
-        let cgroup = make_cgroup(limit);
+        let cgroup = memory_cgroup("switchyard-route-limits", limit);
         let bin = env!("CARGO_BIN_EXE_switchyard");
         let args = format!(
             "route --config {} --listen 127.0.0.1:{port} --admin-listen 127.0.0.1:{admin} --kafka-brokers {NO_BROKER}",
@@ -444,30 +444,6 @@ impl Drop for Limited {
             let _ = std::fs::remove_dir(dir);
         }
     }
-}
-
-/// A memory cgroup limited to `limit` bytes (v2, else v1), when this
-/// machine lets one be made.
-fn make_cgroup(limit: u64) -> Option<PathBuf> {
-    let name = unique("switchyard-route-limits");
-    for (root, file) in [
-        ("/sys/fs/cgroup/unified", "memory.max"),
-        ("/sys/fs/cgroup", "memory.max"),
-        ("/sys/fs/cgroup/memory", "memory.limit_in_bytes"),
-    ] {
-        let dir = Path::new(root).join(&name);
-        if std::fs::create_dir(&dir).is_err() {
-            continue;
-        }
-        if std::fs::write(dir.join(file), limit.to_string()).is_ok() {
-            // No swap to hide behind (v1 only; absent where swap is off).
-            let _ = std::fs::write(dir.join("memory.memsw.limit_in_bytes"), limit.to_string());
-            let _ = std::fs::write(dir.join("memory.swap.max"), "0");
-            return Some(dir);
-        }
-        let _ = std::fs::remove_dir(&dir);
-    }
-    None
 }
 
 fn small_rows_batch(bytes: usize, seed: u64) -> String {

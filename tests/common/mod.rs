@@ -1236,3 +1236,27 @@ impl Drop for Prometheus {
         let _ = self.child.wait();
     }
 }
+
+/// A memory cgroup limited to `limit` bytes (v2, else v1), when this
+/// machine lets one be made.
+pub fn memory_cgroup(prefix: &str, limit: u64) -> Option<PathBuf> {
+    let name = unique(prefix);
+    for (root, file) in [
+        ("/sys/fs/cgroup/unified", "memory.max"),
+        ("/sys/fs/cgroup", "memory.max"),
+        ("/sys/fs/cgroup/memory", "memory.limit_in_bytes"),
+    ] {
+        let dir = std::path::Path::new(root).join(&name);
+        if std::fs::create_dir(&dir).is_err() {
+            continue;
+        }
+        if std::fs::write(dir.join(file), limit.to_string()).is_ok() {
+            // No swap to hide behind (v1 only; absent where swap is off).
+            let _ = std::fs::write(dir.join("memory.memsw.limit_in_bytes"), limit.to_string());
+            let _ = std::fs::write(dir.join("memory.swap.max"), "0");
+            return Some(dir);
+        }
+        let _ = std::fs::remove_dir(&dir);
+    }
+    None
+}
