@@ -12,7 +12,7 @@ mod report;
 pub mod state;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -159,8 +159,10 @@ pub struct Comparator {
     windows: Mutex<Windows>,
     metrics: CompareMetrics,
     parity: RwLock<Parity>,
-    /// Messages read so far (the one-shot mode's clock for quiet windows).
+    /// Messages read so far (the one-shot mode checks every so many).
     messages: AtomicU64,
+    /// Running `--once`: no change of a database's rows is tracked.
+    one_shot: AtomicBool,
 }
 
 /// A window to check, copied out of the lock.
@@ -176,13 +178,18 @@ enum Select {
     Due,
     /// Every window overlapping the range, judged finally (the one-shot mode).
     All(Option<(i64, i64)>),
-    /// Windows with pending rows that received none since message `before`:
-    /// verified on the way (the one-shot mode), no lateness judged yet.
-    Quiet { before: u64 },
+    /// Every window with pending rows, verified on the way (the one-shot
+    /// mode): no lateness judged yet, and no change of a database's rows
+    /// tracked, as the one-shot mode reads a topic whose rows are all
+    /// stored already (its verdict is of what the databases held while it
+    /// read).
+    OnTheWay,
 }
 
-/// Messages the one-shot mode reads between checks of the windows that
-/// went quiet: what it holds pending stays bounded by this, not by the topic.
+/// Messages the one-shot mode reads between checks of what it has read:
+/// what it holds pending stays bounded by this, not by the topic. (Windows
+/// do not go quiet in a topic read from the beginning: each partition
+/// brings its share of every window in turn.)
 const ONCE_QUIET_MESSAGES: u64 = 50_000;
 
 /// Keys a drill-down looks up at once.
@@ -314,6 +321,7 @@ impl Comparator {
             metrics,
             parity: RwLock::new(Parity::default()),
             messages: AtomicU64::new(0),
+            one_shot: AtomicBool::new(false),
         })
     }
 
@@ -378,7 +386,7 @@ impl Comparator {
         at: Option<Position>,
     ) -> bool {
         self.metrics.messages.inc();
-        let seq = self.messages.fetch_add(1, Ordering::Relaxed) + 1;
+        self.messages.fetch_add(1, Ordering::Relaxed);
         let Some((table, time, key, group, digest)) = self.parse(payload) else {
             self.metrics.bad_messages.inc();
             return false;
@@ -393,7 +401,6 @@ impl Comparator {
             key,
             Expected::new(group, sent, digest, now),
             at,
-            seq,
         );
         true
     }
@@ -451,7 +458,7 @@ impl Comparator {
                 .filter(|(_, w)| match select {
                     Select::All(Some((from, to))) => w.end > from && w.start < to,
                     Select::All(None) => true,
-                    Select::Quiet { before } => !w.rows.is_empty() && w.last_message < before,
+                    Select::OnTheWay => !w.rows.is_empty(),
                     Select::Due => {
                         now >= w.due_at(settle)
                             && match (&w.last, w.status) {
@@ -470,7 +477,7 @@ impl Comparator {
         let lateness = match select {
             Select::Due => self.opts.max_lateness.as_secs_f64(),
             Select::All(_) => 0.0,
-            Select::Quiet { .. } => f64::INFINITY,
+            Select::OnTheWay => f64::INFINITY,
         };
         let mut verified = 0u64;
         for DueWindow {
@@ -484,6 +491,15 @@ impl Comparator {
             let end = start + self.opts.window_secs;
             let reads = read_window(&self.new, &self.old, table, start, end, &snap).await?;
             let check_now = now_unix();
+            let mut snap = snap;
+            if self.one_shot.load(Ordering::Relaxed) {
+                // The one-shot mode reads rows stored long before it reads
+                // their messages: a scan holding rows announced later is
+                // no change to explain. Its verdict is of what the
+                // databases held while it read.
+                snap.scanned_new = None;
+                snap.scanned_old = None;
+            }
             let mut j = judge(&snap, &reads, self.opts.max_ids, check_now);
             let mut drill = None;
             if j.changed_new || j.changed_old {
@@ -868,6 +884,7 @@ impl Comparator {
     /// One-shot: reads the topic up to its current end, checks every window
     /// overlapping `[from, to)` now, and returns the report.
     pub async fn once(self: &Arc<Self>, from: i64, to: i64) -> Result<Parity, CompareError> {
+        self.one_shot.store(true, Ordering::Relaxed);
         let consumer = Arc::new(self.consumer()?);
         let ends = self.assign_all(&consumer).await?;
         // A partition whose retained log is empty (low = high, whatever
@@ -901,15 +918,12 @@ impl Comparator {
             self.observe_message(&m, now_unix());
             let n = self.messages.load(Ordering::Relaxed);
             if n.is_multiple_of(ONCE_QUIET_MESSAGES) {
-                // Verify on the way what went quiet: the rows held pending
+                // Verify on the way what was read: the rows held pending
                 // stay bounded whatever the topic holds.
                 self.windows()
                     .map
                     .retain(|_, w| w.end > from && w.start < to);
-                self.check_windows(Select::Quiet {
-                    before: n - ONCE_QUIET_MESSAGES,
-                })
-                .await?;
+                self.check_windows(Select::OnTheWay).await?;
             }
             if remaining
                 .get(&m.partition())

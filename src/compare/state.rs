@@ -242,9 +242,6 @@ pub struct Window {
     /// The offsets of the window's messages, per partition (first, last):
     /// where a drill-down reads them again.
     pub positions: BTreeMap<i32, (i64, i64)>,
-    /// The number of messages the comparator had read when the window's
-    /// last row arrived (the one-shot mode checks windows that went quiet).
-    pub last_message: u64,
     /// Unix time the first row arrived.
     pub first_arrival: f64,
     /// Unix time the last row arrived (a window settles after its last row).
@@ -310,7 +307,6 @@ impl Windows {
         key: String,
         row: Expected,
         at: Option<Position>,
-        message: u64,
     ) {
         let now = row.arrived;
         let start = time.div_euclid(self.width) * self.width;
@@ -327,7 +323,6 @@ impl Windows {
                 scanned_new: None,
                 scanned_old: None,
                 positions: BTreeMap::new(),
-                last_message: message,
                 first_arrival: now,
                 last_arrival: now,
                 status: Status::Open,
@@ -360,7 +355,6 @@ impl Windows {
         };
         if changed {
             w.last_arrival = now;
-            w.last_message = message;
             w.revision += 1;
             // New expectations reopen the question for a window judged ok.
             if w.status == Status::Ok {
@@ -833,7 +827,7 @@ mod tests {
     }
 
     fn announce(ws: &mut Windows, time: i64, key: &str, sent: Sent, at: f64) {
-        ws.expect("t", time, key.into(), row(sent, key, at), None, 0);
+        ws.expect("t", time, key.into(), row(sent, key, at), None);
     }
 
     fn w0(ws: &mut Windows) -> &mut Window {
@@ -925,8 +919,8 @@ mod tests {
     fn a_row_is_expected_only_where_it_was_sent() {
         let mut ws = Windows::new(60);
         // Minute 0–2: account legacy, nothing in the stream. Minute 3: dual.
-        ws.expect("t", 185, "a".into(), row(Sent::Dual, "a", 1.0), None, 1);
-        ws.expect("t", 190, "b".into(), row(Sent::Kafka, "b", 1.0), None, 2);
+        ws.expect("t", 185, "a".into(), row(Sent::Dual, "a", 1.0), None);
+        ws.expect("t", 190, "b".into(), row(Sent::Kafka, "b", 1.0), None);
         assert_eq!(ws.map.len(), 1, "one window: [180, 240)");
         let w = &ws.map[&("t".to_string(), 180)];
         assert_eq!((w.start, w.end), (180, 240));
@@ -941,7 +935,7 @@ mod tests {
         let mut ws = Windows::new(60);
         for (k, g) in [("k1", "p1"), ("k2", "p1"), ("k3", "p2"), ("k4", "p3")] {
             let e = Expected::new(g.into(), Sent::Dual, None, 1.0);
-            ws.expect("t", 10, k.into(), e, None, 0);
+            ws.expect("t", 10, k.into(), e, None);
         }
         let w = &ws.map[&("t".to_string(), 0)];
         let mut r = reads(&["k1", "k2", "k3", "k4"], &["k3", "k4"]);
@@ -1207,7 +1201,7 @@ mod tests {
         // A row announced without readable content is checked for presence only.
         let mut ws = Windows::new(60);
         let e = Expected::new("g".into(), Sent::Kafka, None, 55.0);
-        ws.expect("t", 11, "d".into(), e, None, 0);
+        ws.expect("t", 11, "d".into(), e, None);
         let mut r = reads(&[], &["d"]);
         r.new.insert("d".into(), content("anything"));
         let j = judge(&w0(&mut ws).snapshot(), &r, 10, 60.0);
@@ -1223,11 +1217,10 @@ mod tests {
                 offset: o,
             });
             let k = format!("{p}-{o}");
-            ws.expect("t", 10, k.clone(), row(Sent::Kafka, &k, 1.0), at, o as u64);
+            ws.expect("t", 10, k.clone(), row(Sent::Kafka, &k, 1.0), at);
         }
         let w = w0(&mut ws);
         assert_eq!(w.positions, BTreeMap::from([(0, (2, 9)), (1, (3, 3))]));
-        assert_eq!(w.last_message, 9);
     }
 
     #[test]
