@@ -146,3 +146,63 @@ async fn a_database_stall_longer_than_the_poll_interval_keeps_the_group_and_the_
         "{summary:?}"
     );
 }
+
+/// A transaction holds at most `batch_bytes` of messages (one at least),
+/// whatever the message count allows: 60 messages of 100 KiB with a 2,000
+/// message batch and 1 MiB of bytes are written in at least 6 transactions
+/// of at most 11 messages, and all of them land.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_holds_at_most_batch_bytes_of_messages() {
+    // What arrives during a write is kept up to four batches' bytes, then
+    // the partition is paused and later resumed from its next offset:
+    // records kept one by one (see `Broker::start_persistent`).
+    let broker = Broker::start_persistent();
+    let topic = unique("bytes");
+    create_topic(&broker.brokers(), &topic, 1).await;
+    let dirs = Dirs::new();
+    let schema = config(&dirs, &topic).schema().unwrap();
+    let new = TestDb::postgres(&schema).await;
+    let big: Vec<_> = (0..60u64)
+        .map(|i| {
+            (
+                i,
+                envelope(i, 20_000 + i, 100 << 10).to_string().into_bytes(),
+            )
+        })
+        .collect();
+    produce(&broker.brokers(), &topic, &big).await;
+    let registry = prometheus::Registry::new();
+    let metrics = IngestMetrics::new(&registry).expect("metrics");
+    let opts = IngestOptions {
+        brokers: broker.brokers(),
+        topics: vec![topic.clone()],
+        group: unique("g"),
+        batch_size: 2000,
+        batch_bytes: 1 << 20,
+        // Long enough that no batch closes on time in this test.
+        consumer_timeout: Duration::from_secs(5),
+        extra: vec![],
+        idle_exit: Some(Duration::from_secs(2)),
+    };
+    let summary = tokio::time::timeout(
+        Duration::from_secs(120),
+        ingest::run(
+            opts,
+            &schema,
+            &new.db,
+            metrics,
+            Health::default(),
+            CancellationToken::new(),
+        ),
+    )
+    .await
+    .expect("ingest finished")
+    .expect("ingest ran");
+    assert_eq!(summary.inserted, 60, "{summary:?}");
+    assert_eq!(new.count().await, 60);
+    let batches = sum(&registry, "switchyard_ingest_batches_total");
+    assert!(
+        batches >= 6.0,
+        "{batches} transactions for 6 MiB in 1 MiB batches"
+    );
+}

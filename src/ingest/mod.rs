@@ -213,10 +213,16 @@ async fn consume(
         let due = deadline.is_some_and(|d| Instant::now() >= d);
         let full = batch.len() >= opts.batch_size || batch_bytes >= opts.batch_bytes;
         if full || (due && !batch.is_empty()) {
-            // What arrived while the batch was written starts the next one.
-            let Some(next) = ingest
+            // One transaction takes at most one batch's worth; what is
+            // left (kept during the last write) goes in the next ones.
+            let lens: Vec<usize> = batch.iter().map(|m| m.payload.len()).collect();
+            let cut = batch_len(&lens, opts.batch_size, opts.batch_bytes);
+            let rest = batch.split_off(cut);
+            let write = std::mem::replace(&mut batch, rest);
+            // What arrived while the batch was written follows the rest.
+            let Some(mut next) = ingest
                 .flush(
-                    std::mem::take(&mut batch),
+                    write,
                     opts.batch_size.saturating_mul(CARRY_BATCHES),
                     opts.batch_bytes.saturating_mul(CARRY_BATCHES),
                 )
@@ -224,7 +230,7 @@ async fn consume(
             else {
                 return Ok(());
             };
-            batch = next;
+            batch.append(&mut next);
             batch_bytes = batch.iter().map(|m| m.payload.len()).sum();
             deadline = (!batch.is_empty()).then(|| Instant::now() + opts.consumer_timeout);
             continue;
@@ -272,6 +278,23 @@ async fn consume(
     }
     consumer.unsubscribe();
     Ok(())
+}
+
+/// How many of the messages (their payload sizes, in order) one transaction
+/// takes: up to `max_rows`, and up to the first that brings the bytes to
+/// `max_bytes` — at least one, so a message bigger than the limit still goes.
+fn batch_len(sizes: &[usize], max_rows: usize, max_bytes: usize) -> usize {
+    let mut bytes = 0usize;
+    for (i, n) in sizes.iter().enumerate() {
+        if i >= max_rows {
+            return i;
+        }
+        bytes = bytes.saturating_add(*n);
+        if bytes >= max_bytes {
+            return i + 1;
+        }
+    }
+    sizes.len()
 }
 
 /// While a batch is written, what arrives is kept for the next batches up
@@ -730,6 +753,20 @@ fn run_is_send(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_transaction_takes_one_batch_by_rows_or_bytes() {
+        assert_eq!(super::batch_len(&[10; 5], 3, 1000), 3);
+        assert_eq!(
+            super::batch_len(&[10; 5], 10, 25),
+            3,
+            "the one reaching the bytes is in"
+        );
+        assert_eq!(super::batch_len(&[10; 5], 10, 1000), 5);
+        assert_eq!(super::batch_len(&[5000, 1], 10, 100), 1, "one, however big");
+        assert_eq!(super::batch_len(&[], 10, 100), 0);
+    }
+
     use super::*;
 
     fn msg(partition: i32, offset: i64, epoch: u64) -> Msg {
