@@ -447,16 +447,16 @@ impl Window {
             self.verified = d.verified;
             self.defects = d.defects.clone();
         }
+        let before: HashMap<&str, Sent> = snap
+            .rows
+            .iter()
+            .map(|(k, e)| (k.as_str(), e.sent))
+            .collect();
         for (key, outcome) in &j.outcomes {
             let Some(e) = self.rows.get_mut(key) else {
                 continue;
             };
-            let before = snap
-                .rows
-                .iter()
-                .find(|(k, _)| k == key)
-                .map(|(_, e)| e.sent);
-            let unchanged = before == Some(e.sent);
+            let unchanged = before.get(key.as_str()) == Some(&e.sent);
             match *outcome {
                 Outcome::Verified if unchanged => {
                     self.verified.add(e.sent, e.digest);
