@@ -22,20 +22,9 @@ use switchyard::compare::CompareMetrics;
 use switchyard::compare::{Comparator, CompareOptions};
 use switchyard::db::{row_values, TableRows};
 
-/// A line of /proc/self/status, in KiB.
+/// This process's RSS figures (`VmRSS`, `VmHWM`), in KiB.
 fn rss_kib(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(field)?
-                .strip_prefix(':')?
-                .trim()
-                .strip_suffix(" kB")?
-                .parse()
-                .ok()
-        })
-        .unwrap()
+    proc_status_kib(std::process::id(), field).unwrap()
 }
 
 fn main() {

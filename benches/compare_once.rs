@@ -22,21 +22,6 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use switchyard::db::{row_values, TableRows};
 
-/// A line of /proc/<pid>/status, in KiB.
-fn status_kib(pid: u32, field: &str) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(field)?
-                .strip_prefix(':')?
-                .trim()
-                .strip_suffix(" kB")?
-                .parse()
-                .ok()
-        })
-}
-
 fn main() {
     let counts: Vec<u64> = std::env::var("SWITCHYARD_BENCH_ONCE_ROWS")
         .unwrap_or_else(|_| "100000,400000,1000000".into())
@@ -139,17 +124,7 @@ fn main() {
                 .stderr(Stdio::inherit())
                 .spawn()
                 .unwrap();
-            let pid = child.id();
-            let mut peak = 0;
-            let status = loop {
-                if let Some(kib) = status_kib(pid, "VmHWM") {
-                    peak = peak.max(kib);
-                }
-                if let Some(s) = child.try_wait().unwrap() {
-                    break s;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            };
+            let (status, peak) = wait_with_peak(&mut child);
             let took = t.elapsed();
             let mut out = String::new();
             std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();

@@ -122,28 +122,7 @@ fn loader_peak_kib(dir: &std::path::Path, db_url: &str, batch_bytes: usize) -> u
         .env("RUST_LOG", "warn")
         .spawn()
         .unwrap();
-    let pid = child.id();
-    let mut peak = 0;
-    let status = loop {
-        if let Some(kib) = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines().find_map(|l| {
-                    l.strip_prefix("VmHWM:")?
-                        .trim()
-                        .strip_suffix(" kB")?
-                        .parse::<u64>()
-                        .ok()
-                })
-            })
-        {
-            peak = peak.max(kib);
-        }
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let (status, peak) = wait_with_peak(&mut child);
     assert!(status.success(), "load --once failed: {status}");
     peak
 }
@@ -245,28 +224,7 @@ async fn big_rows_load_under_the_manifests_memory_limit() {
         .env("RUST_LOG", "warn")
         .spawn()
         .unwrap();
-    let pid = child.id();
-    let mut peak = 0u64;
-    let status = loop {
-        if let Some(kib) = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines().find_map(|l| {
-                    l.strip_prefix("VmHWM:")?
-                        .trim()
-                        .strip_suffix(" kB")?
-                        .parse::<u64>()
-                        .ok()
-                })
-            })
-        {
-            peak = peak.max(kib);
-        }
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let (status, peak) = wait_with_peak(&mut child);
     if let Some(dir) = &cgroup {
         let _ = std::fs::remove_dir(dir);
     }

@@ -1260,3 +1260,35 @@ pub fn memory_cgroup(prefix: &str, limit: u64) -> Option<PathBuf> {
     }
     None
 }
+
+/// A `/proc/<pid>/status` field in KiB (`VmRSS`, `VmHWM`), if the process
+/// is still there.
+pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(field)?
+                .strip_prefix(':')?
+                .trim()
+                .strip_suffix(" kB")?
+                .parse()
+                .ok()
+        })
+}
+
+/// Waits for `child` to exit, sampling its peak RSS (`VmHWM`, KiB) every
+/// 10 ms meanwhile: the last sample before the exit.
+pub fn wait_with_peak(child: &mut Child) -> (std::process::ExitStatus, u64) {
+    let pid = child.id();
+    let mut peak = 0;
+    loop {
+        if let Some(kib) = proc_status_kib(pid, "VmHWM") {
+            peak = peak.max(kib);
+        }
+        if let Some(s) = child.try_wait().expect("wait for the child") {
+            return (s, peak);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
