@@ -1146,44 +1146,38 @@ impl Db {
                 sum,
             })
         };
-        match self {
-            Db::Postgres(pool) => {
-                let text = format!(
-                    "SELECT COUNT(*), COALESCE(SUM(('x' || substr(md5({key}), 1, 15))::bit(60)::bigint), 0)::text {range}"
-                );
-                let (count, sum): (i64, String) = sqlx::query_as(&text)
+        let aggregate = match engine {
+            Engine::Postgres => Some(format!(
+                "SELECT COUNT(*), COALESCE(SUM(('x' || substr(md5({key}), 1, 15))::bit(60)::bigint), 0)::text {range}"
+            )),
+            Engine::MySql => Some(format!(
+                "SELECT COUNT(*), CAST(COALESCE(SUM(CAST(CONV(SUBSTRING(MD5({key}), 1, 15), 16, 10) AS UNSIGNED)), 0) AS CHAR) {range}"
+            )),
+            Engine::Sqlite => None,
+        };
+        if let Some(text) = aggregate {
+            let (count, sum): (i64, String) = with_pool!(self, pool, DB => {
+                sqlx::query_as(&text)
                     .bind(from)
                     .bind(to)
                     .fetch_one(pool)
                     .await
-                    .map_err(|e| classify(engine, e))?;
-                summed(count, sum)
-            }
-            Db::MySql(pool, _) => {
-                let text = format!(
-                    "SELECT COUNT(*), CAST(COALESCE(SUM(CAST(CONV(SUBSTRING(MD5({key}), 1, 15), 16, 10) AS UNSIGNED)), 0) AS CHAR) {range}"
-                );
-                let (count, sum): (i64, String) = sqlx::query_as(&text)
-                    .bind(from)
-                    .bind(to)
-                    .fetch_one(pool)
-                    .await
-                    .map_err(|e| classify(engine, e))?;
-                summed(count, sum)
-            }
-            Db::Sqlite(pool) => {
-                let text = format!("SELECT {key} {range}");
-                let mut sum = digest::KeySum::default();
-                let mut keys = sqlx::query_scalar::<_, String>(&text)
-                    .bind(from)
-                    .bind(to)
-                    .fetch(pool);
-                while let Some(k) = keys.try_next().await.map_err(|e| classify(engine, e))? {
-                    sum.add(&k);
-                }
-                Ok(sum)
-            }
+                    .map_err(|e| classify(engine, e))?
+            });
+            return summed(count, sum);
         }
+        let text = format!("SELECT {key} {range}");
+        let mut sum = digest::KeySum::default();
+        with_pool!(self, pool, DB => {
+            let mut keys = sqlx::query_scalar::<_, String>(&text)
+                .bind(from)
+                .bind(to)
+                .fetch(pool);
+            while let Some(k) = keys.try_next().await.map_err(|e| classify(engine, e))? {
+                sum.add(&k);
+            }
+        });
+        Ok(sum)
     }
 
     /// The content digest of each of `keys` present in `table` (the
