@@ -340,6 +340,67 @@ async fn rows_lost_mid_rollout_roll_it_back() {
     live.shutdown().await;
 }
 
+/// A row that reaches NEW with other content than the stream announced
+/// (here: a version already stored under its key, which ingest keeps) is a
+/// differing row: the comparator names it and the rollout rolls back, whether
+/// or not its window had been judged before it arrived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_stored_with_other_content_mid_rollout_rolls_it_back() {
+    use switchyard::db::{row_values, TableRows};
+    let live = Live::start().await;
+    let state = live.dirs.root.path().join("rollout.json");
+    let c = Controller::new(
+        live.plan(&state, 30.0),
+        live.store(),
+        RolloutMetrics::new(&prometheus::Registry::new()).unwrap(),
+    )
+    .unwrap();
+    let run = {
+        let c = c.clone();
+        tokio::spawn(async move { c.run(CancellationToken::new()).await })
+    };
+    let t = Instant::now();
+    while c.state().step != Some(0) {
+        assert!(t.elapsed() < Duration::from_secs(20), "{}", c.status_json());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // An account the first step (20 %) sends to Kafka.
+    let mut account = 50_000;
+    while live.router.explain(account).await["route"] == "legacy" {
+        account += 1;
+    }
+    let mut sent = envelope(account, 777_777, 200);
+    sent["row"]["timestamp"] = json!(unix() as i64);
+    let mut stored = sent.clone();
+    stored["row"]["body"] = json!("not what the stream carries");
+    let schema = config(&live.dirs, "unused").schema().unwrap();
+    let table = schema.table("raw_item").unwrap();
+    let rows = TableRows {
+        rows: vec![row_values(table, stored["row"].as_object().unwrap()).unwrap()],
+        sources: Vec::new(),
+    };
+    live.new
+        .db
+        .write_batch(&[(table, &rows)], &[], &[], None)
+        .await
+        .unwrap();
+    let (status, body) = post_ndjson(&live.router.url(), ndjson([&sent])).await;
+    assert_eq!(status, 200, "{body}");
+    let uuid = sent["row"]["uuid"].as_str().unwrap().to_ascii_lowercase();
+    let outcome = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("no rollback within 30 s")
+        .unwrap()
+        .unwrap();
+    let Outcome::RolledBack(why) = outcome else {
+        panic!("{outcome:?}: {}", c.status_json());
+    };
+    assert!(why.contains("1 differing"), "{why}");
+    assert!(why.contains(&uuid), "{uuid} not named: {why}");
+    assert_eq!(live.store().get().await.unwrap().dual_write, 0.0);
+    live.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_kill_switch_under_load_takes_effect_within_250_ms() {
     let live = Live::start().await;
