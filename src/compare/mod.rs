@@ -195,6 +195,9 @@ const ONCE_QUIET_MESSAGES: u64 = 50_000;
 /// Keys a drill-down looks up at once.
 const DRILL_CHUNK: usize = 5_000;
 
+/// The longest a drill-down may take to read a window's messages.
+const DRILL_DEADLINE: Duration = Duration::from_secs(120);
+
 /// Reads one window from both databases: the pending rows' content, and
 /// each database's range scan of the window reduced to a [`KeySum`]. A range
 /// that holds mostly pending rows is read whole, content and all, in one
@@ -571,7 +574,9 @@ impl Comparator {
             return Ok(None);
         }
         let pending: HashSet<&str> = snap.rows.iter().map(|(k, _)| k.as_str()).collect();
-        let consumer = Arc::new(self.consumer()?);
+        // An offset retention has passed is an error, never a jump to the
+        // end of the partition (which would skip the window's messages).
+        let consumer = Arc::new(self.consumer_with(&[("auto.offset.reset", "error")])?);
         let topic = self.opts.topic.clone();
         let parts: Vec<i32> = snap.positions.keys().copied().collect();
         let lows = {
@@ -606,10 +611,19 @@ impl Comparator {
         let mut left: HashMap<i32, i64> =
             snap.positions.iter().map(|(p, (_, l))| (*p, *l)).collect();
         let mut started: HashSet<i32> = HashSet::new();
-        let mut seen: HashMap<u128, Sent> = HashMap::new();
+        // Keys seen, by their 60-bit hash: the one thing a drill-down holds
+        // for each row of the window while it reads it.
+        let mut seen: HashMap<u64, Sent> = HashMap::new();
+        let deadline = Instant::now() + DRILL_DEADLINE;
         let mut chunk: Vec<Reread> = Vec::with_capacity(DRILL_CHUNK);
         let mut d = Drill::default();
         while !left.is_empty() {
+            if Instant::now() >= deadline {
+                return Err(self.topic_error(format!(
+                    "drill-down: the window's messages not read within {} s",
+                    DRILL_DEADLINE.as_secs()
+                )));
+            }
             let m = match tokio::time::timeout(Duration::from_secs(15), consumer.recv()).await {
                 Err(_) => {
                     return Err(self.topic_error(
@@ -617,7 +631,10 @@ impl Comparator {
                     ))
                 }
                 Ok(Err(e)) if crate::kafka::is_refusal(&e) => return Err(self.refused(e)),
-                Ok(Err(_)) => continue,
+                Ok(Err(_)) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
                 Ok(Ok(m)) => m,
             };
             let (p, offset) = (m.partition(), m.offset());
@@ -628,7 +645,13 @@ impl Comparator {
                 let (first, _) = snap.positions[&p];
                 let at = from[&p];
                 let low = lows.get(&p).copied().unwrap_or(0);
-                if offset > first && at > low {
+                if offset > first && at <= low {
+                    // Messages between the window's first offset and this
+                    // one are not there to read: the window cannot be
+                    // recounted.
+                    return Ok(None);
+                }
+                if offset > first {
                     // The broker answered from after the offset asked for (a
                     // fetch from inside a record batch that skips the rest
                     // of it): start earlier, and skip up to the window again.
@@ -648,6 +671,10 @@ impl Comparator {
             }
             if offset >= last {
                 left.remove(&p);
+                // Done with it: stop fetching the live traffic behind it.
+                let mut done = TopicPartitionList::new();
+                done.add_partition(&topic, p);
+                let _ = consumer.pause(&done);
             }
             if offset < snap.positions[&p].0 || offset > last {
                 continue;
@@ -661,7 +688,7 @@ impl Comparator {
                 continue;
             }
             let sent = route_of(&m);
-            let h = digest::key_hash(&key);
+            let h = digest::key_hash(&key) as u64;
             let row = match seen.get(&h) {
                 None => Reread {
                     key,
@@ -740,6 +767,13 @@ impl Comparator {
     }
 
     fn consumer(&self) -> Result<StreamConsumer<QuietContext>, CompareError> {
+        self.consumer_with(&[])
+    }
+
+    fn consumer_with(
+        &self,
+        settings: &[(&str, &str)],
+    ) -> Result<StreamConsumer<QuietContext>, CompareError> {
         let mut cfg = ClientConfig::new();
         cfg.set("bootstrap.servers", &self.opts.brokers)
             .set("group.id", &self.opts.group)
@@ -751,6 +785,9 @@ impl Comparator {
             .set("queued.max.messages.kbytes", "8192");
         for (k, v) in &self.opts.extra {
             cfg.set(k, v);
+        }
+        for (k, v) in settings {
+            cfg.set(*k, *v);
         }
         cfg.create_with_context(QuietContext::default())
             .map_err(CompareError::Config)

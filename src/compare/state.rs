@@ -95,6 +95,10 @@ pub struct Expected {
     /// A check found it in NEW / in OLD: its absence there later is a loss.
     pub found_new: bool,
     pub found_old: bool,
+    /// Found once there and missing at the last check: counted out of that
+    /// database's scan once, when it went.
+    pub lost_new: bool,
+    pub lost_old: bool,
     /// The content the stream announced (None: not readable as the
     /// schema's types, so only its presence is checked).
     pub digest: Option<Digest>,
@@ -109,6 +113,8 @@ impl Expected {
             arrived: now,
             found_new: false,
             found_old: false,
+            lost_new: false,
+            lost_old: false,
             digest,
         }
     }
@@ -349,6 +355,7 @@ impl Windows {
                 e.sent = Sent::Dual;
                 e.arrived = now;
                 e.found_old = false;
+                e.lost_old = false;
                 true
             }
             Some(_) => false,
@@ -479,10 +486,17 @@ impl Window {
                     }
                     self.rows.remove(key);
                 }
-                Outcome::Verified | Outcome::Differs { .. } => e.found_new = true,
+                Outcome::Verified | Outcome::Differs { .. } => {
+                    e.found_new = true;
+                    e.lost_new = false;
+                }
                 Outcome::Found { new, old } => {
                     e.found_new |= new;
-                    e.found_old |= old && e.sent == Sent::Dual;
+                    e.lost_new = e.found_new && !new;
+                    if e.sent == Sent::Dual {
+                        e.found_old |= old;
+                        e.lost_old = e.found_old && !old;
+                    }
                 }
             }
         }
@@ -493,9 +507,14 @@ impl Window {
         } else if self.rows.capacity() > 4 * self.rows.len() + 64 {
             self.rows.shrink_to_fit();
         }
-        self.scanned_new = Some(j.scan_new);
-        if j.scan_old.is_some() {
-            self.scanned_old = j.scan_old;
+        // A change nobody could explain keeps the scans it is measured
+        // from: it stays a mismatch until the rows are back (or a drill-down
+        // explains it), not only for the one check that saw it.
+        if !j.checked.unexplained {
+            self.scanned_new = Some(j.scan_new);
+            if j.scan_old.is_some() {
+                self.scanned_old = j.scan_old;
+            }
         }
         let status = if status == Status::Ok && self.revision != snap.revision {
             Status::Open
@@ -588,10 +607,13 @@ pub fn judge(snap: &Snapshot, reads: &Reads, max_ids: usize, now: f64) -> Judgem
         let in_new = reads.new.get(key);
         let differs_new = in_new.is_some_and(differs);
         match in_new {
-            Some(_) if !e.found_new => KeySum::add(&mut added_new, key),
+            // Found for the first time, or back after it went.
+            Some(_) if !e.found_new || e.lost_new => KeySum::add(&mut added_new, key),
             Some(_) => {}
             None if e.found_new => {
-                KeySum::add(&mut lost_new, key);
+                if !e.lost_new {
+                    KeySum::add(&mut lost_new, key);
+                }
                 lost_here = true;
                 ids_new.push(key.clone());
             }
@@ -605,10 +627,12 @@ pub fn judge(snap: &Snapshot, reads: &Reads, max_ids: usize, now: f64) -> Judgem
             in_old = reads.old.get(key);
             differs_old = in_old.is_some_and(differs);
             match in_old {
-                Some(_) if !e.found_old => KeySum::add(&mut added_old, key),
+                Some(_) if !e.found_old || e.lost_old => KeySum::add(&mut added_old, key),
                 Some(_) => {}
                 None if e.found_old => {
-                    KeySum::add(&mut lost_old, key);
+                    if !e.lost_old {
+                        KeySum::add(&mut lost_old, key);
+                    }
                     lost_here = true;
                     ids_old.push(key.clone());
                 }
@@ -630,18 +654,21 @@ pub fn judge(snap: &Snapshot, reads: &Reads, max_ids: usize, now: f64) -> Judgem
         if differs_old {
             diff_old.push(key.clone());
         }
-        let outcome = if differs_new || differs_old {
-            Outcome::Differs {
-                new: differs_new,
-                old: differs_old,
-            }
-        } else if !missing_here && !lost_here {
-            Outcome::Verified
-        } else {
+        // A row leaves the pending set only once found everywhere it is
+        // due: one that differs in a database and is missing in the other
+        // stays pending (and its difference counts now).
+        let outcome = if missing_here || lost_here {
             Outcome::Found {
                 new: in_new.is_some(),
                 old: in_old.is_some(),
             }
+        } else if differs_new || differs_old {
+            Outcome::Differs {
+                new: differs_new,
+                old: differs_old,
+            }
+        } else {
+            Outcome::Verified
         };
         if missing_here || lost_here || differs_new || differs_old {
             *by_group.entry(e.group.as_str()).or_default() += 1;
@@ -1041,6 +1068,28 @@ mod tests {
             !c.unexplained,
             "the loss is the pending row's, no drill-down needed"
         );
+        // Still gone: still a loss, and still nothing to explain.
+        assert_eq!(check(&mut ws, &[], &[], 120.0, 300.0), Status::Mismatch);
+        assert!(!w0(&mut ws).last.as_ref().unwrap().unexplained);
+        // Back in NEW, and now in OLD too: verified.
+        assert_eq!(check(&mut ws, &["a"], &["a"], 130.0, 300.0), Status::Ok);
+        assert!(w0(&mut ws).rows.is_empty());
+    }
+
+    #[test]
+    fn a_row_differing_in_one_database_and_missing_in_the_other_stays_pending() {
+        let mut ws = Windows::new(60);
+        announce(&mut ws, 10, "a", Sent::Dual, 50.0);
+        let mut r = reads(&[], &["a"]);
+        r.new.insert("a".into(), content("a, truncated"));
+        let w = w0(&mut ws);
+        let snap = w.snapshot();
+        let j = judge(&snap, &r, 10, 100.0);
+        assert_eq!(j.defects, 1, "the difference counts at once");
+        assert_eq!(conclude(&j, 100.0, 100.0, 300.0), Status::Mismatch);
+        w.settle_check(&snap, &j, None, Status::Mismatch, 10);
+        assert!(w.rows.contains_key("a"), "still looked for in OLD");
+        assert_eq!((w.verified.new, w.verified.old), (0, 0));
     }
 
     #[test]
@@ -1071,6 +1120,16 @@ mod tests {
             Status::Mismatch
         );
         assert!(w0(&mut ws).last.as_ref().unwrap().unexplained);
+        assert_eq!(
+            check(&mut ws, &["a", "b"], &["a", "c"], 140.0, 300.0),
+            Status::Mismatch,
+            "and on every check after, while the row is gone"
+        );
+        assert_eq!(
+            check(&mut ws, &["a", "b"], &["a", "b", "c"], 150.0, 300.0),
+            Status::Ok,
+            "back: the scans match what they were measured from"
+        );
     }
 
     #[test]
