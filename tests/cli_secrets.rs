@@ -118,6 +118,21 @@ fn no_planted_secret_reaches_a_log_line_or_an_error() {
     let pg_query =
         format!("postgres://postgres@127.0.0.1:5432/no_such_db?password={QUERY_PASSWORD}");
     let kafka = format!("sasl.password={KAFKA_PASSWORD},with=comma");
+    let load = |db: &str| -> Vec<String> {
+        [
+            "load",
+            "--once",
+            "--no-replay",
+            "--offline-dir",
+            &offline,
+            "--db-url",
+            db,
+            "--admin-listen",
+            "127.0.0.1:0",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
     // (what, arguments, environment, expected exit code)
     type Run<'a> = (&'a str, Vec<String>, Vec<(&'a str, &'a str)>, i32);
     let runs: Vec<Run> = vec![
@@ -127,35 +142,10 @@ fn no_planted_secret_reaches_a_log_line_or_an_error() {
             vec![],
             0,
         ),
-        (
-            "load refused by MariaDB",
-            vec![
-                "load".into(),
-                "--once".into(),
-                "--no-replay".into(),
-                "--offline-dir".into(),
-                offline.clone(),
-                "--db-url".into(),
-                my.clone(),
-                "--admin-listen".into(),
-                admin(),
-            ],
-            vec![],
-            2,
-        ),
+        ("load refused by MariaDB", load(&my), vec![], 2),
         (
             "load, password in the query, database missing",
-            vec![
-                "load".into(),
-                "--once".into(),
-                "--no-replay".into(),
-                "--offline-dir".into(),
-                offline.clone(),
-                "--db-url".into(),
-                pg_query.clone(),
-                "--admin-listen".into(),
-                admin(),
-            ],
+            load(&pg_query),
             vec![],
             2,
         ),

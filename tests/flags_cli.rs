@@ -231,26 +231,7 @@ async fn serve(api: Api) -> u16 {
 }
 
 fn flags_cmd(port: u16, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .arg("flags")
-        .args(args)
-        .args([
-            "--ld-api-uri",
-            &format!("http://127.0.0.1:{port}"),
-            "--ld-project",
-            "switchyard",
-            "--ld-environment",
-            "staging",
-        ])
-        .env("LD_API_TOKEN", "api-secret-token")
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    flags_cmd_env(port, "staging", args)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1643,6 +1643,14 @@ fn a_pod_missing_any_restricted_setting_fails_naming_workload_and_field() {
     }
 }
 
+/// A rendered NetworkPolicy, to break in a test.
+fn policy<'a>(r: &'a mut Rendered, name: &str) -> &'a mut Value {
+    r.docs
+        .iter_mut()
+        .find(|d| id(d) == ("NetworkPolicy".into(), name.into()))
+        .unwrap_or_else(|| panic!("no NetworkPolicy {name}"))
+}
+
 #[test]
 fn a_workload_without_its_network_policy_fails() {
     // No policy for the comparator.
@@ -1656,21 +1664,13 @@ fn a_workload_without_its_network_policy_fails() {
     );
     // /parity reachable from another namespace.
     let mut r = render(&repo(BASE)).unwrap();
-    let p = r
-        .docs
-        .iter_mut()
-        .find(|d| id(d) == ("NetworkPolicy".into(), "switchyard-compare".into()))
-        .unwrap();
+    let p = policy(&mut r, "switchyard-compare");
     p["spec"]["ingress"][0]["from"] = serde_json::json!([{"namespaceSelector": {}}]);
     let message = check_fails(&r);
     assert!(message.contains("beyond the namespace"), "{message}");
     // A port no container declares.
     let mut r = render(&repo(BASE)).unwrap();
-    let p = r
-        .docs
-        .iter_mut()
-        .find(|d| id(d) == ("NetworkPolicy".into(), "switchyard-ingest".into()))
-        .unwrap();
+    let p = policy(&mut r, "switchyard-ingest");
     p["spec"]["ingress"][0]["ports"][0]["port"] = Value::from(9191);
     let message = check_fails(&r);
     assert!(
@@ -1679,11 +1679,7 @@ fn a_workload_without_its_network_policy_fails() {
     );
     // No egress to the database.
     let mut r = render(&repo(BASE)).unwrap();
-    let p = r
-        .docs
-        .iter_mut()
-        .find(|d| id(d) == ("NetworkPolicy".into(), "switchyard-ingest".into()))
-        .unwrap();
+    let p = policy(&mut r, "switchyard-ingest");
     p["spec"]["egress"][1]["ports"] = serde_json::json!([{"port": 9092, "protocol": "TCP"}]);
     let message = check_fails(&r);
     assert!(message.contains("port 5432"), "{message}");

@@ -177,6 +177,33 @@ impl Live {
         }
     }
 
+    /// A controller of this stack's flags for `plan(state, dwell_secs)`.
+    fn controller(&self, state: &std::path::Path, dwell_secs: f64) -> Arc<Controller> {
+        Controller::new(
+            self.plan(state, dwell_secs),
+            self.store(),
+            RolloutMetrics::new(&prometheus::Registry::new()).unwrap(),
+        )
+        .unwrap()
+    }
+
+    /// That controller, running until it ends.
+    fn run_controller(
+        &self,
+        state: &std::path::Path,
+        dwell_secs: f64,
+    ) -> (
+        Arc<Controller>,
+        tokio::task::JoinHandle<Result<Outcome, switchyard::rollout::RolloutError>>,
+    ) {
+        let c = self.controller(state, dwell_secs);
+        let run = {
+            let c = c.clone();
+            tokio::spawn(async move { c.run(CancellationToken::new()).await })
+        };
+        (c, run)
+    }
+
     fn plan(&self, state: &std::path::Path, dwell_secs: f64) -> Plan {
         Plan::parse(&format!(
             r#"
@@ -208,13 +235,7 @@ impl Live {
 async fn a_full_rollout_reaches_100_percent_with_zero_mismatches() {
     let live = Live::start().await;
     let state = live.dirs.root.path().join("rollout.json");
-    let plan = live.plan(&state, 2.0);
-    let c = Controller::new(
-        plan,
-        live.store(),
-        RolloutMetrics::new(&prometheus::Registry::new()).unwrap(),
-    )
-    .unwrap();
+    let c = live.controller(&state, 2.0);
     let outcome = tokio::time::timeout(Duration::from_secs(90), c.run(CancellationToken::new()))
         .await
         .expect("the rollout finished")
@@ -245,17 +266,7 @@ async fn a_full_rollout_reaches_100_percent_with_zero_mismatches() {
 async fn rows_lost_mid_rollout_roll_it_back() {
     let live = Live::start().await;
     let state = live.dirs.root.path().join("rollout.json");
-    let plan = live.plan(&state, 30.0);
-    let c = Controller::new(
-        plan,
-        live.store(),
-        RolloutMetrics::new(&prometheus::Registry::new()).unwrap(),
-    )
-    .unwrap();
-    let run = {
-        let c = c.clone();
-        tokio::spawn(async move { c.run(CancellationToken::new()).await })
-    };
+    let (c, run) = live.run_controller(&state, 30.0);
     // Hold step 1 (20%) for its dwell: it must not advance in under 30 s.
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(c.state().step, Some(0), "{}", c.status_json());
@@ -327,12 +338,7 @@ async fn rows_lost_mid_rollout_roll_it_back() {
     let saved: Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
     assert_eq!(saved["status"], "rolled-back");
     // A restarted controller does not start again: it reports the rollback.
-    let again = Controller::new(
-        live.plan(&state, 30.0),
-        live.store(),
-        RolloutMetrics::new(&prometheus::Registry::new()).unwrap(),
-    )
-    .unwrap();
+    let again = live.controller(&state, 30.0);
     assert!(matches!(
         again.run(CancellationToken::new()).await.unwrap(),
         Outcome::RolledBack(_)
@@ -349,16 +355,7 @@ async fn a_row_stored_with_other_content_mid_rollout_rolls_it_back() {
     use switchyard::db::{row_values, TableRows};
     let live = Live::start().await;
     let state = live.dirs.root.path().join("rollout.json");
-    let c = Controller::new(
-        live.plan(&state, 30.0),
-        live.store(),
-        RolloutMetrics::new(&prometheus::Registry::new()).unwrap(),
-    )
-    .unwrap();
-    let run = {
-        let c = c.clone();
-        tokio::spawn(async move { c.run(CancellationToken::new()).await })
-    };
+    let (c, run) = live.run_controller(&state, 30.0);
     let t = Instant::now();
     while c.state().step != Some(0) {
         assert!(t.elapsed() < Duration::from_secs(20), "{}", c.status_json());

@@ -548,13 +548,7 @@ async fn under_the_containers_memory_limit_any_mix_of_requests_stays_under_the_b
     );
     assert!(hwm <= bound, "peak RSS {hwm} above the bound {bound}");
     // Alone again, a full-size batch is taken.
-    let resp = client
-        .post(router.url())
-        .header("content-type", "application/x-ndjson")
-        .body(batch)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
+    let (status, answer) = post_ndjson(&router.url(), batch).await;
+    assert_eq!(status, 200, "{answer}");
     assert!(router.status("VmHWM:") <= bound);
 }

@@ -588,6 +588,44 @@ fn changed(before: Option<KeySum>, now: KeySum, added: &KeySum, lost: &KeySum) -
     }
 }
 
+/// What one check learns of one database, row by row: the keys found there
+/// for the first time (or back), the pending rows lost there since the last
+/// check, and the keys to name as missing.
+struct Side<'a> {
+    added: &'a mut KeySum,
+    lost: &'a mut KeySum,
+    ids: &'a mut Vec<String>,
+}
+
+impl Side<'_> {
+    /// A pending row's presence in this database; returns (missing, lost):
+    /// never found here yet, or found once and gone. A row lost is counted
+    /// out of the scan once, when it goes.
+    fn look(
+        &mut self,
+        key: &str,
+        stored: Option<&Digest>,
+        found: bool,
+        was_lost: bool,
+    ) -> (bool, bool) {
+        match stored {
+            Some(_) => {
+                if !found || was_lost {
+                    self.added.add(key);
+                }
+                (false, false)
+            }
+            None => {
+                if found && !was_lost {
+                    self.lost.add(key);
+                }
+                self.ids.push(key.to_string());
+                (!found, found)
+            }
+        }
+    }
+}
+
 /// Judges a snapshot against what each database holds.
 pub fn judge(snap: &Snapshot, reads: &Reads, max_ids: usize, now: f64) -> Judgement {
     let mut c = Checked {
@@ -600,47 +638,30 @@ pub fn judge(snap: &Snapshot, reads: &Reads, max_ids: usize, now: f64) -> Judgem
     let mut outcomes = Vec::with_capacity(snap.rows.len());
     let (mut defects, mut missing) = (0, 0);
     let mut earliest_missing = f64::INFINITY;
-    let (mut added_new, mut added_old, mut lost_new, mut lost_old) = Default::default();
+    let (mut added_new, mut added_old) = (KeySum::default(), KeySum::default());
+    let (mut lost_new, mut lost_old) = (KeySum::default(), KeySum::default());
+    let mut new_side = Side {
+        added: &mut added_new,
+        lost: &mut lost_new,
+        ids: &mut ids_new,
+    };
+    let mut old_side = Side {
+        added: &mut added_old,
+        lost: &mut lost_old,
+        ids: &mut ids_old,
+    };
     for (key, e) in &snap.rows {
         let differs = |stored: &Digest| e.digest.is_some_and(|d| d != *stored);
-        let (mut missing_here, mut lost_here) = (false, false);
         let in_new = reads.new.get(key);
+        let (mut missing_here, mut lost_here) = new_side.look(key, in_new, e.found_new, e.lost_new);
         let differs_new = in_new.is_some_and(differs);
-        match in_new {
-            // Found for the first time, or back after it went.
-            Some(_) if !e.found_new || e.lost_new => KeySum::add(&mut added_new, key),
-            Some(_) => {}
-            None if e.found_new => {
-                if !e.lost_new {
-                    KeySum::add(&mut lost_new, key);
-                }
-                lost_here = true;
-                ids_new.push(key.clone());
-            }
-            None => {
-                missing_here = true;
-                ids_new.push(key.clone());
-            }
-        }
         let (mut in_old, mut differs_old) = (None, false);
         if e.sent == Sent::Dual {
             in_old = reads.old.get(key);
             differs_old = in_old.is_some_and(differs);
-            match in_old {
-                Some(_) if !e.found_old || e.lost_old => KeySum::add(&mut added_old, key),
-                Some(_) => {}
-                None if e.found_old => {
-                    if !e.lost_old {
-                        KeySum::add(&mut lost_old, key);
-                    }
-                    lost_here = true;
-                    ids_old.push(key.clone());
-                }
-                None => {
-                    missing_here = true;
-                    ids_old.push(key.clone());
-                }
-            }
+            let (m, l) = old_side.look(key, in_old, e.found_old, e.lost_old);
+            missing_here |= m;
+            lost_here |= l;
         }
         if in_new.is_none() {
             c.missing_new += 1;
