@@ -572,3 +572,113 @@ async fn a_concurrent_change_is_reported_not_overwritten_and_approvals_are_named
         .count();
     assert_eq!(after, before + 1, "not retried");
 }
+
+const MIGRATION: &str = "switchyard-migration";
+
+/// What the migration flag serves in `env`, as percent per stage.
+fn served(api: &Api, env: &str) -> std::collections::BTreeMap<String, f64> {
+    let f = api.flags.lock().unwrap()[MIGRATION].clone();
+    switchyard::flags::store::served_weights(&f, &f["environments"][env]).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_rollout_moves_one_environment_forward_and_never_overwrites() {
+    use switchyard::flags::store::{Api as Rest, FlagStore};
+    use switchyard::flags::FlagKeys;
+    use switchyard::rollout::plan::{Check, Plan, Status};
+    use switchyard::rollout::{Controller, RolloutMetrics};
+
+    let (api, port) = two_environments().await;
+    api.flags.lock().unwrap().insert(
+        MIGRATION.into(),
+        ld_flag(
+            MIGRATION,
+            ["off", "dualwrite", "shadow", "live", "rampdown", "complete"]
+                .map(|s| json!(s))
+                .to_vec(),
+            0,
+        ),
+    );
+    let production = env_of(&api, MIGRATION, "production");
+    let keys = FlagKeys {
+        migration: Some(MIGRATION.into()),
+        ..FlagKeys::default()
+    };
+    let store = || {
+        FlagStore::LaunchDarkly(Rest::new(
+            &format!("http://127.0.0.1:{port}"),
+            "api-secret-token".into(),
+            "switchyard".into(),
+            "staging".into(),
+            keys.clone(),
+        ))
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    let plan = Plan::parse(&format!(
+        "stage = \"migration\"\nmigration_from = \"off\"\nmigration_to = \"dualwrite\"\nsteps = [10, 50, 100]\ndwell_secs = 0\ncheck_interval_secs = 1\nfailure_limit = 1\nparity_url = \"http://127.0.0.1:1\"\nstate_file = \"{}\"",
+        state.display()
+    ))
+    .unwrap();
+    let metrics = || RolloutMetrics::new(&prometheus::Registry::new()).unwrap();
+    let c = Controller::new(plan.clone(), store(), metrics()).unwrap();
+    assert_eq!(c.start().await.unwrap(), None);
+    let share = |api: &Api| served(api, "staging").get("dualwrite").copied();
+    assert_eq!(share(&api), Some(10.0));
+    assert_eq!(served(&api, "staging").get("off").copied(), Some(90.0));
+    assert_eq!(c.tick(Some(Check::Verified)).await.unwrap(), None);
+    assert_eq!(share(&api), Some(50.0));
+    // Every write touched staging only, conditional on its version.
+    for (method, _, _, body) in api.log.lock().unwrap().iter() {
+        if method == "PATCH" {
+            let ops = body["patch"].as_array().unwrap();
+            assert_eq!(ops[0]["op"], "test", "{body}");
+            for op in ops {
+                let path = op["path"].as_str().unwrap();
+                assert!(path.starts_with("/environments/staging/"), "{body}");
+            }
+            assert!(
+                body["comment"].as_str().unwrap().contains("rollout"),
+                "{body}"
+            );
+        }
+    }
+    assert_eq!(production, env_of(&api, MIGRATION, "production"));
+
+    // Someone moves staging to `live` for everyone just before the next
+    // write: the controller writes nothing over it and says so.
+    *api.race.lock().unwrap() = Some((
+        MIGRATION.into(),
+        "/environments/staging/fallthrough".into(),
+        json!({"variation": 3}),
+    ));
+    let e = c.tick(Some(Check::Verified)).await.unwrap_err().to_string();
+    assert!(
+        e.contains("changed in environment \"staging\" meanwhile"),
+        "{e}"
+    );
+    assert_eq!(
+        served(&api, "staging"),
+        std::collections::BTreeMap::from([("live".to_string(), 100.0)])
+    );
+    // Resumed, it recognises a person's change and pauses.
+    let c = Controller::new(plan.clone(), store(), metrics()).unwrap();
+    c.start().await.unwrap();
+    let s = c.state();
+    let why = s.paused.clone().unwrap_or_default();
+    assert!(
+        why.contains("manual change") && why.contains("live 100 %"),
+        "{s:?}"
+    );
+    // Put back where the controller left it, it resumes and finishes.
+    api.flags.lock().unwrap().get_mut(MIGRATION).unwrap()["environments"]["staging"]
+        ["fallthrough"] = json!({"rollout": {"variations": [
+            {"variation": 1, "weight": 50000}, {"variation": 0, "weight": 50000}]}});
+    assert_eq!(c.tick(Some(Check::Verified)).await.unwrap(), None);
+    assert!(c.state().paused.is_none(), "{:?}", c.state());
+    assert_eq!(c.tick(Some(Check::Verified)).await.unwrap(), None);
+    assert_eq!(share(&api), Some(100.0));
+    c.tick(Some(Check::Verified)).await.unwrap();
+    assert_eq!(c.state().status, Status::Done);
+    assert_eq!(production, env_of(&api, MIGRATION, "production"));
+}

@@ -977,3 +977,73 @@ async fn a_prometheus_parity_source_gates_and_rolls_back() {
     }
     assert_eq!(s.levels().await.0, 0.0);
 }
+
+/// A migration plan over the local folder, with a router evaluating the
+/// flag: each step moves accounts from `off` to `dualwrite` only, and a
+/// breach rolls the share back to the last step that passed.
+#[tokio::test]
+async fn a_migration_rollout_moves_accounts_forward_and_rolls_back_on_a_breach() {
+    const MIGRATION: &str = "switchyard-migration";
+    let s = Setup::new();
+    let keys = FlagKeys {
+        migration: Some(MIGRATION.into()),
+        ..FlagKeys::default()
+    };
+    let store = || FlagStore::Local {
+        dir: s.flags.clone(),
+        keys: keys.clone(),
+    };
+    // No migration flag yet: refused at start, saying why.
+    let p = Parity::start().await;
+    let plan = s.plan(&with_parity(
+        "stage = \"migration\"\nmigration_from = \"off\"\nmigration_to = \"dualwrite\"\nsteps = [10, 40, 70]\ndwell_secs = 0\nfailure_limit = 1",
+        &p,
+    ));
+    let c = Controller::new(plan.clone(), store(), metrics()).unwrap();
+    let e = c.start().await.unwrap_err().to_string();
+    assert!(e.contains("migration"), "{e}");
+    set_flag(&s.flags, MIGRATION, json!("off"));
+    let router = LocalFlags::start(
+        &s.flags,
+        keys.clone(),
+        None,
+        FlagMetrics::new(&prometheus::Registry::new()).unwrap(),
+    );
+    let routes = |router: &LocalFlags| -> Vec<Route> {
+        router.reload();
+        (0..2000u64)
+            .map(|a| decide(bucket("switchyard", a), &router.evaluate(a)).0)
+            .collect()
+    };
+    let mut before = routes(&router);
+    assert!(before.iter().all(|r| *r == Route::Legacy));
+    let c = Controller::new(plan.clone(), store(), metrics()).unwrap();
+    c.start().await.unwrap();
+    let mut at = Vec::new();
+    for step in [10.0, 40.0, 70.0] {
+        let now = routes(&router);
+        let back = (0..now.len())
+            .filter(|a| before[*a] == Route::Dual && now[*a] != Route::Dual)
+            .count();
+        assert_eq!(back, 0, "step {step}: accounts sent back");
+        let dual = now.iter().filter(|r| **r == Route::Dual).count() as f64 / 20.0;
+        assert!((dual - step).abs() < 4.0, "step {step}: {dual} % dual");
+        assert_eq!(c.status_json()["percent"], step);
+        at.push(now.clone());
+        before = now;
+        if step < 70.0 {
+            c.tick(None).await.unwrap();
+        }
+    }
+    // A breach on the last step: back to 40 %, exactly the accounts of 40 %.
+    p.set(Answer::Mismatch);
+    let out = c.tick(None).await.unwrap();
+    assert!(matches!(out, Some(Outcome::RolledBack(_))), "{out:?}");
+    assert_eq!(
+        routes(&router),
+        at[1],
+        "the accounts of the last step that passed"
+    );
+    assert_eq!(c.status_json()["percent"], 40.0);
+    assert_eq!(c.state().status, Status::RolledBack);
+}

@@ -2,6 +2,7 @@
 //! local `flags/` folder (LaunchDarkly flag JSON, one file a flag) or the
 //! LaunchDarkly REST API. Used by `switchyard flags` and the rollout controller.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -101,6 +102,10 @@ pub struct Reading {
     pub current: Current,
     /// Every problem, each naming its file (or flag), reason and keys.
     pub problems: Vec<super::FlagFileError>,
+    /// With a migration flag configured: the percentage of untargeted
+    /// accounts served each stage (None: it serves nothing usable, which is
+    /// one of the problems).
+    pub migration: Option<BTreeMap<String, f64>>,
 }
 
 impl Reading {
@@ -246,6 +251,35 @@ impl Api {
     }
 }
 
+impl Api {
+    /// A conditional write of the chosen environment: reads the flag, lets
+    /// `ops` build the change from it (after a `test` of the environment's
+    /// version), and on a conflict reads again, up to [`ATTEMPTS`] times.
+    /// `what` names the flag in logs.
+    async fn write_env(
+        &self,
+        key: &str,
+        comment: &str,
+        what: &str,
+        ops: impl Fn(&Value) -> Result<Vec<Value>, StoreError>,
+    ) -> Result<(), StoreError> {
+        let env = &self.environment;
+        for attempt in 0..ATTEMPTS {
+            let f = self.fetch(key).await?;
+            let version = self.env_version(&f)?;
+            let mut all = vec![
+                json!({"op": "test", "path": format!("/environments/{env}/version"), "value": version}),
+            ];
+            all.extend(ops(&f)?);
+            if self.patch(key, comment, all).await? {
+                return Ok(());
+            }
+            tracing::warn!(flag = %key, environment = %env, attempt, "{what} changed while it was being set; reading it again");
+        }
+        Err(conflicts(key))
+    }
+}
+
 /// The index of the variation whose value is `value` (numbers compared as
 /// numbers), or None.
 fn find_variation(flag: &Value, value: &Value) -> Option<usize> {
@@ -258,19 +292,21 @@ fn find_variation(flag: &Value, value: &Value) -> Option<usize> {
     })
 }
 
+/// The value of variation `i` of `flag`: a local flag lists values, the
+/// REST API objects holding them.
+fn variation_value(flag: &Value, i: &Value) -> Option<Value> {
+    let v = flag["variations"].get(usize::try_from(i.as_u64()?).ok()?)?;
+    Some(if v.is_object() {
+        v["value"].clone()
+    } else {
+        v.clone()
+    })
+}
+
 /// What an environment configuration (`cfg`: `on`, `fallthrough`,
 /// `offVariation`) of `flag` serves an untargeted context.
 fn served_summary(flag: &Value, cfg: &Value) -> Value {
-    let value = |i: &Value| {
-        i.as_u64().map(|i| {
-            let v = &flag["variations"][i as usize];
-            if v.is_object() {
-                v["value"].clone()
-            } else {
-                v.clone()
-            }
-        })
-    };
+    let value = |i: &Value| variation_value(flag, i);
     if cfg["on"].as_bool() != Some(true) {
         return json!({"on": false, "serves": value(&cfg["offVariation"])});
     }
@@ -283,6 +319,95 @@ fn served_summary(flag: &Value, cfg: &Value) -> Value {
         return json!({"on": true, "rollout": weights});
     }
     json!({"on": true, "serves": value(&fall["variation"])})
+}
+
+/// The percentage of untargeted contexts served each value of a string
+/// flag (a migration flag's stages) by an environment configuration `cfg`
+/// of `flag` (for a local flag, the flag itself). None when it serves
+/// nothing, or anything but strings.
+pub fn served_weights(flag: &Value, cfg: &Value) -> Option<BTreeMap<String, f64>> {
+    let mut out = BTreeMap::new();
+    let mut add = |i: &Value, pct: f64| -> Option<()> {
+        let v = variation_value(flag, i)?;
+        *out.entry(v.as_str()?.to_string()).or_insert(0.0) += pct;
+        Some(())
+    };
+    if cfg["on"].as_bool() != Some(true) {
+        add(&cfg["offVariation"], 100.0)?;
+    } else if let Some(r) = cfg["fallthrough"]["rollout"]["variations"].as_array() {
+        for w in r {
+            // LaunchDarkly's weights are thousandths of a percent.
+            add(&w["variation"], w["weight"].as_f64()? / 1000.0)?;
+        }
+    } else {
+        add(&cfg["fallthrough"]["variation"], 100.0)?;
+    }
+    out.retain(|_, p| *p > 0.0);
+    (!out.is_empty()).then_some(out)
+}
+
+/// The fallthrough that serves `to` to `pct` % of accounts and `from` to
+/// the rest, bucketed by LaunchDarkly (the flag's salt and the context
+/// key). A rollout already in place over the two keeps its order and its
+/// bucketing settings, so raising `pct` only ever moves accounts from `from`
+/// to `to`: an account is never sent back. Accounts are bucketed by their
+/// `account` context key.
+pub fn migration_fallthrough(
+    flag: &Value,
+    current: &Value,
+    from: &str,
+    to: &str,
+    pct: f64,
+) -> Result<Value, String> {
+    let index = |stage: &str| {
+        flag["variations"]
+            .as_array()
+            .and_then(|vs| {
+                vs.iter().position(|v| {
+                    let v = if v.is_object() { &v["value"] } else { v };
+                    v.as_str() == Some(stage)
+                })
+            })
+            .ok_or_else(|| {
+                format!("the migration flag has no variation {stage:?}: a migration flag has the six stages")
+            })
+    };
+    let (from_i, to_i) = (index(from)?, index(to)?);
+    super::folder::check_percent(&json!(pct))?;
+    let to_weight = (pct * 1000.0).round() as u64;
+    if to_weight == 0 {
+        return Ok(json!({"variation": from_i}));
+    }
+    if to_weight >= 100_000 {
+        return Ok(json!({"variation": to_i}));
+    }
+    let mut rollout = current["rollout"].clone();
+    let order: Vec<u64> = rollout["variations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|w| w["variation"].as_u64())
+        .collect();
+    let ours = order
+        .iter()
+        .all(|i| *i == from_i as u64 || *i == to_i as u64);
+    if !rollout.is_object() || !ours {
+        rollout = json!({});
+    }
+    let from_first = ours && order.first() == Some(&(from_i as u64));
+    let (t, f) = (
+        json!({"variation": to_i, "weight": to_weight}),
+        json!({"variation": from_i, "weight": 100_000 - to_weight}),
+    );
+    rollout["variations"] = if from_first {
+        json!([f, t])
+    } else {
+        json!([t, f])
+    };
+    // The router evaluates `account` contexts; a rollout's kind defaults to
+    // `user`, which would bucket every account alike.
+    rollout["contextKind"] = json!("account");
+    Ok(json!({"rollout": rollout}))
 }
 
 /// Conflicting writes retried before giving up.
@@ -346,7 +471,34 @@ impl FlagStore {
                         }
                     }
                 }
-                Ok(Reading { current, problems })
+                let mut migration = None;
+                if let Some(key) = &keys.migration {
+                    let f = api.fetch(key).await?;
+                    let cfg = &f["environments"][&api.environment];
+                    match served_weights(&f, cfg) {
+                        Some(w)
+                            if w.keys()
+                                .all(|s| super::folder::STAGES.contains(&s.as_str())) =>
+                        {
+                            migration = Some(w)
+                        }
+                        w => problems.push(super::FlagFileError {
+                            path: format!("flag {key}"),
+                            reason: match w {
+                                Some(w) => format!("serves {w:?}: a migration flag serves stages"),
+                                None => {
+                                    format!("serves nothing in environment {:?}", api.environment)
+                                }
+                            },
+                            keys: vec![key.clone()],
+                        }),
+                    }
+                }
+                Ok(Reading {
+                    current,
+                    problems,
+                    migration,
+                })
             }
         }
     }
@@ -547,14 +699,7 @@ impl FlagStore {
         let key = self.keys().kill_switch.clone();
         match self {
             FlagStore::Local { dir, keys } => {
-                let old = read_local(dir, &key).ok().flatten();
-                let version = old
-                    .as_ref()
-                    .and_then(|f| f["version"].as_u64())
-                    .unwrap_or(0)
-                    + 1;
-                let usable = old
-                    .filter(|f| super::folder::parse_flag(f.to_string().as_bytes(), keys).is_ok());
+                let (usable, version) = read_usable(dir, &key, keys);
                 let mut f = usable.unwrap_or_else(|| new_flag(&key, &json!(on)));
                 let idx = variation_index(&mut f, on);
                 if on {
@@ -571,41 +716,97 @@ impl FlagStore {
             }
             FlagStore::LaunchDarkly(api) => {
                 let env = api.environment.clone();
-                let mut applied = false;
                 // The kill switch always goes through: a conflict is read
                 // again and retried, never a reason to stop.
-                for attempt in 0..ATTEMPTS {
-                    let f = api.fetch(&key).await?;
-                    let version = api.env_version(&f)?;
-                    let idx = find_variation(&f, &json!(on)).ok_or_else(|| StoreError::Api {
+                api.write_env(&key, comment, "the kill switch", |f| {
+                    let idx = find_variation(f, &json!(on)).ok_or_else(|| StoreError::Api {
                         what: format!("flag {key}"),
                         message: format!("no variation with the value {on}"),
                     })?;
-                    let test = json!({"op": "test", "path": format!("/environments/{env}/version"), "value": version});
-                    let ops = if on {
-                        vec![
-                            test,
-                            json!({"op": "replace", "path": format!("/environments/{env}/offVariation"), "value": idx}),
-                            json!({"op": "replace", "path": format!("/environments/{env}/on"), "value": false}),
-                        ]
+                    let replace = |what: &str, value: Value| {
+                        json!({"op": "replace", "path": format!("/environments/{env}/{what}"), "value": value})
+                    };
+                    Ok(if on {
+                        vec![replace("offVariation", json!(idx)), replace("on", json!(false))]
                     } else {
                         vec![
-                            test,
-                            json!({"op": "replace", "path": format!("/environments/{env}/fallthrough"), "value": {"variation": idx}}),
-                            json!({"op": "replace", "path": format!("/environments/{env}/offVariation"), "value": idx}),
-                            json!({"op": "replace", "path": format!("/environments/{env}/on"), "value": true}),
+                            replace("fallthrough", json!({"variation": idx})),
+                            replace("offVariation", json!(idx)),
+                            replace("on", json!(true)),
                         ]
-                    };
-                    if api.patch(&key, comment, ops).await? {
-                        applied = true;
-                        break;
-                    }
-                    tracing::warn!(flag = %key, environment = %env, attempt, "the kill switch changed while it was being set; reading it again");
-                }
-                if !applied {
-                    return Err(conflicts(&key));
-                }
+                    })
+                })
+                .await?;
                 tracing::info!(flag = %key, killed = on, comment, "kill switch set through the LaunchDarkly API");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl FlagStore {
+    /// Points the migration flag's fallthrough at `to` for `pct` % of
+    /// untargeted accounts and `from` for the rest, in the one environment
+    /// (LaunchDarkly) or the folder. Conditional like [`FlagStore::set`]:
+    /// when someone changed the flag meanwhile, it stops and says so unless
+    /// the stages served are still what `seen` says.
+    pub async fn set_migration(
+        &self,
+        from: &str,
+        to: &str,
+        pct: f64,
+        seen: Option<&BTreeMap<String, f64>>,
+        comment: &str,
+    ) -> Result<(), StoreError> {
+        let key = self.keys().migration.clone().ok_or_else(|| {
+            StoreError::Invalid("no migration flag is configured (flags.keys.migration)".into())
+        })?;
+        let invalid = |m: String| StoreError::Invalid(format!("{key}: {m}"));
+        match self {
+            FlagStore::Local { dir, keys } => {
+                let (usable, version) = read_usable(dir, &key, keys);
+                let mut f = usable.unwrap_or_else(|| {
+                    let mut f = new_flag(&key, &json!("off"));
+                    f["variations"] = json!(super::folder::STAGES);
+                    f
+                });
+                // A local file may list fewer stages: the two are added
+                // (a new variation changes what nobody is served).
+                if let Some(vs) = f["variations"].as_array_mut() {
+                    for stage in [from, to] {
+                        if !vs.iter().any(|v| v.as_str() == Some(stage)) {
+                            vs.push(json!(stage));
+                        }
+                    }
+                }
+                let fall =
+                    migration_fallthrough(&f, &f["fallthrough"], from, to, pct).map_err(invalid)?;
+                f["fallthrough"] = fall;
+                f["on"] = json!(true);
+                f["version"] = json!(version);
+                write_local(dir, &key, &f)?;
+                tracing::info!(flag = %key, from, to, percent = pct, comment, "migration flag set in the local folder");
+            }
+            FlagStore::LaunchDarkly(api) => {
+                let env = api.environment.clone();
+                api.write_env(&key, comment, "the migration flag", |f| {
+                    let cfg = &f["environments"][&env];
+                    // The decision was made from `seen`: go on only while it holds.
+                    let now = served_weights(f, cfg);
+                    if seen.is_some() && now.as_ref() != seen {
+                        return Err(StoreError::Invalid(format!(
+                            "{key} changed in environment {env:?} meanwhile: it served {seen:?} when read, {now:?} now; nothing was written"
+                        )));
+                    }
+                    let fall = migration_fallthrough(f, &cfg["fallthrough"], from, to, pct)
+                        .map_err(invalid)?;
+                    Ok(vec![
+                        json!({"op": "replace", "path": format!("/environments/{env}/fallthrough"), "value": fall}),
+                        json!({"op": "replace", "path": format!("/environments/{env}/on"), "value": true}),
+                    ])
+                })
+                .await?;
+                tracing::info!(flag = %key, from, to, percent = pct, environment = %env, comment, "migration flag set through the LaunchDarkly API");
             }
         }
         Ok(())
@@ -652,8 +853,27 @@ pub fn read_folder(dir: &Path, keys: &FlagKeys) -> Reading {
             kafka_only: pct(&keys.kafka_only, true),
             dual_write: pct(&keys.dual_write, false),
         },
+        migration: keys
+            .migration
+            .as_ref()
+            .and_then(|k| r.flags.get(k))
+            .and_then(|f| served_weights(f, f)),
         problems: r.problems,
     }
+}
+
+/// A local flag file as a base for a change: the flag if it is good (a
+/// broken one is replaced), and the version the change gets (one above the
+/// file's, broken or not).
+fn read_usable(dir: &Path, key: &str, keys: &FlagKeys) -> (Option<Value>, u64) {
+    let old = read_local(dir, key).ok().flatten();
+    let version = old
+        .as_ref()
+        .and_then(|f| f["version"].as_u64())
+        .unwrap_or(0)
+        + 1;
+    let usable = old.filter(|f| super::folder::parse_flag(f.to_string().as_bytes(), keys).is_ok());
+    (usable, version)
 }
 
 fn flag_path(dir: &Path, key: &str) -> PathBuf {
@@ -792,6 +1012,79 @@ mod tests {
         assert_eq!(
             kill["variations"][kill["offVariation"].as_u64().unwrap() as usize],
             true
+        );
+    }
+
+    fn dual_accounts(f: &Value, n: u64) -> Vec<bool> {
+        let keys = FlagKeys {
+            migration: Some("m".into()),
+            ..FlagKeys::default()
+        };
+        let snap =
+            super::super::Snapshot::from_json(&BTreeMap::from([("m".to_string(), f.clone())]));
+        (0..n)
+            .map(|a| snap.evaluate(&keys, a).migration == Some(crate::routing::Route::Dual))
+            .collect()
+    }
+
+    #[test]
+    fn raising_a_migration_share_only_moves_accounts_forward() {
+        let n = 4000;
+        let stages = super::super::folder::STAGES;
+        let off = json!({"variation": 0});
+        // From nothing, and from an operator's rollout listing `from` first.
+        let operators = json!({"rollout": {"contextKind": "account", "variations": [
+            {"variation": 0, "weight": 80000}, {"variation": 1, "weight": 20000}]}});
+        for start in [off, operators] {
+            let mut f = new_flag("m", &json!("off"));
+            f["variations"] = json!(stages);
+            f["fallthrough"] = start;
+            let mut before = dual_accounts(&f, n);
+            for pct in [20.0, 25.0, 33.33, 50.0, 99.99, 100.0] {
+                f["fallthrough"] =
+                    migration_fallthrough(&f, &f["fallthrough"], "off", "dualwrite", pct).unwrap();
+                let now = dual_accounts(&f, n);
+                let moved_back = (0..n as usize).filter(|a| before[*a] && !now[*a]).count();
+                assert_eq!(moved_back, 0, "{pct} %: {}", f["fallthrough"]);
+                let share = now.iter().filter(|d| **d).count() as f64 * 100.0 / n as f64;
+                assert!(
+                    (share - pct).abs() < 3.0,
+                    "{pct} %: {share} % served dualwrite"
+                );
+                assert_eq!(
+                    served_weights(&f, &f).unwrap().get("dualwrite").copied(),
+                    Some(pct)
+                );
+                before = now;
+            }
+        }
+        // Stages the flag does not have are named.
+        let f = json!({"variations": ["off", "live"]});
+        let e = migration_fallthrough(&f, &Value::Null, "off", "dualwrite", 5.0).unwrap_err();
+        assert!(e.contains("no variation \"dualwrite\""), "{e}");
+    }
+
+    #[test]
+    fn served_weights_follow_on_off_and_rollouts() {
+        let rest = json!({"variations": [{"value": "off"}, {"value": "dualwrite"}]});
+        let w = |cfg: Value| served_weights(&rest, &cfg);
+        assert_eq!(
+            w(json!({"on": false, "offVariation": 1, "fallthrough": {"variation": 0}})),
+            Some(BTreeMap::from([("dualwrite".to_string(), 100.0)]))
+        );
+        assert_eq!(
+            w(
+                json!({"on": true, "fallthrough": {"rollout": {"variations": [
+                {"variation": 1, "weight": 30000}, {"variation": 0, "weight": 70000}]}}})
+            ),
+            Some(BTreeMap::from([
+                ("dualwrite".to_string(), 30.0),
+                ("off".to_string(), 70.0)
+            ]))
+        );
+        assert_eq!(
+            w(json!({"on": true, "fallthrough": {"variation": 7}})),
+            None
         );
     }
 

@@ -25,8 +25,8 @@ use tokio_util::sync::CancellationToken;
 use crate::flags::store::{FlagStore, Reading, StoreError, Which};
 pub use metrics::RolloutMetrics;
 use plan::{
-    check_start, decide, rollback_target, Action, Check, Intent, Levels, Plan, PlanRecord,
-    Rollback, Stage, State, Status, Transition,
+    check_start, decide, migration_share, rollback_target, Action, Check, Intent, Levels, Plan,
+    PlanRecord, Rollback, Stage, State, Status, Transition,
 };
 
 /// Why the controller stopped with an error.
@@ -97,13 +97,6 @@ pub fn read_state(path: &Path) -> Result<Option<State>, RolloutError> {
     }
 }
 
-fn levels(r: &Reading) -> Levels {
-    Levels {
-        dual_write: r.current.dual_write,
-        kafka_only: r.current.kafka_only,
-    }
-}
-
 pub struct Controller {
     pub plan: Plan,
     store: FlagStore,
@@ -157,14 +150,7 @@ impl Controller {
                 }
                 s
             }
-            None => State::new(
-                &plan,
-                Levels {
-                    dual_write: 0.0,
-                    kafka_only: 0.0,
-                },
-                now_unix(),
-            ),
+            None => State::new(&plan, Levels::percents(0.0, 0.0), now_unix()),
         };
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
@@ -190,26 +176,78 @@ impl Controller {
         self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// The levels the flags are at, as this plan counts them; an error when
+    /// a migration flag serves stages the plan does not move between.
+    fn levels(&self, r: &Reading) -> Result<Levels, String> {
+        let mut l = Levels::percents(r.current.dual_write, r.current.kafka_only);
+        if let Some((from, to)) = self.plan.migration() {
+            let served = r
+                .migration
+                .as_ref()
+                .ok_or("the migration flag serves nothing")?;
+            l.migration = migration_share(served, from, to)?;
+        }
+        Ok(l)
+    }
+
+    /// Levels in words, for messages.
+    fn describe_levels(&self, l: &Levels) -> String {
+        match self.plan.migration() {
+            Some((from, to)) => {
+                format!("{to} {} % / {from} {} %", l.migration, 100.0 - l.migration)
+            }
+            None => format!(
+                "dual-write {} % / kafka-only {} %",
+                l.dual_write, l.kafka_only
+            ),
+        }
+    }
+
+    /// The flags as read, in words.
+    fn describe(&self, r: &Reading) -> String {
+        let killed = if r.current.kill_switch {
+            ", killed"
+        } else {
+            ""
+        };
+        match (&r.migration, self.plan.migration()) {
+            (Some(m), Some(_)) => format!(
+                "the migration flag serves {}{killed}",
+                m.iter()
+                    .map(|(s, p)| format!("{s} {p} %"))
+                    .collect::<Vec<_>>()
+                    .join(" / ")
+            ),
+            (None, Some(_)) => format!("the migration flag serves nothing{killed}"),
+            _ => format!(
+                "dual-write {} % / kafka-only {} %{killed}",
+                r.current.dual_write, r.current.kafka_only
+            ),
+        }
+    }
+
     /// `/status`: the plan, the state, the flags as they are, the history.
     pub fn status_json(&self) -> Value {
         let s = self.state();
         let seen = self.seen();
         let served = seen
             .as_ref()
-            .map(|r| levels(r).stage(self.plan.stage))
+            .and_then(|r| self.levels(r).ok())
+            .map(|l| l.stage(self.plan.stage))
             .unwrap_or_else(|| s.percent(&self.plan));
         json!({
             "status": if s.paused.is_some() && !s.status.finished() { "paused" } else { s.status.as_str() },
             "state": s.status.as_str(),
             "paused": s.paused,
             "stage": self.plan.stage,
+            "migration": s.plan.migration,
             "plan": s.plan.fingerprint,
             "step": s.step.map(|i| i + 1),
             "steps": self.plan.steps,
             "percent": served,
             "set": s.set,
             "before": s.before,
-            "flags": seen.as_ref().map(|r| json!({"current": r.current, "problems": r.problem_text()})),
+            "flags": seen.as_ref().map(|r| json!({"current": r.current, "migration": r.migration, "problems": r.problem_text()})),
             "intent": s.intent,
             "step_started_at": s.step_started_at,
             "failures_on_step": s.failures,
@@ -239,7 +277,8 @@ impl Controller {
             .set(s.step.map(|i| i as i64 + 1).unwrap_or(0));
         let served = self
             .seen()
-            .map(|r| levels(&r).stage(self.plan.stage))
+            .and_then(|r| self.levels(&r).ok())
+            .map(|l| l.stage(self.plan.stage))
             .unwrap_or_else(|| s.percent(&self.plan));
         self.metrics.percent.set(served);
         self.metrics
@@ -261,10 +300,11 @@ impl Controller {
         }
     }
 
-    fn stage_flag(&self) -> Which {
+    fn stage_flag(&self) -> Option<Which> {
         match self.plan.stage {
-            Stage::DualWrite => Which::DualWrite,
-            Stage::KafkaOnly => Which::KafkaOnly,
+            Stage::DualWrite => Some(Which::DualWrite),
+            Stage::KafkaOnly => Some(Which::KafkaOnly),
+            Stage::Migration => None,
         }
     }
 
@@ -413,7 +453,15 @@ impl Controller {
                     "the kill switch is on: release it (`switchyard flags unkill`) before starting a rollout".into(),
                 ));
             }
-            let now = levels(&reading);
+            if self.plan.stage == Stage::Migration && self.store.keys().migration.is_none() {
+                return Err(RolloutError::Plan(
+                    "a migration plan needs the migration flag configured (flags.keys.migration)"
+                        .into(),
+                ));
+            }
+            let now = self
+                .levels(&reading)
+                .map_err(|e| RolloutError::Plan(format!("cannot start: {e}")))?;
             check_start(&self.plan, now).map_err(RolloutError::Plan)?;
             s = State::new(&self.plan, now, now_unix());
             // A promotion left from an earlier rollout opens no gate here.
@@ -428,10 +476,9 @@ impl Controller {
                     levels: Levels::of(self.plan.stage, now, pct),
                     kill: false,
                     reason: format!(
-                        "step 1 of {} ({pct}%), from dual-write {} % / kafka-only {} %",
+                        "step 1 of {} ({pct}%), from {}",
                         self.plan.steps.len(),
-                        now.dual_write,
-                        now.kafka_only
+                        self.describe_levels(&now)
                     ),
                 },
                 &reading,
@@ -440,12 +487,12 @@ impl Controller {
             return Ok(None);
         }
         if let Some(intent) = s.intent.clone() {
-            let at = levels(&reading);
-            let done = at == intent.levels && (!intent.kill || reading.current.kill_switch);
+            let at = self.levels(&reading).ok();
+            let done = at == Some(intent.levels) && (!intent.kill || reading.current.kill_switch);
             if done && reading.problems.is_empty() {
                 tracing::warn!(event = %intent.event, "resuming: the interrupted change was applied; recording it");
                 self.confirm(&mut s, &intent).await?;
-            } else if at == s.set && reading.problems.is_empty() {
+            } else if at == Some(s.set) && reading.problems.is_empty() {
                 tracing::warn!(event = %intent.event, "resuming: the interrupted change was not applied; applying it");
                 self.apply(&mut s, intent, &reading).await?;
             } else {
@@ -454,7 +501,7 @@ impl Controller {
                     &mut s,
                     format!(
                         "on resume the flags are neither what the controller last set nor what it was setting ({}): a manual change; it does not override it",
-                        describe(&reading)
+                        self.describe(&reading)
                     ),
                 )
                 .await?;
@@ -481,7 +528,22 @@ impl Controller {
                 .set(Which::KillSwitch, json!(true), false, &comment)
                 .await?;
         }
-        let from = levels(reading);
+        if let Some((from, to)) = self.plan.migration() {
+            self.store
+                .set_migration(
+                    from,
+                    to,
+                    intent.levels.migration,
+                    reading.migration.as_ref(),
+                    &comment,
+                )
+                .await?;
+            if let Ok(r) = self.store.read().await {
+                *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+            }
+            return self.confirm(s, &intent).await;
+        }
+        let from = Levels::percents(reading.current.dual_write, reading.current.kafka_only);
         let to = intent.levels;
         // Lowering: Kafka-only first; raising: dual-write first, so that
         // Kafka-only is never above dual-write in between.
@@ -495,7 +557,7 @@ impl Controller {
                 Which::DualWrite => (to.dual_write, from.dual_write),
                 _ => (to.kafka_only, from.kafka_only),
             };
-            if want != have || w == self.stage_flag() {
+            if want != have || Some(w) == self.stage_flag() {
                 self.store.set(w, json!(want), false, &comment).await?;
             }
         }
@@ -581,13 +643,14 @@ impl Controller {
                 Some(format!("flag problems: {}", r.problem_text().join("; ")))
             }
             Ok(r) if r.current.kill_switch => Some("the kill switch is on".to_string()),
-            Ok(r) if levels(r) != s.set => Some(format!(
-                "manual change: {}, the controller last set dual-write {} % / kafka-only {} %; it does not override a person: set them back to resume, or remove the state file to start over",
-                describe(r),
-                s.set.dual_write,
-                s.set.kafka_only
-            )),
-            Ok(_) => None,
+            Ok(r) => match self.levels(r) {
+                Ok(l) if l == s.set => None,
+                _ => Some(format!(
+                    "manual change: {}, the controller last set {}; it does not override a person: set them back to resume, or remove the state file to start over",
+                    self.describe(r),
+                    self.describe_levels(&s.set)
+                )),
+            },
         };
         if let Ok(r) = &reading {
             *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(r.clone());
@@ -720,19 +783,6 @@ impl Controller {
         }
         Ok(self.finished(&self.state()))
     }
-}
-
-fn describe(r: &Reading) -> String {
-    format!(
-        "dual-write {} % / kafka-only {} %{}",
-        r.current.dual_write,
-        r.current.kafka_only,
-        if r.current.kill_switch {
-            ", killed"
-        } else {
-            ""
-        }
-    )
 }
 
 /// A Prometheus instant query → a check: 1 while parity holds, 0 on a

@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 pub enum Stage {
     DualWrite,
     KafkaOnly,
+    /// The LaunchDarkly migration flag: the share of accounts moved from
+    /// `migration_from` to `migration_to`, bucketed by LaunchDarkly.
+    Migration,
 }
 
 /// What a breach rolls back to.
@@ -28,6 +31,12 @@ pub enum Rollback {
 #[serde(deny_unknown_fields)]
 pub struct Plan {
     pub stage: Stage,
+    /// With `stage = "migration"`: the stage accounts leave and the later
+    /// stage they move to (e.g. `off` → `dualwrite`, `dualwrite` → `complete`).
+    #[serde(default)]
+    pub migration_from: Option<String>,
+    #[serde(default)]
+    pub migration_to: Option<String>,
     /// Percentages, increasing, each in (0, 100].
     pub steps: Vec<f64>,
     /// How long each step must hold with parity verified before the next.
@@ -80,6 +89,9 @@ fn default_source_down() -> f64 {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PlanRecord {
     pub stage: Stage,
+    /// A migration plan's stages, `from → to`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<String>,
     pub steps: Vec<f64>,
     pub manual_gates: Vec<f64>,
     pub rollback: Rollback,
@@ -91,13 +103,17 @@ impl PlanRecord {
     pub fn of(plan: &Plan) -> PlanRecord {
         let mut r = PlanRecord {
             stage: plan.stage,
+            migration: plan.migration().map(|(f, t)| format!("{f} → {t}")),
             steps: plan.steps.clone(),
             manual_gates: plan.manual_gates.clone(),
             rollback: plan.rollback,
             fingerprint: String::new(),
         };
-        let text = serde_json::to_string(&(&r.stage, &r.steps, &r.manual_gates, &r.rollback))
+        let mut text = serde_json::to_string(&(&r.stage, &r.steps, &r.manual_gates, &r.rollback))
             .unwrap_or_default();
+        if let Some(m) = &r.migration {
+            text.push_str(m);
+        }
         r.fingerprint = format!("{:08x}", crc32fast::hash(text.as_bytes()));
         r
     }
@@ -107,6 +123,13 @@ impl PlanRecord {
         let mut out = Vec::new();
         if self.stage != now.stage {
             out.push(format!("stage {:?} → {:?}", self.stage, now.stage));
+        }
+        if self.migration != now.migration {
+            out.push(format!(
+                "migration {} → {}",
+                self.migration.as_deref().unwrap_or("none"),
+                now.migration.as_deref().unwrap_or("none")
+            ));
         }
         if self.steps != now.steps {
             out.push(format!("steps {:?} → {:?}", self.steps, now.steps));
@@ -124,14 +147,26 @@ impl PlanRecord {
     }
 }
 
-/// The two percentage flags.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+/// The two percentage flags, and a migration plan's share.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct Levels {
     pub dual_write: f64,
     pub kafka_only: f64,
+    /// The percentage of accounts the migration flag serves the plan's
+    /// `migration_to` stage (the rest: `migration_from`); 0 for other plans.
+    #[serde(default)]
+    pub migration: f64,
 }
 
 impl Levels {
+    pub fn percents(dual_write: f64, kafka_only: f64) -> Levels {
+        Levels {
+            dual_write,
+            kafka_only,
+            migration: 0.0,
+        }
+    }
+
     pub fn of(stage: Stage, base: Levels, pct: f64) -> Levels {
         match stage {
             Stage::DualWrite => Levels {
@@ -142,6 +177,10 @@ impl Levels {
                 kafka_only: pct,
                 ..base
             },
+            Stage::Migration => Levels {
+                migration: pct,
+                ..base
+            },
         }
     }
 
@@ -149,8 +188,32 @@ impl Levels {
         match stage {
             Stage::DualWrite => self.dual_write,
             Stage::KafkaOnly => self.kafka_only,
+            Stage::Migration => self.migration,
         }
     }
+}
+
+/// The share of accounts a migration flag serves `to`, when it serves only
+/// `from` and `to`; otherwise what it serves, in words (a change the
+/// controller did not make).
+pub fn migration_share(
+    served: &std::collections::BTreeMap<String, f64>,
+    from: &str,
+    to: &str,
+) -> Result<f64, String> {
+    let others: Vec<String> = served
+        .iter()
+        .filter(|(s, _)| s.as_str() != from && s.as_str() != to)
+        .map(|(s, p)| format!("{s} {p} %"))
+        .collect();
+    if !others.is_empty() {
+        return Err(format!(
+            "the migration flag serves {} besides {from} and {to}",
+            others.join(", ")
+        ));
+    }
+    // Thousandths of a percent, as LaunchDarkly weighs, on the 0.01 grid.
+    Ok((served.get(to).copied().unwrap_or(0.0) * 100.0).round() / 100.0)
 }
 
 fn default_rollback() -> Rollback {
@@ -158,6 +221,14 @@ fn default_rollback() -> Rollback {
 }
 
 impl Plan {
+    /// A migration plan's `(from, to)` stages.
+    pub fn migration(&self) -> Option<(&str, &str)> {
+        match (self.stage, &self.migration_from, &self.migration_to) {
+            (Stage::Migration, Some(f), Some(t)) => Some((f.as_str(), t.as_str())),
+            _ => None,
+        }
+    }
+
     pub fn parse(text: &str) -> Result<Plan, String> {
         let p: Plan = toml::from_str(text).map_err(|e| e.to_string())?;
         p.validate()?;
@@ -167,6 +238,42 @@ impl Plan {
     pub fn validate(&self) -> Result<(), String> {
         if self.steps.is_empty() {
             return Err("steps: at least one".into());
+        }
+        let stages = crate::flags::folder::STAGES;
+        let position = |what: &str, s: &Option<String>| -> Result<Option<usize>, String> {
+            match s {
+                None => Ok(None),
+                Some(s) => stages.iter().position(|x| x == s).map(Some).ok_or_else(|| {
+                    format!(
+                        "{what}: {s:?} is not a migration stage ({})",
+                        stages.join(", ")
+                    )
+                }),
+            }
+        };
+        let from = position("migration_from", &self.migration_from)?;
+        let to = position("migration_to", &self.migration_to)?;
+        match (self.stage, from, to) {
+            (Stage::Migration, Some(f), Some(t)) if f < t => {}
+            (Stage::Migration, Some(_), Some(_)) => {
+                return Err(format!(
+                    "migration_to ({}) must be a later stage than migration_from ({}): a rollout moves accounts forward",
+                    stages[to.unwrap_or(0)],
+                    stages[from.unwrap_or(0)]
+                ))
+            }
+            (Stage::Migration, _, _) => {
+                return Err(
+                    "stage \"migration\" needs migration_from and migration_to (e.g. \"off\" and \"dualwrite\")"
+                        .into(),
+                )
+            }
+            (_, None, None) => {}
+            _ => {
+                return Err(
+                    "migration_from and migration_to belong to stage = \"migration\" only".into(),
+                )
+            }
         }
         let mut prev = 0.0;
         for s in &self.steps {
@@ -400,6 +507,7 @@ pub fn check_start(plan: &Plan, now: Levels) -> Result<(), String> {
     let name = match plan.stage {
         Stage::DualWrite => "dual-write",
         Stage::KafkaOnly => "kafka-only",
+        Stage::Migration => "the migration flag's share",
     };
     if first < current {
         let above: Vec<f64> = plan
@@ -411,6 +519,9 @@ pub fn check_start(plan: &Plan, now: Levels) -> Result<(), String> {
         return Err(format!(
             "{name} is at {current} %, above this plan's first step ({first} %): the controller never lowers a flag to start; begin the steps above {current} (for example {above:?})"
         ));
+    }
+    if plan.stage == Stage::Migration {
+        return Ok(());
     }
     if plan.stage == Stage::KafkaOnly {
         if let Some(s) = plan.steps.iter().find(|s| **s > now.dual_write) {
@@ -502,6 +613,7 @@ pub fn rollback_target(plan: &Plan, state: &State) -> (Option<usize>, Levels) {
         match plan.stage {
             Stage::DualWrite => l.dual_write = l.kafka_only,
             Stage::KafkaOnly => l.kafka_only = l.dual_write,
+            Stage::Migration => {}
         }
     }
     (step, l)
@@ -563,14 +675,7 @@ mod tests {
     }
 
     fn state(p: &Plan, step: Option<usize>, at: f64) -> State {
-        let mut s = State::new(
-            p,
-            Levels {
-                dual_write: 0.0,
-                kafka_only: 0.0,
-            },
-            at,
-        );
+        let mut s = State::new(p, Levels::percents(0.0, 0.0), at);
         s.step = step;
         if let Some(i) = step {
             s.set = Levels::of(p.stage, s.set, p.steps[i]);
@@ -610,10 +715,7 @@ mod tests {
         assert_eq!(rollback_target(&p, &s).1.dual_write, 5.0);
         // From the first step: back to where the rollout started.
         let mut s = state(&p, Some(0), 0.0);
-        s.before = Levels {
-            dual_write: 0.5,
-            kafka_only: 0.25,
-        };
+        s.before = Levels::percents(0.5, 0.25);
         s.set.kafka_only = 0.25;
         assert_eq!(rollback_target(&p, &s), (None, s.before));
     }
@@ -633,10 +735,7 @@ mod tests {
             "#,
         )
         .unwrap();
-        let before = Levels {
-            dual_write: 30.0,
-            kafka_only: 10.0,
-        };
+        let before = Levels::percents(30.0, 10.0);
         let mut s = State::new(&p, before, 0.0);
         s.step = Some(0);
         s.set = Levels::of(p.stage, before, 40.0);
@@ -659,10 +758,7 @@ mod tests {
             "#,
         )
         .unwrap();
-        let at = |d, k| Levels {
-            dual_write: d,
-            kafka_only: k,
-        };
+        let at = |d, k| Levels::percents(d, k);
         let e = check_start(&kafka, at(100.0, 20.0)).unwrap_err();
         assert!(e.contains("never lowers"), "{e}");
         let e = check_start(&kafka, at(30.0, 0.0)).unwrap_err();
@@ -699,6 +795,89 @@ mod tests {
         assert_eq!(decide(&p, &s, &Check::Verified, 100.0), Action::Advance(3));
         s.step = Some(3);
         assert_eq!(decide(&p, &s, &Check::Verified, 200.0), Action::Finish);
+    }
+
+    #[test]
+    fn migration_plans_move_forward_between_two_stages() {
+        let base = r#"
+            stage = "migration"
+            steps = [10, 50, 100]
+            dwell_secs = 1
+            check_interval_secs = 1
+            failure_limit = 1
+            parity_url = "http://127.0.0.1:9096"
+            state_file = "s.json"
+        "#;
+        let p = Plan::parse(&format!(
+            "{base}\nmigration_from = \"off\"\nmigration_to = \"dualwrite\""
+        ))
+        .unwrap();
+        assert_eq!(p.migration(), Some(("off", "dualwrite")));
+        for (extra, want) in [
+            ("", "needs migration_from and migration_to"),
+            (
+                "migration_from = \"complete\"\nmigration_to = \"off\"",
+                "later stage",
+            ),
+            (
+                "migration_from = \"off\"\nmigration_to = \"sideways\"",
+                "not a migration stage",
+            ),
+        ] {
+            let e = Plan::parse(&format!("{base}\n{extra}")).unwrap_err();
+            assert!(e.contains(want), "{extra}: {e}");
+        }
+        let e = Plan::parse(&format!(
+            "{}\nmigration_from = \"off\"\nmigration_to = \"live\"",
+            base.replace("\"migration\"", "\"dual-write\"")
+        ))
+        .unwrap_err();
+        assert!(e.contains("belong to stage"), "{e}");
+        // The stages are part of what a state resumes.
+        let mut q = p.clone();
+        q.migration_to = Some("live".into());
+        let d = PlanRecord::of(&p).differences(&PlanRecord::of(&q));
+        assert_eq!(
+            d,
+            vec!["migration off → dualwrite → off → live".to_string()]
+        );
+        // A rollback goes back to the previous share, the flags untouched.
+        let mut s = State::new(&p, Levels::percents(30.0, 10.0), 0.0);
+        s.step = Some(1);
+        s.set = Levels::of(p.stage, s.set, 50.0);
+        let (step, l) = rollback_target(&p, &s);
+        assert_eq!(
+            (step, l.migration, l.dual_write, l.kafka_only),
+            (Some(0), 10.0, 30.0, 10.0)
+        );
+    }
+
+    #[test]
+    fn a_migration_share_counts_only_the_two_stages() {
+        let w = |v: &[(&str, f64)]| {
+            v.iter()
+                .map(|(s, p)| (s.to_string(), *p))
+                .collect::<std::collections::BTreeMap<_, _>>()
+        };
+        assert_eq!(
+            migration_share(&w(&[("off", 100.0)]), "off", "dualwrite"),
+            Ok(0.0)
+        );
+        assert_eq!(
+            migration_share(
+                &w(&[("off", 70.0), ("dualwrite", 30.0)]),
+                "off",
+                "dualwrite"
+            ),
+            Ok(30.0)
+        );
+        assert_eq!(
+            migration_share(&w(&[("dualwrite", 12.341)]), "off", "dualwrite"),
+            Ok(12.34)
+        );
+        let e =
+            migration_share(&w(&[("off", 50.0), ("live", 50.0)]), "off", "dualwrite").unwrap_err();
+        assert!(e.contains("live 50 %"), "{e}");
     }
 
     #[test]
