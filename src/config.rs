@@ -55,6 +55,13 @@ pub struct RouteSettings {
     /// have (408 and the connection closed beyond).
     #[serde(default = "defaults::body_read_timeout_ms")]
     pub body_read_timeout_ms: u64,
+    /// The slowest a body may arrive once `body_rate_grace_ms` have passed
+    /// since its headers (408 below; 0: no minimum). A connection below it
+    /// is also the first closed when a new one finds every slot taken.
+    #[serde(default = "defaults::min_body_rate_bytes_per_sec")]
+    pub min_body_rate_bytes_per_sec: u64,
+    #[serde(default = "defaults::body_rate_grace_ms")]
+    pub body_rate_grace_ms: u64,
     /// Bodies parsed at once (parsing is where memory multiplies).
     #[serde(default = "defaults::parse_concurrency")]
     pub parse_concurrency: usize,
@@ -94,6 +101,12 @@ mod defaults {
     }
     pub fn body_read_timeout_ms() -> u64 {
         30_000
+    }
+    pub fn min_body_rate_bytes_per_sec() -> u64 {
+        4096
+    }
+    pub fn body_rate_grace_ms() -> u64 {
+        2000
     }
     pub fn parse_concurrency() -> usize {
         2
@@ -237,6 +250,7 @@ impl PipelineConfig {
             ("route.max_connections", r.max_connections as u64),
             ("route.header_read_timeout_ms", r.header_read_timeout_ms),
             ("route.body_read_timeout_ms", r.body_read_timeout_ms),
+            ("route.body_rate_grace_ms", r.body_rate_grace_ms),
             ("route.parse_concurrency", r.parse_concurrency as u64),
         ] {
             if v == 0 {

@@ -156,6 +156,7 @@ fn ld_options(port: u16, init_timeout: Duration) -> LaunchDarklyOptions {
         init_timeout,
         reconnect_delay: Duration::from_millis(200),
         use_persisted: true,
+        migration_sample: 0,
     }
 }
 
@@ -460,4 +461,107 @@ async fn a_migration_flag_routes_each_account_as_the_sdk_evaluates_it() {
     assert!(routes(&router, 1000).await.iter().all(|r| r == "legacy"));
     sdk.close();
     router.stop().await;
+}
+
+/// LaunchDarkly's event intake (`POST /bulk`), recording every event.
+async fn event_intake() -> (u16, Arc<Mutex<Vec<Value>>>) {
+    use axum::body::Bytes;
+    use axum::http::HeaderMap;
+    use std::io::Read;
+    let events: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let app = axum::Router::new().route(
+        "/bulk",
+        axum::routing::post({
+            let events = events.clone();
+            move |headers: HeaderMap, body: Bytes| {
+                let events = events.clone();
+                async move {
+                    let gzip = headers
+                        .get("content-encoding")
+                        .is_some_and(|v| v.as_bytes() == b"gzip");
+                    let mut text = Vec::new();
+                    if gzip {
+                        flate2::read::GzDecoder::new(&body[..])
+                            .read_to_end(&mut text)
+                            .unwrap();
+                    } else {
+                        text = body.to_vec();
+                    }
+                    let batch: Vec<Value> = serde_json::from_slice(&text).unwrap();
+                    events.lock().unwrap().extend(batch);
+                    axum::http::StatusCode::ACCEPTED
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (port, events)
+}
+
+/// With events on, sampled writes are reported as migration operations: the
+/// write, the stage evaluated for the account, and per origin (old: the
+/// offline file, new: Kafka) invoked and latency; one in `sample` writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampled_writes_reach_migration_insights_per_origin() {
+    const MIGRATION: &str = "switchyard-migration";
+    let broker = Broker::start();
+    for (sample, requests, want) in [(1u64, 12u64, 12usize), (4, 20, 5)] {
+        let port = free_port();
+        let ld = LdServer::start(port, &[(KILL, json!(false))]).await;
+        // Everyone at `dualwrite`: both sinks.
+        ld.patch_raw(MIGRATION, migration_flag(MIGRATION, (0, 100_000)));
+        let (events_port, events) = event_intake().await;
+        let topic = unique("ldev");
+        create_topic(&broker.brokers(), &topic, 1).await;
+        let dirs = Dirs::new();
+        let mut cfg = config(&dirs, &topic);
+        cfg.flags.keys.migration = Some(MIGRATION.into());
+        let mut opts = ld_options(port, Duration::from_secs(5));
+        opts.send_events = true;
+        opts.events_uri = Some(format!("http://127.0.0.1:{events_port}"));
+        opts.migration_sample = sample;
+        let router = InProcess::start_with_flags(cfg, &broker.brokers(), opts).await;
+        for a in 0..requests {
+            let (status, body) =
+                post_ndjson(&router.url(), format!("{}\n", envelope(a, a, 100))).await;
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body["dual"], 1, "{body}");
+        }
+        // Stopping closes the SDK client, which sends what it queued.
+        router.stop().await;
+        ld.down();
+        let ops: Vec<Value> = events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"] == "migration_op")
+            .cloned()
+            .collect();
+        assert_eq!(
+            ops.len(),
+            want,
+            "1 in {sample} of {requests} writes: {ops:?}"
+        );
+        for op in &ops {
+            assert_eq!(op["operation"], "write", "{op}");
+            assert_eq!(op["evaluation"]["key"], MIGRATION, "{op}");
+            assert_eq!(op["evaluation"]["value"], "dualwrite", "{op}");
+            assert_eq!(op["context"]["kind"], "account", "{op}");
+            let m = op["measurements"].as_array().unwrap();
+            let of = |key: &str| m.iter().find(|x| x["key"] == key).cloned();
+            assert_eq!(
+                of("invoked").unwrap()["values"],
+                json!({"old": true, "new": true}),
+                "{op}"
+            );
+            // Whole milliseconds, as LaunchDarkly takes them: present for both.
+            let lat = of("latency_ms").unwrap();
+            for side in ["old", "new"] {
+                assert!(lat["values"][side].as_u64().is_some(), "{op}");
+            }
+            assert!(of("error").is_none(), "no sink failed: {op}");
+        }
+    }
 }

@@ -139,9 +139,18 @@ async fn beyond_the_connection_limit_a_connection_waits_then_is_refused() {
         let v = router.counter(name, &[]);
         async move { v == want }
     };
+    // Four uploads doing their job (a body streaming well above the
+    // minimum rate): none may be closed to make room.
     let mut holders = Vec::new();
     for _ in 0..4 {
-        holders.push(TcpStream::connect(router.addr).await.unwrap());
+        let mut s = TcpStream::connect(router.addr).await.unwrap();
+        holders.push(tokio::spawn(async move {
+            s.write_all(post_head(None, "").as_bytes()).await.unwrap();
+            let chunk = format!("2000\r\n{}\r\n", "x".repeat(0x2000));
+            while s.write_all(chunk.as_bytes()).await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }));
     }
     eventually("4 connections served", Duration::from_secs(5), || {
         gauge("switchyard_route_connections", 4.0)
@@ -184,7 +193,7 @@ async fn beyond_the_connection_limit_a_connection_waits_then_is_refused() {
         || gauge("switchyard_route_connections_waiting", 1.0),
     )
     .await;
-    drop(holders.remove(0));
+    holders.remove(0).abort();
     let answer = read_until_closed(&mut sixth, Duration::from_secs(10)).await;
     assert!(
         answer.starts_with(b"HTTP/1.1 200"),
@@ -198,9 +207,128 @@ async fn beyond_the_connection_limit_a_connection_waits_then_is_refused() {
         ),
         1.0
     );
-    drop(holders);
+    assert_eq!(
+        router.counter("switchyard_route_connections_shed_total", &[]),
+        0.0,
+        "no upload doing its job was closed"
+    );
+    for h in holders {
+        h.abort();
+    }
     router.stop().await;
     assert_eq!(offline_lines(&dirs.offline).len(), 1);
+}
+
+/// One hostile connection: its request's headers (all of them and a body
+/// that comes a byte every 200 ms, or half of them and nothing more).
+/// Returns how long after it opened the router closed it, and the answer.
+async fn hostile(addr: std::net::SocketAddr, slow: &'static str) -> (Duration, String) {
+    let opened = Instant::now();
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let head = match slow {
+        "body" => format!("{}{{", post_head(Some(100_000), "")),
+        _ => "POST /v1/items HTTP/1.1\r\nhost: x\r\n".to_string(),
+    };
+    let _ = s.write_all(head.as_bytes()).await;
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            r = s.read(&mut chunk) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&chunk[..n]),
+            },
+            _ = tick.tick() => {
+                if slow == "body" {
+                    let _ = s.write_all(b" ").await;
+                }
+            }
+        }
+    }
+    (
+        opened.elapsed(),
+        String::from_utf8_lossy(&answer).into_owned(),
+    )
+}
+
+/// 600 connections that send their headers and dribble their bodies (and
+/// 600 that never finish their headers) against 256 slots: a normal client
+/// is still served at once, by taking the slot of one of them, and every
+/// hostile connection is closed within its configured limit (the minimum
+/// body rate, the header timeout), made room for, or refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundreds_of_slow_clients_cannot_keep_a_normal_one_out() {
+    const HOSTILE: usize = 600;
+    for slow in ["body", "header"] {
+        let dirs = Dirs::new();
+        let mut cfg = limits_config(&dirs);
+        cfg.route.header_read_timeout_ms = 3000;
+        let limit = match slow {
+            // The rate is checked at the grace, then every second.
+            "body" => Duration::from_millis(cfg.route.body_rate_grace_ms + 1000),
+            // The header timer starts when the connection is served, after
+            // at most the admission wait.
+            _ => Duration::from_millis(
+                cfg.route.header_read_timeout_ms + cfg.route.admission_wait_ms,
+            ),
+        };
+        assert_eq!(cfg.route.max_connections, 256);
+        let router = InProcess::start(cfg, NO_BROKER).await;
+        let addr = router.addr;
+        let mut tasks = Vec::new();
+        for _ in 0..HOSTILE {
+            tasks.push(tokio::spawn(hostile(addr, slow)));
+        }
+        eventually(
+            "every slot taken and no connection left waiting",
+            Duration::from_secs(20),
+            || {
+                let served = router.counter("switchyard_route_connections", &[]);
+                let waiting = router.counter("switchyard_route_connections_waiting", &[]);
+                async move { served == 256.0 && waiting == 0.0 }
+            },
+        )
+        .await;
+        let asked = Instant::now();
+        let (status, body) = post_ndjson(&router.url(), ndjson(&[envelope(7, 1, 100)])).await;
+        let took = asked.elapsed();
+        assert_eq!(status, 200, "{slow}: {body}");
+        assert!(
+            took < Duration::from_secs(2),
+            "{slow}: the normal client waited {took:?}"
+        );
+        let mut kinds = std::collections::BTreeMap::<String, usize>::new();
+        for t in tasks {
+            let (open_for, answer) = t.await.unwrap();
+            // Scheduling slack for 600 connections on two cores.
+            assert!(
+                open_for < limit + Duration::from_millis(1500),
+                "{slow}: a hostile connection stayed {open_for:?} (limit {limit:?}): {answer}"
+            );
+            let kind = answer.split(' ').nth(1).unwrap_or("closed").to_string();
+            *kinds.entry(kind).or_default() += 1;
+        }
+        let shed = router.counter(
+            "switchyard_route_connections_shed_total",
+            &[("state", slow)],
+        );
+        assert!(shed >= 1.0, "{slow}: none was closed to make room");
+        let cut = match slow {
+            "body" => router.counter(
+                "switchyard_route_timeouts_total",
+                &[("reason", "slow_body")],
+            ),
+            _ => router.counter("switchyard_route_timeouts_total", &[("reason", "header")]),
+        };
+        assert!(cut >= 1.0, "{slow}: none was cut at its limit ({kinds:?})");
+        if slow == "body" {
+            assert!(kinds.get("408").copied().unwrap_or(0) >= 1, "{kinds:?}");
+        }
+        println!("{slow}: normal client served in {took:?}; hostile answers {kinds:?}, {shed} made room for, {cut} cut at the limit");
+        router.stop().await;
+        assert_eq!(offline_lines(&dirs.offline).len(), 1);
+    }
 }
 
 /// A gzip stream of `total` zero bytes, and the length of its prefix that
@@ -282,7 +410,15 @@ async fn stalled_gzip_bombs_hold_no_more_memory_than_they_were_admitted() {
     const LIMIT: u64 = 256 << 20;
     const BOMBS: usize = 20;
     let dirs = Dirs::new();
-    let (cfg_path, cfg) = limited_config(&dirs);
+    // Stalled for good: the minimum body rate, which would cut them after
+    // its grace, is off, so that what they hold is all admission's doing.
+    let (cfg_path, cfg) = limited_config_with(
+        &dirs,
+        &[(
+            "min_body_rate_bytes_per_sec = 4096",
+            "min_body_rate_bytes_per_sec = 0",
+        )],
+    );
     let router = Limited::spawn(&cfg_path, LIMIT);
     let base = router.status("VmRSS:");
     let max = cfg.route.max_body_bytes;
@@ -465,11 +601,20 @@ fn gzip(data: &[u8]) -> Vec<u8> {
 
 /// The embedded configuration for a child router (broker down).
 fn limited_config(dirs: &Dirs) -> (PathBuf, PipelineConfig) {
+    limited_config_with(dirs, &[])
+}
+
+/// The same, with (from, to) replacements in its text.
+fn limited_config_with(dirs: &Dirs, edits: &[(&str, &str)]) -> (PathBuf, PipelineConfig) {
     let path = write_config(EMBEDDED, dirs, "switchyard.items");
-    let text = std::fs::read_to_string(&path).unwrap().replace(
+    let mut text = std::fs::read_to_string(&path).unwrap().replace(
         "topic_check_timeout_ms = 10000",
         "topic_check_timeout_ms = 300",
     );
+    for (from, to) in edits {
+        assert!(text.contains(from), "{from}");
+        text = text.replace(from, to);
+    }
     std::fs::write(&path, &text).unwrap();
     (path, PipelineConfig::parse("test", &text).unwrap())
 }

@@ -18,7 +18,10 @@ use serde::Serialize;
 use serde_json::Value;
 
 pub use folder::FlagFileError;
-pub use launchdarkly::{LaunchDarklyFlags, LaunchDarklyOptions, LaunchDarklyStartError};
+pub use launchdarkly::{
+    report_write, LaunchDarklyFlags, LaunchDarklyOptions, LaunchDarklyStartError, EVENT_CAPACITY,
+    EVENT_FLUSH_INTERVAL,
+};
 pub use local::{write_synced, LocalFlags, ReloadOutcome};
 pub use metrics::FlagMetrics;
 
@@ -154,9 +157,33 @@ fn publish_values(v: &FlagValues, metrics: &FlagMetrics) {
     }
 }
 
+/// How one sink took a payload's write.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SinkOutcome {
+    pub latency: std::time::Duration,
+    pub ok: bool,
+}
+
+/// One payload's write to the sinks its route chose, as LaunchDarkly's
+/// migration insights count a write: `old` is the offline file, `new` Kafka
+/// (None: not invoked for this route).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WriteReport {
+    pub account_id: u64,
+    pub old: Option<SinkOutcome>,
+    pub new: Option<SinkOutcome>,
+}
+
 /// Flag values per account. Evaluation must be cheap and never block: it sits
 /// in the request path.
 pub trait FlagSource: Send + Sync + 'static {
     fn evaluate(&self, account_id: u64) -> FlagValues;
     fn status(&self) -> SourceStatus;
+    /// Whether this request's write is reported ([`FlagSource::track_write`]):
+    /// asked once per request, so a source samples cheaply here.
+    fn sample_write(&self) -> bool {
+        false
+    }
+    /// Reports a sampled write. Never blocks.
+    fn track_write(&self, _write: &WriteReport) {}
 }

@@ -57,6 +57,12 @@ pub struct RouteArgs {
     /// Send evaluation events to LaunchDarkly (off by default).
     #[arg(long, env = "LD_SEND_EVENTS")]
     ld_send_events: bool,
+    /// With events on and a migration flag (`flags.keys.migration`): one
+    /// write in this many is reported to LaunchDarkly's migration insights
+    /// (per origin: invoked, latency, error; old = offline file, new =
+    /// Kafka). 0 reports none.
+    #[arg(long, env = "LD_MIGRATION_SAMPLE", default_value_t = 100)]
+    ld_migration_sample: u64,
     /// How long start-up waits for the first flag payload, in milliseconds;
     /// then the router routes on the flags a previous run persisted (or the
     /// safe default) until flags arrive.
@@ -117,6 +123,7 @@ fn run(args: RouteArgs) -> Exit {
             init_timeout: std::time::Duration::from_millis(args.ld_init_timeout_ms),
             reconnect_delay: std::time::Duration::from_millis(500),
             use_persisted: matches!(args.ld_offline_default, OfflineDefault::Persisted),
+            migration_sample: args.ld_migration_sample,
         });
         let opts = RouteOptions {
             config,

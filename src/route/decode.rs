@@ -70,12 +70,44 @@ pub fn body_timeout(limit: Duration) -> ApiError {
     )
 }
 
+/// A body slower than the minimum rate.
+fn too_slow(rate: f64, min: u64) -> ApiError {
+    ApiError::input(
+        408,
+        "body_too_slow",
+        None,
+        format!("the body arrived at {rate:.0} bytes/s, below the minimum of {min} bytes/s"),
+    )
+}
+
+/// How fast a body must arrive: at least `min_rate` bytes/s (as sent) of
+/// the time the router waited on the client, once it waited `grace` (0: no
+/// minimum). Time the router itself held the body back (waiting for memory)
+/// does not count. `progress` is told of every wait and byte, so that a
+/// connection below the rate can make room for another.
+pub struct Pace<'a> {
+    pub min_rate: u64,
+    pub grace: Duration,
+    pub progress: Option<&'a super::admission::Progress>,
+}
+
+impl Pace<'_> {
+    fn check(&self, sent: u64, waited: Duration) -> Result<(), ApiError> {
+        let rate = sent as f64 / waited.as_secs_f64().max(1e-3);
+        if self.min_rate > 0 && rate < self.min_rate as f64 {
+            return Err(too_slow(rate, self.min_rate));
+        }
+        Ok(())
+    }
+}
+
 /// The first buffer of a body of unknown size; it doubles from there.
 const FIRST_CAPACITY: usize = 64 * 1024;
 
 /// Reads the whole body as it streams, decompressed, into a buffer whose
 /// every byte of capacity `ticket` admitted first: at most `max` bytes
-/// (413 the moment it would be more), within `deadline` (408 after).
+/// (413 the moment it would be more), within `deadline` (408 after), at the
+/// `pace` (408 below it).
 pub async fn read(
     body: &mut Body,
     encoding: Encoding,
@@ -83,6 +115,7 @@ pub async fn read(
     ticket: &mut Ticket<'_>,
     deadline: Instant,
     limit: Duration,
+    pace: &Pace<'_>,
 ) -> Result<Vec<u8>, ApiError> {
     let max = ticket.max_body();
     let mut out = Vec::new();
@@ -98,8 +131,33 @@ pub async fn read(
         _ => FIRST_CAPACITY.min(max + 1),
     };
     ticket.reserve(&mut out, first).await?;
+    // Bytes as sent, the time spent waiting on the client, and at which
+    // such time the rate is next checked (every second after the grace,
+    // whether or not bytes arrive).
+    let mut sent = 0u64;
+    let mut waited = Duration::ZERO;
+    let mut check_at = pace.grace;
     loop {
-        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+        let began = Instant::now();
+        let wake = if pace.min_rate > 0 {
+            deadline.min(began + check_at.saturating_sub(waited))
+        } else {
+            deadline
+        };
+        if let Some(p) = pace.progress {
+            p.waiting_on_client(true);
+        }
+        let next = tokio::time::timeout_at(wake, body.frame()).await;
+        if let Some(p) = pace.progress {
+            p.waiting_on_client(false);
+        }
+        waited += began.elapsed();
+        let frame = match next {
+            Err(_) if wake < deadline => {
+                pace.check(sent, waited)?;
+                check_at = waited + Duration::from_secs(1);
+                continue;
+            }
             Err(_) => return Err(body_timeout(limit)),
             Ok(None) => break,
             Ok(Some(Err(e))) => return Err(unreadable(e)),
@@ -108,6 +166,14 @@ pub async fn read(
         let Ok(data) = frame.into_data() else {
             continue;
         };
+        sent += data.len() as u64;
+        if let Some(p) = pace.progress {
+            p.body_received(data.len());
+        }
+        if pace.min_rate > 0 && waited >= check_at {
+            pace.check(sent, waited)?;
+            check_at = waited + Duration::from_secs(1);
+        }
         match &mut gz {
             None => {
                 let need = out.len() + data.len();

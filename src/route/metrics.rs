@@ -28,6 +28,8 @@ pub struct RouteMetrics {
     pub connections_waiting: IntGauge,
     /// Connections that found every slot taken, by outcome (waited, refused).
     pub connections_limited: IntCounterVec,
+    /// Connections closed to make room, by what they were doing.
+    pub connections_shed: IntCounterVec,
     pub ready: Gauge,
     /// 1, labelled with the fingerprint of the salt and flag keys: replicas
     /// that differ bucket the same account differently.
@@ -104,7 +106,7 @@ impl RouteMetrics {
             timeouts: counter_vec(
                 reg,
                 "switchyard_route_timeouts_total",
-                "Requests and connections cut for being too slow, by reason (header, idle, body)",
+                "Requests and connections cut for being too slow, by reason (header, idle, body: past the body deadline, slow_body: below the minimum body rate)",
                 &["reason"],
             )?,
             connections: int_gauge(
@@ -116,6 +118,12 @@ impl RouteMetrics {
                 reg,
                 "switchyard_route_connections_waiting",
                 "Ingest connections waiting for a slot (every one taken)",
+            )?,
+            connections_shed: counter_vec(
+                reg,
+                "switchyard_route_connections_shed_total",
+                "Ingest connections closed to make room for a new one when every slot was taken, by what they were doing (idle, header, body below the minimum rate)",
+                &["state"],
             )?,
             connections_limited: counter_vec(
                 reg,
@@ -130,6 +138,8 @@ impl RouteMetrics {
         };
         zero(&m.timeouts, &[&["header"], &["idle"], &["body"]]);
         zero(&m.connections_limited, &[&["waited"], &["refused"]]);
+        zero(&m.connections_shed, &[&["idle"], &["header"], &["body"]]);
+        zero(&m.timeouts, &[&["slow_body"]]);
         for route in ["dual", "kafka"] {
             for kind in DELIVERY_ERROR_KINDS {
                 zero(&m.fallbacks, &[&[route, kind]]);

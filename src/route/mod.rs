@@ -86,6 +86,9 @@ struct App {
     metrics: RouteMetrics,
     admission: admission::Admission,
     body_read_timeout: Duration,
+    /// The slowest a body may arrive after its grace (0: no minimum).
+    min_body_rate: u64,
+    body_rate_grace: Duration,
     max_body: usize,
     /// The longest NDJSON line (or JSON body) parsed.
     max_line: usize,
@@ -221,6 +224,8 @@ pub async fn run(
         metrics: metrics.clone(),
         admission: admission::Admission::new(&cfg.route, metrics.clone()),
         body_read_timeout: Duration::from_millis(cfg.route.body_read_timeout_ms),
+        min_body_rate: cfg.route.min_body_rate_bytes_per_sec,
+        body_rate_grace: Duration::from_millis(cfg.route.body_rate_grace_ms),
         max_body: cfg.route.max_body_bytes,
         retry_after: cfg.route.retry_after_secs,
         draining: AtomicBool::new(false),
@@ -426,9 +431,15 @@ pub struct Accepted {
     pub fallbacks: usize,
 }
 
-async fn ingest(State(app): State<Arc<App>>, headers: HeaderMap, mut body: Body) -> Response {
+async fn ingest(
+    State(app): State<Arc<App>>,
+    progress: Option<axum::Extension<Arc<admission::Progress>>>,
+    headers: HeaderMap,
+    mut body: Body,
+) -> Response {
     let started = Instant::now();
-    let res = ingest_inner(&app, &headers, &mut body).await;
+    let progress = progress.map(|axum::Extension(p)| p);
+    let res = ingest_inner(&app, &headers, &mut body, progress.as_deref()).await;
     if let Err(e) = &res {
         // A client that writes its whole body before reading would see the
         // refusal as a reset: read (and drop) the rest a little while, with
@@ -474,6 +485,7 @@ async fn ingest_inner(
     app: &App,
     headers: &HeaderMap,
     body: &mut Body,
+    progress: Option<&admission::Progress>,
 ) -> Result<Accepted, ApiError> {
     if app.draining.load(Ordering::SeqCst) {
         return Err(ApiError::unavailable(
@@ -482,7 +494,8 @@ async fn ingest_inner(
             app.retry_after,
         ));
     }
-    // The body's deadline runs from its headers, waits for admission included.
+    // The body's deadline runs from its headers, waits for admission
+    // included.
     let deadline = tokio::time::Instant::now() + app.body_read_timeout;
     let mut ticket = app.admission.admit().await?;
 
@@ -514,15 +527,34 @@ async fn ingest_inner(
         &mut ticket,
         deadline,
         app.body_read_timeout,
+        &decode::Pace {
+            min_rate: app.min_body_rate,
+            grace: app.body_rate_grace,
+            progress,
+        },
     )
     .await
     {
         Err(e) if e.status() == 408 => {
-            app.metrics.timeouts.with_label_values(&["body"]).inc();
+            let reason = if e.code() == "body_too_slow" {
+                "slow_body"
+            } else {
+                "body"
+            };
+            app.metrics.timeouts.with_label_values(&[reason]).inc();
             return Err(e);
         }
         res => res?,
     };
+    // From here the request is handled to the end; a connection chosen to
+    // make room meanwhile stops before any sink is written.
+    if progress.is_some_and(|p| !p.enter(admission::Phase::Handling)) {
+        return Err(ApiError::unavailable(
+            "overloaded",
+            "the connection was closed to make room for another",
+            app.retry_after,
+        ));
+    }
     let payloads = {
         let _parsing = ticket.parse_slot().await?;
         parse_body(&app.schema, &bytes, framing, app.max_line)?
@@ -579,21 +611,49 @@ async fn dispatch(app: &App, payloads: Vec<Payload>) -> Result<Accepted, ApiErro
         })
         .collect();
 
+    // A sampled request times each sink for the flag source's report.
+    let track = app.flags.sample_write();
     let file_write = async {
-        if file_lines.is_empty() {
+        let t = track.then(Instant::now);
+        let r = if file_lines.is_empty() {
             Ok(())
         } else {
             app.writer.write(file_lines).await
-        }
+        };
+        (r, t.map(|t| t.elapsed()))
     };
     let kafka_send = async {
-        if messages.is_empty() {
+        let t = track.then(Instant::now);
+        let r = if messages.is_empty() {
             Vec::new()
         } else {
             app.kafka.deliver(&messages).await
-        }
+        };
+        (r, t.map(|t| t.elapsed()))
     };
-    let (file_res, kafka_res) = tokio::join!(file_write, kafka_send);
+    let ((file_res, file_took), (kafka_res, kafka_took)) = tokio::join!(file_write, kafka_send);
+    if let (true, Some(&route), Some(first)) = (track, per_route.first(), payloads.first()) {
+        // The request's first payload stands for it: its route chose the
+        // sinks, and it shares their outcome with the rest of the request.
+        let outcome = |took: Option<Duration>, ok: bool| crate::flags::SinkOutcome {
+            latency: took.unwrap_or_default(),
+            ok,
+        };
+        app.flags.track_write(&crate::flags::WriteReport {
+            account_id: first.account_id,
+            old: route
+                .to_file()
+                .then(|| outcome(file_took, file_res.is_ok())),
+            new: route.to_kafka().then(|| {
+                let ok = kafka_idx
+                    .iter()
+                    .position(|i| *i == 0)
+                    .and_then(|n| kafka_res.get(n))
+                    .is_some_and(|r| r.is_ok());
+                outcome(kafka_took, ok)
+            }),
+        });
+    }
     if let Err(e) = file_res {
         return Err(ApiError::unavailable(
             "offline_unavailable",
