@@ -2,6 +2,7 @@
 //! (The router has its own, with its flag and sink details.)
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -74,12 +75,70 @@ pub fn spawn(
     router: Router,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let res = axum::serve(listener, router)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await;
-        if let Err(e) = res {
-            tracing::error!(error = %e, "admin server failed");
-        }
-    })
+    tokio::spawn(serve(listener, router, stop))
+}
+
+/// Connections an admin port serves at once; more wait in the listen queue.
+pub const CONNECTIONS: usize = 64;
+/// An admin request's headers must arrive within this, and its answer be
+/// ready within [`REQUEST_TIMEOUT`]: admin ports are scraped and probed, so
+/// a client slower than that is stuck or hostile.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves an admin router (of any role) until `stop`: at most
+/// [`CONNECTIONS`] connections, each with hyper's header read timeout (which
+/// also closes idle keep-alive connections) and a whole-request deadline;
+/// then lets requests in flight finish.
+pub async fn serve(listener: TcpListener, router: Router, stop: CancellationToken) {
+    use hyper::service::Service as _;
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+    let slots = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT);
+    loop {
+        let slot = tokio::select! {
+            _ = stop.cancelled() => break,
+            s = slots.clone().acquire_owned() => match s { Ok(s) => s, Err(_) => break },
+        };
+        let stream = tokio::select! {
+            _ = stop.cancelled() => break,
+            a = listener.accept() => match a {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin: cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let tower = TowerToHyperService::new(router.clone());
+        let svc = hyper::service::service_fn(move |req| {
+            let answer = tower.call(req);
+            async move {
+                match tokio::time::timeout(REQUEST_TIMEOUT, answer).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        Ok((StatusCode::REQUEST_TIMEOUT, "request timed out\n").into_response())
+                    }
+                }
+            }
+        });
+        let conn = http.serve_connection(TokioIo::new(stream), svc);
+        let watched = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = watched.await;
+            drop(slot);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(REQUEST_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("admin: requests still in flight at shutdown were dropped");
+    }
 }

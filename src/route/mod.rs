@@ -241,11 +241,7 @@ pub async fn run(
     let admin_server = {
         let stop = admin_stop.clone();
         let router = admin_router(app.clone());
-        tokio::spawn(async move {
-            axum::serve(admin, router)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-        })
+        tokio::spawn(crate::admin::serve(admin, router, stop))
     };
 
     let drain_started = {
