@@ -108,6 +108,23 @@ impl Broker {
         b
     }
 
+    /// SQLite storage, telling clients to reach it through `proxy_port` (a
+    /// [`Cut`]).
+    pub fn start_persistent_advertising(proxy_port: u16) -> Broker {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let mut b = Broker {
+            port,
+            advertised: proxy_port,
+            child: None,
+            storage: "sqlite://tansu.db".to_string(),
+            authentication: false,
+            _dir: dir,
+        };
+        b.resume();
+        b
+    }
+
     /// A broker that tells clients to reach it through `proxy_port`.
     pub fn start_advertising(proxy_port: u16) -> Broker {
         let port = free_port();
