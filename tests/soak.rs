@@ -113,7 +113,7 @@ async fn soak() {
     // The broker is cut off from every client (connections dropped, new ones
     // refused) for 10 s every few minutes, its data kept.
     let proxy = free_port();
-    let broker = Broker::start_persistent_advertising(proxy);
+    let broker = Broker::start_advertising(proxy);
     let cut = Cut::start_at(proxy, broker.port).await;
     let topic = unique("soak");
     create_topic(&broker.brokers(), &topic, 4).await;

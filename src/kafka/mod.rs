@@ -217,6 +217,24 @@ fn error_kind(e: &KafkaError) -> &'static str {
     }
 }
 
+/// Errors after which an idempotent producer's identity (its producer id,
+/// epoch and sequences) is no longer accepted by the broker: every later
+/// message would fail the same way, whether or not librdkafka raised it as
+/// fatal, so the producer is built anew.
+fn needs_new_producer(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::ProducerFenced
+                | RDKafkaErrorCode::InvalidProducerEpoch
+                | RDKafkaErrorCode::InvalidProducerIdMapping
+                | RDKafkaErrorCode::UnknownProducerId
+                | RDKafkaErrorCode::OutOfOrderSequenceNumber
+                | RDKafkaErrorCode::Fatal
+        )
+    )
+}
+
 /// The producer, its topic and a breaker that skips Kafka for a while after a
 /// failure so requests do not each wait a full delivery timeout.
 #[derive(Clone)]
@@ -308,11 +326,17 @@ impl KafkaSink {
         lock(&self.producer).clone()
     }
 
-    /// Builds a fresh producer if `used` is in a fatal state (and nobody
-    /// replaced it yet). Messages still in the old one fail with it.
-    fn renew_if_fatal(&self, used: &FutureProducer<QuietContext>) {
-        let Some((code, reason)) = used.client().fatal_error() else {
-            return;
+    /// Builds a fresh producer if `used` is in a fatal state, or `refused`
+    /// names the broker's refusal of its identity (and nobody replaced it
+    /// yet). Messages still in the old one fail with it.
+    fn renew_if_fatal(&self, used: &FutureProducer<QuietContext>, refused: Option<&KafkaError>) {
+        let (code, reason) = match (used.client().fatal_error(), refused) {
+            (Some((code, reason)), _) => (code, reason),
+            (None, Some(e)) => (
+                e.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fatal),
+                e.to_string(),
+            ),
+            (None, None) => return,
         };
         let mut current = lock(&self.producer);
         if !std::ptr::eq(current.client().native_ptr(), used.client().native_ptr()) {
@@ -447,6 +471,7 @@ impl KafkaSink {
             pending.push(fut);
         }
         let mut out = Vec::with_capacity(pending.len());
+        let mut identity_refused: Option<KafkaError> = None;
         for p in pending {
             let r = match p {
                 Err(e) => Err(e),
@@ -457,10 +482,16 @@ impl KafkaSink {
                             .observe(started.elapsed().as_secs_f64());
                         Ok(())
                     }
-                    Ok(Err((e, _msg))) => Err(DeliveryError {
-                        kind: error_kind(&e),
-                        message: e.to_string(),
-                    }),
+                    Ok(Err((e, _msg))) => {
+                        let r = Err(DeliveryError {
+                            kind: error_kind(&e),
+                            message: e.to_string(),
+                        });
+                        if needs_new_producer(&e) {
+                            identity_refused = Some(e);
+                        }
+                        r
+                    }
                     Err(_canceled) => Err(DeliveryError {
                         kind: "canceled",
                         message: "the producer was dropped before the delivery report".into(),
@@ -478,8 +509,8 @@ impl KafkaSink {
         let unwell = out
             .iter()
             .any(|r| r.as_ref().is_err_and(|e| !e.is_permanent()));
-        if unwell {
-            self.renew_if_fatal(&producer);
+        if unwell || identity_refused.is_some() {
+            self.renew_if_fatal(&producer, identity_refused.as_ref());
         }
         self.record(admitted, !unwell);
         out
@@ -528,6 +559,25 @@ mod tests {
         let e = keeps_consumer_guarantees(&p("enable.auto.commit", "true")).unwrap_err();
         assert!(e.contains("enable.auto.commit=true"), "{e}");
         assert!(keeps_consumer_guarantees(&p("enable.auto.offset.store", "TRUE")).is_err());
+    }
+
+    #[test]
+    fn a_refused_producer_identity_needs_a_new_producer() {
+        use rdkafka::error::KafkaError as E;
+        for code in [
+            RDKafkaErrorCode::ProducerFenced,
+            RDKafkaErrorCode::OutOfOrderSequenceNumber,
+            RDKafkaErrorCode::UnknownProducerId,
+        ] {
+            assert!(needs_new_producer(&E::MessageProduction(code)), "{code:?}");
+        }
+        for code in [
+            RDKafkaErrorCode::MessageTimedOut,
+            RDKafkaErrorCode::BrokerTransportFailure,
+            RDKafkaErrorCode::MessageSizeTooLarge,
+        ] {
+            assert!(!needs_new_producer(&E::MessageProduction(code)), "{code:?}");
+        }
     }
 
     #[test]
