@@ -460,7 +460,13 @@ mod tests {
     fn the_embedded_configuration_is_valid() {
         let cfg = PipelineConfig::load(None).unwrap();
         assert_eq!(cfg.tables[0].name, "raw_item");
-        assert_eq!(cfg.offline.fsync, FsyncPolicy::Group);
+        assert_eq!(cfg.offline.fsync, FsyncPolicy::Adaptive);
+        // The former name of adaptive is still accepted.
+        let old = EMBEDDED.replace("fsync = \"adaptive\"", "fsync = \"batch\"");
+        assert_eq!(
+            PipelineConfig::parse("x.toml", &old).unwrap().offline.fsync,
+            FsyncPolicy::Adaptive
+        );
     }
 
     #[test]
@@ -475,7 +481,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("kafka.compression"), "{e}");
-        let bad = EMBEDDED.replace("fsync = \"group\"", "fsync = \"sometimes\"");
+        let bad = EMBEDDED.replace("fsync = \"adaptive\"", "fsync = \"sometimes\"");
         let e = PipelineConfig::parse("x.toml", &bad)
             .unwrap_err()
             .to_string();

@@ -186,11 +186,8 @@ async fn kill_9_mid_load_loses_no_acknowledged_payload() {
     create_topic(&broker.brokers(), &topic, 4).await;
     let dirs = Dirs::new();
     let flags = mixed_flags(&dirs);
-    let cfg = write_config(
-        &switchyard::config::EMBEDDED.replace("fsync = \"group\"", "fsync = \"batch\""),
-        &dirs,
-        &topic,
-    );
+    // The default fsync policy, adaptive: every line synced before its 2xx.
+    let cfg = write_config(switchyard::config::EMBEDDED, &dirs, &topic);
     let mut router = Process::spawn(&cfg, &broker.brokers());
     let stop = Arc::new(AtomicBool::new(false));
     let (acked, senders) = load(router.url(), 6, stop.clone());

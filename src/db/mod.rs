@@ -566,8 +566,41 @@ impl Db {
         let engine = self.engine();
         let collation = self.exact_collation().await?;
         let statements = sql::init_statements(engine, schema, &collation);
+        self.execute_all(&statements).await
+    }
+
+    /// Creates `table` with its key and time indexes; fails if a table of
+    /// that name exists (it is then left as it is).
+    pub async fn create_new_table(&self, table: &Table) -> Result<(), DbError> {
+        let engine = self.engine();
+        let collation = self.exact_collation().await?;
+        let statements = sql::table_statements(engine, table, &collation, false);
+        self.execute_all(&statements).await
+    }
+
+    /// Drops the table `name` if it exists.
+    pub async fn drop_table(&self, name: &str) -> Result<(), DbError> {
+        let engine = self.engine();
+        let statement = format!("DROP TABLE IF EXISTS {}", sql::quote(engine, name));
+        self.execute_all(&[statement]).await
+    }
+
+    /// Removes every row of the table `name`.
+    pub async fn empty_table(&self, name: &str) -> Result<(), DbError> {
+        let engine = self.engine();
+        let verb = if engine == Engine::Sqlite {
+            "DELETE FROM"
+        } else {
+            "TRUNCATE TABLE"
+        };
+        let statement = format!("{verb} {}", sql::quote(engine, name));
+        self.execute_all(&[statement]).await
+    }
+
+    async fn execute_all(&self, statements: &[String]) -> Result<(), DbError> {
+        let engine = self.engine();
         with_pool!(self, pool, DB => {
-            for s in &statements {
+            for s in statements {
                 sqlx::query(s)
                     .execute(pool)
                     .await

@@ -215,6 +215,80 @@ fn index_name(table: &str, column: &str, suffix: &str) -> String {
     }
 }
 
+/// The statements that create `t` with its key and time indexes; with
+/// `if_absent` they leave an existing table as it is, otherwise they fail
+/// on it.
+pub fn table_statements(
+    engine: Engine,
+    t: &Table,
+    collation: &str,
+    if_absent: bool,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    let options = if engine == Engine::MySql {
+        MYSQL_TABLE_OPTIONS
+    } else {
+        ""
+    };
+    let if_not_exists = if if_absent { "IF NOT EXISTS " } else { "" };
+    let q = |s: &str| quote(engine, s);
+    let mut cols: Vec<String> = t
+        .columns
+        .iter()
+        .map(|c| {
+            let is_key = c.name == t.key;
+            // UUID keys are validated and lower-cased: they cannot differ
+            // in case or padding alone, and legacy readers of OLD keep
+            // reading them as text.
+            let exact = engine == Engine::MySql && is_key && c.ty == ColumnType::String;
+            format!(
+                "{} {}{}{}",
+                q(&c.name),
+                column_type(engine, c, is_key),
+                if exact {
+                    format!(" CHARACTER SET utf8mb4 COLLATE {collation}")
+                } else {
+                    String::new()
+                },
+                if c.nullable { "" } else { " NOT NULL" }
+            )
+        })
+        .collect();
+    cols.push(format!(
+        "CONSTRAINT {} UNIQUE ({})",
+        q(&index_name(&t.name, &t.key, "key")),
+        q(&t.key)
+    ));
+    // (time, key): the comparator's range scans read only this index.
+    let time_index = index_name(&t.name, &t.time, "idx");
+    if engine == Engine::MySql {
+        cols.push(format!(
+            "KEY {} ({}, {})",
+            q(&time_index),
+            q(&t.time),
+            q(&t.key)
+        ));
+    }
+    out.push(format!(
+        "CREATE TABLE {}{} ({}){}",
+        if_not_exists,
+        q(&t.name),
+        cols.join(", "),
+        options
+    ));
+    if engine != Engine::MySql {
+        out.push(format!(
+            "CREATE INDEX {}{} ON {} ({}, {})",
+            if_not_exists,
+            q(&time_index),
+            q(&t.name),
+            q(&t.time),
+            q(&t.key)
+        ));
+    }
+    out
+}
+
 /// `collation`: the MySQL key columns' collation (one of
 /// [`MYSQL_EXACT_COLLATIONS`] the server has); the other engines compare
 /// bytes already. Only the key gets it: the driver reads a column with a
@@ -228,58 +302,7 @@ pub fn init_statements(engine: Engine, schema: &Schema, collation: &str) -> Vec<
     };
     let q = |s: &str| quote(engine, s);
     for t in schema.tables() {
-        let mut cols: Vec<String> = t
-            .columns
-            .iter()
-            .map(|c| {
-                let is_key = c.name == t.key;
-                // UUID keys are validated and lower-cased: they cannot differ
-                // in case or padding alone, and legacy readers of OLD keep
-                // reading them as text.
-                let exact = engine == Engine::MySql && is_key && c.ty == ColumnType::String;
-                format!(
-                    "{} {}{}{}",
-                    q(&c.name),
-                    column_type(engine, c, is_key),
-                    if exact {
-                        format!(" CHARACTER SET utf8mb4 COLLATE {collation}")
-                    } else {
-                        String::new()
-                    },
-                    if c.nullable { "" } else { " NOT NULL" }
-                )
-            })
-            .collect();
-        cols.push(format!(
-            "CONSTRAINT {} UNIQUE ({})",
-            q(&index_name(&t.name, &t.key, "key")),
-            q(&t.key)
-        ));
-        // (time, key): the comparator's range scans read only this index.
-        let time_index = index_name(&t.name, &t.time, "idx");
-        if engine == Engine::MySql {
-            cols.push(format!(
-                "KEY {} ({}, {})",
-                q(&time_index),
-                q(&t.time),
-                q(&t.key)
-            ));
-        }
-        out.push(format!(
-            "CREATE TABLE IF NOT EXISTS {} ({}){}",
-            q(&t.name),
-            cols.join(", "),
-            options
-        ));
-        if engine != Engine::MySql {
-            out.push(format!(
-                "CREATE INDEX IF NOT EXISTS {} ON {} ({}, {})",
-                q(&time_index),
-                q(&t.name),
-                q(&t.time),
-                q(&t.key)
-            ));
-        }
+        out.extend(table_statements(engine, t, collation, true));
     }
     // A topic name (up to 249 bytes) plus partition and offset must fit a key.
     let (bigint, boolean, text, key) = match engine {

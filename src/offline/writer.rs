@@ -1,7 +1,10 @@
 //! The offline file writer: one thread owns the file. Requests hand it whole
 //! batches of lines and wait for an acknowledgement that comes only once the
-//! fsync policy is met. Batches that arrive while a sync runs are written and
-//! synced together (group commit), so fsync cost is shared under load.
+//! fsync policy is met. With `adaptive` (the default) a sync starts as soon
+//! as the previous one ends and covers every batch that queued meanwhile, as
+//! PostgreSQL's WAL writer does: one request alone waits for one fdatasync,
+//! and under load the cost of a sync is shared by all that queued during the
+//! last, without a timer.
 //!
 //! Acknowledgements: a line's ack waits in the file it was written to
 //! ([`OpenFile::unsynced`]) and is answered Ok only by a successful sync of
@@ -29,11 +32,14 @@ use super::{LinePrefix, CLOSED_SUFFIX, OPEN_SUFFIX};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum FsyncPolicy {
-    /// fdatasync after every batch of writes before acknowledging them
-    /// (batches that queue up during a sync share the next one).
-    Batch,
+    /// Adaptive group commit: fdatasync as soon as the previous sync ends,
+    /// covering everything written meanwhile, then acknowledge it. Nothing
+    /// waits for a timer; under load the batches that queue during one sync
+    /// share the next. Also accepted as `batch`, its former name.
+    #[serde(alias = "batch")]
+    Adaptive,
     /// fdatasync at most every `group_commit_ms`; writes are acknowledged after
-    /// the sync that covers them.
+    /// the sync that covers them (each waits up to that interval, even alone).
     Group,
     /// Never sync: acknowledged once written to the kernel (survives a process
     /// crash, not a power loss).
@@ -450,7 +456,7 @@ impl Writer {
         }
         if self.flush(&mut buf, &mut acks, lines_in_buf) {
             match self.cfg.fsync {
-                FsyncPolicy::Batch => self.sync_and_ack(),
+                FsyncPolicy::Adaptive => self.sync_and_ack(),
                 FsyncPolicy::Group => {
                     // Under steady load the timer may never fire between
                     // messages: sync here once the oldest write is due.
@@ -807,6 +813,38 @@ mod tests {
         fail_sync: bool,
         fail_rename: bool,
         writes: usize,
+        /// Successful file syncs so far.
+        syncs: usize,
+        /// While set, a file sync waits until it is opened.
+        hold_sync: Option<Arc<Gate>>,
+    }
+
+    /// Holds syncs back until opened; says whether one is waiting.
+    #[derive(Default)]
+    struct Gate {
+        state: Mutex<(bool, usize)>,
+        changed: std::sync::Condvar,
+    }
+
+    impl Gate {
+        fn pass(&self) {
+            let mut s = self.state.lock().unwrap();
+            s.1 += 1;
+            self.changed.notify_all();
+            while !s.0 {
+                s = self.changed.wait(s).unwrap();
+            }
+            s.1 -= 1;
+        }
+
+        fn waiting(&self) -> bool {
+            self.state.lock().unwrap().1 > 0
+        }
+
+        fn open(&self) {
+            self.state.lock().unwrap().0 = true;
+            self.changed.notify_all();
+        }
     }
 
     /// The real file system in a folder, with injected failures.
@@ -820,6 +858,10 @@ mod tests {
 
         fn writes(&self) -> usize {
             self.0.lock().unwrap().writes
+        }
+
+        fn syncs(&self) -> usize {
+            self.0.lock().unwrap().syncs
         }
     }
 
@@ -871,10 +913,16 @@ mod tests {
         }
 
         fn sync_data(&mut self) -> io::Result<()> {
+            let gate = self.faults.lock().unwrap().hold_sync.clone();
+            if let Some(g) = gate {
+                g.pass();
+            }
             if self.faults.lock().unwrap().fail_sync {
                 return Err(injected("sync"));
             }
-            DiskFile::sync_data(&mut self.file)
+            DiskFile::sync_data(&mut self.file)?;
+            self.faults.lock().unwrap().syncs += 1;
+            Ok(())
         }
 
         fn set_len(&mut self, len: u64) -> io::Result<()> {
@@ -941,7 +989,11 @@ mod tests {
 
     #[tokio::test]
     async fn rotates_by_size_in_order_and_closes_on_shutdown() {
-        for policy in [FsyncPolicy::Batch, FsyncPolicy::Group, FsyncPolicy::Never] {
+        for policy in [
+            FsyncPolicy::Adaptive,
+            FsyncPolicy::Group,
+            FsyncPolicy::Never,
+        ] {
             let dir = tempfile::tempdir().unwrap();
             let (w, h) = OfflineWriter::start(cfg(dir.path(), policy), metrics()).unwrap();
             for i in 0..40 {
@@ -963,9 +1015,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn adaptive_syncs_at_once_and_what_queued_during_a_sync_shares_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg(dir.path(), FsyncPolicy::Adaptive);
+        c.group_commit = Duration::from_secs(3600);
+        c.max_file_bytes = 1 << 20;
+        let disk = FaultDisk::default();
+        let (w, h) = OfflineWriter::start_with(c, metrics(), Box::new(disk.clone())).unwrap();
+        // Alone, a write is synced and acknowledged without waiting for a
+        // timer (the group interval, unused by this policy, is an hour).
+        w.write(vec![line(0)]).await.unwrap();
+        assert_eq!(disk.syncs(), 1);
+        // Hold the next sync: what arrives meanwhile waits for the one after.
+        let gate = Arc::new(Gate::default());
+        disk.set(|f| f.hold_sync = Some(gate.clone()));
+        let first = w.submit(vec![line(1)]).unwrap();
+        wait_for("the held sync", || gate.waiting()).await;
+        let queued: Vec<_> = (2..10).map(|i| w.submit(vec![line(i)]).unwrap()).collect();
+        let writes = disk.writes();
+        gate.open();
+        first.await.unwrap().unwrap();
+        for rx in queued {
+            rx.await.unwrap().unwrap();
+        }
+        // The eight batches that queued during one sync: one write, one sync.
+        assert_eq!(disk.writes(), writes + 1);
+        assert_eq!(disk.syncs(), 3);
+        w.close().await;
+        h.join().unwrap();
+        let files = closed_files(dir.path()).unwrap();
+        let ids: Vec<u64> = files
+            .iter()
+            .flat_map(|f| lines_of(f))
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(ids, (0..10).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
     async fn rotates_by_age() {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = cfg(dir.path(), FsyncPolicy::Batch);
+        let mut c = cfg(dir.path(), FsyncPolicy::Adaptive);
         c.max_file_age = Duration::from_millis(50);
         let (w, _h) = OfflineWriter::start(c, metrics()).unwrap();
         w.write(vec![line(1)]).await.unwrap();
@@ -978,7 +1068,8 @@ mod tests {
     async fn an_unwritable_folder_fails_the_write_not_the_process() {
         let dir = tempfile::tempdir().unwrap();
         let m = metrics();
-        let (w, _h) = OfflineWriter::start(cfg(dir.path(), FsyncPolicy::Batch), m.clone()).unwrap();
+        let (w, _h) =
+            OfflineWriter::start(cfg(dir.path(), FsyncPolicy::Adaptive), m.clone()).unwrap();
         // Replace the folder by a file: creating the offline file now fails.
         let path = dir.path().to_path_buf();
         std::fs::remove_dir_all(&path).unwrap();
@@ -991,7 +1082,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_write_that_cannot_be_cut_fails_every_unsynced_ack() {
-        for policy in [FsyncPolicy::Group, FsyncPolicy::Batch, FsyncPolicy::Never] {
+        for policy in [
+            FsyncPolicy::Group,
+            FsyncPolicy::Adaptive,
+            FsyncPolicy::Never,
+        ] {
             let dir = tempfile::tempdir().unwrap();
             let (w, h, disk, m) = start_faulty(dir.path(), policy);
             let mut a = written(&w, &disk, 1).await;
@@ -1047,7 +1142,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_write_cut_back_keeps_the_file_and_syncs_what_came_before() {
-        for policy in [FsyncPolicy::Group, FsyncPolicy::Batch, FsyncPolicy::Never] {
+        for policy in [
+            FsyncPolicy::Group,
+            FsyncPolicy::Adaptive,
+            FsyncPolicy::Never,
+        ] {
             let dir = tempfile::tempdir().unwrap();
             let (w, h, disk, _m) = start_faulty(dir.path(), policy);
             let a = written(&w, &disk, 1).await;
@@ -1095,7 +1194,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_sync_fails_every_pending_ack_and_abandons_the_file() {
-        for policy in [FsyncPolicy::Batch, FsyncPolicy::Group] {
+        for policy in [FsyncPolicy::Adaptive, FsyncPolicy::Group] {
             let dir = tempfile::tempdir().unwrap();
             let mut c = cfg(dir.path(), policy);
             c.group_commit = Duration::from_millis(5);
@@ -1127,7 +1226,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_file_that_cannot_be_renamed_is_closed_by_a_retry() {
-        for policy in [FsyncPolicy::Group, FsyncPolicy::Batch] {
+        for policy in [FsyncPolicy::Group, FsyncPolicy::Adaptive] {
             let dir = tempfile::tempdir().unwrap();
             let (w, h, disk, m) = start_faulty(dir.path(), policy);
             let a = written(&w, &disk, 1).await;
@@ -1164,7 +1263,7 @@ mod tests {
     #[tokio::test]
     async fn a_file_still_unrenamable_at_shutdown_is_closed_by_repair() {
         let dir = tempfile::tempdir().unwrap();
-        let (w, h, disk, _m) = start_faulty(dir.path(), FsyncPolicy::Batch);
+        let (w, h, disk, _m) = start_faulty(dir.path(), FsyncPolicy::Adaptive);
         w.write(vec![line(1)]).await.unwrap();
         disk.set(|f| f.fail_rename = true);
         w.close().await;

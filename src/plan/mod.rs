@@ -4,6 +4,7 @@
 //! later without reshuffling keys).
 
 pub mod cli;
+pub mod measure;
 
 use serde::Serialize;
 
