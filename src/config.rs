@@ -88,6 +88,9 @@ pub fn admitted_bytes(body_bytes: usize) -> usize {
         .saturating_mul(BYTES_PER_BODY_BYTE)
 }
 
+/// The longest `offline.max_file_age_secs`: a year.
+pub const MAX_FILE_AGE_SECS: u64 = 365 * 24 * 3600;
+
 /// Defaults of `[route]` keys a configuration may leave out.
 mod defaults {
     pub fn max_connections() -> usize {
@@ -260,8 +263,13 @@ impl PipelineConfig {
         if self.offline.max_file_bytes < 1024 {
             return Err(invalid("offline.max_file_bytes", "must be at least 1024"));
         }
-        if self.offline.max_file_age_secs == 0 {
-            return Err(invalid("offline.max_file_age_secs", "must be positive"));
+        // The writer adds it to the instant a file was opened, a sum that
+        // overflows (and stops the writer) for ages near 2^63 seconds.
+        if !(1..=MAX_FILE_AGE_SECS).contains(&self.offline.max_file_age_secs) {
+            return Err(invalid(
+                "offline.max_file_age_secs",
+                &format!("from 1 to {MAX_FILE_AGE_SECS} (a year)"),
+            ));
         }
         if self.offline.prefix.is_empty()
             || !self
@@ -499,6 +507,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("flags.keys.kill_switch"), "{e}");
+        for age in ["0", "31536001", "9223372036854775807"] {
+            let bad = EMBEDDED.replace(
+                "max_file_age_secs = 60",
+                &format!("max_file_age_secs = {age}"),
+            );
+            let e = PipelineConfig::parse("x.toml", &bad)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("offline.max_file_age_secs: from 1 to 31536000"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -22,7 +22,8 @@ pub enum ColumnType {
     Bool,
     /// A string in the canonical 8-4-4-4-12 hexadecimal form.
     Uuid,
-    /// Any JSON value, stored as JSON text.
+    /// Any JSON value but `null` (which is the column's absence, as for
+    /// every type), stored as JSON text.
     Json,
 }
 
@@ -57,7 +58,9 @@ impl ColumnType {
             ColumnType::String => v.is_string(),
             ColumnType::Bool => v.is_boolean(),
             ColumnType::Uuid => v.as_str().is_some_and(is_uuid),
-            ColumnType::Json => true,
+            // A null is no value: the consumers bind it as SQL NULL, which
+            // a column that is not nullable refuses.
+            ColumnType::Json => !v.is_null(),
         }
     }
 }
@@ -527,6 +530,22 @@ mod tests {
                 .unwrap_err();
             assert_eq!(e.code(), "invalid_value", "{data}");
         }
+        let e = s
+            .check_row("doc", &row(json!({"id": "a", "t": 1, "data": null})))
+            .map(|t| t.name.clone());
+        assert_eq!(e, Ok("doc".into()), "a nullable json column takes null");
+        let strict: TableConfig = toml::from_str(
+            "name = \"d\"\nkey = \"id\"\ntime = \"id\"\ngroup = \"id\"\n[columns]\nid = \"int\"\ndata = \"json\"\n",
+        )
+        .unwrap();
+        let s2 = Schema::from_config(&[strict]).unwrap();
+        let e = s2
+            .check_row("d", &row(json!({"id": 1, "data": null})))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "table d: column \"data\" must be json, found null"
+        );
         let longest = "😀".repeat(MAX_STRING_KEY_CHARS);
         assert!(s
             .check_row("doc", &row(json!({"id": longest, "t": 1})))

@@ -84,7 +84,8 @@ impl LinePrefix {
         self.0.is_empty()
     }
 
-    fn write_with_counter(&self, out: &mut Vec<u8>, counter: u64) {
+    /// Appends the whole line, `counter` its number in the file, to `out`.
+    pub fn write_with_counter(&self, out: &mut Vec<u8>, counter: u64) {
         out.extend_from_slice(&self.0);
         out.extend_from_slice(b",\"counter\":");
         out.extend_from_slice(counter.to_string().as_bytes());

@@ -216,6 +216,10 @@ pub fn migration_share(
     Ok((served.get(to).copied().unwrap_or(0.0) * 100.0).round() / 100.0)
 }
 
+/// The shortest and the longest wait between two parity checks.
+pub const MIN_CHECK_INTERVAL_SECS: f64 = 0.001;
+pub const MAX_CHECK_INTERVAL_SECS: f64 = 86_400.0;
+
 fn default_rollback() -> Rollback {
     Rollback::Previous
 }
@@ -329,8 +333,14 @@ impl Plan {
         if !(self.dwell_secs.is_finite() && self.dwell_secs >= 0.0) {
             return Err("dwell_secs: a number of seconds".into());
         }
-        if !(self.check_interval_secs.is_finite() && self.check_interval_secs > 0.0) {
-            return Err("check_interval_secs: positive".into());
+        // The controller sleeps this long between checks: at least a
+        // millisecond (shorter rounds to no sleep at all), at most a day.
+        if !(MIN_CHECK_INTERVAL_SECS..=MAX_CHECK_INTERVAL_SECS).contains(&self.check_interval_secs)
+        {
+            return Err(format!(
+                "check_interval_secs: {} — from {MIN_CHECK_INTERVAL_SECS} to {MAX_CHECK_INTERVAL_SECS} seconds",
+                self.check_interval_secs
+            ));
         }
         if self.failure_limit == 0 {
             return Err("failure_limit: at least 1".into());
@@ -649,6 +659,9 @@ mod tests {
             ("steps = [0.001, 1]", "resolution"),
             ("parity_url = \"127.0.0.1:19096\"", "http://"),
             ("parity_url = \"ftp://x\"", "http://"),
+            ("check_interval_secs = 1e20", "from 0.001 to 86400 seconds"),
+            ("check_interval_secs = 1e-12", "from 0.001 to 86400 seconds"),
+            ("check_interval_secs = 0", "from 0.001 to 86400 seconds"),
         ] {
             let mut text = r#"
                 stage = "dual-write"

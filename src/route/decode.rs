@@ -247,7 +247,6 @@ async fn inflate(
 /// Decompresses every gzip member of `raw` (the streaming reader's rules,
 /// at once), refusing a truncated stream,
 /// trailing bytes and output beyond `max`.
-#[cfg(test)]
 pub fn gunzip(raw: &[u8], max: usize) -> Result<Vec<u8>, ApiError> {
     let mut gz = Gunzip::new();
     gz.push(raw);

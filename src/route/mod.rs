@@ -27,8 +27,9 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub use decode::gunzip;
 pub use error::ApiError;
-pub use parse::{parse_body, Framing, Payload};
+pub use parse::{max_line_bytes, parse_body, Framing, Payload, LINE_SLACK};
 
 use crate::config::{KafkaFallback, PipelineConfig};
 use crate::flags::{FlagSource, LaunchDarklyFlags, LocalFlags};
