@@ -37,6 +37,8 @@ struct Live {
     new: TestDb,
     router: InProcess,
     parity_port: u16,
+    /// The ingest consumer's admin port (its `/metrics`).
+    ingest_port: u16,
     stop: CancellationToken,
     traffic_stop: Arc<AtomicBool>,
     traffic: Option<tokio::task::JoinHandle<()>>,
@@ -49,7 +51,18 @@ impl Live {
     /// Kafka-bound parity of a dual-write rollout, but dual rows are checked
     /// in OLD too: the loader runs), and traffic with current timestamps.
     async fn start() -> Live {
-        let broker = Broker::start();
+        Live::start_with(Duration::from_secs(3), false).await
+    }
+
+    /// With the comparator's `max_lateness`, and a broker that keeps its
+    /// records one by one (`persistent`: a consumer that pauses and resumes
+    /// mid-batch gets every message; see `Broker::start_persistent`).
+    async fn start_with(max_lateness: Duration, persistent: bool) -> Live {
+        let broker = if persistent {
+            Broker::start_persistent()
+        } else {
+            Broker::start()
+        };
         let topic = unique("ro");
         create_topic(&broker.brokers(), &topic, 2).await;
         let dirs = Dirs::new();
@@ -60,6 +73,7 @@ impl Live {
         let new = TestDb::postgres(&schema).await;
         let router = InProcess::start(cfg.clone(), &broker.brokers()).await;
         let stop = CancellationToken::new();
+        let ingest_port;
         {
             let (schema, db, s) = (schema.clone(), new.db.clone(), stop.clone());
             let opts = IngestOptions {
@@ -72,9 +86,15 @@ impl Live {
                 extra: vec![],
                 idle_exit: None,
             };
+            let registry = prometheus::Registry::new();
+            let m = IngestMetrics::new(&registry).unwrap();
+            let health = Health::default();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            ingest_port = listener.local_addr().unwrap().port();
+            let admin = switchyard::admin::router(registry, health.clone());
+            tokio::spawn(async move { axum::serve(listener, admin).await });
             tokio::spawn(async move {
-                let m = IngestMetrics::new(&prometheus::Registry::new()).unwrap();
-                ingest::run(opts, &schema, &db, m, Health::default(), s)
+                ingest::run(opts, &schema, &db, m, health, s)
                     .await
                     .expect("ingest");
             });
@@ -107,7 +127,7 @@ impl Live {
                 extra: vec![],
                 window_secs: 1,
                 settle: Duration::from_millis(1500),
-                max_lateness: Duration::from_secs(3),
+                max_lateness,
                 recheck: Duration::from_millis(500),
                 check_interval: Duration::from_millis(200),
                 retain: Duration::from_secs(600),
@@ -163,6 +183,7 @@ impl Live {
             new,
             router,
             parity_port,
+            ingest_port,
             stop,
             traffic_stop,
             traffic: Some(traffic),
@@ -205,6 +226,10 @@ impl Live {
     }
 
     fn plan(&self, state: &std::path::Path, dwell_secs: f64) -> Plan {
+        self.plan_with(state, dwell_secs, "")
+    }
+
+    fn plan_with(&self, state: &std::path::Path, dwell_secs: f64, extra: &str) -> Plan {
         Plan::parse(&format!(
             r#"
             stage = "dual-write"
@@ -214,6 +239,7 @@ impl Live {
             failure_limit = 2
             parity_url = "http://127.0.0.1:{}"
             state_file = "{}"
+            {extra}
             "#,
             self.parity_port,
             state.display()
@@ -604,4 +630,94 @@ async fn gates_webhooks_and_resume() {
         .map(|h| h["event"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(hooked, events, "a webhook per transition");
+}
+
+/// The gate on keeping up: NEW's table is locked against writes (reads go
+/// on, so the comparator keeps answering), ingest falls behind, and the
+/// step pauses on its lag instead of advancing; once the lock is gone and
+/// ingest catches up, the step's hold starts again and the rollout
+/// finishes, with no mismatch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_pauses_while_ingest_falls_behind_and_resumes_once_it_catches_up() {
+    let live = Live::start_with(Duration::from_secs(120), true).await;
+    let state = live.dirs.root.path().join("rollout.json");
+    let dwell = 2.0;
+    let plan = live.plan_with(
+        &state,
+        dwell,
+        &format!(
+            "lag_urls = [\"http://127.0.0.1:{}\"]\nmax_lag_secs = 3",
+            live.ingest_port
+        ),
+    );
+    let c = Controller::new(
+        plan,
+        live.store(),
+        RolloutMetrics::new(&prometheus::Registry::new()).unwrap(),
+    )
+    .unwrap();
+    let run = {
+        let c = c.clone();
+        tokio::spawn(async move { c.run(CancellationToken::new()).await })
+    };
+    eventually("the first step applied", Duration::from_secs(30), || {
+        let c = c.clone();
+        async move { c.state().step.is_some() }
+    })
+    .await;
+
+    // Writes to NEW's table wait for this transaction.
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&live.new.url).await.unwrap();
+    let mut lock = conn.begin().await.unwrap();
+    sqlx::query("LOCK TABLE raw_item IN EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    eventually("a pause on the lag", Duration::from_secs(60), || {
+        let c = c.clone();
+        async move {
+            c.state()
+                .paused
+                .is_some_and(|p| p.contains("ingest is behind"))
+        }
+    })
+    .await;
+    let paused_on = c.state().step;
+    let status = c.status_json();
+    assert_eq!(status["lag"]["state"], "behind", "{status}");
+    assert!(status["lag"]["seconds"].as_f64().unwrap() > 3.0, "{status}");
+    // Held there, however long ingest stays behind.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(c.state().step, paused_on, "{}", c.status_json());
+    assert!(c.state().paused.is_some(), "{}", c.status_json());
+    lock.rollback().await.unwrap();
+
+    let outcome = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("the rollout finished")
+        .unwrap()
+        .unwrap();
+    assert_eq!(outcome, Outcome::Done, "{}", c.status_json());
+    let h = c.state().history;
+    let paused = h
+        .iter()
+        .position(|t| t.event == "paused" && t.reason.contains("ingest is behind"))
+        .expect("a pause on the lag in the history");
+    let unpaused = paused
+        + h[paused..]
+            .iter()
+            .position(|t| t.event == "unpaused")
+            .expect("the pause lifted");
+    let next = h[unpaused..]
+        .iter()
+        .find(|t| t.event == "advance" || t.event == "done")
+        .expect("a step after the pause");
+    assert!(
+        next.at - h[unpaused].at >= dwell,
+        "the step held its whole dwell again after the pause: {}",
+        c.status_json()
+    );
+    assert_eq!(c.state().checks_failed, 0, "{}", c.status_json());
+    live.shutdown().await;
 }

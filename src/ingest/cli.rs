@@ -44,6 +44,18 @@ pub struct IngestArgs {
     /// Exit once caught up and idle this many seconds (backfills, benchmarks).
     #[arg(long)]
     idle_exit: Option<f64>,
+    /// Replay: before consuming, move the group's committed offsets back to
+    /// `earliest`, an RFC 3339 time (the first message at or after it, by
+    /// the broker's offsets-for-times lookup) or `partition:offset,…`
+    /// (`topic:partition:offset` with several topics), then consume from
+    /// there. Never moves a partition forward; refused while the group has
+    /// active members. Prints each partition's offsets before and after.
+    #[arg(long, value_name = "TIME|earliest|PARTITION:OFFSET,…")]
+    rewind_to: Option<String>,
+    /// With --rewind-to: move the offsets and exit without consuming (a
+    /// one-off job while the group's consumers are stopped).
+    #[arg(long, requires = "rewind_to")]
+    rewind_only: bool,
     /// Admin address: /metrics, /healthz, /readyz.
     #[arg(
         long,
@@ -91,6 +103,23 @@ fn run(args: IngestArgs) -> Exit {
             .idle_exit
             .map(|s| std::time::Duration::from_secs_f64(s.max(0.0))),
     };
+    if let Some(spec) = &args.rewind_to {
+        let to = super::rewind::parse(spec).map_err(usage)?;
+        match rt.block_on(super::rewind::rewind_group(&opts, &to)) {
+            Ok(moves) => {
+                for m in &moves {
+                    println!("rewind {m}");
+                    tracing::info!(topic = %m.topic, partition = m.partition, from = ?m.from,
+                        to = m.to, kept = m.kept, group = %opts.group, "offsets rewound");
+                }
+            }
+            Err(e) if e.is_config() => return Err(usage(format!("ingest: {e}"))),
+            Err(e) => return Err(failure(format!("ingest: {e}"))),
+        }
+        if args.rewind_only {
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
     rt.block_on(async {
         let registry = prometheus::Registry::new();
         let metrics = metrics_or_exit(IngestMetrics::new(&registry))?;

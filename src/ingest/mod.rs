@@ -8,6 +8,7 @@
 pub mod cli;
 mod context;
 mod metrics;
+pub mod rewind;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -149,26 +150,11 @@ pub async fn run(
 ) -> Result<IngestSummary, IngestError> {
     crate::kafka::keeps_consumer_guarantees(&opts.extra).map_err(IngestError::Weakened)?;
     let ctx = IngestContext::new(metrics.clone());
-    let mut cfg = ClientConfig::new();
-    cfg.set("bootstrap.servers", &opts.brokers)
-        .set("group.id", &opts.group)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        // The ends of partitions as fetches see them, one source of the lag.
-        .set("statistics.interval.ms", "1000")
-        // A batch of 2,000 rows of 2.5 KB is 5 MB: fetch in pieces that size,
-        // not librdkafka's 1 MB per partition.
-        .set("max.partition.fetch.bytes", "8388608")
-        .set("fetch.max.bytes", "67108864")
-        // librdkafka prefetches up to 64 MiB a partition by default: two
-        // fetches' worth keep it busy and its memory bounded.
-        .set("queued.max.messages.kbytes", "16384");
-    for (k, v) in &opts.extra {
-        cfg.set(k, v);
-    }
-    let consumer: Arc<StreamConsumer<IngestContext>> =
-        Arc::new(cfg.create_with_context(ctx).map_err(IngestError::Config)?);
+    let consumer: Arc<StreamConsumer<IngestContext>> = Arc::new(
+        client_config(&opts)
+            .create_with_context(ctx)
+            .map_err(IngestError::Config)?,
+    );
     check_topics(&consumer, &opts).await?;
     let topics: Vec<&str> = opts.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics).map_err(IngestError::Config)?;
@@ -195,6 +181,31 @@ pub async fn run(
     let _ = lag.await;
     res?;
     Ok(ingest.summary)
+}
+
+/// The consumer's librdkafka configuration: manual commits only, from the
+/// start of a partition the group has never committed, the operator's
+/// properties (`--kafka-config`) last.
+pub fn client_config(opts: &IngestOptions) -> ClientConfig {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", &opts.brokers)
+        .set("group.id", &opts.group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        // The ends of partitions as fetches see them, one source of the lag.
+        .set("statistics.interval.ms", "1000")
+        // A batch of 2,000 rows of 2.5 KB is 5 MB: fetch in pieces that size,
+        // not librdkafka's 1 MB per partition.
+        .set("max.partition.fetch.bytes", "8388608")
+        .set("fetch.max.bytes", "67108864")
+        // librdkafka prefetches up to 64 MiB a partition by default: two
+        // fetches' worth keep it busy and its memory bounded.
+        .set("queued.max.messages.kbytes", "16384");
+    for (k, v) in &opts.extra {
+        cfg.set(k, v);
+    }
+    cfg
 }
 
 /// The consume loop: gathers batches and flushes them.

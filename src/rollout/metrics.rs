@@ -18,6 +18,11 @@ pub struct RolloutMetrics {
     /// 1 while paused (a manual change, a kill, unreadable flags, no parity
     /// data, an unreachable parity source): the reason is in `/status`.
     pub paused: IntGauge,
+    /// The new pipeline's lag as the controller last read it (seconds).
+    pub ingest_lag_seconds: Gauge,
+    /// 1 while the last lag read was above the plan's limits (the rollout
+    /// pauses on it).
+    pub ingest_behind: IntGauge,
 }
 
 impl RolloutMetrics {
@@ -56,7 +61,17 @@ impl RolloutMetrics {
             paused: int_gauge(
                 reg,
                 "switchyard_rollout_paused",
-                "1 while the rollout is paused (manual change, kill, unreadable flags, no parity data, parity source down)",
+                "1 while the rollout is paused (manual change, kill, unreadable flags, no parity data, parity source down, ingest behind)",
+            )?,
+            ingest_lag_seconds: gauge(
+                reg,
+                "switchyard_rollout_ingest_lag_seconds",
+                "The new pipeline's lag as last read (age of the oldest message not yet in NEW)",
+            )?,
+            ingest_behind: int_gauge(
+                reg,
+                "switchyard_rollout_ingest_behind",
+                "1 while the new pipeline's lag is above the plan's limits",
             )?,
         };
         zero(

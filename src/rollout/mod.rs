@@ -25,8 +25,9 @@ use tokio_util::sync::CancellationToken;
 use crate::flags::store::{FlagStore, Reading, StoreError, Which};
 pub use metrics::RolloutMetrics;
 use plan::{
-    check_start, decide, migration_share, rollback_target, Action, Check, Intent, Levels, Plan,
-    PlanRecord, Rollback, Stage, State, Status, Transition,
+    check_start, decide, gate_on_lag, lag_check, lag_of_metrics, migration_share, rollback_target,
+    Action, Check, Intent, Lag, LagCheck, Levels, Plan, PlanRecord, Rollback, Stage, State, Status,
+    Transition,
 };
 
 /// Why the controller stopped with an error.
@@ -107,6 +108,8 @@ pub struct Controller {
     fresh: AtomicBool,
     /// The flags as last read, for `/status`.
     seen: Mutex<Option<Reading>>,
+    /// The new pipeline's lag as last read, for `/status`.
+    lag: Mutex<Option<LagCheck>>,
     writer: Box<dyn StateWriter>,
 }
 
@@ -164,6 +167,7 @@ impl Controller {
             state: Mutex::new(state),
             fresh: AtomicBool::new(fresh),
             seen: Mutex::new(None),
+            lag: Mutex::new(None),
             writer,
         }))
     }
@@ -254,6 +258,12 @@ impl Controller {
             "failure_limit": self.plan.failure_limit,
             "checks_passed": s.checks_passed,
             "checks_failed": s.checks_failed,
+            "lag": self.lag.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|l| match l {
+                LagCheck::KeepingUp(lag) => json!({"state": "keeping-up", "seconds": lag.seconds, "messages": lag.messages}),
+                LagCheck::Behind(lag, why) => json!({"state": "behind", "seconds": lag.seconds, "messages": lag.messages, "why": why}),
+                LagCheck::Unknown(why) => json!({"state": "unknown", "why": why}),
+            }),
+            "max_lag_secs": self.plan.max_lag_secs,
             "history": s.history,
         })
     }
@@ -367,6 +377,92 @@ impl Controller {
                 )
             })?;
         r.json()
+            .await
+            .map_err(|e| format!("{what} answer unreadable: {}", e.without_url()))
+    }
+
+    /// The new pipeline's lag, when the plan names a source: the largest
+    /// over every ingest consumer (each one's `/metrics`), or a Prometheus
+    /// query's value in seconds.
+    async fn lag(&self) -> Option<LagCheck> {
+        if !self.plan.lag_urls.is_empty() {
+            let mut worst: Option<Lag> = None;
+            for base in &self.plan.lag_urls {
+                let text = match self.get_text("ingest", base, "/metrics").await {
+                    Ok(t) => t,
+                    Err(e) => return Some(LagCheck::Unknown(e)),
+                };
+                if let Some(l) = lag_of_metrics(&text) {
+                    worst = Some(match worst {
+                        None => l,
+                        Some(w) => Lag {
+                            seconds: w.seconds.max(l.seconds),
+                            messages: match (w.messages, l.messages) {
+                                (Some(a), Some(b)) => Some(a.max(b)),
+                                (a, b) => a.or(b),
+                            },
+                        },
+                    });
+                }
+            }
+            return Some(match worst {
+                Some(l) => lag_check(&self.plan, l),
+                None => {
+                    LagCheck::Unknown("no ingest consumer reports a measured partition yet".into())
+                }
+            });
+        }
+        let (Some(base), Some(q)) = (&self.plan.prometheus_url, &self.plan.lag_prometheus_query)
+        else {
+            return None;
+        };
+        let query = [("query", q.clone())];
+        Some(
+            match self
+                .get_json("prometheus", base, "/api/v1/query", &query)
+                .await
+            {
+                Err(e) => LagCheck::Unknown(e),
+                Ok(body) if body["status"] != "success" => LagCheck::Unknown(format!(
+                    "prometheus answered {}: {}",
+                    body["status"],
+                    body["error"].as_str().unwrap_or("no error message")
+                )),
+                Ok(body) => match body["data"]["result"][0]["value"][1]
+                    .as_str()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .filter(|v| v.is_finite())
+                {
+                    Some(v) => lag_check(
+                        &self.plan,
+                        Lag {
+                            seconds: v,
+                            messages: None,
+                        },
+                    ),
+                    None => LagCheck::Unknown(format!("prometheus query {q:?} returned no sample")),
+                },
+            },
+        )
+    }
+
+    /// GETs `base` + `path` as text; errors as [`Controller::get_json`]'s.
+    async fn get_text(&self, what: &str, base: &str, path: &str) -> Result<String, String> {
+        let url = format!("{}{path}", base.trim_end_matches('/'));
+        let r = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| {
+                format!(
+                    "{what} at {}: {}",
+                    crate::db::redact_url(base),
+                    e.without_url()
+                )
+            })?;
+        r.text()
             .await
             .map_err(|e| format!("{what} answer unreadable: {}", e.without_url()))
     }
@@ -702,7 +798,27 @@ impl Controller {
             }
             _ => s.source_down_since = None,
         }
-        let action = decide(&self.plan, &s, &check, now);
+        let mut action = decide(&self.plan, &s, &check, now);
+        if let Some(lag) = self.lag().await {
+            match &lag {
+                LagCheck::Unknown(why) => {
+                    s.lag_down_since.get_or_insert(now);
+                    tracing::warn!(%why, "ingest lag unknown");
+                }
+                LagCheck::KeepingUp(l) | LagCheck::Behind(l, _) => {
+                    s.lag_down_since = None;
+                    self.metrics.ingest_lag_seconds.set(l.seconds);
+                }
+            }
+            let behind = matches!(lag, LagCheck::Behind(..));
+            self.metrics.ingest_behind.set(i64::from(behind));
+            if let LagCheck::Behind(l, why) = &lag {
+                tracing::warn!(step = s.step.map(|i| i + 1), lag_seconds = l.seconds,
+                    lag_messages = ?l.messages, %why, "the new pipeline is behind");
+            }
+            action = gate_on_lag(&self.plan, &s, &check, action, &lag, now);
+            *self.lag.lock().unwrap_or_else(|p| p.into_inner()) = Some(lag);
+        }
         if matches!(check, Check::Breach(_)) {
             s.failures += 1;
         }
@@ -715,7 +831,7 @@ impl Controller {
             self.transition(
                 &mut s,
                 "unpaused",
-                "flags and parity source as expected again".into(),
+                "flags, parity source and ingest lag as expected again".into(),
             )
             .await?;
             return Ok(None);

@@ -74,6 +74,27 @@ pub struct Plan {
     /// pauses the rollout and raises `switchyard_rollout_paused`.
     #[serde(default = "default_source_down")]
     pub source_down_pause_secs: f64,
+    /// The new pipeline must keep up for a step to pass, as well as parity
+    /// hold: the ingest consumers' admin addresses (each one's `/metrics`,
+    /// the largest lag of all counts), e.g. `http://127.0.0.1:9091`.
+    #[serde(default)]
+    pub lag_urls: Vec<String>,
+    /// Or a query on `prometheus_url` that returns the lag in seconds,
+    /// e.g. `max(switchyard_ingest_lag_seconds)`.
+    #[serde(default)]
+    pub lag_prometheus_query: Option<String>,
+    /// A lag above this (the age of the oldest message not yet in NEW, in
+    /// seconds) pauses the step; once it is back below, the step's hold
+    /// starts again, so a step passes only after keeping up for all of it.
+    #[serde(default = "default_max_lag")]
+    pub max_lag_secs: f64,
+    /// And above this many messages behind (0: not gated on messages).
+    #[serde(default)]
+    pub max_lag_messages: u64,
+}
+
+fn default_max_lag() -> f64 {
+    30.0
 }
 
 fn default_no_data_pause() -> f64 {
@@ -298,6 +319,7 @@ impl Plan {
             .iter()
             .map(|u| ("parity_url", u))
             .chain(self.prometheus_url.iter().map(|u| ("prometheus_url", u)))
+            .chain(self.lag_urls.iter().map(|u| ("lag_urls", u)))
             .chain(self.webhooks.iter().map(|u| ("webhooks", u)))
         {
             // A webhook's path may be its secret: never shown.
@@ -325,6 +347,7 @@ impl Plan {
             ("no_data_pause_secs", self.no_data_pause_secs),
             ("no_data_rollback_secs", self.no_data_rollback_secs),
             ("source_down_pause_secs", self.source_down_pause_secs),
+            ("max_lag_secs", self.max_lag_secs),
         ] {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(format!("{what}: a number of seconds"));
@@ -345,18 +368,26 @@ impl Plan {
         if self.failure_limit == 0 {
             return Err("failure_limit: at least 1".into());
         }
-        match (
-            &self.parity_url,
-            &self.prometheus_url,
-            &self.prometheus_query,
-        ) {
-            (Some(_), None, None) | (None, Some(_), Some(_)) => {}
+        match (&self.parity_url, &self.prometheus_query) {
+            (Some(_), None) | (None, Some(_)) => {}
             _ => {
                 return Err(
                     "parity source: either parity_url, or prometheus_url with prometheus_query"
                         .into(),
                 )
             }
+        }
+        let queries = self.prometheus_query.is_some() || self.lag_prometheus_query.is_some();
+        if queries != self.prometheus_url.is_some() {
+            return Err(if queries {
+                "prometheus_query and lag_prometheus_query need prometheus_url".into()
+            } else {
+                "prometheus_url is set, but neither prometheus_query nor lag_prometheus_query"
+                    .into()
+            });
+        }
+        if !self.lag_urls.is_empty() && self.lag_prometheus_query.is_some() {
+            return Err("lag source: either lag_urls or lag_prometheus_query, not both".into());
         }
         if let Some(g) = self.manual_gates.iter().find(|g| !self.steps.contains(g)) {
             return Err(format!("manual_gates: {g} is not one of the steps"));
@@ -449,6 +480,9 @@ pub struct State {
     /// Since when the parity reports have been empty, or the source down.
     pub no_data_since: Option<f64>,
     pub source_down_since: Option<f64>,
+    /// Since when the lag source has not answered.
+    #[serde(default)]
+    pub lag_down_since: Option<f64>,
     pub history: Vec<Transition>,
 }
 
@@ -469,6 +503,7 @@ impl State {
             paused: None,
             no_data_since: None,
             source_down_since: None,
+            lag_down_since: None,
             history: Vec::new(),
         }
     }
@@ -606,6 +641,140 @@ pub fn decide(plan: &Plan, state: &State, check: &Check, now: f64) -> Action {
                 return Action::WaitForPromotion(next);
             }
             Action::Advance(next)
+        }
+    }
+}
+
+/// How far the new pipeline is behind: the age in seconds of the oldest
+/// message not yet in NEW, and the messages not yet in NEW.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
+pub struct Lag {
+    pub seconds: f64,
+    /// None when the source gives seconds only (a Prometheus query).
+    pub messages: Option<i64>,
+}
+
+/// A lag reading, for the gate.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LagCheck {
+    /// Within the plan's limits.
+    KeepingUp(Lag),
+    /// Above a limit, with why.
+    Behind(Lag, String),
+    /// The source did not answer, or had nothing measured yet.
+    Unknown(String),
+}
+
+/// A lag reading against the plan's limits.
+pub fn lag_check(plan: &Plan, lag: Lag) -> LagCheck {
+    if lag.seconds > plan.max_lag_secs {
+        return LagCheck::Behind(
+            lag,
+            format!(
+                "ingest is behind: its oldest message not yet in NEW is older than max_lag_secs = {} s",
+                plan.max_lag_secs
+            ),
+        );
+    }
+    match lag.messages {
+        Some(m) if plan.max_lag_messages > 0 && m > plan.max_lag_messages as i64 => {
+            LagCheck::Behind(
+                lag,
+                format!(
+                    "ingest is behind: more than max_lag_messages = {} message(s) not yet in NEW",
+                    plan.max_lag_messages
+                ),
+            )
+        }
+        _ => LagCheck::KeepingUp(lag),
+    }
+}
+
+/// The largest lag in a role's Prometheus text exposition: the maximum of
+/// `switchyard_ingest_lag_seconds` and of `switchyard_ingest_lag_messages`
+/// over its partitions. None when it reports no partition (not measured
+/// yet, or none assigned).
+pub fn lag_of_metrics(text: &str) -> Option<Lag> {
+    let mut seconds: Option<f64> = None;
+    let mut messages: Option<i64> = None;
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('#') {
+            continue;
+        }
+        let (name, rest) = match line.find(['{', ' ']) {
+            Some(i) => line.split_at(i),
+            None => continue,
+        };
+        let value = match rest.rfind('}') {
+            Some(i) => &rest[i + 1..],
+            None => rest,
+        };
+        let Ok(v) = value.trim().parse::<f64>() else {
+            continue;
+        };
+        if !v.is_finite() {
+            continue;
+        }
+        match name {
+            "switchyard_ingest_lag_seconds" => seconds = Some(seconds.map_or(v, |s| s.max(v))),
+            "switchyard_ingest_lag_messages" => {
+                let m = v as i64;
+                messages = Some(messages.map_or(m, |x| x.max(m)))
+            }
+            _ => {}
+        }
+    }
+    match (seconds, messages) {
+        (None, None) => None,
+        (s, m) => Some(Lag {
+            seconds: s.unwrap_or(0.0),
+            messages: m,
+        }),
+    }
+}
+
+/// The gate on keeping up, over what parity decided: a step does not pass
+/// while ingest is behind, or while its lag cannot be read. Parity wins
+/// where it must: a rollback stands, and a breach keeps being counted (a
+/// pause would forget it).
+pub fn gate_on_lag(
+    plan: &Plan,
+    state: &State,
+    check: &Check,
+    action: Action,
+    lag: &LagCheck,
+    now: f64,
+) -> Action {
+    if matches!(action, Action::RollBack(_)) || matches!(check, Check::Breach(_)) {
+        return action;
+    }
+    match lag {
+        LagCheck::KeepingUp(_) => action,
+        LagCheck::Behind(_, why) => match action {
+            Action::Pause(other) => Action::Pause(format!("{other}; {why}")),
+            _ => Action::Pause(why.clone()),
+        },
+        LagCheck::Unknown(why) => {
+            let for_secs = state.lag_down_since.map_or(0.0, |t| now - t);
+            if let Action::Pause(other) = action {
+                Action::Pause(other)
+            } else if for_secs >= plan.source_down_pause_secs {
+                Action::Pause(format!(
+                    "ingest lag unknown for more than source_down_pause_secs = {} s: {why}",
+                    plan.source_down_pause_secs
+                ))
+            } else if let Some(paused) = &state.paused {
+                // Paused (say, for lag): not lifted before the lag is known.
+                Action::Pause(paused.clone())
+            } else {
+                match action {
+                    Action::Advance(_) | Action::Finish | Action::WaitForPromotion(_) => {
+                        Action::Hold
+                    }
+                    a => a,
+                }
+            }
         }
     }
 }
@@ -909,5 +1078,217 @@ mod tests {
             PlanRecord::of(&p).fingerprint,
             PlanRecord::of(&q).fingerprint
         );
+    }
+
+    #[test]
+    fn the_largest_lag_of_every_partition_is_read_from_metrics() {
+        let text = "# HELP switchyard_ingest_lag_seconds Age\n\
+            # TYPE switchyard_ingest_lag_seconds gauge\n\
+            switchyard_ingest_lag_seconds{partition=\"0\",topic=\"t\"} 1.5\n\
+            switchyard_ingest_lag_seconds{partition=\"1\",topic=\"t\"} 42\n\
+            switchyard_ingest_lag_messages{partition=\"0\",topic=\"t\"} 900\n\
+            switchyard_ingest_lag_messages{partition=\"1\",topic=\"t\"} 12\n\
+            switchyard_ingest_lag_seconds_total 1000\n\
+            switchyard_ingest_messages_total 5\n";
+        assert_eq!(
+            lag_of_metrics(text),
+            Some(Lag {
+                seconds: 42.0,
+                messages: Some(900)
+            })
+        );
+        // Nothing measured (no partition assigned yet): unknown, not zero.
+        assert_eq!(
+            lag_of_metrics(
+                "# TYPE switchyard_ingest_lag_seconds gauge\nswitchyard_ingest_messages_total 5\n"
+            ),
+            None
+        );
+        assert_eq!(
+            lag_of_metrics("switchyard_ingest_lag_seconds NaN\n"),
+            None,
+            "a value that is not a number is no reading"
+        );
+    }
+
+    fn lag_plan(extra: &str) -> Plan {
+        Plan::parse(&format!(
+            r#"
+            stage = "dual-write"
+            steps = [10, 50, 100]
+            dwell_secs = 60
+            check_interval_secs = 5
+            failure_limit = 2
+            parity_url = "http://127.0.0.1:9096"
+            lag_urls = ["http://127.0.0.1:9091"]
+            max_lag_secs = 10
+            source_down_pause_secs = 30
+            state_file = "s.json"
+            {extra}
+            "#
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn lag_limits_in_seconds_and_messages() {
+        let p = lag_plan("max_lag_messages = 1000");
+        let lag = |seconds, messages| Lag { seconds, messages };
+        assert!(matches!(
+            lag_check(&p, lag(9.9, Some(1000))),
+            LagCheck::KeepingUp(_)
+        ));
+        match lag_check(&p, lag(10.1, Some(0))) {
+            LagCheck::Behind(_, why) => assert!(why.contains("max_lag_secs = 10"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        match lag_check(&p, lag(0.0, Some(1001))) {
+            LagCheck::Behind(_, why) => assert!(why.contains("max_lag_messages = 1000"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        // Seconds only (a Prometheus query), and messages not gated by default.
+        assert!(matches!(
+            lag_check(&p, lag(1.0, None)),
+            LagCheck::KeepingUp(_)
+        ));
+        assert!(matches!(
+            lag_check(&lag_plan(""), lag(1.0, Some(1 << 40))),
+            LagCheck::KeepingUp(_)
+        ));
+        // The reason does not change with the figure: one transition per pause.
+        let a = lag_check(&p, lag(11.0, None));
+        let b = lag_check(&p, lag(500.0, None));
+        match (a, b) {
+            (LagCheck::Behind(_, x), LagCheck::Behind(_, y)) => assert_eq!(x, y),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_step_does_not_pass_while_ingest_is_behind_or_unknown() {
+        let p = lag_plan("");
+        let s = state(&p, Some(0), 0.0);
+        let behind = LagCheck::Behind(Lag::default(), "behind".into());
+        let up = LagCheck::KeepingUp(Lag::default());
+        let unknown = LagCheck::Unknown("down".into());
+        let v = Check::Verified;
+        // Behind: a step that would advance pauses instead.
+        assert_eq!(
+            gate_on_lag(&p, &s, &v, Action::Advance(1), &behind, 100.0),
+            Action::Pause("behind".into())
+        );
+        assert_eq!(
+            gate_on_lag(&p, &s, &v, Action::Hold, &behind, 100.0),
+            Action::Pause("behind".into())
+        );
+        // Keeping up: parity decides.
+        assert_eq!(
+            gate_on_lag(&p, &s, &v, Action::Advance(1), &up, 100.0),
+            Action::Advance(1)
+        );
+        // Parity wins where it must: a rollback, and a breach being counted.
+        let breach = Check::Breach("lost".into());
+        assert_eq!(
+            gate_on_lag(
+                &p,
+                &s,
+                &breach,
+                Action::RollBack("lost".into()),
+                &behind,
+                100.0
+            ),
+            Action::RollBack("lost".into())
+        );
+        assert_eq!(
+            gate_on_lag(&p, &s, &breach, Action::Hold, &behind, 100.0),
+            Action::Hold
+        );
+        // Both reasons when both pause.
+        assert_eq!(
+            gate_on_lag(
+                &p,
+                &s,
+                &Check::NoData("x".into()),
+                Action::Pause("no data".into()),
+                &behind,
+                100.0
+            ),
+            Action::Pause("no data; behind".into())
+        );
+        // Unknown: no advance, a pause once it lasts, and a pause is not lifted.
+        let mut s2 = s.clone();
+        s2.lag_down_since = Some(90.0);
+        assert_eq!(
+            gate_on_lag(&p, &s2, &v, Action::Advance(1), &unknown, 100.0),
+            Action::Hold
+        );
+        assert_eq!(
+            gate_on_lag(&p, &s2, &v, Action::Finish, &unknown, 100.0),
+            Action::Hold
+        );
+        match gate_on_lag(&p, &s2, &v, Action::Advance(1), &unknown, 121.0) {
+            Action::Pause(why) => assert!(why.contains("unknown") && why.contains("down"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        s2.paused = Some("behind".into());
+        assert_eq!(
+            gate_on_lag(&p, &s2, &v, Action::Hold, &unknown, 100.0),
+            Action::Pause("behind".into())
+        );
+    }
+
+    #[test]
+    fn lag_sources_are_checked() {
+        assert!(lag_plan("").validate().is_ok());
+        let base = r#"
+            stage = "dual-write"
+            steps = [10]
+            dwell_secs = 60
+            check_interval_secs = 5
+            failure_limit = 2
+            parity_url = "http://127.0.0.1:9096"
+            state_file = "s.json"
+        "#;
+        for (extra, want) in [
+            (
+                "lag_urls = [\"http://127.0.0.1:9091\"]\nprometheus_url = \"http://127.0.0.1:9090\"\nlag_prometheus_query = \"max(x)\"",
+                "not both",
+            ),
+            ("max_lag_secs = -1", "max_lag_secs"),
+            ("lag_urls = [\"127.0.0.1:9091\"]", "lag_urls"),
+            ("prometheus_url = \"http://127.0.0.1:9090\"", "neither"),
+        ] {
+            let e = Plan::parse(&format!("{base}\n{extra}\n")).unwrap_err();
+            assert!(e.contains(want), "{extra}: {e}");
+        }
+        // A Prometheus lag query beside a comparator's parity: allowed, with its URL.
+        let p = Plan::parse(
+            r#"
+            stage = "dual-write"
+            steps = [10]
+            dwell_secs = 60
+            check_interval_secs = 5
+            failure_limit = 2
+            parity_url = "http://127.0.0.1:9096"
+            prometheus_url = "http://127.0.0.1:9090"
+            lag_prometheus_query = "max(switchyard_ingest_lag_seconds)"
+            state_file = "s.json"
+            "#,
+        );
+        assert!(p.is_ok(), "{p:?}");
+        let e = Plan::parse(
+            r#"
+            stage = "dual-write"
+            steps = [10]
+            dwell_secs = 60
+            check_interval_secs = 5
+            failure_limit = 2
+            parity_url = "http://127.0.0.1:9096"
+            lag_prometheus_query = "max(switchyard_ingest_lag_seconds)"
+            state_file = "s.json"
+            "#,
+        )
+        .unwrap_err();
+        assert!(e.contains("need prometheus_url"), "{e}");
     }
 }
