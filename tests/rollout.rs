@@ -355,10 +355,9 @@ async fn rows_lost_mid_rollout_roll_it_back() {
         breach - deleted,
         rolled_at - breach
     );
-    assert!(
-        rolled_at - breach <= 0.5 * 2.0 + 1.0,
-        "rolled back within the failure limit's checks"
-    );
+    // At the failure limit's second failed check, not later (a count, not a
+    // time: the checks' pace depends on the machine).
+    assert_eq!(c.state().checks_failed, 2, "{}", c.status_json());
     let flags = live.store().get().await.unwrap();
     assert_eq!(flags.dual_write, 0.0, "back before step 1");
     let saved: Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();

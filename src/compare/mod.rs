@@ -505,7 +505,29 @@ impl Comparator {
             }
             let mut j = judge(&snap, &reads, self.opts.max_ids, check_now);
             let mut drill = None;
-            if j.changed_new || j.changed_old {
+            let changed = j.changed_new || j.changed_old;
+            if changed {
+                let mut ws = self.windows();
+                let Some(w) = ws.map.get_mut(&(table_name.clone(), start)) else {
+                    continue;
+                };
+                let force = matches!(select, Select::All(_));
+                if !state::drill_now(
+                    &mut w.settling,
+                    j.scan_new,
+                    j.scan_old,
+                    check_now,
+                    recheck,
+                    force,
+                ) {
+                    // Checked again next interval, against the same scans.
+                    self.metrics.drills_deferred.inc();
+                    continue;
+                }
+            } else if let Some(w) = self.windows().map.get_mut(&(table_name.clone(), start)) {
+                w.settling = None;
+            }
+            if changed {
                 // A database's rows for the window changed otherwise than by
                 // the rows found: read the window again to say which.
                 match self.drill(table, start, end, &snap).await {
