@@ -7,7 +7,7 @@
 //! assignment to the last database commit).
 //!
 //! `cargo bench --bench ingest` (SWITCHYARD_BENCH_ROWS sets the rows, 60,000
-//! by default).
+//! by default; SWITCHYARD_BENCH_KAFKA_CONFIG=`k=v,…` consumer properties).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -113,9 +113,16 @@ fn main() {
         let topic = unique("ingest");
         mock.create_topic(&topic, 1, 1).unwrap();
         let brokers = mock.bootstrap_servers();
+        // Consumer properties to try (`k=v,k=v`), as `--kafka-config` gives them.
+        let extra: Vec<(String, String)> = std::env::var("SWITCHYARD_BENCH_KAFKA_CONFIG")
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect();
         let target = Target {
             brokers: &brokers,
-            extra: &[],
+            extra: &extra,
             topic: &topic,
             schema: &schema,
         };

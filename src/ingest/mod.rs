@@ -309,11 +309,15 @@ fn batch_len(sizes: &[usize], max_rows: usize, max_bytes: usize) -> usize {
 }
 
 /// While a batch is written, what arrives is kept for the next batches up
-/// to this many batches (by count and by bytes); past that its partitions are
-/// paused. Resuming makes librdkafka fetch again from the position after
-/// the last message held, so it is kept for long stalls: a database that
-/// keeps up never causes it.
+/// to this many batches (by count and by bytes); past that the consumer
+/// waits for the write, and only a write longer than [`PAUSE_AFTER`] pauses
+/// the partitions. Resuming makes librdkafka fetch again from the position
+/// after the last message held, so it is kept for stalls.
 const CARRY_BATCHES: usize = 4;
+
+/// A write that takes longer than this, with the batches after it already
+/// in hand, pauses the partitions (and the consumer keeps polling).
+const PAUSE_AFTER: Duration = Duration::from_secs(1);
 
 /// How often the lag is measured, and how long one measurement may take.
 const LAG_EVERY: Duration = Duration::from_secs(1);
@@ -437,8 +441,9 @@ impl Ingest<'_> {
     /// the consumer keeps polling, so it stays in its group however long
     /// that takes (`max.poll.interval.ms`) and its callbacks run: messages
     /// that arrive meanwhile are kept for the next batches, up to `limit`
-    /// messages, and past that their partitions are paused until the write
-    /// is done, then resume right after the last message kept.
+    /// messages; past that it waits for the write, and if the write lasts
+    /// beyond [`PAUSE_AFTER`] the partitions are paused until it is done
+    /// (polling on), then resume right after the last message kept.
     /// Returns those messages, or None if shutdown came while waiting out an
     /// outage (nothing committed; the batch is redelivered).
     async fn flush(
@@ -465,18 +470,29 @@ impl Ingest<'_> {
         let mut carry: Vec<Msg> = Vec::new();
         let mut carry_bytes = 0;
         let mut paused = TopicPartitionList::new();
+        let started = Instant::now();
         let written = {
             let write = self.write(&batch);
             tokio::pin!(write);
             // A fresh poll at least this often, even when nothing arrives.
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // Once `limit` is held, a write that ends soon is simply waited
+            // for: librdkafka keeps prefetching meanwhile (its own queue is
+            // bounded), and what it holds is read right after. Only a write
+            // that stalls past `PAUSE_AFTER` pauses the partitions and polls
+            // on, to stay in the group: pausing drops librdkafka's queue and
+            // resuming fetches it again, a cost no ordinary batch should pay.
+            let mut stalled = false;
             loop {
+                let held = carry.len() >= limit || carry_bytes >= limit_bytes;
                 tokio::select! {
                     biased;
                     r = &mut write => break r,
-                    _ = tick.tick() => {}
-                    m = consumer.recv() => match m {
+                    _ = tick.tick() => {
+                        stalled = stalled || started.elapsed() >= PAUSE_AFTER;
+                    }
+                    m = consumer.recv(), if stalled || !held => match m {
                         Ok(m) => {
                             let msg = Msg::of(&m, ctx);
                             carry_bytes += msg.payload.len();
