@@ -467,3 +467,85 @@ async fn configuration_errors_exit_2() {
     let (code, _) = s.run(&["--from", "10", "--to", "5"]);
     assert_eq!(code, Some(2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_new_cannot_take_are_dead_lettered_and_the_rest_copied() {
+    let s = Setup::new().await;
+    let table = s.table().clone();
+    let mut rows = fill_old(&s, 300).await;
+    // A NUL character, which MariaDB stores and PostgreSQL refuses, and a
+    // NULL where the declaration says there is always a value.
+    let mut nul = bound_rows(&table, 1_000..1_001).remove(0);
+    nul[col("s")] = Bound::Text(Some("before\0after".into()));
+    write_rows(&s.old.db, &table, &[nul.clone()], 1).await;
+    s.old.exec("ALTER TABLE history MODIFY g BIGINT NULL").await;
+    s.old
+        .exec("INSERT INTO history (k, ts, g) VALUES ('no-group', 1600000000, NULL)")
+        .await;
+    let (code, out) = s.run(&["--chunk-rows", "64"]);
+    assert_eq!(code, Some(0), "{out}");
+    let cp = s
+        .checkpoint(TimeRange::default())
+        .await
+        .expect("checkpoint");
+    assert!(cp.done);
+    assert_eq!((cp.copied, cp.rejected), (300, 2), "{cp:?}");
+    let mut dead: Vec<(String, String)> = s
+        .new
+        .db
+        .dead_letters()
+        .await
+        .expect("dead letters")
+        .into_iter()
+        .map(|d| (d.source, d.reason))
+        .collect();
+    dead.sort();
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    assert_eq!(dead[0].0, format!("backfill:history:{}", key_of(&nul)));
+    assert_eq!(dead[1].0, "backfill:history:no-group");
+    assert!(dead[1].1.contains("column g"), "{dead:?}");
+    rows.sort_by_key(|r| key_of(r));
+    assert_new_equals_old(&s, &rows).await;
+}
+
+/// Neither `--help` with every secret-bearing variable set nor a run whose
+/// database URLs carry passwords (refused by MariaDB, at debug level) shows
+/// a password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_in_help_logs_or_errors() {
+    const OLD_SECRET: &str = "Pl4nted-old-S3cret";
+    const NEW_SECRET: &str = "Pl4nted-new-S3cret";
+    let old = format!("mysql://root:{OLD_SECRET}@127.0.0.1:3306/test");
+    let new = format!("postgres://postgres:{NEW_SECRET}@127.0.0.1:5432/test");
+    let help = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["backfill", "--help"])
+        .env("SWITCHYARD_OLD_DB_URL", &old)
+        .env("SWITCHYARD_NEW_DB_URL", &new)
+        .output()
+        .expect("backfill --help");
+    assert!(help.status.success());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let password_file = dir.path().join("new-password");
+    std::fs::write(&password_file, format!("{NEW_SECRET}\n")).expect("write");
+    let run = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["backfill", "--table", "raw_item", "--old-db-url", &old])
+        .args(["--new-db-url", "postgres://postgres@127.0.0.1:5432/test"])
+        .arg("--new-db-password-file")
+        .arg(&password_file)
+        .args(["--admin-listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "debug")
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("backfill");
+    assert_eq!(run.status.code(), Some(2), "refused by MariaDB");
+    for out in [help, run] {
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for secret in [OLD_SECRET, NEW_SECRET] {
+            assert!(!text.contains(secret), "shows {secret}:\n{text}");
+        }
+    }
+}
