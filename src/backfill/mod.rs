@@ -187,6 +187,14 @@ pub fn is_last_chunk(returned: usize, asked: usize, kept: usize) -> bool {
     returned < asked && kept == returned
 }
 
+/// Whether the next chunk tries `COPY` straight into the table: while the
+/// chunks find none of their keys in NEW. Once one does (live ingest got
+/// there, or an earlier run), the staging table takes the chunks until one
+/// finds nothing again.
+pub fn try_direct_next(last: &Backfilled) -> bool {
+    last.duplicates == 0 && last.conflicts.is_empty()
+}
+
 /// Rows per second over `samples` (when, rows) up to `now`: over at least
 /// one second, so the first chunk does not read as a spike.
 pub fn rate(samples: &VecDeque<(Instant, u64)>, now: Instant) -> f64 {
@@ -410,6 +418,7 @@ async fn write_chunk(
     cx: &WriteCtx<'_>,
     mut chunk: Chunk,
     prev: Option<&str>,
+    direct: bool,
 ) -> Result<Option<Wrote>, BackfillError> {
     let mut copy = cx.opts.copy;
     let mut backoff = Backoff::default();
@@ -425,6 +434,7 @@ async fn write_chunk(
             done: chunk.done,
             overwrite: cx.opts.overwrite,
             copy,
+            direct,
         };
         let started = Instant::now();
         let res = cx.new.backfill_chunk(&w).await;
@@ -586,6 +596,7 @@ pub async fn run(
     };
     let mut chunk = prepare_chunk(table, first, asked, opts.chunk_bytes, prev.as_deref());
     let (mut rows_seen, mut bytes_seen) = (0u64, 0u64);
+    let mut direct = true;
     loop {
         metrics.rows_read.inc_by(chunk.read as u64);
         summary.read += chunk.read as u64;
@@ -613,10 +624,10 @@ pub async fn run(
         let handled = chunk.read as u64;
         // Read the next chunk while this one is written.
         let (wrote, next) = if done {
-            (write_chunk(&cx, chunk, prev.as_deref()).await?, None)
+            (write_chunk(&cx, chunk, prev.as_deref(), direct).await?, None)
         } else {
             let (w, n) = tokio::join!(
-                write_chunk(&cx, chunk, prev.as_deref()),
+                write_chunk(&cx, chunk, prev.as_deref(), direct),
                 read(last_key.clone(), asked)
             );
             (w?, Some(n))
@@ -634,6 +645,7 @@ pub async fn run(
         ] {
             metrics.rows.with_label_values(&[outcome]).inc_by(n);
         }
+        direct = try_direct_next(r);
         summary.inserted += r.inserted;
         summary.duplicates += r.duplicates;
         summary.conflicts += r.conflicts.len() as u64;
@@ -734,6 +746,23 @@ mod tests {
         );
         assert!(!is_last_chunk(3, 5, 2), "rows held back are read again");
         assert!(is_last_chunk(0, 5, 0));
+    }
+
+    #[test]
+    fn copy_goes_straight_in_until_a_key_is_found() {
+        assert!(try_direct_next(&Backfilled {
+            inserted: 10,
+            ..Default::default()
+        }));
+        assert!(!try_direct_next(&Backfilled {
+            inserted: 9,
+            duplicates: 1,
+            ..Default::default()
+        }));
+        assert!(!try_direct_next(&Backfilled {
+            conflicts: vec!["k".into()],
+            ..Default::default()
+        }));
     }
 
     #[test]

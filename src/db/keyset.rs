@@ -107,6 +107,10 @@ pub struct ChunkWrite<'a> {
     /// PostgreSQL: `COPY` into a staging table, then one `INSERT … SELECT`.
     /// Otherwise (and on the other engines) multi-row inserts.
     pub copy: bool,
+    /// With `copy`: first try `COPY` straight into the table (the raw
+    /// load's speed), falling back to the staging table when a key is
+    /// there already. Worth it where NEW holds none of the chunk's keys.
+    pub direct: bool,
 }
 
 /// What one chunk did in NEW.
@@ -688,7 +692,14 @@ impl Db {
         let table = w.table;
         if let (Db::Postgres(pool), true) = (self, w.copy && !w.rows.is_empty()) {
             let mut tx = pool.begin().await.map_err(|e| classify(engine, e))?;
-            let skipped_keys = pg_copy_insert(&mut tx, table, w.rows).await?;
+            let mut data = Vec::with_capacity(w.rows.len() * 64);
+            copy_text(w.rows, &mut data);
+            let copied = w.direct && pg_copy_direct(&mut tx, table, &data).await?;
+            let skipped_keys = if copied {
+                Vec::new()
+            } else {
+                pg_copy_insert(&mut tx, table, &data).await?
+            };
             let skipped = skipped_keys.len() as u64;
             let inserted = (w.rows.len() as u64).saturating_sub(skipped);
             let candidates = if skipped_keys.is_empty() {
@@ -758,19 +769,78 @@ impl Db {
     }
 }
 
-/// `COPY` of `rows` into a staging table like `table`, then one `INSERT …
-/// SELECT … ON CONFLICT (key) DO NOTHING`; returns the keys it skipped.
+/// Column names of `table`, quoted, in declaration order.
+fn pg_columns(table: &Table) -> String {
+    let cols: Vec<String> = table
+        .columns
+        .iter()
+        .map(|c| quote(Engine::Postgres, &c.name))
+        .collect();
+    cols.join(", ")
+}
+
+/// Sends `data` (COPY text) to a `COPY … FROM STDIN` statement.
+async fn pg_copy(
+    conn: &mut sqlx::PgConnection,
+    statement: &str,
+    data: &[u8],
+) -> Result<u64, sqlx::Error> {
+    let mut copy = conn.copy_in_raw(statement).await?;
+    for part in data.chunks(1 << 20) {
+        copy.send(part).await?;
+    }
+    copy.finish().await
+}
+
+/// `COPY` of the chunk straight into `table`, under a savepoint: true if it
+/// went in whole; false, and nothing changed, when a key was there already.
+async fn pg_copy_direct(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    table: &Table,
+    data: &[u8],
+) -> Result<bool, DbError> {
+    let engine = Engine::Postgres;
+    let err = |e| classify(engine, e);
+    sqlx::query("SAVEPOINT switchyard_backfill_direct")
+        .execute(&mut **tx)
+        .await
+        .map_err(err)?;
+    let statement = format!(
+        "COPY {} ({}) FROM STDIN",
+        quote(engine, &table.name),
+        pg_columns(table)
+    );
+    match pg_copy(tx, &statement, data).await {
+        Ok(_) => {
+            sqlx::query("RELEASE SAVEPOINT switchyard_backfill_direct")
+                .execute(&mut **tx)
+                .await
+                .map_err(err)?;
+            Ok(true)
+        }
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => {
+            sqlx::query("ROLLBACK TO SAVEPOINT switchyard_backfill_direct")
+                .execute(&mut **tx)
+                .await
+                .map_err(err)?;
+            Ok(false)
+        }
+        Err(e) => Err(err(e)),
+    }
+}
+
+/// `COPY` of the chunk into a staging table like `table`, then one `INSERT
+/// … SELECT … ON CONFLICT (key) DO NOTHING`; returns the keys it skipped.
 async fn pg_copy_insert(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     table: &Table,
-    rows: &[Vec<Bound>],
+    data: &[u8],
 ) -> Result<Vec<String>, DbError> {
     let engine = Engine::Postgres;
     let err = |e| classify(engine, e);
     let q = |s: &str| quote(engine, s);
     let stage = q(STAGE_TABLE);
-    let cols: Vec<String> = table.columns.iter().map(|c| q(&c.name)).collect();
-    let cols = cols.join(", ");
+    let cols = pg_columns(table);
     let key = q(&table.key);
     sqlx::query(&format!(
         "CREATE TEMP TABLE {stage} (LIKE {}) ON COMMIT DROP",
@@ -779,16 +849,9 @@ async fn pg_copy_insert(
     .execute(&mut **tx)
     .await
     .map_err(err)?;
-    let mut data = Vec::with_capacity(rows.len() * 64);
-    copy_text(rows, &mut data);
-    let mut copy = tx
-        .copy_in_raw(&format!("COPY {stage} ({cols}) FROM STDIN"))
+    pg_copy(tx, &format!("COPY {stage} ({cols}) FROM STDIN"), data)
         .await
         .map_err(err)?;
-    for part in data.chunks(1 << 20) {
-        copy.send(part).await.map_err(err)?;
-    }
-    copy.finish().await.map_err(err)?;
     let text = format!(
         "WITH ins AS (INSERT INTO {} ({cols}) SELECT {cols} FROM {stage} ORDER BY {key} \
          ON CONFLICT ({key}) DO NOTHING RETURNING {key}) \
