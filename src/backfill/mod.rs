@@ -124,13 +124,13 @@ pub struct TokenBucket {
 }
 
 impl TokenBucket {
-    /// Starts full.
+    /// Starts empty, so a run's first second is paced like the others.
     pub fn new(rate: f64, burst: f64, now: Instant) -> TokenBucket {
         let rate = rate.max(f64::MIN_POSITIVE);
         TokenBucket {
             rate,
             burst: burst.max(1.0),
-            tokens: burst.max(1.0),
+            tokens: 0.0,
             at: now,
         }
     }
@@ -624,7 +624,10 @@ pub async fn run(
         let handled = chunk.read as u64;
         // Read the next chunk while this one is written.
         let (wrote, next) = if done {
-            (write_chunk(&cx, chunk, prev.as_deref(), direct).await?, None)
+            (
+                write_chunk(&cx, chunk, prev.as_deref(), direct).await?,
+                None,
+            )
         } else {
             let (w, n) = tokio::join!(
                 write_chunk(&cx, chunk, prev.as_deref(), direct),
@@ -699,17 +702,22 @@ mod tests {
     fn the_bucket_holds_the_rate_over_time() {
         let t0 = Instant::now();
         let mut b = TokenBucket::new(100.0, 100.0, t0);
-        // A full bucket lets a burst go at once.
-        assert_eq!(b.take(100, t0), Duration::ZERO);
-        // Then each row waits its share.
+        // No burst at the start: each row waits its share.
         assert_eq!(b.take(50, t0), Duration::from_millis(500));
+        // A second saved up goes at once.
+        let mut b = TokenBucket::new(100.0, 100.0, t0);
+        assert_eq!(b.take(100, t0 + Duration::from_secs(1)), Duration::ZERO);
+        assert_eq!(
+            b.take(50, t0 + Duration::from_secs(1)),
+            Duration::from_millis(500)
+        );
         // A take beyond the burst goes, and the debt is waited out.
-        let later = t0 + Duration::from_millis(500);
+        let later = t0 + Duration::from_millis(1500);
         assert_eq!(b.take(300, later), Duration::from_secs(3));
         // 1,000 rows in chunks of 100, waiting as told: ten seconds, not less.
         let mut b = TokenBucket::new(100.0, 100.0, t0);
         let mut now = t0;
-        for _ in 0..11 {
+        for _ in 0..10 {
             now += b.take(100, now);
         }
         assert_eq!(now - t0, Duration::from_secs(10));
