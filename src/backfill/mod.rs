@@ -515,6 +515,16 @@ async fn write_chunk(
     }
 }
 
+/// The chunk a read-ahead task produced; None when shut down first.
+async fn joined(
+    task: tokio::task::JoinHandle<Result<Option<Chunk>, DbError>>,
+) -> Result<Option<Chunk>, BackfillError> {
+    match task.await {
+        Ok(r) => Ok(r?),
+        Err(e) => Err(DbError::Unavailable(format!("the read of OLD stopped: {e}")).into()),
+    }
+}
+
 /// Copies the range. Ok with `done` false when shut down before the end
 /// (the checkpoint keeps what was done).
 pub async fn run(
@@ -582,19 +592,27 @@ pub async fn run(
         worst,
         opts.max_rows_per_sec,
     );
-    let read = |after: Option<String>, limit: usize| {
-        let (shutdown, metrics) = (&shutdown, &metrics);
-        async move {
-            retrying(shutdown, metrics, "old", || {
-                old.keyset_chunk(table, range, after.as_deref(), limit)
+    // Reads run in a task of their own, so decoding OLD's rows and encoding
+    // NEW's use two threads.
+    let read_ahead = |after: Option<String>, limit: usize| {
+        let (old, table, shutdown, metrics) = (
+            old.clone(),
+            table.clone(),
+            shutdown.clone(),
+            metrics.clone(),
+        );
+        let chunk_bytes = opts.chunk_bytes;
+        tokio::spawn(async move {
+            let rows = retrying(&shutdown, &metrics, "old", || {
+                old.keyset_chunk(&table, range, after.as_deref(), limit)
             })
-            .await
-        }
+            .await?;
+            Ok(rows.map(|rows| prepare_chunk(&table, rows, limit, chunk_bytes, after.as_deref())))
+        })
     };
-    let Some(first) = read(prev.clone(), asked).await? else {
+    let Some(mut chunk) = joined(read_ahead(prev.clone(), asked)).await? else {
         return Ok(summary);
     };
-    let mut chunk = prepare_chunk(table, first, asked, opts.chunk_bytes, prev.as_deref());
     let (mut rows_seen, mut bytes_seen) = (0u64, 0u64);
     let mut direct = true;
     loop {
@@ -629,11 +647,11 @@ pub async fn run(
                 None,
             )
         } else {
-            let (w, n) = tokio::join!(
-                write_chunk(&cx, chunk, prev.as_deref(), direct),
-                read(last_key.clone(), asked)
-            );
-            (w?, Some(n))
+            let next = read_ahead(last_key.clone(), asked);
+            (
+                write_chunk(&cx, chunk, prev.as_deref(), direct).await?,
+                Some(next),
+            )
         };
         let Some(wrote) = wrote else { break };
         metrics.chunks.inc();
@@ -683,8 +701,8 @@ pub async fn run(
             break;
         }
         let Some(next) = next else { break };
-        let Some(rows) = next? else { break };
-        chunk = prepare_chunk(table, rows, asked, opts.chunk_bytes, prev.as_deref());
+        let Some(c) = joined(next).await? else { break };
+        chunk = c;
     }
     progress.finish();
     if let Ok(Some(cp)) = new.backfill_checkpoint(&table.name, range).await {
