@@ -616,10 +616,6 @@ pub async fn run(
     let (mut rows_seen, mut bytes_seen) = (0u64, 0u64);
     let mut direct = true;
     loop {
-        metrics.rows_read.inc_by(chunk.read as u64);
-        summary.read += chunk.read as u64;
-        rows_seen += chunk.read as u64;
-        bytes_seen += chunk.bytes as u64;
         if let Some(b) = bucket.as_mut() {
             let wait = b.take(chunk.read as u64, Instant::now());
             if !wait.is_zero() {
@@ -630,6 +626,10 @@ pub async fn run(
                 }
             }
         }
+        metrics.rows_read.inc_by(chunk.read as u64);
+        summary.read += chunk.read as u64;
+        rows_seen += chunk.read as u64;
+        bytes_seen += chunk.bytes as u64;
         let avg = bytes_seen as f64 / rows_seen.max(1) as f64;
         asked = next_limit(
             opts.chunk_rows,
