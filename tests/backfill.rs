@@ -160,10 +160,10 @@ fn history_row(i: u64) -> serde_json::Map<String, Value> {
         "g": (i % 7) as i64,
         "big": big,
         "f": f,
-        "ok": if i % 3 == 0 { Value::Null } else { json!(i % 2 == 0) },
-        "s": if i % 8 == 0 { Value::Null } else { json!(format!("tab\there \"quoted\" back\\slash\nnew 😀🎉 {i}")) },
-        "u": if i % 9 == 0 { Value::Null } else { json!(format!("ABCDEF01-2345-4789-8abc-{i:012x}").to_uppercase()) },
-        "j": if i % 10 == 0 { Value::Null } else { json!({"n": i, "a": [1, 2.5, null, "😀"], "o": {"z": true, "b": "x\ty"}, "big": 12345678901234u64}) },
+        "ok": if i.is_multiple_of(3) { Value::Null } else { json!(i.is_multiple_of(2)) },
+        "s": if i.is_multiple_of(8) { Value::Null } else { json!(format!("tab\there \"quoted\" back\\slash\nnew 😀🎉 {i}")) },
+        "u": if i.is_multiple_of(9) { Value::Null } else { json!(format!("ABCDEF01-2345-4789-8abc-{i:012x}").to_uppercase()) },
+        "j": if i.is_multiple_of(10) { Value::Null } else { json!({"n": i, "a": [1, 2.5, null, "😀"], "o": {"z": true, "b": "x\ty"}, "big": 12345678901234u64}) },
     });
     row.as_object_mut().map(std::mem::take).expect("object")
 }
