@@ -2,6 +2,7 @@
 //! downtime and no lost row. One module per role, plus the shared parts they use.
 
 pub mod admin;
+pub mod backfill;
 pub mod cli;
 pub mod compare;
 pub mod config;

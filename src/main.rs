@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use switchyard::{compare, db, demo, flags, health, ingest, load, plan, rollout, route};
+use switchyard::{backfill, compare, db, demo, flags, health, ingest, load, plan, rollout, route};
 
 /// Move an ingestion pipeline from offline files to Kafka with no downtime
 /// and no lost row.
@@ -30,6 +30,9 @@ enum Command {
     Ingest(Box<ingest::cli::IngestArgs>),
     /// Shadow comparator: parity of OLD and NEW for what the stream says was sent.
     Compare(Box<compare::cli::CompareArgs>),
+    /// Copy one table's history from OLD to NEW: keyset chunks, checkpointed
+    /// in NEW, idempotent on the key, rate-limited.
+    Backfill(Box<backfill::cli::BackfillArgs>),
     /// Read or change the routing flags (local folder or the LaunchDarkly REST API).
     Flags(Box<flags::cli::FlagsArgs>),
     /// Progressive rollout with parity gates and automatic rollback.
@@ -66,6 +69,7 @@ fn main() -> ExitCode {
         Command::Load(args) => load::cli::main(*args),
         Command::Ingest(args) => ingest::cli::main(*args),
         Command::Compare(args) => compare::cli::main(*args),
+        Command::Backfill(args) => backfill::cli::main(*args),
         Command::Flags(args) => flags::cli::main(*args),
         Command::Plan(args) => plan::cli::main(args),
         Command::Demo(args) => demo::cli::main(args, cli.log_json),

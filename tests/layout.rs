@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 /// Roles: a subcommand's folder (arguments, start-up, metrics, logic).
 const ROLES: &[&str] = &[
-    "route", "load", "ingest", "compare", "rollout", "demo", "plan", "health",
+    "route", "load", "ingest", "compare", "backfill", "rollout", "demo", "plan", "health",
 ];
 
 /// Shared modules: what roles are built from.

@@ -331,6 +331,7 @@ pub fn init_statements(engine: Engine, schema: &Schema, collation: &str) -> Vec<
         q(DEAD_LETTER_TABLE)
     ));
     out.push(super::replay::create_sql(engine, options));
+    out.push(super::keyset::create_sql(engine, collation, options));
     out
 }
 
