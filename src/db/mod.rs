@@ -474,6 +474,8 @@ macro_rules! with_pool {
 
 // After `with_pool!`, which it uses.
 mod replay;
+// After `with_pool!` and `digest_rows!`, which it uses.
+pub mod range;
 
 impl Db {
     /// A lazy pool: a database that is down now is retried by the callers,
