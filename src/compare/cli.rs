@@ -224,7 +224,14 @@ fn run_range(rt: &tokio::runtime::Runtime, args: &CompareArgs) -> Exit {
         if !wait_databases(&dbs, &schema, &shutdown).await? {
             return Ok(ExitCode::SUCCESS);
         }
-        super::range::main(&schema, &old, &new, &req, args.json).await
+        tokio::select! {
+            res = super::range::main(&schema, &old, &new, &req, args.json) => res,
+            _ = shutdown.cancelled() => {
+                // Not 1: an interrupted comparison found no difference.
+                eprintln!("switchyard: compare --range: interrupted; nothing verified");
+                Err(ExitCode::from(3))
+            }
+        }
     })
 }
 

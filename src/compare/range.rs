@@ -450,7 +450,8 @@ pub struct DbSide<'a> {
     pub kind: KeyKind,
     pub from: Option<i64>,
     pub to: Option<i64>,
-    pub in_sql: bool,
+    /// The row hash expression, when both databases hash in SQL.
+    pub hash: Option<String>,
 }
 
 impl DbSide<'_> {
@@ -466,13 +467,14 @@ impl DbSide<'_> {
 
 impl Side for DbSide<'_> {
     fn in_sql(&self) -> bool {
-        self.in_sql
+        self.hash.is_some()
     }
 
     async fn checksum(&self, seg: &Segment) -> Result<Checksum, RangeError> {
+        let hash = self.hash.as_deref().unwrap_or("0");
         Ok(self
             .db
-            .range_checksum(self.table, self.kind, &self.filter(seg))
+            .range_checksum(self.table, self.kind, hash, &self.filter(seg))
             .await?)
     }
 
@@ -490,7 +492,13 @@ impl Side for DbSide<'_> {
     ) -> Result<(), RangeError> {
         Ok(self
             .db
-            .range_rows(self.table, self.kind, &self.filter(seg), self.in_sql, tx)
+            .range_rows(
+                self.table,
+                self.kind,
+                &self.filter(seg),
+                self.hash.as_deref(),
+                tx,
+            )
             .await?)
     }
 }
@@ -636,16 +644,22 @@ pub async fn run(
     req: &RangeRequest,
 ) -> Result<RangeReport, RangeError> {
     let started = Instant::now();
-    let in_sql = old.range_hashes_in_sql(table).await? && new.range_hashes_in_sql(table).await?;
-    let side = |db| DbSide {
+    // Both hash in SQL, each with its own expression, or neither does.
+    let (ho, hn) = futures_util::try_join!(old.range_row_hash(table), new.range_row_hash(table))?;
+    let (ho, hn) = match (ho, hn) {
+        (Some(a), Some(b)) => (Some(a), Some(b)),
+        _ => (None, None),
+    };
+    let in_sql = ho.is_some();
+    let side = |db, hash| DbSide {
         db,
         table,
         kind,
         from: req.from,
         to: req.to,
-        in_sql,
+        hash,
     };
-    let (differences, work) = diff(&side(old), &side(new), root, req.tuning).await?;
+    let (differences, work) = diff(&side(old, ho), &side(new, hn), root, req.tuning).await?;
     Ok(RangeReport {
         table: table.name.clone(),
         status: if differences.is_empty() {
@@ -772,7 +786,7 @@ mod tests {
 
     #[test]
     fn split_points_are_inside_and_ordered() {
-        let k = |v| Key::Int(v);
+        let k = Key::Int;
         assert_eq!(split_points(&k(0), &k(1), 4), vec![k(1)]);
         assert_eq!(split_points(&k(5), &k(5), 4), vec![]);
         assert_eq!(split_points(&k(0), &k(8), 4), vec![k(2), k(4), k(6)]);
@@ -800,7 +814,7 @@ mod tests {
 
     #[test]
     fn children_cover_the_segment() {
-        let k = |v| Key::Int(v);
+        let k = Key::Int;
         let seg = Segment {
             lo: None,
             hi: Some(k(10)),
@@ -827,7 +841,7 @@ mod tests {
 
     #[test]
     fn a_merge_names_each_kind() {
-        let k = |v| Key::Int(v);
+        let k = Key::Int;
         assert_eq!(step(&(k(1), 5), &(k(2), 5)), Step::Missing);
         assert_eq!(step(&(k(3), 5), &(k(2), 5)), Step::Extra);
         assert_eq!(step(&(k(2), 5), &(k(2), 5)), Step::Same);

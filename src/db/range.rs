@@ -132,68 +132,77 @@ pub fn hashable_in_sql(table: &Table) -> bool {
 
 /// The canonical text of a row as `engine` builds it, columns in declaration
 /// order; None when a column has no such text or the engine has no MD5.
-pub fn canonical_text(engine: Engine, table: &Table) -> Option<String> {
+/// `converted`: MySQL text columns whose character set is not `utf8mb4`,
+/// converted first (the others are hashed as they are stored, which is
+/// cheaper by half).
+pub fn canonical_text(engine: Engine, table: &Table, converted: &[String]) -> Option<String> {
     if !hashable_in_sql(table) || engine == Engine::Sqlite {
         return None;
     }
     let q = |s: &str| sql::quote(engine, s);
-    let mut parts = Vec::with_capacity(table.columns.len());
+    // MySQL: the arguments of one CONCAT (a nullable column's as one
+    // COALESCE); PostgreSQL: operands of `||`.
+    let mut parts: Vec<String> = Vec::with_capacity(table.columns.len() * 3);
     for col in &table.columns {
         let c = q(&col.name);
-        let piece = match (engine, col.ty) {
+        let pieces: Vec<String> = match (engine, col.ty) {
             // Decimal text, ended by a comma (no integer text holds one).
-            (Engine::Postgres, ColumnType::Int) => format!("{c}::text || ','"),
-            (Engine::MySql, ColumnType::Int) => {
-                format!("CAST(CONCAT(CAST({c} AS CHAR), ',') AS BINARY)")
-            }
+            (Engine::Postgres, ColumnType::Int) => vec![format!("{c}::text"), "','".into()],
+            (Engine::MySql, ColumnType::Int) => vec![c.clone(), "','".into()],
             // NULL is matched first: a CASE on NULL would fall to ELSE.
-            (Engine::Postgres, ColumnType::Bool) => {
-                format!("CASE WHEN {c} IS NULL THEN 'N' WHEN {c} THEN 't' ELSE 'f' END")
-            }
+            (Engine::Postgres, ColumnType::Bool) => vec![format!(
+                "(CASE WHEN {c} IS NULL THEN 'N' WHEN {c} THEN 't' ELSE 'f' END)"
+            )],
             // MySQL's BOOLEAN is a TINYINT: any non-zero value reads as true.
-            (Engine::MySql, ColumnType::Bool) => format!(
-                "CAST(CASE WHEN {c} IS NULL THEN 'N' WHEN {c} <> 0 THEN 't' ELSE 'f' END AS BINARY)"
-            ),
+            (Engine::MySql, ColumnType::Bool) => vec![format!(
+                "CASE WHEN {c} IS NULL THEN 'N' WHEN {c} <> 0 THEN 't' ELSE 'f' END"
+            )],
             // Byte length, a colon, the UTF-8 bytes.
             (Engine::Postgres, ColumnType::String) => {
-                format!("octet_length({c})::text || ':' || {c}")
+                vec![format!("octet_length({c})::text"), "':'".into(), c.clone()]
             }
-            (Engine::Postgres, ColumnType::Uuid) => {
-                format!("octet_length({c}::text)::text || ':' || {c}::text")
-            }
+            // A uuid's text is always 36 characters.
+            (Engine::Postgres, ColumnType::Uuid) => vec!["'36:'".into(), format!("{c}::text")],
             (Engine::MySql, ColumnType::String | ColumnType::Uuid) => {
                 let text = if col.ty == ColumnType::Uuid {
                     format!("LOWER({c})")
                 } else {
                     c.clone()
                 };
+                let text = if converted.contains(&col.name) {
+                    format!("CONVERT({text} USING utf8mb4)")
+                } else {
+                    text
+                };
                 // Binary strings: no collation to mix, and LENGTH counts bytes.
-                let bytes = format!("CAST(CONVERT({text} USING utf8mb4) AS BINARY)");
-                format!("CONCAT(LENGTH({bytes}), ':', {bytes})")
+                vec![
+                    format!("LENGTH({text})"),
+                    "':'".into(),
+                    format!("CAST({text} AS BINARY)"),
+                ]
             }
             _ => return None,
         };
-        let nullable = col.nullable && col.ty != ColumnType::Bool;
-        parts.push(if nullable {
-            format!("COALESCE({piece}, 'N')")
+        if col.nullable && col.ty != ColumnType::Bool {
+            let joined = match engine {
+                Engine::Postgres => pieces.join(" || "),
+                _ => format!("CONCAT({})", pieces.join(", ")),
+            };
+            parts.push(format!("COALESCE({joined}, 'N')"));
         } else {
-            piece
-        });
+            parts.extend(pieces);
+        }
     }
     Some(match engine {
-        Engine::Postgres => parts
-            .iter()
-            .map(|p| format!("({p})"))
-            .collect::<Vec<_>>()
-            .join(" || "),
+        Engine::Postgres => parts.join(" || "),
         _ => format!("CONCAT({})", parts.join(", ")),
     })
 }
 
 /// A row's 60-bit hash as a signed 64-bit integer: the first 15 hex digits
 /// of the MD5 of its canonical text (as [`digest::key_hash`] takes them).
-pub fn row_hash(engine: Engine, table: &Table) -> Option<String> {
-    let text = canonical_text(engine, table)?;
+pub fn row_hash(engine: Engine, table: &Table, converted: &[String]) -> Option<String> {
+    let text = canonical_text(engine, table, converted)?;
     Some(match engine {
         Engine::Postgres => format!("('x' || substr(md5({text}), 1, 15))::bit(60)::bigint"),
         _ => format!("CAST(CONV(SUBSTRING(MD5({text}), 1, 15), 16, 10) AS SIGNED)"),
@@ -263,20 +272,21 @@ pub fn from_where(
     (text, params)
 }
 
-/// The checksum statement of a segment: count, sum (as text), on `engine`.
+/// The checksum statement of a segment (count, sum as text) for the row
+/// hash expression `hash`.
 pub fn checksum_sql(
     engine: Engine,
     table: &Table,
     kind: KeyKind,
+    hash: &str,
     filter: &Filter,
-) -> Option<(String, Vec<Param>)> {
-    let h = row_hash(engine, table)?;
+) -> (String, Vec<Param>) {
     let (from, params) = from_where(engine, table, kind, filter);
     let text = match engine {
-        Engine::Postgres => format!("SELECT COUNT(*), COALESCE(SUM({h}), 0)::text {from}"),
-        _ => format!("SELECT COUNT(*), CAST(COALESCE(SUM({h}), 0) AS CHAR) {from}"),
+        Engine::Postgres => format!("SELECT COUNT(*), COALESCE(SUM({hash}), 0)::text {from}"),
+        _ => format!("SELECT COUNT(*), CAST(COALESCE(SUM({hash}), 0) AS CHAR) {from}"),
     };
-    Some((text, params))
+    (text, params)
 }
 
 /// Rows sent per message of a stream: few enough to keep memory flat,
@@ -328,21 +338,51 @@ macro_rules! bind_all {
 }
 
 impl Db {
-    /// Whether this database hashes rows of `table` itself: PostgreSQL (in a
-    /// UTF-8 database, so its text is the bytes MySQL's `utf8mb4` is) and
-    /// MySQL, for a table whose columns all have a canonical SQL text.
-    pub async fn range_hashes_in_sql(&self, table: &Table) -> Result<bool, DbError> {
-        if canonical_text(self.engine(), table).is_none() {
-            return Ok(false);
+    /// The SQL expression of a row's hash of `table` in this database, or
+    /// None when it cannot hash rows alike with the other engines: only
+    /// PostgreSQL (in a UTF-8 database, so its text is the bytes MySQL's
+    /// `utf8mb4` is) and MySQL hash, and only a table whose columns all have
+    /// a canonical SQL text.
+    pub async fn range_row_hash(&self, table: &Table) -> Result<Option<String>, DbError> {
+        let engine = self.engine();
+        if canonical_text(engine, table, &[]).is_none() {
+            return Ok(None);
         }
-        if let Db::Postgres(pool) = self {
-            let enc: String = sqlx::query_scalar("SHOW server_encoding")
-                .fetch_one(pool)
+        match self {
+            Db::Postgres(pool) => {
+                let enc: String = sqlx::query_scalar("SHOW server_encoding")
+                    .fetch_one(pool)
+                    .await
+                    .map_err(|e| classify(engine, e))?;
+                Ok(enc
+                    .eq_ignore_ascii_case("UTF8")
+                    .then(|| row_hash(engine, table, &[]))
+                    .flatten())
+            }
+            Db::MySql(pool, _) => {
+                let sets: Vec<(String, Option<String>)> = sqlx::query_as(
+                    "SELECT CAST(COLUMN_NAME AS CHAR), CAST(CHARACTER_SET_NAME AS CHAR) \
+                     FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
+                )
+                .bind(&table.name)
+                .fetch_all(pool)
                 .await
-                .map_err(|e| classify(Engine::Postgres, e))?;
-            return Ok(enc.eq_ignore_ascii_case("UTF8"));
+                .map_err(|e| classify(engine, e))?;
+                let converted: Vec<String> = table
+                    .columns
+                    .iter()
+                    .filter(|c| matches!(c.ty, ColumnType::String | ColumnType::Uuid))
+                    .filter(|c| {
+                        !sets
+                            .iter()
+                            .any(|(n, cs)| *n == c.name && cs.as_deref() == Some("utf8mb4"))
+                    })
+                    .map(|c| c.name.clone())
+                    .collect();
+                Ok(row_hash(engine, table, &converted))
+            }
+            Db::Sqlite(_) => Ok(None),
         }
-        Ok(true)
     }
 
     /// The count and hash sum of the rows `filter` selects, computed inside
@@ -351,15 +391,11 @@ impl Db {
         &self,
         table: &Table,
         kind: KeyKind,
+        hash: &str,
         filter: &Filter,
     ) -> Result<Checksum, DbError> {
         let engine = self.engine();
-        let Some((text, params)) = checksum_sql(engine, table, kind, filter) else {
-            return Err(DbError::Config {
-                url: engine.name().to_string(),
-                message: format!("table {} cannot be hashed in SQL", table.name),
-            });
-        };
+        let (text, params) = checksum_sql(engine, table, kind, hash, filter);
         let (count, sum): (i64, String) = with_pool!(self, pool, DB => {
             bind_all!(sqlx::query_as(&text), &params)
                 .fetch_one(pool)
@@ -421,16 +457,17 @@ impl Db {
         table: &Table,
         kind: KeyKind,
         filter: &Filter,
-        in_sql: bool,
+        hash: Option<&str>,
         tx: mpsc::Sender<Vec<(Key, u128)>>,
     ) -> Result<(), DbError> {
         let engine = self.engine();
         let (from, params) = from_where(engine, table, kind, filter);
         let order = key_ordered(engine, table, kind);
         let key = sql::key_text(engine, table);
-        let projection = match (in_sql, row_hash(engine, table)) {
-            (true, Some(h)) => format!("{key}, {h}"),
-            _ => sql::key_and_content(engine, table),
+        let in_sql = hash.is_some();
+        let projection = match hash {
+            Some(h) => format!("{key}, {h}"),
+            None => sql::key_and_content(engine, table),
         };
         let text = format!("SELECT {projection} {from} ORDER BY {order}");
         let mut batch = Batch {
@@ -517,27 +554,30 @@ mod tests {
         let t = table("k = \"uuid\"\nts = \"int\"\ns = \"string?\"\nb = \"bool?\"");
         // Columns in declaration (name) order: b, k, s, ts.
         assert_eq!(
-            canonical_text(Engine::Postgres, &t).unwrap(),
+            canonical_text(Engine::Postgres, &t, &[]).unwrap(),
             "(CASE WHEN \"b\" IS NULL THEN 'N' WHEN \"b\" THEN 't' ELSE 'f' END) || \
-             (octet_length(\"k\"::text)::text || ':' || \"k\"::text) || \
-             (COALESCE(octet_length(\"s\")::text || ':' || \"s\", 'N')) || \
-             (\"ts\"::text || ',')"
+             '36:' || \"k\"::text || \
+             COALESCE(octet_length(\"s\")::text || ':' || \"s\", 'N') || \
+             \"ts\"::text || ','"
         );
-        let my = canonical_text(Engine::MySql, &t).unwrap();
         assert_eq!(
-            my,
-            "CONCAT(CAST(CASE WHEN `b` IS NULL THEN 'N' WHEN `b` <> 0 THEN 't' ELSE 'f' END AS BINARY), \
-             CONCAT(LENGTH(CAST(CONVERT(LOWER(`k`) USING utf8mb4) AS BINARY)), ':', CAST(CONVERT(LOWER(`k`) USING utf8mb4) AS BINARY)), \
-             COALESCE(CONCAT(LENGTH(CAST(CONVERT(`s` USING utf8mb4) AS BINARY)), ':', CAST(CONVERT(`s` USING utf8mb4) AS BINARY)), 'N'), \
-             CAST(CONCAT(CAST(`ts` AS CHAR), ',') AS BINARY))"
+            canonical_text(Engine::MySql, &t, &[]).unwrap(),
+            "CONCAT(CASE WHEN `b` IS NULL THEN 'N' WHEN `b` <> 0 THEN 't' ELSE 'f' END, \
+             LENGTH(LOWER(`k`)), ':', CAST(LOWER(`k`) AS BINARY), \
+             COALESCE(CONCAT(LENGTH(`s`), ':', CAST(`s` AS BINARY)), 'N'), \
+             `ts`, ',')"
         );
-        assert!(row_hash(Engine::Postgres, &t)
+        // A column in another character set is converted to UTF-8 first.
+        assert!(canonical_text(Engine::MySql, &t, &["s".into()])
+            .unwrap()
+            .contains("COALESCE(CONCAT(LENGTH(CONVERT(`s` USING utf8mb4)), ':', CAST(CONVERT(`s` USING utf8mb4) AS BINARY)), 'N')"));
+        assert!(row_hash(Engine::Postgres, &t, &[])
             .unwrap()
             .starts_with("('x' || substr(md5("));
-        assert!(row_hash(Engine::MySql, &t)
+        assert!(row_hash(Engine::MySql, &t, &[])
             .unwrap()
             .starts_with("CAST(CONV(SUBSTRING(MD5(CONCAT("));
-        assert_eq!(canonical_text(Engine::Sqlite, &t), None);
+        assert_eq!(canonical_text(Engine::Sqlite, &t, &[]), None);
     }
 
     #[test]
@@ -545,8 +585,8 @@ mod tests {
         for ty in ["float", "json", "float?", "json?"] {
             let t = table(&format!("k = \"uuid\"\nts = \"int\"\nx = \"{ty}\""));
             assert!(!hashable_in_sql(&t), "{ty}");
-            assert_eq!(row_hash(Engine::Postgres, &t), None);
-            assert_eq!(row_hash(Engine::MySql, &t), None);
+            assert_eq!(row_hash(Engine::Postgres, &t, &[]), None);
+            assert_eq!(row_hash(Engine::MySql, &t, &[]), None);
         }
     }
 
