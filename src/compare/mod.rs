@@ -8,6 +8,7 @@
 
 pub mod cli;
 mod metrics;
+pub mod range;
 mod report;
 pub mod state;
 

@@ -476,6 +476,7 @@ macro_rules! with_pool {
 mod replay;
 // After `with_pool!` and `digest_rows!`, which it uses.
 pub mod keyset;
+pub mod range;
 
 impl Db {
     /// A lazy pool: a database that is down now is retried by the callers,
