@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::{BackfillMetrics, BackfillOptions, BackfillSummary, ProgressMode};
 use crate::admin::{self, Health};
 use crate::cli::{config, exit, failure, metrics_or_exit, runtime, secs, usage, AdminPort, Exit};
-use crate::db::args::wait_databases;
+use crate::db::args::{wait_databases, OldNewDbArgs};
 use crate::db::keyset::TimeRange;
 use crate::db::{redact_url, Db};
 
@@ -31,19 +31,8 @@ pub struct BackfillArgs {
     /// Pipeline configuration (TOML); the embedded default when absent.
     #[arg(long, env = "SWITCHYARD_CONFIG")]
     config: Option<PathBuf>,
-    /// The OLD database URL (read from).
-    #[arg(long, env = "SWITCHYARD_OLD_DB_URL", hide_env_values = true)]
-    old_db_url: String,
-    /// The NEW database URL (written to; holds the checkpoint).
-    #[arg(long, env = "SWITCHYARD_NEW_DB_URL", hide_env_values = true)]
-    new_db_url: String,
-    /// A file holding the OLD database's password (a mounted secret), for an
-    /// --old-db-url without one.
-    #[arg(long, env = "SWITCHYARD_OLD_DB_PASSWORD_FILE")]
-    old_db_password_file: Option<PathBuf>,
-    /// A file holding the NEW database's password, for a --new-db-url without one.
-    #[arg(long, env = "SWITCHYARD_NEW_DB_PASSWORD_FILE")]
-    new_db_password_file: Option<PathBuf>,
+    #[command(flatten)]
+    dbs: OldNewDbArgs,
     /// The declared table to copy.
     #[arg(long, env = "SWITCHYARD_BACKFILL_TABLE")]
     table: String,
@@ -96,18 +85,6 @@ pub struct BackfillArgs {
 
 pub fn main(args: BackfillArgs) -> ExitCode {
     exit(run(args))
-}
-
-/// The URL with the password read from `file` put into it, when one is given.
-fn with_password_file(url: &str, flag: &str, file: &Option<PathBuf>) -> Result<String, ExitCode> {
-    match file {
-        None => Ok(url.to_string()),
-        Some(path) => {
-            let password = crate::cli::secret_file(flag, path)?;
-            crate::db::url_with_password(url, &password)
-                .map_err(|e| usage(format!("--{flag}: {e}")))
-        }
-    }
 }
 
 /// The options, or the usage error (exit 2) of the first bad argument.
@@ -165,18 +142,7 @@ fn run(args: BackfillArgs) -> Exit {
             declared.join(", ")
         )));
     }
-    let old_url = with_password_file(
-        &args.old_db_url,
-        "old-db-password-file",
-        &args.old_db_password_file,
-    )?;
-    let new_url = with_password_file(
-        &args.new_db_url,
-        "new-db-password-file",
-        &args.new_db_password_file,
-    )?;
-    let old = Db::connect(&old_url, 2).map_err(usage)?;
-    let new = Db::connect(&new_url, 2).map_err(usage)?;
+    let (old, old_url, new, new_url) = args.dbs.connect(2)?;
     rt.block_on(async move {
         let registry = prometheus::Registry::new();
         let metrics = metrics_or_exit(BackfillMetrics::new(&registry))?;

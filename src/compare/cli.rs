@@ -11,8 +11,7 @@ use super::state::Status;
 use super::{Comparator, CompareError, CompareMetrics, CompareOptions};
 use crate::admin::{self, Health};
 use crate::cli::{config, exit, failure, metrics_or_exit, runtime, secs, usage, AdminPort, Exit};
-use crate::db::args::wait_databases;
-use crate::db::Db;
+use crate::db::args::{wait_databases, OldNewDbArgs};
 use crate::kafka::args::KafkaArgs;
 
 #[derive(Args)]
@@ -32,19 +31,8 @@ pub struct CompareArgs {
         default_value = "switchyard-compare"
     )]
     kafka_group: String,
-    /// The OLD database URL.
-    #[arg(long, env = "SWITCHYARD_OLD_DB_URL", hide_env_values = true)]
-    old_db_url: String,
-    /// The NEW database URL.
-    #[arg(long, env = "SWITCHYARD_NEW_DB_URL", hide_env_values = true)]
-    new_db_url: String,
-    /// A file holding the OLD database's password (a mounted secret), for an
-    /// --old-db-url without one.
-    #[arg(long, env = "SWITCHYARD_OLD_DB_PASSWORD_FILE")]
-    old_db_password_file: Option<PathBuf>,
-    /// A file holding the NEW database's password, for a --new-db-url without one.
-    #[arg(long, env = "SWITCHYARD_NEW_DB_PASSWORD_FILE")]
-    new_db_password_file: Option<PathBuf>,
+    #[command(flatten)]
+    dbs: OldNewDbArgs,
     /// Window width, in units of the time column (seconds).
     #[arg(long, default_value_t = 60)]
     window_secs: i64,
@@ -115,18 +103,7 @@ fn run(args: CompareArgs) -> Exit {
     let kafka_extra = args.kafka.props()?;
     let cfg = config(args.config.as_deref())?;
     let schema = cfg.schema().map_err(|e| usage(format!("schema: {e}")))?;
-    let old_url = with_password_file(
-        &args.old_db_url,
-        "old-db-password-file",
-        &args.old_db_password_file,
-    )?;
-    let new_url = with_password_file(
-        &args.new_db_url,
-        "new-db-password-file",
-        &args.new_db_password_file,
-    )?;
-    let old = Db::connect(&old_url, 4).map_err(usage)?;
-    let new = Db::connect(&new_url, 4).map_err(usage)?;
+    let (old, old_url, new, new_url) = args.dbs.connect(4)?;
     if args.window_secs <= 0 {
         return Err(usage("--window-secs must be positive"));
     }
@@ -194,18 +171,7 @@ fn run(args: CompareArgs) -> Exit {
 fn run_range(rt: &tokio::runtime::Runtime, args: &CompareArgs) -> Exit {
     let cfg = config(args.config.as_deref())?;
     let schema = cfg.schema().map_err(|e| usage(format!("schema: {e}")))?;
-    let old_url = with_password_file(
-        &args.old_db_url,
-        "old-db-password-file",
-        &args.old_db_password_file,
-    )?;
-    let new_url = with_password_file(
-        &args.new_db_url,
-        "new-db-password-file",
-        &args.new_db_password_file,
-    )?;
-    let old = Db::connect(&old_url, 4).map_err(usage)?;
-    let new = Db::connect(&new_url, 4).map_err(usage)?;
+    let (old, old_url, new, new_url) = args.dbs.connect(4)?;
     let req = super::range::RangeRequest {
         table: args.table.clone().unwrap_or_default(),
         key_from: args.key_from.clone(),
@@ -241,17 +207,5 @@ fn is_config(e: &CompareError) -> bool {
     match e {
         CompareError::Topic { .. } | CompareError::Config(_) | CompareError::Refused { .. } => true,
         CompareError::Db(e) => e.is_config(),
-    }
-}
-
-/// The URL with the password read from `file` put into it, when one is given.
-fn with_password_file(url: &str, flag: &str, file: &Option<PathBuf>) -> Result<String, ExitCode> {
-    match file {
-        None => Ok(url.to_string()),
-        Some(path) => {
-            let password = crate::cli::secret_file(flag, path)?;
-            crate::db::url_with_password(url, &password)
-                .map_err(|e| usage(format!("--{flag}: {e}")))
-        }
     }
 }

@@ -525,8 +525,6 @@ impl Comparator {
                     self.metrics.drills_deferred.inc();
                     continue;
                 }
-            } else if let Some(w) = self.windows().map.get_mut(&(table_name.clone(), start)) {
-                w.settling = None;
             }
             if changed {
                 // A database's rows for the window changed otherwise than by
@@ -568,6 +566,10 @@ impl Comparator {
                     unexplained = c.unexplained, differ_new = ?c.differing_ids_new.iter().take(5).collect::<Vec<_>>(),
                     differ_old = ?c.differing_ids_old.iter().take(5).collect::<Vec<_>>(), ids_new = ?c.missing_ids_new.iter().take(5).collect::<Vec<_>>(),
                     ids_old = ?c.missing_ids_old.iter().take(5).collect::<Vec<_>>(), "parity mismatch");
+            }
+            if !changed {
+                // The rows settled as expected: a change seen before is gone.
+                w.settling = None;
             }
             w.settle_check(&snap, &j, drill.as_ref(), status, self.opts.max_ids);
             w.last = Some(j.checked);

@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Args;
@@ -14,6 +14,56 @@ use crate::admin::{self, Health};
 use crate::cli::{usage, AdminPort, Exit};
 use crate::config::PipelineConfig;
 use crate::schema::Schema;
+
+/// Both databases, for the roles that read OLD and NEW (compare, backfill).
+#[derive(Args, Clone)]
+pub struct OldNewDbArgs {
+    /// The OLD database URL.
+    #[arg(long, env = "SWITCHYARD_OLD_DB_URL", hide_env_values = true)]
+    pub old_db_url: String,
+    /// The NEW database URL.
+    #[arg(long, env = "SWITCHYARD_NEW_DB_URL", hide_env_values = true)]
+    pub new_db_url: String,
+    /// A file holding the OLD database's password (a mounted secret), for an
+    /// --old-db-url without one.
+    #[arg(long, env = "SWITCHYARD_OLD_DB_PASSWORD_FILE")]
+    pub old_db_password_file: Option<PathBuf>,
+    /// A file holding the NEW database's password, for a --new-db-url without one.
+    #[arg(long, env = "SWITCHYARD_NEW_DB_PASSWORD_FILE")]
+    pub new_db_password_file: Option<PathBuf>,
+}
+
+impl OldNewDbArgs {
+    /// Both pools and their URLs, OLD then NEW (lazy pools: a database
+    /// that is down is waited for by the caller), `pool` connections each; a
+    /// bad URL or password file is a usage error.
+    pub fn connect(&self, pool: u32) -> Result<(Db, String, Db, String), ExitCode> {
+        let one =
+            |url: &str, flag: &str, file: &Option<PathBuf>| -> Result<(Db, String), ExitCode> {
+                let url = match file {
+                    None => url.to_string(),
+                    Some(path) => {
+                        let password = crate::cli::secret_file(flag, path)?;
+                        super::url_with_password(url, &password)
+                            .map_err(|e| usage(format!("--{flag}: {e}")))?
+                    }
+                };
+                let db = Db::connect(&url, pool).map_err(usage)?;
+                Ok((db, url))
+            };
+        let (old, old_url) = one(
+            &self.old_db_url,
+            "old-db-password-file",
+            &self.old_db_password_file,
+        )?;
+        let (new, new_url) = one(
+            &self.new_db_url,
+            "new-db-password-file",
+            &self.new_db_password_file,
+        )?;
+        Ok((old, old_url, new, new_url))
+    }
+}
 
 /// Where the database is: a URL, or the seed's separate flags.
 #[derive(Args, Clone)]

@@ -725,7 +725,6 @@ impl Db {
         };
         with_pool!(self, pool, DB => {
             let mut tx = pool.begin().await.map_err(|e| classify(engine, e))?;
-            let read_dups = format!("SELECT CAST(@{} AS SIGNED)", sql::MYSQL_DUPS);
             let mut dups_so_far = 0u64;
             if engine == Engine::MySql {
                 sqlx::query(&format!("SET @{} = 0", sql::MYSQL_DUPS))
@@ -739,24 +738,8 @@ impl Db {
             for chunk in sql::chunks(engine, table, &data, limit) {
                 let start = at;
                 at += chunk.len();
-                let res = sql::insert::<DB>(engine, table, chunk)
-                    .build()
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(|e| classify(engine, e))?;
                 let n = chunk.len() as u64;
-                let skipped = if engine == Engine::MySql {
-                    let d: Option<i64> = sqlx::query_scalar(&read_dups)
-                        .fetch_one(&mut *tx)
-                        .await
-                        .map_err(|e| classify(engine, e))?;
-                    let total = d.unwrap_or(0).max(0) as u64;
-                    let this = total.saturating_sub(dups_so_far).min(n);
-                    dups_so_far = total;
-                    this
-                } else {
-                    n - res.rows_affected().min(n)
-                };
+                let skipped = insert_counting_skipped!(tx, DB, engine, table, chunk, dups_so_far);
                 inserted += n - skipped;
                 skipped_total += skipped;
                 if skipped > 0 {

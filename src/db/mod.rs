@@ -450,6 +450,35 @@ macro_rules! digest_rows {
     };
 }
 
+/// Runs one multi-row insert of `chunk` in `$tx` and gives how many of its
+/// rows were skipped as already present. PostgreSQL and SQLite say it by
+/// the rows affected; MySQL counts duplicates in a session variable for the
+/// whole transaction (`sql::MYSQL_DUPS`, zeroed at its start), so this
+/// statement's are the difference from `$dups_so_far`, which it advances.
+macro_rules! insert_counting_skipped {
+    ($tx:expr, $DB:ty, $engine:expr, $table:expr, $chunk:expr, $dups_so_far:expr) => {{
+        let done = sql::insert::<$DB>($engine, $table, $chunk)
+            .build()
+            .execute(&mut *$tx)
+            .await
+            .map_err(|e| classify($engine, e))?;
+        let n = $chunk.len() as u64;
+        if $engine == Engine::MySql {
+            let d: Option<i64> =
+                sqlx::query_scalar(&format!("SELECT CAST(@{} AS SIGNED)", sql::MYSQL_DUPS))
+                    .fetch_one(&mut *$tx)
+                    .await
+                    .map_err(|e| classify($engine, e))?;
+            let total = d.unwrap_or(0).max(0) as u64;
+            let this = total.saturating_sub($dups_so_far).min(n);
+            $dups_so_far = total;
+            this
+        } else {
+            n - done.rows_affected().min(n)
+        }
+    }};
+}
+
 macro_rules! with_pool {
     ($db:expr, $pool:ident, $DB:ident => $body:expr) => {
         match $db {
@@ -835,7 +864,6 @@ impl Db {
             let mut all = Vec::with_capacity(rows.len());
             // MySQL: duplicates counted for the whole transaction, read
             // after each statement (the difference is that statement's).
-            let read_dups = format!("SELECT CAST(@{} AS SIGNED)", sql::MYSQL_DUPS);
             let mut dups_so_far = 0u64;
             if engine == Engine::MySql {
                 sqlx::query(&format!("SET @{} = 0", sql::MYSQL_DUPS))
@@ -849,25 +877,9 @@ impl Db {
                 for chunk in sql::chunks(engine, table, data, limit) {
                     let start = at;
                     at += chunk.len();
-                    let mut qb = sql::insert::<DB>(engine, table, chunk);
-                    let done = qb
-                        .build()
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(|e| classify(engine, e))?;
                     let n = chunk.len() as u64;
-                    let skipped = if engine == Engine::MySql {
-                        let d: Option<i64> = sqlx::query_scalar(&read_dups)
-                            .fetch_one(&mut *tx)
-                            .await
-                            .map_err(|e| classify(engine, e))?;
-                        let total = d.unwrap_or(0).max(0) as u64;
-                        let this = total.saturating_sub(dups_so_far).min(n);
-                        dups_so_far = total;
-                        this
-                    } else {
-                        n - done.rows_affected().min(n)
-                    };
+                    let skipped =
+                        insert_counting_skipped!(tx, DB, engine, table, chunk, dups_so_far);
                     written.inserted += n - skipped;
                     if skipped == 0 {
                         continue;

@@ -140,6 +140,8 @@ pub enum RewindError {
     GroupActive { group: String, members: Vec<String> },
     #[error("--rewind-to: {0}")]
     Target(String),
+    #[error("the rewind did not complete: {0}")]
+    Interrupted(String),
     #[error("cannot rewind: {what}: {source}")]
     Kafka {
         what: String,
@@ -338,7 +340,7 @@ pub async fn rewind_group(
     let (group, topics, to) = (opts.group.clone(), opts.topics.clone(), to.clone());
     tokio::task::spawn_blocking(move || rewind(&consumer, &group, &topics, &to))
         .await
-        .map_err(|e| RewindError::Target(format!("the rewind did not complete: {e}")))?
+        .map_err(|e| RewindError::Interrupted(e.to_string()))?
 }
 
 impl RewindError {
@@ -349,7 +351,7 @@ impl RewindError {
             RewindError::Kafka { source, .. } => {
                 crate::kafka::is_refusal(source) || matches!(source, KafkaError::ClientCreation(_))
             }
-            RewindError::GroupActive { .. } => false,
+            RewindError::GroupActive { .. } | RewindError::Interrupted(_) => false,
         }
     }
 }

@@ -361,9 +361,24 @@ impl Controller {
         path: &str,
         query: &[(&str, String)],
     ) -> Result<Value, String> {
+        self.get(what, base, path, query)
+            .await?
+            .json()
+            .await
+            .map_err(|e| format!("{what} answer unreadable: {}", e.without_url()))
+    }
+
+    /// GETs `base` + `path` with `query`: a 2xx answer, or an error that
+    /// names the source (`what`) and its host, never the whole URL.
+    async fn get(
+        &self,
+        what: &str,
+        base: &str,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<reqwest::Response, String> {
         let url = format!("{}{path}", base.trim_end_matches('/'));
-        let r = self
-            .http
+        self.http
             .get(&url)
             .query(query)
             .send()
@@ -375,10 +390,7 @@ impl Controller {
                     crate::db::redact_url(base),
                     e.without_url()
                 )
-            })?;
-        r.json()
-            .await
-            .map_err(|e| format!("{what} answer unreadable: {}", e.without_url()))
+            })
     }
 
     /// The new pipeline's lag, when the plan names a source: the largest
@@ -388,8 +400,16 @@ impl Controller {
         if !self.plan.lag_urls.is_empty() {
             let mut worst: Option<Lag> = None;
             for base in &self.plan.lag_urls {
-                let text = match self.get_text("ingest", base, "/metrics").await {
-                    Ok(t) => t,
+                let text = match self.get("ingest", base, "/metrics", &[]).await {
+                    Ok(r) => match r.text().await {
+                        Ok(t) => t,
+                        Err(e) => {
+                            return Some(LagCheck::Unknown(format!(
+                                "ingest answer unreadable: {}",
+                                e.without_url()
+                            )))
+                        }
+                    },
                     Err(e) => return Some(LagCheck::Unknown(e)),
                 };
                 if let Some(l) = lag_of_metrics(&text) {
@@ -444,27 +464,6 @@ impl Controller {
                 },
             },
         )
-    }
-
-    /// GETs `base` + `path` as text; errors as [`Controller::get_json`]'s.
-    async fn get_text(&self, what: &str, base: &str, path: &str) -> Result<String, String> {
-        let url = format!("{}{path}", base.trim_end_matches('/'));
-        let r = self
-            .http
-            .get(&url)
-            .send()
-            .await
-            .and_then(|r| r.error_for_status())
-            .map_err(|e| {
-                format!(
-                    "{what} at {}: {}",
-                    crate::db::redact_url(base),
-                    e.without_url()
-                )
-            })?;
-        r.text()
-            .await
-            .map_err(|e| format!("{what} answer unreadable: {}", e.without_url()))
     }
 
     /// Parity for every window that received rows since the step started,
