@@ -15,7 +15,6 @@ pub struct CompareMetrics {
     pub check_errors: IntCounter,
     pub acks: IntCounter,
     pub drill_downs: IntCounter,
-    pub drills_deferred: IntCounter,
     pub pending: prometheus::IntGauge,
     pub expected: IntGaugeVec,
     pub found: IntGaugeVec,
@@ -72,11 +71,6 @@ impl CompareMetrics {
                 reg,
                 "switchyard_compare_drill_downs_total",
                 "Windows read again from the topic because a database's rows for them changed otherwise than by the rows found",
-            )?,
-            drills_deferred: counter(
-                reg,
-                "switchyard_compare_drill_downs_deferred_total",
-                "Checks that saw a window's rows still changing and left its drill-down for the next check (or --recheck-secs)",
             )?,
             pending: {
                 let g = prometheus::IntGauge::new(

@@ -506,27 +506,7 @@ impl Comparator {
             }
             let mut j = judge(&snap, &reads, self.opts.max_ids, check_now);
             let mut drill = None;
-            let changed = j.changed_new || j.changed_old;
-            if changed {
-                let mut ws = self.windows();
-                let Some(w) = ws.map.get_mut(&(table_name.clone(), start)) else {
-                    continue;
-                };
-                let force = matches!(select, Select::All(_));
-                if !state::drill_now(
-                    &mut w.settling,
-                    j.scan_new,
-                    j.scan_old,
-                    check_now,
-                    recheck,
-                    force,
-                ) {
-                    // Checked again next interval, against the same scans.
-                    self.metrics.drills_deferred.inc();
-                    continue;
-                }
-            }
-            if changed {
+            if j.changed_new || j.changed_old {
                 // A database's rows for the window changed otherwise than by
                 // the rows found: read the window again to say which.
                 match self.drill(table, start, end, &snap).await {
@@ -566,10 +546,6 @@ impl Comparator {
                     unexplained = c.unexplained, differ_new = ?c.differing_ids_new.iter().take(5).collect::<Vec<_>>(),
                     differ_old = ?c.differing_ids_old.iter().take(5).collect::<Vec<_>>(), ids_new = ?c.missing_ids_new.iter().take(5).collect::<Vec<_>>(),
                     ids_old = ?c.missing_ids_old.iter().take(5).collect::<Vec<_>>(), "parity mismatch");
-            }
-            if !changed {
-                // The rows settled as expected: a change seen before is gone.
-                w.settling = None;
             }
             w.settle_check(&snap, &j, drill.as_ref(), status, self.opts.max_ids);
             w.last = Some(j.checked);

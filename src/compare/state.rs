@@ -262,46 +262,6 @@ pub struct Window {
     /// A person acknowledged the mismatch: it no longer counts in the overall
     /// verdict and the window may be forgotten.
     pub acked: Option<Ack>,
-    /// A change of the databases' rows seen and not yet drilled into.
-    pub settling: Option<Settling>,
-}
-
-/// A change of a window's rows waiting for its drill-down: the scans as the
-/// last check saw them, and since when the rows have been changing.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Settling {
-    pub new: KeySum,
-    pub old: Option<KeySum>,
-    pub since: f64,
-}
-
-/// Whether a change seen by this check is drilled into now. A database
-/// still being written (the loader catching up with legacy rows nobody
-/// announced, a backfill) changes a window's scan at every check, and each
-/// drill-down re-reads the window from the topic and looks every key up
-/// again: so it waits until two checks in a row see the same scans (the
-/// rows settled), or until `recheck` has passed since the change was first
-/// seen, whichever comes first. A forced check (`force`) drills at once.
-pub fn drill_now(
-    settling: &mut Option<Settling>,
-    new: KeySum,
-    old: Option<KeySum>,
-    now: f64,
-    recheck: f64,
-    force: bool,
-) -> bool {
-    let go = match settling {
-        _ if force => true,
-        None => false,
-        Some(s) => (s.new == new && s.old == old) || now - s.since >= recheck,
-    };
-    if go {
-        *settling = None;
-    } else {
-        let since = settling.map_or(now, |s| s.since);
-        *settling = Some(Settling { new, old, since });
-    }
-    go
 }
 
 impl Window {
@@ -376,7 +336,6 @@ impl Windows {
                 due: None,
                 last: None,
                 acked: None,
-                settling: None,
             });
         if let Some(p) = at {
             let range = w
@@ -1436,30 +1395,5 @@ mod tests {
                 !gone_new.is_empty() || !gone_old.is_empty()
             );
         }
-    }
-
-    #[test]
-    fn a_change_is_drilled_into_once_the_rows_settle_or_after_recheck() {
-        let k = |n: u64| KeySum {
-            count: n,
-            sum: n as u128 * 7,
-        };
-        let mut st = None;
-        // First sight of a change: wait for the next check.
-        assert!(!drill_now(&mut st, k(10), Some(k(3)), 100.0, 60.0, false));
-        // Still changing (a loader writing): wait, the clock from the first sight.
-        assert!(!drill_now(&mut st, k(11), Some(k(3)), 105.0, 60.0, false));
-        assert_eq!(st.map(|s| s.since), Some(100.0));
-        // Two equal scans in a row: settled, drill.
-        assert!(drill_now(&mut st, k(11), Some(k(3)), 110.0, 60.0, false));
-        assert_eq!(st, None);
-        // Never settling: drilled into once recheck has passed.
-        for (i, t) in [200.0, 205.0, 210.0].into_iter().enumerate() {
-            assert!(!drill_now(&mut st, k(20 + i as u64), None, t, 60.0, false));
-        }
-        assert!(drill_now(&mut st, k(30), None, 260.0, 60.0, false));
-        // A forced check drills at once.
-        assert!(drill_now(&mut st, k(40), None, 300.0, 60.0, true));
-        assert_eq!(st, None);
     }
 }
