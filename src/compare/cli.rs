@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::Args;
 use tokio_util::sync::CancellationToken;
 
+use super::group::GroupOptions;
 use super::state::Status;
 use super::{Comparator, CompareError, CompareMetrics, CompareOptions};
 use crate::admin::{self, Health};
@@ -61,6 +62,24 @@ pub struct CompareArgs {
         default_value = "127.0.0.1:9096"
     )]
     admin_listen: SocketAddr,
+    /// Share the topic with other comparators of the same --kafka-group:
+    /// the group splits the partitions, each member writes its partial
+    /// reports to bookkeeping tables in NEW (`switchyard db init` creates
+    /// them) and serves the combined verdict on /parity.
+    #[arg(
+        long,
+        env = "SWITCHYARD_COMPARE_SCALE_OUT",
+        conflicts_with = "one_shot"
+    )]
+    scale_out: bool,
+    /// With --scale-out: this member's name, unique in the group (default:
+    /// host name and process id).
+    #[arg(long, env = "SWITCHYARD_COMPARE_INSTANCE", requires = "scale_out")]
+    instance_id: Option<String>,
+    /// With --scale-out: a member silent this long no longer counts; at
+    /// least three check intervals.
+    #[arg(long, default_value_t = 30.0, requires = "scale_out")]
+    member_timeout_secs: f64,
     /// Read the topic to its end, check [--from, --to) now, print, exit (1 on a mismatch).
     #[arg(long, group = "one_shot")]
     once: bool,
@@ -120,6 +139,36 @@ fn run(args: CompareArgs) -> Exit {
         retain: secs("retain-secs", args.retain_secs)?,
         max_ids: args.max_ids,
     };
+    let group = if args.scale_out {
+        let member_timeout = secs("member-timeout-secs", args.member_timeout_secs)?;
+        if member_timeout < opts.check_interval * 3 {
+            return Err(usage(
+                "--member-timeout-secs must be at least three --check-interval-secs",
+            ));
+        }
+        if opts
+            .extra
+            .iter()
+            .any(|(k, v)| k == "partition.assignment.strategy" && v.contains("cooperative"))
+        {
+            return Err(usage(
+                "--scale-out needs the eager rebalance protocol: partition.assignment.strategy must not be cooperative-sticky",
+            ));
+        }
+        let instance = match args.instance_id.clone() {
+            Some(i) if i.trim().is_empty() || i.len() > 191 => {
+                return Err(usage("--instance-id must be 1 to 191 bytes"))
+            }
+            Some(i) => i,
+            None => default_instance(),
+        };
+        Some(GroupOptions {
+            instance,
+            member_timeout,
+        })
+    } else {
+        None
+    };
     rt.block_on(async move {
         let registry = prometheus::Registry::new();
         let metrics = metrics_or_exit(CompareMetrics::new(&registry))?;
@@ -128,6 +177,15 @@ fn run(args: CompareArgs) -> Exit {
         let dbs = [(&old, old_url.as_str()), (&new, new_url.as_str())];
         if !wait_databases(&dbs, &schema, &shutdown).await? {
             return Ok(ExitCode::SUCCESS);
+        }
+        if group.is_some() {
+            new.check_compare_tables(&new_url).await.map_err(|e| {
+                if e.is_config() {
+                    usage(format!("compare --scale-out: {e}"))
+                } else {
+                    failure(format!("compare --scale-out: {e}"))
+                }
+            })?;
         }
         let cmp = Comparator::new(schema, old, new, opts, metrics);
         if args.once {
@@ -157,7 +215,11 @@ fn run(args: CompareArgs) -> Exit {
         let router =
             admin::router(registry, Health::default()).merge(super::parity_router(cmp.clone()));
         let admin_port = AdminPort::start(args.admin_listen, router).await?;
-        let res = match cmp.run(shutdown).await {
+        let ran = match group {
+            Some(g) => cmp.run_in_group(shutdown, g).await,
+            None => cmp.run(shutdown).await,
+        };
+        let res = match ran {
             Ok(()) => Ok(ExitCode::SUCCESS),
             Err(e) if is_config(&e) => Err(usage(format!("compare: {e}"))),
             Err(e) => Err(failure(format!("compare: {e}"))),
@@ -199,6 +261,19 @@ fn run_range(rt: &tokio::runtime::Runtime, args: &CompareArgs) -> Exit {
             }
         }
     })
+}
+
+/// The host name (a pod's name) and the process id.
+fn default_instance() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "compare".to_string());
+    let mut id = format!("{host}-{}", std::process::id());
+    id.truncate(191);
+    id
 }
 
 /// Errors that exit 2: a topic that cannot be read, a refused TLS or SASL

@@ -24,6 +24,13 @@ pub struct CompareMetrics {
     pub windows: IntGaugeVec,
     pub parity_ratio: GaugeVec,
     pub last_verified_age: GaugeVec,
+    /// With `--scale-out`: live members, partitions read in full by one
+    /// of them, whether that is all (the verdicts are exact), and this
+    /// member's own share.
+    pub group_members: prometheus::IntGauge,
+    pub group_covered: prometheus::IntGauge,
+    pub group_complete: prometheus::IntGauge,
+    pub member_partitions: prometheus::IntGauge,
 }
 
 impl CompareMetrics {
@@ -40,7 +47,28 @@ impl CompareMetrics {
                 reg.register(Box::new(g.clone()))?;
                 Ok(g)
             };
+        let gauge = |name: &str, help: &str| -> prometheus::Result<prometheus::IntGauge> {
+            let g = prometheus::IntGauge::new(name, help)?;
+            reg.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
         Ok(CompareMetrics {
+            group_members: gauge(
+                "switchyard_compare_group_members",
+                "With --scale-out: live comparators in the group",
+            )?,
+            group_covered: gauge(
+                "switchyard_compare_group_partitions_covered",
+                "With --scale-out: partitions read in full by exactly one live comparator",
+            )?,
+            group_complete: gauge(
+                "switchyard_compare_group_complete",
+                "With --scale-out: 1 when every partition is read in full by exactly one live comparator (the combined verdicts are exact)",
+            )?,
+            member_partitions: gauge(
+                "switchyard_compare_member_partitions_covered",
+                "With --scale-out: partitions this comparator has read in full",
+            )?,
             messages: counter(reg, "switchyard_compare_messages_total", "Messages read from the topic")?,
             bad_messages: counter(
                 reg,
@@ -72,14 +100,10 @@ impl CompareMetrics {
                 "switchyard_compare_drill_downs_total",
                 "Windows read again from the topic because a database's rows for them changed otherwise than by the rows found",
             )?,
-            pending: {
-                let g = prometheus::IntGauge::new(
-                    "switchyard_compare_pending_rows",
-                    "Rows held by key: announced, not yet found everywhere they are due (the comparator's memory)",
-                )?;
-                reg.register(Box::new(g.clone()))?;
-                g
-            },
+            pending: gauge(
+                "switchyard_compare_pending_rows",
+                "Rows held by key: announced, not yet found everywhere they are due (the comparator's memory)",
+            )?,
             expected: gauge_vec(
                 "switchyard_compare_expected_rows",
                 "Rows expected in checked windows, by table and database",
@@ -121,6 +145,14 @@ impl CompareMetrics {
                 &["table"],
             )?,
         })
+    }
+
+    /// Sets the group's gauges.
+    pub fn set_group(&self, v: &super::group::GroupView, mine: usize) {
+        self.group_members.set(v.members.len() as i64);
+        self.group_covered.set(v.covered as i64);
+        self.group_complete.set(i64::from(v.complete));
+        self.member_partitions.set(mine as i64);
     }
 
     /// Sets the gauges from a report.

@@ -7,6 +7,7 @@
 //! then a mismatch; a row found once and missing later is a mismatch at once.
 
 pub mod cli;
+pub mod group;
 mod metrics;
 pub mod range;
 mod report;
@@ -14,11 +15,11 @@ pub mod state;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{Map, Value};
@@ -124,7 +125,7 @@ pub fn parity_router(cmp: Arc<Comparator>) -> axum::Router {
         Query(q): Query<AckQuery>,
     ) -> (StatusCode, axum::Json<Value>) {
         let by = q.by.as_deref().unwrap_or("unknown");
-        match cmp.ack(&q.table, q.window, by) {
+        match cmp.ack(&q.table, q.window, by).await {
             Ok(()) => (
                 StatusCode::OK,
                 axum::Json(
@@ -141,6 +142,12 @@ pub fn parity_router(cmp: Arc<Comparator>) -> axum::Router {
                 StatusCode::CONFLICT,
                 axum::Json(
                     serde_json::json!({"error": format!("the window is {}, not a mismatch", status.as_str())}),
+                ),
+            ),
+            Err(AckError::Unavailable(e)) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                axum::Json(
+                    serde_json::json!({"error": format!("the acknowledgement could not be recorded for the group: {e}")}),
                 ),
             ),
         }
@@ -164,6 +171,8 @@ pub struct Comparator {
     messages: AtomicU64,
     /// Running `--once`: no change of a database's rows is tracked.
     one_shot: AtomicBool,
+    /// Running as one member of a group (`--scale-out`).
+    group: OnceLock<Arc<group::GroupState>>,
 }
 
 /// A window to check, copied out of the lock.
@@ -326,6 +335,7 @@ impl Comparator {
             parity: RwLock::new(Parity::default()),
             messages: AtomicU64::new(0),
             one_shot: AtomicBool::new(false),
+            group: OnceLock::new(),
         })
     }
 
@@ -351,23 +361,39 @@ impl Comparator {
     /// The report over the windows overlapping `[from, to)` that received a
     /// row at or after `arrived_since` (Unix time, this process's clock).
     pub fn parity_filtered(&self, from: i64, to: i64, arrived_since: Option<f64>) -> Parity {
+        let filter = report::Filter {
+            from,
+            to,
+            arrived_since,
+        };
+        if let Some(g) = self.group.get() {
+            return self.group_parity(g, filter);
+        }
         let ws = self.windows();
         report::build(
             &ws,
             &self.schema,
             now_unix(),
             self.opts.settle.as_secs_f64(),
-            Some(report::Filter {
-                from,
-                to,
-                arrived_since,
-            }),
+            Some(filter),
         )
     }
 
     /// Acknowledges a mismatched window: it stops counting in the overall
     /// verdict (a known, accepted difference) and may be forgotten.
-    pub fn ack(&self, table: &str, start: i64, by: &str) -> Result<(), AckError> {
+    /// In a group, of the combined view: every member applies it.
+    pub async fn ack(&self, table: &str, start: i64, by: &str) -> Result<(), AckError> {
+        if let Some(g) = self.group.get() {
+            self.group_ack(g, table, start, by).await?;
+            self.metrics.acks.inc();
+            tracing::warn!(
+                table,
+                window_start = start,
+                by,
+                "mismatch acknowledged for the group"
+            );
+            return Ok(());
+        }
         self.windows().ack(table, start, by, now_unix())?;
         self.metrics.acks.inc();
         tracing::warn!(table, window_start = start, by, "mismatch acknowledged");
@@ -455,9 +481,10 @@ impl Comparator {
         let settle = self.opts.settle.as_secs_f64();
         let recheck = self.opts.recheck.as_secs_f64();
         // Snapshot what to check without holding the lock across I/O.
-        let todo: Vec<DueWindow> = {
+        let (todo, generation): (Vec<DueWindow>, u64) = {
             let ws = self.windows();
-            ws.map
+            let todo = ws
+                .map
                 .iter()
                 .filter(|(_, w)| match select {
                     Select::All(Some((from, to))) => w.end > from && w.start < to,
@@ -476,7 +503,8 @@ impl Comparator {
                     key: k.clone(),
                     snap: w.snapshot(),
                 })
-                .collect()
+                .collect();
+            (todo, ws.generation)
         };
         let lateness = match select {
             Select::Due => self.opts.max_lateness.as_secs_f64(),
@@ -535,6 +563,11 @@ impl Comparator {
             let c = &j.checked;
             verified += (c.expected_new + c.expected_old) as u64;
             let mut ws = self.windows();
+            if ws.generation != generation {
+                // Everything was forgotten meanwhile (a rebalance): what
+                // was read is of windows no longer held.
+                break;
+            }
             let Some(w) = ws.map.get_mut(&(table_name.clone(), start)) else {
                 continue;
             };
@@ -577,7 +610,9 @@ impl Comparator {
         let pending: HashSet<&str> = snap.rows.iter().map(|(k, _)| k.as_str()).collect();
         // An offset retention has passed is an error, never a jump to the
         // end of the partition (which would skip the window's messages).
-        let consumer = Arc::new(self.consumer_with(&[("auto.offset.reset", "error")])?);
+        let consumer = Arc::new(
+            self.consumer_with(&[("auto.offset.reset", "error")], QuietContext::default())?,
+        );
         let topic = self.opts.topic.clone();
         let parts: Vec<i32> = snap.positions.keys().copied().collect();
         let lows = {
@@ -758,6 +793,11 @@ impl Comparator {
 
     /// Rebuilds the report and the gauges from the windows.
     fn publish(&self, now: f64) {
+        if self.group.get().is_some() {
+            // A member serves the group's combination, not its own share.
+            self.metrics.pending.set(self.windows().pending() as i64);
+            return;
+        }
         let parity = {
             let ws = self.windows();
             self.metrics.pending.set(ws.pending() as i64);
@@ -768,13 +808,14 @@ impl Comparator {
     }
 
     fn consumer(&self) -> Result<StreamConsumer<QuietContext>, CompareError> {
-        self.consumer_with(&[])
+        self.consumer_with(&[], QuietContext::default())
     }
 
-    fn consumer_with(
+    fn consumer_with<C: ConsumerContext + 'static>(
         &self,
         settings: &[(&str, &str)],
-    ) -> Result<StreamConsumer<QuietContext>, CompareError> {
+        context: C,
+    ) -> Result<StreamConsumer<C>, CompareError> {
         let mut cfg = ClientConfig::new();
         cfg.set("bootstrap.servers", &self.opts.brokers)
             .set("group.id", &self.opts.group)
@@ -790,7 +831,7 @@ impl Comparator {
         for (k, v) in settings {
             cfg.set(*k, *v);
         }
-        cfg.create_with_context(QuietContext::default())
+        cfg.create_with_context(context)
             .map_err(CompareError::Config)
     }
 

@@ -3,8 +3,9 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
+use super::group::GroupView;
 use super::state::{Ack, Checked, Status, Windows};
 use crate::schema::Schema;
 
@@ -14,7 +15,7 @@ const ACKNOWLEDGED: &str = "acknowledged";
 /// Windows listed per table in the report, newest first.
 const MAX_WINDOWS: usize = 500;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WindowReport {
     pub start: i64,
     pub end: i64,
@@ -27,6 +28,9 @@ pub struct WindowReport {
     /// Unix times (this comparator's clock) of its first and last row.
     pub first_arrival: f64,
     pub last_arrival: f64,
+    /// Unix time it became checkable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub due: Option<f64>,
     pub check: Option<Checked>,
 }
 
@@ -59,6 +63,9 @@ pub struct Parity {
     pub status: Status,
     pub generated_at: f64,
     pub tables: Vec<TableParity>,
+    /// With `--scale-out`: the group whose partial reports this combines.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupView>,
 }
 
 impl Default for Parity {
@@ -67,6 +74,7 @@ impl Default for Parity {
             status: Status::Open,
             generated_at: 0.0,
             tables: Vec::new(),
+            group: None,
         }
     }
 }
@@ -89,12 +97,46 @@ pub struct Filter {
     pub arrived_since: Option<f64>,
 }
 
+/// Every window held, as reported: (table, report), in key order.
+pub fn reports(ws: &Windows, settle: f64) -> Vec<(String, WindowReport)> {
+    ws.map
+        .values()
+        .map(|w| {
+            (
+                w.table.clone(),
+                WindowReport {
+                    start: w.start,
+                    end: w.end,
+                    status: w.status,
+                    acked: w.acked.clone(),
+                    rows: w.announced() as usize,
+                    first_arrival: w.first_arrival,
+                    last_arrival: w.last_arrival,
+                    due: Some(w.due.unwrap_or_else(|| w.due_at(settle))),
+                    check: w.last.clone(),
+                },
+            )
+        })
+        .collect()
+}
+
 /// The report over every window held, or only those `filter` selects.
 pub fn build(
     ws: &Windows,
     schema: &Schema,
     now: f64,
     settle: f64,
+    filter: Option<Filter>,
+) -> Parity {
+    let all = reports(ws, settle);
+    assemble(schema, all.iter().rev(), now, filter)
+}
+
+/// The report over `windows` (newest first), or only those `filter` selects.
+pub fn assemble<'a>(
+    schema: &Schema,
+    windows: impl Iterator<Item = &'a (String, WindowReport)>,
+    now: f64,
     filter: Option<Filter>,
 ) -> Parity {
     let mut tables: Vec<TableParity> = schema
@@ -112,13 +154,13 @@ pub fn build(
         })
         .collect();
     let mut overall = Status::Open;
-    let windows = ws.map.values().rev().filter(|w| {
+    let windows = windows.filter(|(_, w)| {
         filter.is_none_or(|f| {
             w.end > f.from && w.start < f.to && f.arrived_since.is_none_or(|t| w.last_arrival >= t)
         })
     });
-    for w in windows {
-        let Some(t) = tables.iter_mut().find(|t| t.table == w.table) else {
+    for (table, w) in windows {
+        let Some(t) = tables.iter_mut().find(|t| &t.table == table) else {
             continue;
         };
         let label = if w.acked.is_some() {
@@ -130,7 +172,7 @@ pub fn build(
         if w.status != Status::Open && w.acked.is_none() {
             overall = overall.max(w.status);
         }
-        if let Some(c) = &w.last {
+        if let Some(c) = &w.check {
             t.expected_old += c.expected_old;
             t.expected_new += c.expected_new;
             t.found_old += c.found_old;
@@ -142,23 +184,14 @@ pub fn build(
             t.extra_new += c.extra_new;
         }
         if w.status == Status::Ok {
-            let age = now - w.due.unwrap_or_else(|| w.due_at(settle));
+            let age = now - w.due.unwrap_or(now);
             t.last_verified_age_secs = Some(match t.last_verified_age_secs {
                 Some(a) => a.min(age),
                 None => age,
             });
         }
         if t.details.len() < MAX_WINDOWS {
-            t.details.push(WindowReport {
-                start: w.start,
-                end: w.end,
-                status: w.status,
-                acked: w.acked.clone(),
-                rows: w.announced() as usize,
-                first_arrival: w.first_arrival,
-                last_arrival: w.last_arrival,
-                check: w.last.clone(),
-            });
+            t.details.push(w.clone());
         }
     }
     for t in &mut tables {
@@ -170,6 +203,7 @@ pub fn build(
         status: overall,
         generated_at: now,
         tables,
+        group: None,
     }
 }
 

@@ -18,7 +18,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::db::digest::{Digest, KeySum};
 
@@ -33,7 +33,7 @@ pub enum Sent {
 }
 
 /// A window's verdict.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     /// Still receiving rows, or not settled yet: not checked.
@@ -121,21 +121,24 @@ impl Expected {
 }
 
 /// Who acknowledged a mismatched window, and when.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Ack {
     pub by: String,
     pub at: f64,
 }
 
 /// Why a window could not be acknowledged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AckError {
     NoSuchWindow,
     NotMismatched(Status),
+    /// The group's bookkeeping table could not record it.
+    Unavailable(String),
 }
 
 /// The result of the last check of a window.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Checked {
     pub expected_old: usize,
     pub expected_new: usize,
@@ -148,6 +151,8 @@ pub struct Checked {
     pub differs_new: usize,
     /// Rows in NEW in this window that the stream did not announce.
     pub extra_new: i64,
+    /// Rows NEW's range scan of the window found (whoever announced them).
+    pub scanned_new: u64,
     /// The databases' rows changed in a way no drill-down could explain
     /// (the window's messages are no longer in the topic).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -291,6 +296,9 @@ pub struct Position {
 pub struct Windows {
     pub width: i64,
     pub map: BTreeMap<(String, i64), Window>,
+    /// Bumped whenever everything is forgotten at once: a check that read
+    /// the databases for what was held before applies nothing after.
+    pub generation: u64,
 }
 
 impl Windows {
@@ -298,7 +306,15 @@ impl Windows {
         Windows {
             width: width.max(1),
             map: BTreeMap::new(),
+            generation: 0,
         }
+    }
+
+    /// Forgets every window (this comparator's partitions changed: it reads
+    /// those it has now from their beginning).
+    pub fn clear(&mut self) {
+        self.map.clear();
+        self.generation += 1;
     }
 
     /// Records a row the stream announced. A pending row seen again (a
@@ -741,6 +757,7 @@ pub fn judge(snap: &Snapshot, reads: &Reads, max_ids: usize, now: f64) -> Judgem
     groups.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     groups.truncate(5);
     c.worst_groups = groups;
+    c.scanned_new = reads.scan_new.count;
     c.extra_new = (reads.scan_new.count as i64 - c.found_new as i64).max(0);
     Judgement {
         checked: c,
@@ -1062,6 +1079,7 @@ mod tests {
         let mut lands = Windows {
             width: 60,
             map: ws.map.clone(),
+            generation: 0,
         };
         assert_eq!(
             check(&mut lands, &["a", "b"], &["a", "b"], 1200.0, 300.0),

@@ -505,6 +505,8 @@ macro_rules! with_pool {
 mod replay;
 // After `with_pool!` and `digest_rows!`, which it uses.
 pub mod keyset;
+// After `with_pool!`, which it uses.
+pub mod partials;
 pub mod range;
 
 impl Db {

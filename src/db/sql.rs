@@ -332,6 +332,7 @@ pub fn init_statements(engine: Engine, schema: &Schema, collation: &str) -> Vec<
     ));
     out.push(super::replay::create_sql(engine, options));
     out.push(super::keyset::create_sql(engine, collation, options));
+    out.extend(super::partials::create_sql(engine, collation, options));
     out
 }
 
