@@ -82,6 +82,20 @@ fn main() {
             .unwrap();
         let equal = t.elapsed();
         assert_eq!(r.status, "equal", "{}", r.text());
+        // One segment at a time: the root in one query a side.
+        let single = RangeRequest {
+            tuning: Tuning {
+                concurrency: 1,
+                ..Tuning::default()
+            },
+            ..req.clone()
+        };
+        let t = Instant::now();
+        let r1 = range::run(&old.db, &new.db, table, KeyKind::Uuid, &root, &single)
+            .await
+            .unwrap();
+        let equal_single = t.elapsed();
+        assert_eq!(r1.status, "equal", "{}", r1.text());
         assert_eq!((r.work.rows_old, r.work.rows_new), (rows, rows));
         assert_eq!(r.hashing, "sql");
 
@@ -124,6 +138,19 @@ fn main() {
             ),
         );
         let raw = t.elapsed();
+        // The same, each side's keys in two halves scanned at once.
+        let half = "'80000000-0000-0000-0000-000000000000'";
+        let hash_old = "SELECT COUNT(*), SUM(CAST(CONV(SUBSTRING(MD5(body), 1, 15), 16, 10) AS UNSIGNED)) FROM raw_item";
+        let hash_new = "SELECT COUNT(*), SUM(('x' || substr(md5(body), 1, 15))::bit(60)::bigint) FROM raw_item";
+        let (o1, o2, n1, n2) = (
+            format!("{hash_old} WHERE uuid < {half}"),
+            format!("{hash_old} WHERE uuid >= {half}"),
+            format!("{hash_new} WHERE uuid < {half}::uuid"),
+            format!("{hash_new} WHERE uuid >= {half}::uuid"),
+        );
+        let t = Instant::now();
+        tokio::join!(old.exec(&o1), old.exec(&o2), new.exec(&n1), new.exec(&n2));
+        let raw2 = t.elapsed();
         let t = Instant::now();
         tokio::join!(
             old.exec("SELECT COUNT(*) FROM raw_item"),
@@ -133,9 +160,14 @@ fn main() {
 
         let rate = |d: std::time::Duration| rows as f64 / d.as_secs_f64();
         println!(
-            "range diff, equal:        {:>10.0} rows/s per side ({equal:.2?}, {} segment)",
+            "range diff, equal:        {:>10.0} rows/s per side ({equal:.2?}, {} segments, 2 at a time)",
             rate(equal),
             r.work.segments
+        );
+        println!(
+            "range diff, equal, 1 at a time: {:>4.0} rows/s per side ({equal_single:.2?}, {} segment)",
+            rate(equal_single),
+            r1.work.segments
         );
         println!(
             "range diff, 3 differences: {:>9.0} rows/s per side ({differing:.2?}, {} segments, {}/{} rows streamed)",
@@ -148,6 +180,11 @@ fn main() {
             "raw limit, SUM(md5(body)) scan: {:>10.0} rows/s per side ({raw:.2?}); range diff {:.2}× raw",
             rate(raw),
             rate(equal) / rate(raw)
+        );
+        println!(
+            "raw limit, the same in two halves at once: {:>7.0} rows/s per side ({raw2:.2?}); range diff {:.2}× raw",
+            rate(raw2),
+            rate(equal) / rate(raw2)
         );
         println!(
             "raw COUNT(*):                   {:>10.0} rows/s per side ({count:.2?})",

@@ -97,6 +97,10 @@ pub struct CompareArgs {
     /// With --range: last key (exclusive).
     #[arg(long, requires = "range")]
     key_to: Option<String>,
+    /// With --range: segments checksummed at once on each side (each is one
+    /// query, on one core of the database server).
+    #[arg(long, default_value_t = 2, requires = "range")]
+    concurrency: usize,
     /// With --once or --range: first time value (inclusive, time column units).
     #[arg(long, requires = "one_shot")]
     from: Option<i64>,
@@ -153,6 +157,11 @@ fn run(args: CompareArgs) -> Exit {
         {
             return Err(usage(
                 "--scale-out needs the eager rebalance protocol: partition.assignment.strategy must not be cooperative-sticky",
+            ));
+        }
+        if args.kafka_group.len() > 191 {
+            return Err(usage(
+                "--kafka-group must be at most 191 bytes with --scale-out (it keys the bookkeeping tables)",
             ));
         }
         let instance = match args.instance_id.clone() {
@@ -242,6 +251,7 @@ fn run_range(rt: &tokio::runtime::Runtime, args: &CompareArgs) -> Exit {
         to: args.to,
         tuning: super::range::Tuning {
             max_ids: args.max_ids,
+            concurrency: args.concurrency.clamp(1, 64),
             ..super::range::Tuning::default()
         },
     };

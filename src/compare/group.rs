@@ -24,6 +24,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
+use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -60,7 +61,8 @@ pub struct MemberState {
 struct Catch {
     /// The partition's (low, high) watermarks when it was assigned.
     marks: Option<(i64, i64)>,
-    /// The offset after the last message read.
+    /// The first offset read, and the offset after the last one.
+    first: Option<i64>,
     next: Option<i64>,
 }
 
@@ -68,7 +70,13 @@ impl Catch {
     fn covered(&self) -> bool {
         match self.marks {
             None => false,
-            Some((low, high)) => high <= low || self.next.is_some_and(|n| n >= high),
+            // Read from the beginning (not from an offset someone committed
+            // for the group) to where the partition ended when it came.
+            Some((low, high)) => {
+                high <= low
+                    || (self.first.is_some_and(|f| f <= low)
+                        && self.next.is_some_and(|n| n >= high))
+            }
         }
     }
 }
@@ -109,6 +117,7 @@ impl Coverage {
     /// A message at `offset` of `partition` was read.
     pub fn seen(&mut self, partition: i32, offset: i64) {
         if let Some(c) = self.parts.get_mut(&partition) {
+            c.first = Some(c.first.unwrap_or(offset).min(offset));
             c.next = Some(c.next.unwrap_or(0).max(offset + 1));
         }
     }
@@ -168,12 +177,26 @@ pub fn view_of(members: &[Member]) -> GroupView {
         .max()
         .unwrap_or(0);
     let mut by: HashMap<i32, usize> = HashMap::new();
+    let mut claims: HashMap<i32, usize> = HashMap::new();
     for m in members {
         for p in &m.state.covered {
             *by.entry(*p).or_default() += 1;
         }
+        // A partition one member has read and another is reading again
+        // (the first stopped answering and the group gave it to the
+        // second): the first's reports of it are not current.
+        let mine: BTreeSet<i32> = m
+            .state
+            .assigned
+            .iter()
+            .chain(&m.state.covered)
+            .copied()
+            .collect();
+        for p in mine {
+            *claims.entry(p).or_default() += 1;
+        }
     }
-    let twice: BTreeSet<i32> = by
+    let twice: BTreeSet<i32> = claims
         .iter()
         .filter(|(_, n)| **n > 1)
         .map(|(p, _)| *p)
@@ -192,7 +215,7 @@ pub fn view_of(members: &[Member]) -> GroupView {
         Some("the topic's partitions are not known yet".to_string())
     } else if !twice.is_empty() {
         Some(format!(
-            "partitions {twice:?} are reported by two members (a rebalance in progress)"
+            "partitions {twice:?} are claimed by two members (a rebalance in progress)"
         ))
     } else if !missing.is_empty() {
         Some(format!(
@@ -261,10 +284,14 @@ fn merge_checked(a: &mut Checked, b: &Checked, max_ids: usize) {
 
 /// Combines the live members' partial reports window by window. A
 /// mismatch someone acknowledged counts only when no other partial of the
-/// window is worse than ok or open; an incomplete group is at best pending.
+/// window is worse than ok or open. An incomplete group is at best pending,
+/// and so is a window that became due after `fresh` (the oldest live
+/// member's last report): a member that has not reported since cannot
+/// vouch for its partitions' rows of it.
 pub fn merge(
     partials: Vec<(String, WindowReport)>,
     complete: bool,
+    fresh: f64,
     max_ids: usize,
 ) -> Vec<(String, WindowReport)> {
     let mut by: BTreeMap<(String, i64), Vec<WindowReport>> = BTreeMap::new();
@@ -315,7 +342,8 @@ pub fn merge(
                 status = Status::Mismatch;
                 w.acked = acked;
             }
-            if !complete && status == Status::Ok {
+            let stale = w.due.is_none_or(|d| d > fresh);
+            if (!complete || stale) && status == Status::Ok {
                 status = Status::Pending;
             }
             w.status = status;
@@ -332,6 +360,8 @@ pub struct GroupState {
     epoch: AtomicU64,
     /// The combined windows (newest last) and the group, as last read.
     combined: RwLock<(Vec<(String, WindowReport)>, GroupView)>,
+    /// One publication at a time (the timer's and an acknowledgement's).
+    publishing: tokio::sync::Mutex<()>,
 }
 
 impl GroupState {
@@ -341,6 +371,7 @@ impl GroupState {
             coverage: Mutex::new(Coverage::default()),
             epoch: AtomicU64::new(0),
             combined: RwLock::new((Vec::new(), GroupView::default())),
+            publishing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -375,10 +406,20 @@ impl ConsumerContext for GroupContext {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                // From the beginning, whatever offsets the group may hold
+                // (a partition counts as read in full only if its reading
+                // starts at its low watermark).
+                let mut from = TopicPartitionList::new();
+                for e in tpl.elements() {
+                    let _ = from.add_partition_offset(e.topic(), e.partition(), Offset::Beginning);
+                }
+                if let Err(e) = consumer.assign(&from) {
+                    tracing::warn!(error = %e, "could not read the assigned partitions from their beginning");
+                }
                 tracing::info!(partitions = ?parts, "comparator partitions assigned; reading them from their beginning");
                 self.cmp.reassign(&self.group, Some(&parts));
             }
@@ -411,6 +452,7 @@ impl Comparator {
     /// member's back, applies the group's acknowledgements here, and makes
     /// the combination the report `/parity` serves and the gauges show.
     pub(super) async fn publish_group(&self, g: &GroupState) -> Result<(), DbError> {
+        let _one = g.publishing.lock().await;
         let now = now_unix();
         let settle = self.opts.settle.as_secs_f64();
         let (mine, state) = {
@@ -439,10 +481,15 @@ impl Comparator {
             .forget_acks(group, millis(now - self.opts.retain.as_secs_f64()))
             .await?;
         let all = self.new.read_group(group).await?;
-        let members: Vec<Member> = all
+        let live_rows: Vec<&MemberRow> = all
             .members
             .iter()
             .filter(|m| m.seen_at_ms as f64 >= (now - timeout) * 1000.0)
+            .collect();
+        // A member whose state cannot be read covers nothing: the view is
+        // then incomplete, never ok.
+        let members: Vec<Member> = live_rows
+            .iter()
             .filter_map(|m| {
                 Some(Member {
                     instance: m.instance.clone(),
@@ -450,14 +497,33 @@ impl Comparator {
                 })
             })
             .collect();
-        let view = view_of(&members);
+        let fresh = live_rows
+            .iter()
+            .map(|m| m.seen_at_ms as f64 / 1000.0)
+            .fold(f64::INFINITY, f64::min);
+        let mut view = view_of(&members);
         let live: HashSet<&str> = members.iter().map(|m| m.instance.as_str()).collect();
-        let partials: Vec<(String, WindowReport)> = all
+        let mut partials: Vec<(String, WindowReport)> = Vec::new();
+        let mut unreadable: BTreeSet<&str> = BTreeSet::new();
+        for w in all
             .windows
             .iter()
             .filter(|w| live.contains(w.instance.as_str()))
-            .filter_map(|w| Some((w.table.clone(), serde_json::from_str(&w.report).ok()?)))
-            .collect();
+        {
+            match serde_json::from_str(&w.report) {
+                Ok(r) => partials.push((w.table.clone(), r)),
+                Err(_) => {
+                    unreadable.insert(w.instance.as_str());
+                }
+            }
+        }
+        if !unreadable.is_empty() {
+            // Its mismatches would vanish with the reports left out.
+            view.complete = false;
+            view.problem = Some(format!(
+                "reports of {unreadable:?} cannot be read (another version?)"
+            ));
+        }
         {
             let mut ws = self.windows();
             for a in &all.acks {
@@ -467,7 +533,7 @@ impl Comparator {
                 }
             }
         }
-        let combined = merge(partials, view.complete, self.opts.max_ids);
+        let combined = merge(partials, view.complete, fresh, self.opts.max_ids);
         let mut parity = report::assemble(&self.schema, combined.iter().rev(), now, None);
         parity.group = Some(view.clone());
         self.metrics.set(&parity, &self.schema);
@@ -541,14 +607,20 @@ impl Comparator {
         };
         // No offset is ever committed: each assignment starts at the
         // beginning of what the topic retains.
-        let consumer = Arc::new(self.consumer_with(&[("auto.offset.reset", "earliest")], ctx)?);
+        let consumer = Arc::new(self.consumer_with(
+            &[
+                ("auto.offset.reset", "earliest"),
+                ("enable.auto.commit", "false"),
+            ],
+            ctx,
+        )?);
         consumer
             .subscribe(&[&self.opts.topic])
             .map_err(CompareError::Config)?;
         tracing::info!(topic = %self.opts.topic, group = %self.opts.group, instance = %g.opts.instance,
             "comparator joining its group");
         let checker = {
-            let (me, stop, g) = (self.clone(), shutdown.clone(), g.clone());
+            let (me, stop) = (self.clone(), shutdown.clone());
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(me.opts.check_interval);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -562,6 +634,21 @@ impl Comparator {
                     if let Err(e) = me.check(false, None).await {
                         me.metrics.check_errors.inc();
                         tracing::warn!(error = %e, "parity check failed; retrying next interval");
+                    }
+                }
+            })
+        };
+        // On its own timer: a long check (a drill-down) must not silence
+        // this member into looking dead.
+        let publisher = {
+            let (me, stop, g) = (self.clone(), shutdown.clone(), g.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(me.opts.check_interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tick.tick() => {}
                     }
                     if let Err(e) = me.publish_group(&g).await {
                         me.metrics.check_errors.inc();
@@ -615,6 +702,7 @@ impl Comparator {
             }
         };
         let _ = checker.await;
+        let _ = publisher.await;
         // Leave at once rather than after the member timeout.
         if let Err(e) = self
             .new
@@ -725,9 +813,22 @@ mod tests {
             vec![1],
             "an empty partition is read in full"
         );
+        c.seen(2, 4);
+        c.seen(2, 7);
+        assert_eq!(
+            c.state().covered,
+            vec![1],
+            "partition 2 read from 4, not from its beginning at 3"
+        );
+        c.assign(&[0, 1, 2]);
+        c.marks(0, 0, 10);
+        c.marks(1, 5, 5);
+        c.marks(2, 3, 8);
+        c.seen(0, 0);
         c.seen(0, 8);
         assert_eq!(c.state().covered, vec![1]);
         c.seen(0, 9);
+        c.seen(2, 3);
         c.seen(2, 7);
         assert_eq!(c.state().covered, vec![0, 1, 2]);
         c.seen(7, 1);
@@ -756,6 +857,13 @@ mod tests {
         let v = view_of(&[member("a", 4, &[0, 1, 2]), member("b", 4, &[2, 3])]);
         assert!(!v.complete, "partition 2 twice");
         assert_eq!(v.covered, 3);
+        let mut reading = member("b", 4, &[2, 3]);
+        reading.state.assigned = vec![0, 1, 2, 3];
+        let v = view_of(&[member("a", 4, &[0, 1]), reading]);
+        assert!(
+            !v.complete,
+            "a's partitions given to b, which is reading them again: {v:?}"
+        );
         assert!(!view_of(&[]).complete);
         assert!(!view_of(&[member("a", 0, &[])]).complete);
     }
@@ -772,6 +880,7 @@ mod tests {
                 ("t".into(), window(120, Status::Pending, 5, 1)),
             ],
             true,
+            100.0,
             10,
         );
         assert_eq!(merged.len(), 3);
@@ -790,8 +899,24 @@ mod tests {
 
     #[test]
     fn an_incomplete_group_is_never_ok_and_an_ack_holds_only_alone() {
-        let merged = merge(vec![("t".into(), window(0, Status::Ok, 1, 0))], false, 10);
+        let merged = merge(
+            vec![("t".into(), window(0, Status::Ok, 1, 0))],
+            false,
+            100.0,
+            10,
+        );
         assert_eq!(merged[0].1.status, Status::Pending);
+        let merged = merge(
+            vec![("t".into(), window(0, Status::Ok, 1, 0))],
+            true,
+            29.0,
+            10,
+        );
+        assert_eq!(
+            merged[0].1.status,
+            Status::Pending,
+            "due at 30, a member last reported at 29"
+        );
         let mut acked = window(0, Status::Mismatch, 1, 1);
         acked.acked = Some(super::super::state::Ack {
             by: "ops".into(),
@@ -803,6 +928,7 @@ mod tests {
                 ("t".into(), window(0, Status::Ok, 3, 0)),
             ],
             true,
+            100.0,
             10,
         );
         assert_eq!(merged[0].1.status, Status::Mismatch);
@@ -813,6 +939,7 @@ mod tests {
                 ("t".into(), window(0, Status::Mismatch, 3, 1)),
             ],
             true,
+            100.0,
             10,
         );
         assert!(

@@ -384,6 +384,44 @@ async fn merge<S: Side>(
     Ok(())
 }
 
+/// `seg` split at `factor` points between the smallest and the largest key
+/// either side holds in it (fewer than two children: not splittable).
+async fn split<S: Side>(
+    old: &S,
+    new: &S,
+    seg: &Segment,
+    factor: usize,
+) -> Result<Vec<Segment>, RangeError> {
+    let (eo, en) = futures_util::try_join!(old.ends(seg), new.ends(seg))?;
+    let ends = match (eo, en) {
+        (Some((a, b)), Some((c, d))) => Some((a.min(c), b.max(d))),
+        (one, other) => one.or(other),
+    };
+    Ok(match &ends {
+        Some((a, b)) => children(seg, &split_points(a, b, factor)),
+        None => Vec::new(),
+    })
+}
+
+/// Each segment's checksum on both sides, `concurrency` segments at a time,
+/// in the segments' order.
+async fn checksums<S: Side>(
+    old: &S,
+    new: &S,
+    segs: Vec<Segment>,
+    concurrency: usize,
+) -> Result<Vec<(Segment, Checksum, Checksum)>, RangeError> {
+    futures_util::stream::iter(segs.into_iter().map(|seg| async move {
+        let (a, b) = futures_util::try_join!(old.checksum(&seg), new.checksum(&seg))?;
+        Ok::<_, RangeError>((seg, a, b))
+    }))
+    .buffered(concurrency.max(1))
+    .collect::<Vec<_>>()
+    .await
+    .into_iter()
+    .collect()
+}
+
 /// Compares `root` between the two sides: checksums and bisection when both
 /// hash in SQL, one streamed merge otherwise.
 pub async fn diff<S: Side>(
@@ -400,12 +438,29 @@ pub async fn diff<S: Side>(
         work.rows_new = work.streamed_new;
         return Ok((diffs, work));
     }
-    let (co, cn) = futures_util::try_join!(old.checksum(root), new.checksum(root))?;
-    work.segments = 1;
-    work.rows_old = co.count;
-    work.rows_new = cn.count;
+    // A database computes one query on one core: with more than one at a
+    // time, the root is checksummed as its children, side by side, as
+    // data-diff's threads do; their sums add up to the root's.
+    let parts = if tuning.concurrency > 1 {
+        split(old, new, root, tuning.factor).await?
+    } else {
+        Vec::new()
+    };
     // Depth first, children in key order: one path of pending siblings.
-    let mut stack = vec![(root.clone(), co, cn)];
+    let mut stack = Vec::new();
+    if parts.len() >= 2 {
+        let sums = checksums(old, new, parts, tuning.concurrency).await?;
+        work.segments = sums.len() as u64;
+        work.rows_old = sums.iter().map(|(_, a, _)| a.count).sum();
+        work.rows_new = sums.iter().map(|(_, _, b)| b.count).sum();
+        stack.extend(sums.into_iter().rev().filter(|(_, a, b)| a != b));
+    } else {
+        let (co, cn) = futures_util::try_join!(old.checksum(root), new.checksum(root))?;
+        work.segments = 1;
+        work.rows_old = co.count;
+        work.rows_new = cn.count;
+        stack.push((root.clone(), co, cn));
+    }
     while let Some((seg, co, cn)) = stack.pop() {
         if co == cn {
             continue;
@@ -414,29 +469,12 @@ pub async fn diff<S: Side>(
             merge(old, new, &seg, &mut diffs, &mut work, tuning.max_ids).await?;
             continue;
         }
-        let (eo, en) = futures_util::try_join!(old.ends(&seg), new.ends(&seg))?;
-        let ends = match (eo, en) {
-            (Some((a, b)), Some((c, d))) => Some((a.min(c), b.max(d))),
-            (one, other) => one.or(other),
-        };
-        let kids = match &ends {
-            Some((a, b)) => children(&seg, &split_points(a, b, tuning.factor)),
-            None => Vec::new(),
-        };
+        let kids = split(old, new, &seg, tuning.factor).await?;
         if kids.len() < 2 {
             merge(old, new, &seg, &mut diffs, &mut work, tuning.max_ids).await?;
             continue;
         }
-        let sums: Vec<(Segment, Checksum, Checksum)> =
-            futures_util::stream::iter(kids.into_iter().map(|kid| async move {
-                let (a, b) = futures_util::try_join!(old.checksum(&kid), new.checksum(&kid))?;
-                Ok::<_, RangeError>((kid, a, b))
-            }))
-            .buffered(tuning.concurrency.max(1))
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect::<Result<_, _>>()?;
+        let sums = checksums(old, new, kids, tuning.concurrency).await?;
         work.segments += sums.len() as u64;
         stack.extend(sums.into_iter().rev().filter(|(_, a, b)| a != b));
     }

@@ -217,15 +217,38 @@ impl Db {
             text(engine, "table_name"),
             quote(engine, ACKS_TABLE)
         );
+        // One snapshot for the three reads: a member's heartbeat and its
+        // reports are read as one publication wrote them, never half of
+        // one and half of the next.
+        let snapshot = match engine {
+            Engine::Postgres => Some("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"),
+            // InnoDB's default (REPEATABLE READ) snapshot is taken at the
+            // first read; SQLite's read transaction is one snapshot.
+            Engine::MySql | Engine::Sqlite => None,
+        };
         with_pool!(self, pool, DB => {
-            let fetch = |s: String| async move {
-                sqlx::query(&s)
-                    .bind(group)
-                    .fetch_all(pool)
+            let mut tx = pool.begin().await.map_err(|e| classify(engine, e))?;
+            if let Some(s) = snapshot {
+                sqlx::query(s)
+                    .execute(&mut *tx)
                     .await
-                    .map_err(|e| classify(engine, e))
+                    .map_err(|e| classify(engine, e))?;
+            }
+            let mut fetched = Vec::with_capacity(3);
+            for s in [members, windows, acks] {
+                fetched.push(
+                    sqlx::query(&s)
+                        .bind(group)
+                        .fetch_all(&mut *tx)
+                        .await
+                        .map_err(|e| classify(engine, e))?,
+                );
+            }
+            tx.commit().await.map_err(|e| classify(engine, e))?;
+            let (a, w, m) = match (fetched.pop(), fetched.pop(), fetched.pop()) {
+                (Some(a), Some(w), Some(m)) => (a, w, m),
+                _ => return Err(DbError::Unavailable("the group's rows were not read".into())),
             };
-            let (m, w, a) = tokio::try_join!(fetch(members), fetch(windows), fetch(acks))?;
             let read = || -> Result<GroupRows, sqlx::Error> {
                 let mut out = GroupRows::default();
                 for r in &m {
