@@ -295,8 +295,22 @@ impl PipelineConfig {
                 "one of none, gzip, snappy, lz4, zstd",
             ));
         }
-        if self.kafka.delivery_timeout_ms == 0 {
-            return Err(invalid("kafka.delivery_timeout_ms", "must be positive"));
+        // A request waits for its delivery: past a few minutes its client
+        // has long given up, and a linger as long as the delivery timeout
+        // fails every message.
+        if !(1..=MAX_DELIVERY_TIMEOUT_MS).contains(&self.kafka.delivery_timeout_ms) {
+            return Err(invalid(
+                "kafka.delivery_timeout_ms",
+                "between 1 and 300000 (5 minutes): a request waits for its delivery",
+            ));
+        }
+        if self.kafka.linger_ms > MAX_LINGER_MS
+            || self.kafka.linger_ms >= self.kafka.delivery_timeout_ms
+        {
+            return Err(invalid(
+                "kafka.linger_ms",
+                "at most 1000 and below kafka.delivery_timeout_ms: every request waits for it",
+            ));
         }
         if self.flags.poll_ms == 0 {
             return Err(invalid("flags.poll_ms", "must be positive"));
@@ -424,6 +438,11 @@ impl Default for FlagKeys {
     }
 }
 
+/// The longest `kafka.delivery_timeout_ms` accepted.
+const MAX_DELIVERY_TIMEOUT_MS: u64 = 300_000;
+/// The longest `kafka.linger_ms` accepted.
+const MAX_LINGER_MS: u64 = 1_000;
+
 #[cfg(test)]
 mod tests {
 
@@ -462,6 +481,28 @@ mod tests {
         );
         let e = parse_properties(&["nokey".to_string()]).unwrap_err();
         assert!(e.contains("expected key=value"), "{e}");
+    }
+
+    #[test]
+    fn producer_timings_are_bounded() {
+        let base = PipelineConfig::load(None).unwrap();
+        for (linger, timeout, field) in [
+            (0, 0, Some("kafka.delivery_timeout_ms")),
+            (0, 300_001, Some("kafka.delivery_timeout_ms")),
+            (1_001, 5_000, Some("kafka.linger_ms")),
+            (500, 500, Some("kafka.linger_ms")),
+            (1_000, 300_000, None),
+            (0, 1, None),
+        ] {
+            let mut c = base.clone();
+            c.kafka.linger_ms = linger;
+            c.kafka.delivery_timeout_ms = timeout;
+            match (c.validate("t.toml"), field) {
+                (Ok(()), None) => {}
+                (Err(e), Some(f)) => assert!(e.to_string().contains(f), "{e}"),
+                (r, f) => panic!("linger {linger}, timeout {timeout}: {r:?}, expected {f:?}"),
+            }
+        }
     }
 
     #[test]
