@@ -317,21 +317,43 @@ pub fn copy_text(rows: &[Vec<Bound>], out: &mut Vec<u8>) {
                 Bound::Float(Some(x)) => write!(out, "{x:?}"),
                 Bound::Bool(Some(b)) => out.write_all(if *b { b"t" } else { b"f" }),
                 Bound::Text(Some(s)) => {
-                    for &b in s.as_bytes() {
-                        match b {
-                            b'\\' => out.extend_from_slice(b"\\\\"),
-                            b'\t' => out.extend_from_slice(b"\\t"),
-                            b'\n' => out.extend_from_slice(b"\\n"),
-                            b'\r' => out.extend_from_slice(b"\\r"),
-                            _ => out.push(b),
-                        }
-                    }
+                    copy_escaped(s.as_bytes(), out);
                     Ok(())
                 }
             };
         }
         out.push(b'\n');
     }
+}
+
+/// `s` with COPY's separators escaped, copied a run at a time between them.
+/// Blocks of bytes are tested at once (most text has no separator at all),
+/// and only a block that holds one is looked at byte by byte.
+fn copy_escaped(s: &[u8], out: &mut Vec<u8>) {
+    const BLOCK: usize = 32;
+    let special = |b: u8| (b == b'\\') | (b == b'\t') | (b == b'\n') | (b == b'\r');
+    out.reserve(s.len());
+    // `s[copied..]` is not in `out` yet.
+    let mut copied = 0;
+    for (n, block) in s.chunks(BLOCK).enumerate() {
+        if !block.iter().fold(false, |any, &b| any | special(b)) {
+            continue;
+        }
+        for (j, &b) in block.iter().enumerate() {
+            let escape: &[u8] = match b {
+                b'\\' => b"\\\\",
+                b'\t' => b"\\t",
+                b'\n' => b"\\n",
+                b'\r' => b"\\r",
+                _ => continue,
+            };
+            let at = n * BLOCK + j;
+            out.extend_from_slice(&s[copied..at]);
+            out.extend_from_slice(escape);
+            copied = at + 1;
+        }
+    }
+    out.extend_from_slice(&s[copied..]);
 }
 
 /// Bytes a row takes in a statement (what `--chunk-bytes` bounds).
@@ -692,13 +714,11 @@ impl Db {
         let table = w.table;
         if let (Db::Postgres(pool), true) = (self, w.copy && !w.rows.is_empty()) {
             let mut tx = pool.begin().await.map_err(|e| classify(engine, e))?;
-            let mut data = Vec::with_capacity(w.rows.len() * 64);
-            copy_text(w.rows, &mut data);
-            let copied = w.direct && pg_copy_direct(&mut tx, table, &data).await?;
+            let copied = w.direct && pg_copy_direct(&mut tx, table, w.rows).await?;
             let skipped_keys = if copied {
                 Vec::new()
             } else {
-                pg_copy_insert(&mut tx, table, &data).await?
+                pg_copy_insert(&mut tx, table, w.rows).await?
             };
             let skipped = skipped_keys.len() as u64;
             let inserted = (w.rows.len() as u64).saturating_sub(skipped);
@@ -762,29 +782,49 @@ fn pg_columns(table: &Table) -> String {
     cols.join(", ")
 }
 
-/// Sends `data` (COPY text) to a `COPY … FROM STDIN` statement.
+/// COPY text is sent in pieces of about this many bytes, each built while
+/// the server reads the one before.
+const COPY_PIECE_BYTES: usize = 256 << 10;
+
+/// Sends `rows` (every column of the table, in declaration order) to a
+/// `COPY … FROM STDIN` statement as COPY text.
 async fn pg_copy(
     conn: &mut sqlx::PgConnection,
     statement: &str,
-    data: &[u8],
+    rows: &[Vec<Bound>],
 ) -> Result<u64, sqlx::Error> {
     let mut copy = conn.copy_in_raw(statement).await?;
-    for part in data.chunks(1 << 20) {
-        copy.send(part).await?;
+    let mut piece = Vec::with_capacity(COPY_PIECE_BYTES + (COPY_PIECE_BYTES >> 2));
+    for row in rows {
+        copy_text(std::slice::from_ref(row), &mut piece);
+        if piece.len() >= COPY_PIECE_BYTES {
+            copy.send(piece.as_slice()).await?;
+            piece.clear();
+        }
+    }
+    if !piece.is_empty() {
+        copy.send(piece.as_slice()).await?;
     }
     copy.finish().await
 }
 
-/// `COPY` of the chunk straight into `table`, under a savepoint: true if it
-/// went in whole; false, and nothing changed, when a key was there already.
-async fn pg_copy_direct(
+/// The savepoint a direct `COPY` runs under, rolled back to when a key is
+/// there already.
+const DIRECT_SAVEPOINT: &str = "switchyard_copy_direct";
+
+/// `COPY` of `rows` (each with every column of `table`, in declaration
+/// order) straight into `table`, under a savepoint: true if they went in
+/// whole; false, and nothing changed, when a key was there already (or
+/// twice among them). Backfill's chunks and ingest's batches both try it
+/// first.
+pub(super) async fn pg_copy_direct(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     table: &Table,
-    data: &[u8],
+    rows: &[Vec<Bound>],
 ) -> Result<bool, DbError> {
     let engine = Engine::Postgres;
     let err = |e| classify(engine, e);
-    sqlx::query("SAVEPOINT switchyard_backfill_direct")
+    sqlx::query(&format!("SAVEPOINT {DIRECT_SAVEPOINT}"))
         .execute(&mut **tx)
         .await
         .map_err(err)?;
@@ -793,16 +833,16 @@ async fn pg_copy_direct(
         quote(engine, &table.name),
         pg_columns(table)
     );
-    match pg_copy(tx, &statement, data).await {
+    match pg_copy(tx, &statement, rows).await {
         Ok(_) => {
-            sqlx::query("RELEASE SAVEPOINT switchyard_backfill_direct")
+            sqlx::query(&format!("RELEASE SAVEPOINT {DIRECT_SAVEPOINT}"))
                 .execute(&mut **tx)
                 .await
                 .map_err(err)?;
             Ok(true)
         }
         Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => {
-            sqlx::query("ROLLBACK TO SAVEPOINT switchyard_backfill_direct")
+            sqlx::query(&format!("ROLLBACK TO SAVEPOINT {DIRECT_SAVEPOINT}"))
                 .execute(&mut **tx)
                 .await
                 .map_err(err)?;
@@ -817,7 +857,7 @@ async fn pg_copy_direct(
 async fn pg_copy_insert(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     table: &Table,
-    data: &[u8],
+    rows: &[Vec<Bound>],
 ) -> Result<Vec<String>, DbError> {
     let engine = Engine::Postgres;
     let err = |e| classify(engine, e);
@@ -832,7 +872,7 @@ async fn pg_copy_insert(
     .execute(&mut **tx)
     .await
     .map_err(err)?;
-    pg_copy(tx, &format!("COPY {stage} ({cols}) FROM STDIN"), data)
+    pg_copy(tx, &format!("COPY {stage} ({cols}) FROM STDIN"), rows)
         .await
         .map_err(err)?;
     let text = format!(
@@ -951,6 +991,41 @@ mod tests {
             copy_text(&[vec![Bound::Float(Some(f))]], &mut out);
             let s = String::from_utf8(out).unwrap();
             assert_eq!(s.trim_end().parse::<f64>().unwrap().to_bits(), f.to_bits());
+        }
+    }
+
+    #[test]
+    fn copy_text_escapes_separators_anywhere_in_long_text() {
+        // Separators at every position around the 32-byte blocks, alone,
+        // in runs, first and last.
+        let mut text = String::new();
+        for i in 0..200 {
+            text.push_str(&"é😀x".repeat(i % 7));
+            text.push(['\\', '\t', '\n', '\r'][i % 4]);
+            if i % 5 == 0 {
+                text.push_str("\\\\\t\n");
+            }
+        }
+        let text = format!("\t{text}\\");
+        let mut out = Vec::new();
+        copy_text(&[vec![Bound::Text(Some(text.clone()))]], &mut out);
+        let mut want = String::new();
+        for c in text.chars() {
+            match c {
+                '\\' => want.push_str("\\\\"),
+                '\t' => want.push_str("\\t"),
+                '\n' => want.push_str("\\n"),
+                '\r' => want.push_str("\\r"),
+                c => want.push(c),
+            }
+        }
+        want.push('\n');
+        assert_eq!(String::from_utf8(out).unwrap(), want);
+        for len in 0..70 {
+            let plain = "a".repeat(len);
+            let mut out = Vec::new();
+            copy_text(&[vec![Bound::Text(Some(plain.clone()))]], &mut out);
+            assert_eq!(out, format!("{plain}\n").into_bytes());
         }
     }
 

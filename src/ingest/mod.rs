@@ -83,6 +83,10 @@ pub struct IngestSummary {
     pub batches: u64,
 }
 
+/// A message's row: its table (index in the schema) and values, or why it
+/// is poison (the dead-letter reason's label and text).
+type Parsed = Result<(usize, Vec<db::Bound>), (&'static str, String)>;
+
 /// A consumed message, detached from the consumer.
 struct Msg {
     topic: String,
@@ -92,18 +96,28 @@ struct Msg {
     payload: Vec<u8>,
     /// The revocation epoch when it was read.
     epoch: u64,
+    /// When it was read: a partial batch waits for more messages until
+    /// `consumer_timeout` after its first one was.
+    received: Instant,
+    /// The payload parsed when the message was read (while the batch before
+    /// it was being written); taken when its own batch is written.
+    parsed: Option<Parsed>,
 }
 
 impl Msg {
-    /// Detaches a message, and dates the partition's lag from it.
-    fn of(m: &rdkafka::message::BorrowedMessage<'_>, ctx: &IngestContext) -> Msg {
+    /// Detaches a message and parses its payload, and dates the partition's
+    /// lag from it.
+    fn of(m: &rdkafka::message::BorrowedMessage<'_>, ctx: &IngestContext, schema: &Schema) -> Msg {
+        let payload = m.payload().unwrap_or_default();
         let msg = Msg {
             topic: m.topic().to_string(),
             partition: m.partition(),
             offset: m.offset(),
             timestamp_ms: m.timestamp().to_millis(),
-            payload: m.payload().unwrap_or_default().to_vec(),
+            parsed: Some(classify(schema, payload)),
+            payload: payload.to_vec(),
             epoch: ctx.epoch(),
+            received: Instant::now(),
         };
         ctx.seen(&msg.topic, msg.partition, msg.timestamp_ms);
         msg
@@ -201,7 +215,13 @@ pub fn client_config(opts: &IngestOptions) -> ClientConfig {
         .set("fetch.max.bytes", "67108864")
         // librdkafka prefetches up to 64 MiB a partition by default: two
         // fetches' worth keep it busy and its memory bounded.
-        .set("queued.max.messages.kbytes", "16384");
+        .set("queued.max.messages.kbytes", "16384")
+        // Once that queue is full librdkafka postpones the next fetch by
+        // this much (1 s by default): a partition would then run dry for most
+        // of a second whenever the database is slower than the broker, and
+        // ingest ran at a third of its write speed. A queue of 16 MiB takes
+        // the database a fifth of a second or more to drain.
+        .set("fetch.queue.backoff.ms", "20");
     for (k, v) in &opts.extra {
         cfg.set(k, v);
     }
@@ -243,7 +263,11 @@ async fn consume(
             };
             batch.append(&mut next);
             batch_bytes = batch.iter().map(|m| m.payload.len()).sum();
-            deadline = (!batch.is_empty()).then(|| Instant::now() + opts.consumer_timeout);
+            // Its first message has waited since it was read (during the
+            // write): the batch is due `consumer_timeout` after that, not
+            // after the write. (Restarting the clock held the last, partial
+            // batch of a backlog for a whole timeout more.)
+            deadline = batch.first().map(|m| m.received + opts.consumer_timeout);
             continue;
         }
         let wait = deadline
@@ -256,10 +280,10 @@ async fn consume(
         match received {
             Ok(Ok(m)) => {
                 last_message = Instant::now();
-                let msg = Msg::of(&m, consumer.context());
+                let msg = Msg::of(&m, consumer.context(), ingest.schema);
                 batch_bytes += msg.payload.len();
+                deadline.get_or_insert(msg.received + opts.consumer_timeout);
                 batch.push(msg);
-                deadline.get_or_insert_with(|| Instant::now() + opts.consumer_timeout);
             }
             Ok(Err(e)) if crate::kafka::is_refusal(&e) => {
                 return Err(IngestError::Refused {
@@ -471,8 +495,9 @@ impl Ingest<'_> {
         let mut carry_bytes = 0;
         let mut paused = TopicPartitionList::new();
         let started = Instant::now();
+        let schema = self.schema;
         let written = {
-            let write = self.write(&batch);
+            let write = self.write(&mut batch);
             tokio::pin!(write);
             // A fresh poll at least this often, even when nothing arrives.
             let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -494,9 +519,14 @@ impl Ingest<'_> {
                     }
                     m = consumer.recv(), if stalled || !held => match m {
                         Ok(m) => {
-                            let msg = Msg::of(&m, ctx);
+                            let msg = Msg::of(&m, ctx, schema);
                             carry_bytes += msg.payload.len();
-                            if carry.len() >= limit || carry_bytes >= limit_bytes {
+                            // Read while `limit` was already held: stalled.
+                            // (The message that brings the bytes to the
+                            // limit does not pause: a pause then, at every
+                            // batch whose carry the bytes bound, made the
+                            // next batches wait for the refetch.)
+                            if held {
                                 let known = paused.elements().iter().any(|e| {
                                     e.topic() == msg.topic && e.partition() == msg.partition
                                 });
@@ -584,12 +614,16 @@ impl Ingest<'_> {
 
     /// Writes the batch, isolating rejected rows, retrying an outage. False
     /// if shutdown came first.
-    async fn write(&mut self, batch: &[Msg]) -> Result<bool, IngestError> {
+    async fn write(&mut self, batch: &mut [Msg]) -> Result<bool, IngestError> {
         self.metrics.messages.inc_by(batch.len() as u64);
         let mut rows: BTreeMap<usize, (TableRows, Vec<usize>)> = BTreeMap::new();
         let mut dead: Vec<DeadLetter> = Vec::new();
-        for (i, m) in batch.iter().enumerate() {
-            match self.classify(&m.payload) {
+        for (i, m) in batch.iter_mut().enumerate() {
+            let parsed = match m.parsed.take() {
+                Some(p) => p,
+                None => classify(self.schema, &m.payload),
+            };
+            match parsed {
                 Ok((t, values)) => {
                     let e = rows.entry(t).or_default();
                     e.0.push(values, source_of(m));
@@ -688,22 +722,6 @@ impl Ingest<'_> {
         }
     }
 
-    fn classify(&self, payload: &[u8]) -> Result<(usize, Vec<db::Bound>), (&'static str, String)> {
-        let env: Envelope = serde_json::from_slice(payload)
-            .map_err(|e| ("parse", format!("not a switchyard envelope: {e}")))?;
-        let Some(t) = self
-            .schema
-            .tables()
-            .iter()
-            .position(|t| t.name == env.table)
-        else {
-            return Err(("schema", format!("unknown table {:?}", env.table)));
-        };
-        let values = row_values_exact(&self.schema.tables()[t], &env.row, payload)
-            .map_err(|e| ("schema", e.to_string()))?;
-        Ok((t, values))
-    }
-
     /// Commits the next offset of every partition in the batch that is
     /// still assigned here, after the database commit. A failure here only
     /// means a redelivery, which the idempotent insert absorbs.
@@ -748,6 +766,18 @@ impl Ingest<'_> {
             }
         }
     }
+}
+
+/// A payload's table and values, or why it is poison.
+fn classify(schema: &Schema, payload: &[u8]) -> Parsed {
+    let env: Envelope = serde_json::from_slice(payload)
+        .map_err(|e| ("parse", format!("not a switchyard envelope: {e}")))?;
+    let Some(t) = schema.tables().iter().position(|t| t.name == env.table) else {
+        return Err(("schema", format!("unknown table {:?}", env.table)));
+    };
+    let values = row_values_exact(&schema.tables()[t], &env.row, payload)
+        .map_err(|e| ("schema", e.to_string()))?;
+    Ok((t, values))
 }
 
 fn source_of(m: &Msg) -> String {
@@ -804,6 +834,8 @@ mod tests {
             timestamp_ms: Some(offset * 10),
             payload: Vec::new(),
             epoch,
+            received: Instant::now(),
+            parsed: None,
         }
     }
 
