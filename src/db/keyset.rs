@@ -608,25 +608,7 @@ impl Db {
     /// Fails with [`DbError::MissingTable`] when the checkpoint table is not
     /// there (`switchyard db init` creates it).
     pub async fn check_backfill_table(&self, url: &str) -> Result<(), DbError> {
-        let engine = self.engine();
-        let probe = format!(
-            "SELECT 1 FROM {} WHERE 1 = 0",
-            quote(engine, BACKFILL_TABLE)
-        );
-        let res = with_pool!(self, pool, DB => sqlx::query(&probe).execute(pool).await.map(|_| ()));
-        match res {
-            Ok(()) => Ok(()),
-            Err(sqlx::Error::Database(e))
-                if matches!(e.code().as_deref(), Some("42P01") | Some("42S02"))
-                    || e.message().contains("no such table") =>
-            {
-                Err(DbError::MissingTable {
-                    table: BACKFILL_TABLE.to_string(),
-                    url: super::redact_url(url),
-                })
-            }
-            Err(e) => Err(classify(engine, e)),
-        }
+        self.require_table(BACKFILL_TABLE, url).await
     }
 
     /// The stored checkpoint of a backfill.

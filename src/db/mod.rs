@@ -812,6 +812,27 @@ impl Db {
         Ok(statements)
     }
 
+    /// Fails with [`DbError::MissingTable`] when the table `name` is not
+    /// there (`switchyard db init` creates the declared and bookkeeping ones).
+    pub async fn require_table(&self, name: &str, url: &str) -> Result<(), DbError> {
+        let engine = self.engine();
+        let probe = format!("SELECT 1 FROM {} WHERE 1 = 0", sql::quote(engine, name));
+        let res = with_pool!(self, pool, DB => sqlx::query(&probe).execute(pool).await.map(|_| ()));
+        match res {
+            Ok(()) => Ok(()),
+            Err(sqlx::Error::Database(e))
+                if matches!(e.code().as_deref(), Some("42P01") | Some("42S02"))
+                    || e.message().contains("no such table") =>
+            {
+                Err(DbError::MissingTable {
+                    table: name.to_string(),
+                    url: redact_url(url),
+                })
+            }
+            Err(e) => Err(classify(engine, e)),
+        }
+    }
+
     /// Checks that every declared table and the bookkeeping tables exist.
     pub async fn check_tables(&self, schema: &Schema, url: &str) -> Result<(), DbError> {
         let engine = self.engine();
@@ -821,22 +842,7 @@ impl Db {
             REPLAY_TABLE,
         ]);
         for name in names {
-            let probe = format!("SELECT 1 FROM {} WHERE 1 = 0", sql::quote(engine, name));
-            let res =
-                with_pool!(self, pool, DB => sqlx::query(&probe).execute(pool).await.map(|_| ()));
-            match res {
-                Ok(()) => {}
-                Err(sqlx::Error::Database(e))
-                    if matches!(e.code().as_deref(), Some("42P01") | Some("42S02"))
-                        || e.message().contains("no such table") =>
-                {
-                    return Err(DbError::MissingTable {
-                        table: name.to_string(),
-                        url: redact_url(url),
-                    })
-                }
-                Err(e) => return Err(classify(engine, e)),
-            }
+            self.require_table(name, url).await?;
         }
         let drift = self.drift(schema).await?;
         if !drift.is_empty() {

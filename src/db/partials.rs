@@ -104,24 +104,8 @@ impl Db {
     /// Fails with [`DbError::MissingTable`] naming the first bookkeeping
     /// table of the comparators' group that is not there.
     pub async fn check_compare_tables(&self, url: &str) -> Result<(), DbError> {
-        let engine = self.engine();
         for name in [MEMBERS_TABLE, WINDOWS_TABLE, ACKS_TABLE] {
-            let probe = format!("SELECT 1 FROM {} WHERE 1 = 0", quote(engine, name));
-            let res =
-                with_pool!(self, pool, DB => sqlx::query(&probe).execute(pool).await.map(|_| ()));
-            match res {
-                Ok(()) => {}
-                Err(sqlx::Error::Database(e))
-                    if matches!(e.code().as_deref(), Some("42P01") | Some("42S02"))
-                        || e.message().contains("no such table") =>
-                {
-                    return Err(DbError::MissingTable {
-                        table: name.to_string(),
-                        url: super::redact_url(url),
-                    })
-                }
-                Err(e) => return Err(classify(engine, e)),
-            }
+            self.require_table(name, url).await?;
         }
         Ok(())
     }
