@@ -724,31 +724,7 @@ impl Comparator {
         epoch: u64,
     ) -> Result<(), String> {
         let parts = g.coverage().unmeasured();
-        let (c, topic) = (consumer.clone(), self.opts.topic.clone());
-        type Marks = (usize, Vec<(i32, (i64, i64))>);
-        let (n, marks) = tokio::task::spawn_blocking(move || -> Result<Marks, String> {
-            let timeout = rdkafka::util::Timeout::After(Duration::from_secs(10));
-            let md = c
-                .fetch_metadata(Some(&topic), timeout)
-                .map_err(|e| e.to_string())?;
-            let n = md
-                .topics()
-                .iter()
-                .find(|t| t.name() == topic)
-                .map(|t| t.partitions().len())
-                .unwrap_or(0);
-            let mut marks = Vec::new();
-            for p in parts {
-                marks.push((
-                    p,
-                    c.fetch_watermarks(&topic, p, timeout)
-                        .map_err(|e| e.to_string())?,
-                ));
-            }
-            Ok((n, marks))
-        })
-        .await
-        .map_err(|e| e.to_string())??;
+        let (n, marks) = super::partition_marks(consumer, &self.opts.topic, Some(parts)).await?;
         let mut cov = g.coverage();
         if g.epoch.load(Ordering::SeqCst) != epoch {
             // Reassigned meanwhile: measure the new partitions instead.

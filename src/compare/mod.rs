@@ -181,6 +181,43 @@ struct DueWindow {
     snap: Snapshot,
 }
 
+/// The topic's partition count and the (low, high) watermarks of `only`
+/// its partitions (all of them when None), read off the runtime's threads:
+/// an error names why (no such topic, a broker not answering).
+async fn partition_marks<C: ConsumerContext + 'static>(
+    c: &Arc<StreamConsumer<C>>,
+    topic: &str,
+    only: Option<Vec<i32>>,
+) -> Result<(usize, Vec<(i32, (i64, i64))>), String> {
+    let (c, topic) = (c.clone(), topic.to_string());
+    tokio::task::spawn_blocking(move || {
+        let timeout = rdkafka::util::Timeout::After(Duration::from_secs(10));
+        let md = c
+            .fetch_metadata(Some(&topic), timeout)
+            .map_err(|e| e.to_string())?;
+        let t = md
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .ok_or("no metadata for the topic")?;
+        if t.error().is_some() || t.partitions().is_empty() {
+            return Err("the topic does not exist".to_string());
+        }
+        let parts = only.unwrap_or_else(|| t.partitions().iter().map(|p| p.id()).collect());
+        let mut marks = Vec::with_capacity(parts.len());
+        for p in parts {
+            marks.push((
+                p,
+                c.fetch_watermarks(&topic, p, timeout)
+                    .map_err(|e| e.to_string())?,
+            ));
+        }
+        Ok((t.partitions().len(), marks))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
 /// Which windows a check looks at.
 #[derive(Debug, Clone, Copy)]
 enum Select {
@@ -853,32 +890,9 @@ impl Comparator {
             brokers: self.opts.brokers.clone(),
             message,
         };
-        let (cc, topic) = (c.clone(), self.opts.topic.clone());
-        let ends =
-            tokio::task::spawn_blocking(move || -> Result<HashMap<i32, (i64, i64)>, String> {
-                let timeout = rdkafka::util::Timeout::After(Duration::from_secs(10));
-                let md = cc
-                    .fetch_metadata(Some(&topic), timeout)
-                    .map_err(|e| e.to_string())?;
-                let t = md
-                    .topics()
-                    .iter()
-                    .find(|t| t.name() == topic)
-                    .ok_or("no metadata for the topic")?;
-                if t.error().is_some() || t.partitions().is_empty() {
-                    return Err("the topic does not exist".into());
-                }
-                let mut ends = HashMap::new();
-                for p in t.partitions() {
-                    let marks = cc
-                        .fetch_watermarks(&topic, p.id(), timeout)
-                        .map_err(|e| e.to_string())?;
-                    ends.insert(p.id(), marks);
-                }
-                Ok(ends)
-            })
+        let ends = partition_marks(c, &self.opts.topic, None)
             .await
-            .map_err(|e| topic_err(e.to_string()))?;
+            .map(|(_, marks)| marks.into_iter().collect::<HashMap<i32, (i64, i64)>>());
         let ends = match ends {
             Ok(ends) => ends,
             Err(message) => {

@@ -517,10 +517,12 @@ trait CopyIn: sqlx::Database {
     /// engine without `COPY`: the caller then inserts them one statement
     /// at a time, which tells duplicates from conflicts.
     async fn copy_in(
-        tx: &mut sqlx::Transaction<'_, Self>,
-        table: &Table,
-        rows: &[Vec<Bound>],
-    ) -> Result<bool, DbError>;
+        _tx: &mut sqlx::Transaction<'_, Self>,
+        _table: &Table,
+        _rows: &[Vec<Bound>],
+    ) -> Result<bool, DbError> {
+        Ok(false)
+    }
 }
 
 impl CopyIn for sqlx::Postgres {
@@ -538,25 +540,9 @@ impl CopyIn for sqlx::Postgres {
     }
 }
 
-impl CopyIn for sqlx::MySql {
-    async fn copy_in(
-        _: &mut sqlx::Transaction<'_, Self>,
-        _: &Table,
-        _: &[Vec<Bound>],
-    ) -> Result<bool, DbError> {
-        Ok(false)
-    }
-}
+impl CopyIn for sqlx::MySql {}
 
-impl CopyIn for sqlx::Sqlite {
-    async fn copy_in(
-        _: &mut sqlx::Transaction<'_, Self>,
-        _: &Table,
-        _: &[Vec<Bound>],
-    ) -> Result<bool, DbError> {
-        Ok(false)
-    }
-}
+impl CopyIn for sqlx::Sqlite {}
 
 impl Db {
     /// A lazy pool: a database that is down now is retried by the callers,
