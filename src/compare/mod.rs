@@ -245,6 +245,21 @@ const DRILL_CHUNK: usize = 5_000;
 /// The longest a drill-down may take to read a window's messages.
 const DRILL_DEADLINE: Duration = Duration::from_secs(120);
 
+/// A drill-down that hears nothing for this long starts the partitions it
+/// has not begun reading earlier.
+const DRILL_QUIET: Duration = Duration::from_secs(1);
+
+/// A drill-down that hears nothing for this long gives up (and the window
+/// is checked again).
+const DRILL_SILENCE: Duration = Duration::from_secs(15);
+
+/// Where to read a partition again from when reading from `at` did not
+/// bring the window's first offset `first`: twice as far back each time
+/// (at least 128 offsets), never below the low watermark.
+fn earlier_start(first: i64, at: i64, low: i64) -> i64 {
+    (at - 1 - (first - at + 1).max(64) * 2).max(low)
+}
+
 /// Reads one window from both databases: the pending rows' content, and
 /// each database's range scan of the window reduced to a [`KeySum`]. A range
 /// that holds mostly pending rows is read whole, content and all, in one
@@ -593,6 +608,17 @@ impl Comparator {
                         self.metrics.check_errors.inc();
                         tracing::warn!(table = %table_name, window_start = start, error = %e,
                             "drill-down failed; the window is checked again next interval");
+                        // Its rows changed: until a drill-down says how, it
+                        // is not vouched for.
+                        let mut ws = self.windows();
+                        if ws.generation != generation {
+                            break;
+                        }
+                        if let Some(w) = ws.map.get_mut(&(table_name.clone(), start)) {
+                            if w.status == Status::Ok {
+                                w.status = Status::Pending;
+                            }
+                        }
                         continue;
                     }
                 }
@@ -690,6 +716,7 @@ impl Comparator {
         let deadline = Instant::now() + DRILL_DEADLINE;
         let mut chunk: Vec<Reread> = Vec::with_capacity(DRILL_CHUNK);
         let mut d = Drill::default();
+        let mut last_message = Instant::now();
         while !left.is_empty() {
             if Instant::now() >= deadline {
                 return Err(self.topic_error(format!(
@@ -697,11 +724,35 @@ impl Comparator {
                     DRILL_DEADLINE.as_secs()
                 )));
             }
-            let m = match tokio::time::timeout(Duration::from_secs(15), consumer.recv()).await {
+            let m = match tokio::time::timeout(DRILL_QUIET, consumer.recv()).await {
+                Err(_) if last_message.elapsed() >= DRILL_SILENCE => {
+                    return Err(self.topic_error(format!(
+                        "drill-down: no message for {} s before the window's last offset",
+                        DRILL_SILENCE.as_secs()
+                    )))
+                }
                 Err(_) => {
-                    return Err(self.topic_error(
-                        "drill-down: no message for 15 s before the window's last offset".into(),
-                    ))
+                    // A broker that answers a fetch from inside a record
+                    // batch with the batches after it answers nothing when
+                    // that batch is the partition's last: start every
+                    // partition not begun yet earlier.
+                    for p in left.keys().filter(|p| !started.contains(p)) {
+                        let (at, low) = (from[p], lows.get(p).copied().unwrap_or(0));
+                        if at <= low {
+                            continue;
+                        }
+                        let earlier = earlier_start(snap.positions[p].0, at, low);
+                        from.insert(*p, earlier);
+                        consumer
+                            .seek(
+                                &topic,
+                                *p,
+                                Offset::Offset(earlier),
+                                rdkafka::util::Timeout::After(Duration::from_secs(10)),
+                            )
+                            .map_err(|e| self.topic_error(e.to_string()))?;
+                    }
+                    continue;
                 }
                 Ok(Err(e)) if crate::kafka::is_refusal(&e) => return Err(self.refused(e)),
                 Ok(Err(_)) => {
@@ -710,6 +761,7 @@ impl Comparator {
                 }
                 Ok(Ok(m)) => m,
             };
+            last_message = Instant::now();
             let (p, offset) = (m.partition(), m.offset());
             let Some(last) = left.get(&p).copied() else {
                 continue;
@@ -728,7 +780,7 @@ impl Comparator {
                     // The broker answered from after the offset asked for (a
                     // fetch from inside a record batch that skips the rest
                     // of it): start earlier, and skip up to the window again.
-                    let earlier = (at - 1 - (first - at + 1).max(64) * 2).max(low);
+                    let earlier = earlier_start(first, at, low);
                     from.insert(p, earlier);
                     started.remove(&p);
                     consumer
@@ -1030,5 +1082,22 @@ impl Comparator {
             .retain(|_, w| w.end > from && w.start < to);
         self.check(true, Some((from, to))).await?;
         Ok(self.parity())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::earlier_start;
+
+    #[test]
+    fn a_drill_down_starts_twice_as_far_back_each_time_and_never_below_the_low_watermark() {
+        let first = 10_000;
+        let a = earlier_start(first, first, 0);
+        assert_eq!(a, first - 129);
+        let b = earlier_start(first, a, 0);
+        assert_eq!(b, a - 1 - 260);
+        assert!(first - b > 2 * (first - a));
+        assert_eq!(earlier_start(first, 9_990, 9_950), 9_950);
+        assert_eq!(earlier_start(5, 5, 0), 0);
     }
 }
