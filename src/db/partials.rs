@@ -282,14 +282,23 @@ impl Db {
             p(2),
             p(3)
         );
-        let deletes = [MEMBERS_TABLE, WINDOWS_TABLE].map(|t| {
-            format!(
-                "DELETE FROM {} WHERE group_id = {} AND instance = {}",
-                quote(engine, t),
-                p(1),
-                p(2)
-            )
-        });
+        // The member's row goes only if it is still stale (or it is the one
+        // leaving): a member that reported between the two statements stays,
+        // and so do its reports.
+        let forget_member = format!(
+            "DELETE FROM {} WHERE group_id = {} AND instance = {} AND (seen_at < {} OR instance = {})",
+            quote(engine, MEMBERS_TABLE),
+            p(1),
+            p(2),
+            p(3),
+            p(4)
+        );
+        let forget_reports = format!(
+            "DELETE FROM {} WHERE group_id = {} AND instance = {}",
+            quote(engine, WINDOWS_TABLE),
+            p(1),
+            p(2)
+        );
         with_pool!(self, pool, DB => {
             let gone: Vec<String> = sqlx::query_scalar(&stale)
                 .bind(group)
@@ -300,14 +309,25 @@ impl Db {
                 .map_err(|e| classify(engine, e))?;
             for who in gone {
                 let mut tx = pool.begin().await.map_err(|e| classify(engine, e))?;
-                for d in &deletes {
-                    sqlx::query(d)
-                        .bind(group)
-                        .bind(&who)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(|e| classify(engine, e))?;
+                let removed = sqlx::query(&forget_member)
+                    .bind(group)
+                    .bind(&who)
+                    .bind(before_ms)
+                    .bind(instance.unwrap_or_default())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| classify(engine, e))?
+                    .rows_affected();
+                if removed == 0 {
+                    tx.rollback().await.map_err(|e| classify(engine, e))?;
+                    continue;
                 }
+                sqlx::query(&forget_reports)
+                    .bind(group)
+                    .bind(&who)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| classify(engine, e))?;
                 tx.commit().await.map_err(|e| classify(engine, e))?;
             }
         });
@@ -377,5 +397,58 @@ impl Db {
                 .map_err(|e| classify(engine, e))?;
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn group_db(dir: &std::path::Path) -> Db {
+        let db = Db::connect(&format!("sqlite://{}/g.db?mode=rwc", dir.display()), 2).unwrap();
+        let statements = create_sql(Engine::Sqlite, "", "");
+        db.execute_all(&statements).await.unwrap();
+        db
+    }
+
+    fn member(instance: &str, seen_at_ms: i64) -> MemberRow {
+        MemberRow {
+            instance: instance.to_string(),
+            state: "{}".to_string(),
+            seen_at_ms,
+        }
+    }
+
+    #[tokio::test]
+    async fn only_stale_or_leaving_members_are_forgotten_with_their_reports() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = group_db(dir.path()).await;
+        let report = |start| vec![("t".to_string(), start, "{}".to_string())];
+        db.publish_member("g", &member("old", 1_000), &report(0))
+            .await
+            .unwrap();
+        db.publish_member("g", &member("fresh", 5_000), &report(60))
+            .await
+            .unwrap();
+        db.publish_member("g", &member("leaving", 5_000), &report(120))
+            .await
+            .unwrap();
+        db.publish_member("other", &member("old", 1_000), &report(0))
+            .await
+            .unwrap();
+        db.forget_members("g", 2_000, None).await.unwrap();
+        db.forget_members("g", 0, Some("leaving")).await.unwrap();
+        let g = db.read_group("g").await.unwrap();
+        let members: Vec<&str> = g.members.iter().map(|m| m.instance.as_str()).collect();
+        assert_eq!(members, vec!["fresh"]);
+        let reports: Vec<(&str, i64)> = g
+            .windows
+            .iter()
+            .map(|w| (w.instance.as_str(), w.start))
+            .collect();
+        assert_eq!(reports, vec![("fresh", 60)]);
+        let other = db.read_group("other").await.unwrap();
+        assert_eq!(other.members.len(), 1, "another group is left alone");
+        assert_eq!(other.windows.len(), 1);
     }
 }
