@@ -191,7 +191,7 @@ async fn read_back(db: &Db, key: &str) -> Result<Option<Stored>, sqlx::Error> {
         };
     }
     Ok(match db {
-        Db::Postgres(p) => fetch!(
+        Db::Postgres(p, _) => fetch!(
             p,
             "SELECT t, g, f, s, b, u::text, j::text FROM conf_item WHERE k = $1"
         ),

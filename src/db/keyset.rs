@@ -694,7 +694,7 @@ impl Db {
     pub async fn backfill_chunk(&self, w: &ChunkWrite<'_>) -> Result<Backfilled, DbError> {
         let engine = self.engine();
         let table = w.table;
-        if let (Db::Postgres(pool), true) = (self, w.copy && !w.rows.is_empty()) {
+        if let (Db::Postgres(pool, _), true) = (self, w.copy && !w.rows.is_empty()) {
             let mut tx = pool.begin().await.map_err(|e| classify(engine, e))?;
             let copied = w.direct && pg_copy_direct(&mut tx, table, w.rows).await?;
             let skipped_keys = if copied {

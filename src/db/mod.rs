@@ -14,7 +14,7 @@ mod value;
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -402,11 +402,47 @@ pub struct Written {
 /// A connection pool to one database.
 #[derive(Clone)]
 pub enum Db {
-    Postgres(PgPool),
+    /// With when to try `COPY` for the next batch.
+    Postgres(PgPool, Arc<CopyGate>),
     /// With the statement size limit learnt from the server's
     /// `max_allowed_packet` (a statement above it is refused outright).
     MySql(MySqlPool, Arc<AtomicUsize>),
     Sqlite(SqlitePool),
+}
+
+/// Whether a batch tries `COPY` first. A `COPY` refused because a key was
+/// stored already is rolled back and the batch inserted again, so it costs
+/// a second write; after one refusal the next batches most likely hold
+/// stored keys too (a replay, a redelivery after a restart). Each refusal in
+/// a row doubles the batches that skip `COPY` (1, 2, 4 … up to 64), and one
+/// that goes in resets it: a replay pays for one `COPY` in 64 batches, live
+/// traffic for none.
+#[derive(Debug, Default)]
+pub struct CopyGate {
+    skip: AtomicU32,
+    refusals: AtomicU32,
+}
+
+/// The most batches a refusal makes skip `COPY`: 2^6.
+const COPY_SKIP_MAX_SHIFT: u32 = 6;
+
+impl CopyGate {
+    /// True if this batch tries `COPY` (one skip used up otherwise).
+    fn try_now(&self) -> bool {
+        self.skip
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| s.checked_sub(1))
+            .is_err()
+    }
+
+    fn went_in(&self) {
+        self.refusals.store(0, Ordering::Relaxed);
+    }
+
+    fn refused(&self) {
+        let n = self.refusals.fetch_add(1, Ordering::Relaxed);
+        self.skip
+            .store(1 << n.min(COPY_SKIP_MAX_SHIFT), Ordering::Relaxed);
+    }
 }
 
 /// Runs `$body` with `$pool` bound to the concrete pool and `DB` to its driver.
@@ -482,7 +518,7 @@ macro_rules! insert_counting_skipped {
 macro_rules! with_pool {
     ($db:expr, $pool:ident, $DB:ident => $body:expr) => {
         match $db {
-            Db::Postgres($pool) => {
+            Db::Postgres($pool, _) => {
                 #[allow(dead_code)]
                 type $DB = sqlx::Postgres;
                 $body
@@ -564,6 +600,7 @@ impl Db {
                         .max_connections(max_connections)
                         .acquire_timeout(acquire)
                         .connect_lazy_with(opts),
+                    Arc::default(),
                 )
             }
             Engine::MySql => {
@@ -609,9 +646,17 @@ impl Db {
         })
     }
 
+    /// When to try `COPY` (PostgreSQL only).
+    fn copy_gate(&self) -> Option<&CopyGate> {
+        match self {
+            Db::Postgres(_, gate) => Some(gate),
+            _ => None,
+        }
+    }
+
     pub fn engine(&self) -> Engine {
         match self {
-            Db::Postgres(_) => Engine::Postgres,
+            Db::Postgres(..) => Engine::Postgres,
             Db::MySql(..) => Engine::MySql,
             Db::Sqlite(_) => Engine::Sqlite,
         }
@@ -706,7 +751,7 @@ impl Db {
         let engine = self.engine();
         let err = |e| classify(engine, e);
         let rows: Vec<(String, String, bool, bool)> = match self {
-            Db::Postgres(pool) => sqlx::query_as::<_, (String, String, String, bool)>(
+            Db::Postgres(pool, _) => sqlx::query_as::<_, (String, String, String, bool)>(
                 "SELECT column_name::text, data_type::text, is_nullable::text, column_default IS NOT NULL \
                  FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = $1",
             )
@@ -923,10 +968,14 @@ impl Db {
                 // of their keys is stored (the usual batch). Otherwise, and
                 // on the other engines, the inserts below, which count
                 // duplicates and conflicts.
-                if <DB as CopyIn>::copy_in(&mut tx, table, &data.rows).await? {
-                    written.inserted = data.rows.len() as u64;
-                    all.push(written);
-                    continue;
+                if let Some(gate) = self.copy_gate().filter(|g| g.try_now()) {
+                    if <DB as CopyIn>::copy_in(&mut tx, table, &data.rows).await? {
+                        gate.went_in();
+                        written.inserted = data.rows.len() as u64;
+                        all.push(written);
+                        continue;
+                    }
+                    gate.refused();
                 }
                 let mut at = 0;
                 for chunk in sql::chunks(engine, table, data, limit) {
@@ -1206,7 +1255,7 @@ impl Db {
         };
         for part in keys.chunks(chunk) {
             match self {
-                Db::Postgres(pool) => {
+                Db::Postgres(pool, _) => {
                     let cast = match key_col {
                         ColumnType::Uuid => "uuid[]",
                         ColumnType::Int => "bigint[]",
@@ -1509,6 +1558,24 @@ pub async fn find_rejected(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refused_copies_in_a_row_double_the_batches_that_skip_it() {
+        let g = CopyGate::default();
+        assert!(g.try_now(), "a fresh gate tries COPY");
+        g.went_in();
+        assert!(g.try_now());
+        // Refusals in a row: 1, 2, 4 … then at most 64 batches skip it.
+        let tries = |g: &CopyGate| (0..200).take_while(|_| !g.try_now()).count();
+        for want in [1, 2, 4, 8, 16, 32, 64, 64] {
+            g.refused();
+            assert_eq!(tries(&g), want);
+        }
+        // One that goes in: the next refusal skips one batch again.
+        g.went_in();
+        g.refused();
+        assert_eq!(tries(&g), 1);
+    }
 
     #[test]
     fn engines_by_scheme() {

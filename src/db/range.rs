@@ -349,7 +349,7 @@ impl Db {
             return Ok(None);
         }
         match self {
-            Db::Postgres(pool) => {
+            Db::Postgres(pool, _) => {
                 let enc: String = sqlx::query_scalar("SHOW server_encoding")
                     .fetch_one(pool)
                     .await
