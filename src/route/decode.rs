@@ -425,6 +425,14 @@ fn header_len(b: &[u8]) -> Result<Option<usize>, String> {
         }
     }
     if flags & FHCRC != 0 {
+        // The header's own check: the low 16 bits of the CRC-32 of every
+        // header byte before it.
+        let Some(x) = b.get(at..at + 2) else {
+            return Ok(None);
+        };
+        if u32::from(u16::from_le_bytes([x[0], x[1]])) != crc32fast::hash(&b[..at]) & 0xffff {
+            return Err("invalid gzip header (header checksum mismatch)".to_string());
+        }
         at += 2;
     }
     Ok((b.len() >= at).then_some(at))
@@ -439,6 +447,32 @@ mod tests {
         let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         e.write_all(data).unwrap();
         e.finish().unwrap()
+    }
+
+    /// `z` (a member with the plain 10-byte header) with a header CRC.
+    fn with_header_crc(z: &[u8], crc: Option<u16>) -> Vec<u8> {
+        let mut header = z[..10].to_vec();
+        header[3] |= 2;
+        let crc = crc.unwrap_or((crc32fast::hash(&header) & 0xffff) as u16);
+        let mut out = header;
+        out.extend_from_slice(&crc.to_le_bytes());
+        out.extend_from_slice(&z[10..]);
+        out
+    }
+
+    #[test]
+    fn a_header_checksum_is_checked() {
+        let z = gz(b"{\"a\":1}\n");
+        assert_eq!(z[3], 0, "a plain header");
+        let good = with_header_crc(&z, None);
+        assert_eq!(gunzip(&good, 1 << 20).unwrap(), b"{\"a\":1}\n");
+        let right = u16::from_le_bytes([good[10], good[11]]);
+        let bad = with_header_crc(&z, Some(right ^ 1));
+        let e = gunzip(&bad, 1 << 20).unwrap_err();
+        assert_eq!(e.status(), 400);
+        assert!(format!("{e:?}").contains("header checksum"), "{e:?}");
+        // Cut inside the header checksum: incomplete, then refused as truncated.
+        assert_eq!(gunzip(&good[..11], 1 << 20).unwrap_err().status(), 400);
     }
 
     #[test]
