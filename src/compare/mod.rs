@@ -716,6 +716,16 @@ impl Comparator {
         let deadline = Instant::now() + DRILL_DEADLINE;
         let mut chunk: Vec<Reread> = Vec::with_capacity(DRILL_CHUNK);
         let mut d = Drill::default();
+        let seek = |p: i32, at: i64| {
+            consumer
+                .seek(
+                    &topic,
+                    p,
+                    Offset::Offset(at),
+                    rdkafka::util::Timeout::After(Duration::from_secs(10)),
+                )
+                .map_err(|e| self.topic_error(e.to_string()))
+        };
         let mut last_message = Instant::now();
         while !left.is_empty() {
             if Instant::now() >= deadline {
@@ -743,14 +753,7 @@ impl Comparator {
                         }
                         let earlier = earlier_start(snap.positions[p].0, at, low);
                         from.insert(*p, earlier);
-                        consumer
-                            .seek(
-                                &topic,
-                                *p,
-                                Offset::Offset(earlier),
-                                rdkafka::util::Timeout::After(Duration::from_secs(10)),
-                            )
-                            .map_err(|e| self.topic_error(e.to_string()))?;
+                        seek(*p, earlier)?;
                     }
                     continue;
                 }
@@ -783,14 +786,7 @@ impl Comparator {
                     let earlier = earlier_start(first, at, low);
                     from.insert(p, earlier);
                     started.remove(&p);
-                    consumer
-                        .seek(
-                            &topic,
-                            p,
-                            Offset::Offset(earlier),
-                            rdkafka::util::Timeout::After(Duration::from_secs(10)),
-                        )
-                        .map_err(|e| self.topic_error(e.to_string()))?;
+                    seek(p, earlier)?;
                     continue;
                 }
             }
