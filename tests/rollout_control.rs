@@ -754,6 +754,7 @@ async fn property_run(ops: Vec<Op>) -> Result<(), String> {
     // Routes when a kill began, and whether a person changed a level since.
     let mut pre_kill: Option<Vec<Route>> = None;
     let mut manual_since_kill = false;
+    let mut was_killed = false;
     let mut broken: std::collections::HashMap<u8, Vec<u8>> = Default::default();
     let files = [KILL, DUAL, KAFKA];
     for (i, op) in ops.iter().enumerate() {
@@ -785,10 +786,6 @@ async fn property_run(ops: Vec<Op>) -> Result<(), String> {
                 manual_since_kill = true;
             }
             Op::Kill => {
-                if pre_kill.is_none() {
-                    pre_kill = Some(before.clone());
-                    manual_since_kill = false;
-                }
                 s.store()
                     .set(Which::KillSwitch, json!(true), false, "k")
                     .await
@@ -841,6 +838,14 @@ async fn property_run(ops: Vec<Op>) -> Result<(), String> {
         }
         let after = routes(&router);
         let killed = v.kill_switch;
+        if killed && !was_killed {
+            // A kill begins (by the switch, or by a file restored to a
+            // killed state): what it releases to is bounded by the routes
+            // just before it.
+            pre_kill = Some(before.clone());
+            manual_since_kill = false;
+        }
+        was_killed = killed;
         if killed && after.iter().any(|r| *r != Route::Legacy) {
             return Err(format!(
                 "op {i} {op:?}: killed, yet not every account is legacy"
