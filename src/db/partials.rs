@@ -265,7 +265,10 @@ impl Db {
     }
 
     /// Removes the members (and their reports) last seen before
-    /// `before_ms`, or the one `instance` named (a member leaving).
+    /// `before_ms`, or the one `instance` named (a member leaving). Members
+    /// go first, then every report whose member is gone: the order in which
+    /// [`Db::publish_member`] writes, so the two never wait on each other,
+    /// and a member that reported meanwhile keeps its row and its reports.
     pub async fn forget_members(
         &self,
         group: &str,
@@ -274,62 +277,37 @@ impl Db {
     ) -> Result<(), DbError> {
         let engine = self.engine();
         let p = |n| placeholder(engine, n);
-        let stale = format!(
-            "SELECT {} FROM {} WHERE group_id = {} AND (seen_at < {} OR instance = {})",
-            text(engine, "instance"),
+        let members = format!(
+            "DELETE FROM {} WHERE group_id = {} AND (seen_at < {} OR instance = {})",
             quote(engine, MEMBERS_TABLE),
             p(1),
             p(2),
             p(3)
         );
-        // The member's row goes only if it is still stale (or it is the one
-        // leaving): a member that reported between the two statements stays,
-        // and so do its reports.
-        let forget_member = format!(
-            "DELETE FROM {} WHERE group_id = {} AND instance = {} AND (seen_at < {} OR instance = {})",
-            quote(engine, MEMBERS_TABLE),
-            p(1),
-            p(2),
-            p(3),
-            p(4)
-        );
-        let forget_reports = format!(
-            "DELETE FROM {} WHERE group_id = {} AND instance = {}",
+        let orphans = format!(
+            "DELETE FROM {} WHERE group_id = {} AND instance NOT IN \
+             (SELECT instance FROM {} WHERE group_id = {})",
             quote(engine, WINDOWS_TABLE),
             p(1),
+            quote(engine, MEMBERS_TABLE),
             p(2)
         );
         with_pool!(self, pool, DB => {
-            let gone: Vec<String> = sqlx::query_scalar(&stale)
+            let mut tx = pool.begin().await.map_err(|e| classify(engine, e))?;
+            sqlx::query(&members)
                 .bind(group)
                 .bind(before_ms)
                 .bind(instance.unwrap_or_default())
-                .fetch_all(pool)
+                .execute(&mut *tx)
                 .await
                 .map_err(|e| classify(engine, e))?;
-            for who in gone {
-                let mut tx = pool.begin().await.map_err(|e| classify(engine, e))?;
-                let removed = sqlx::query(&forget_member)
-                    .bind(group)
-                    .bind(&who)
-                    .bind(before_ms)
-                    .bind(instance.unwrap_or_default())
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(|e| classify(engine, e))?
-                    .rows_affected();
-                if removed == 0 {
-                    tx.rollback().await.map_err(|e| classify(engine, e))?;
-                    continue;
-                }
-                sqlx::query(&forget_reports)
-                    .bind(group)
-                    .bind(&who)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(|e| classify(engine, e))?;
-                tx.commit().await.map_err(|e| classify(engine, e))?;
-            }
+            sqlx::query(&orphans)
+                .bind(group)
+                .bind(group)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| classify(engine, e))?;
+            tx.commit().await.map_err(|e| classify(engine, e))?;
         });
         Ok(())
     }
@@ -423,19 +401,17 @@ mod tests {
     async fn only_stale_or_leaving_members_are_forgotten_with_their_reports() {
         let dir = tempfile::tempdir().unwrap();
         let db = group_db(dir.path()).await;
-        let report = |start| vec![("t".to_string(), start, "{}".to_string())];
-        db.publish_member("g", &member("old", 1_000), &report(0))
-            .await
-            .unwrap();
-        db.publish_member("g", &member("fresh", 5_000), &report(60))
-            .await
-            .unwrap();
-        db.publish_member("g", &member("leaving", 5_000), &report(120))
-            .await
-            .unwrap();
-        db.publish_member("other", &member("old", 1_000), &report(0))
-            .await
-            .unwrap();
+        for (group, instance, seen_at_ms, start) in [
+            ("g", "old", 1_000, 0),
+            ("g", "fresh", 5_000, 60),
+            ("g", "leaving", 5_000, 120),
+            ("other", "old", 1_000, 0),
+        ] {
+            let report = [("t".to_string(), start, "{}".to_string())];
+            db.publish_member(group, &member(instance, seen_at_ms), &report)
+                .await
+                .unwrap();
+        }
         db.forget_members("g", 2_000, None).await.unwrap();
         db.forget_members("g", 0, Some("leaving")).await.unwrap();
         let g = db.read_group("g").await.unwrap();
